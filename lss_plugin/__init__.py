@@ -1,0 +1,19 @@
+"""LSS (Long Short-Sequence) sequence parallelism: exact attention over sequences split across ranks."""
+from lss_plugin.attention import LSSAttention, lss_attention
+from lss_plugin.comm import record_collectives
+from lss_plugin.sharding import LAYOUTS, local_positions, shard_sequence, unshard_sequence
+from lss_plugin.topology import (
+    LSSTopology,
+    ParallelDims,
+    destroy_topology,
+    get_topology,
+    init_topology,
+    is_topology_initialized,
+)
+
+__all__ = [
+    "LAYOUTS", "LSSAttention", "LSSTopology", "ParallelDims", "destroy_topology", "get_topology",
+    "init_topology", "is_topology_initialized", "local_positions", "lss_attention", "record_collectives",
+    "shard_sequence", "unshard_sequence",
+]
+__version__ = "0.1.0"

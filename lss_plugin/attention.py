@@ -1,0 +1,348 @@
+"""LSS distributed attention: local queries attend to the whole sequence's keys and values.
+
+Three layers, as ring-flash-attention builds them:
+  ``_lss_forward`` / ``_lss_backward``  pure functions that hold the communication,
+  ``_LSSAttentionFunction``             a thin autograd.Function,
+  ``lss_attention``                     the public call, shaped like flash-attn / SDPA.
+
+Per call (per KV-head chunk): forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter
+of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lss_plugin.comm import _all_gather_flat, _note, gather_kv, reduce_scatter_kv
+from lss_plugin.kernels import block_backward, block_forward
+from lss_plugin.sharding import Chunk, check_layout, rank_chunks
+from lss_plugin.topology import resolve_sp_group
+
+KV_BACKWARD_MODES = ("keep", "regather")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    group: object
+    sp_size: int
+    sp_rank: int
+    causal: bool
+    scale: float
+    layout: str
+    kv_backward: str
+    head_chunk: int  # KV heads gathered and attended at a time
+    groups_per_kv: int  # query heads per KV head (GQA factor g)
+    query_chunks: tuple[Chunk, ...]
+
+    def head_slices(self, num_kv_heads: int):
+        for h0 in range(0, num_kv_heads, self.head_chunk):
+            h1 = min(h0 + self.head_chunk, num_kv_heads)
+            yield slice(h0, h1), slice(h0 * self.groups_per_kv, h1 * self.groups_per_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything checkable locally is checked before any collective.
+# ---------------------------------------------------------------------------------------------
+
+def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor [b, s_local, heads, d], got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: k {tuple(k.shape)} vs v {tuple(v.shape)}")
+    b, s, h, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, s, d):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch, local length or head dim"
+        )
+    if s == 0 or h == 0 or d == 0 or b == 0:
+        raise ValueError(f"empty attention input: q {tuple(q.shape)}")
+    hkv = k.shape[2]
+    if h % hkv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"attention needs floating-point inputs, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    check_layout(layout)
+    if kv_backward not in KV_BACKWARD_MODES:
+        raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
+    if kv_head_chunk is not None and (
+        not isinstance(kv_head_chunk, int) or isinstance(kv_head_chunk, bool) or not 1 <= kv_head_chunk <= hkv
+    ):
+        raise ValueError(f"kv_head_chunk must be an integer in [1, {hkv}] (key/value heads), got {kv_head_chunk!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-rank agreement: one small all-gather the first time a call signature is seen on a group,
+# so that ranks that disagree on shapes or settings fail together instead of hanging.
+# ---------------------------------------------------------------------------------------------
+
+_VERIFIED_SIGNATURES: set = set()
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
+_SIGNATURE_FIELDS = ("batch", "s_local", "heads", "kv_heads", "head_dim", "dtype", "layout",
+                     "causal", "kv_backward", "kv_head_chunk", "softmax_scale_bits")
+
+
+def _check_mode() -> str:
+    mode = os.environ.get("LSS_CHECK_CONSISTENCY", "first")
+    if mode not in ("first", "always", "never"):
+        raise ValueError(f"LSS_CHECK_CONSISTENCY must be first, always or never, got {mode!r}")
+    return mode
+
+
+def verify_agreement(group, signature: tuple[int, ...], device) -> None:
+    """Raise on every rank of ``group`` unless all ranks passed the same ``signature``."""
+    mode = _check_mode()
+    key = (id(group), signature)
+    if mode == "never" or (mode == "first" and key in _VERIFIED_SIGNATURES):
+        return
+    size = dist.get_world_size(group)
+    if size > 1:
+        mine = torch.tensor(signature, dtype=torch.int64, device=device)
+        everyone = mine.new_empty((size * mine.numel(),))
+        _note("consistency_check", everyone)
+        _all_gather_flat(everyone, mine, group=group)
+        rows = [tuple(r) for r in everyone.view(size, -1).tolist()]
+        if any(r != rows[0] for r in rows):
+            diffs = {
+                name: [r[i] for r in rows]
+                for i, name in enumerate(_SIGNATURE_FIELDS)
+                if len({r[i] for r in rows}) > 1
+            }
+            raise RuntimeError(
+                f"lss_attention called with different arguments on the ranks of the sequence-parallel "
+                f"group (values per rank): {diffs}"
+            )
+    _VERIFIED_SIGNATURES.add(key)
+
+
+def _signature(q, k, plan: _Plan, kv_head_chunk) -> tuple[int, ...]:
+    b, s, h, d = q.shape
+    scale_bits = struct.unpack("<q", struct.pack("<d", plan.scale))[0]
+    return (b, s, h, k.shape[2], d, _DTYPE_CODES.get(q.dtype, 0), int(plan.layout == "balanced"),
+            int(plan.causal), int(plan.kv_backward == "regather"), kv_head_chunk or 0, scale_bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local attention of one head chunk: query chunks against the gathered, globally ordered K, V.
+# ---------------------------------------------------------------------------------------------
+
+def _fold(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[b, hkv*g, n, ...] -> [b, hkv, g*n, ...]: GQA query groups become extra query rows."""
+    if g == 1:
+        return x
+    b, h, n = x.shape[:3]
+    return x.reshape(b, h // g, g * n, *x.shape[3:])
+
+
+def _unfold(x: torch.Tensor, g: int) -> torch.Tensor:
+    if g == 1:
+        return x
+    b, hkv, gn = x.shape[:3]
+    return x.reshape(b, hkv * g, gn // g, *x.shape[3:])
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Combine two partial softmax results over disjoint key sets by log-sum-exp."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1).to(out_a.dtype) + out_b * torch.exp(
+        lse_b - lse
+    ).unsqueeze(-1).to(out_b.dtype)
+    return out, lse
+
+
+def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool):
+    """Key ranges a query chunk attends to: (start, end, is_diagonal). Masked blocks are skipped."""
+    if not causal:
+        return [(0, seq_len, False)]
+    blocks = []
+    if chunk.global_start > 0:
+        blocks.append((0, chunk.global_start, False))  # every earlier position: fully visible
+    blocks.append((chunk.global_start, chunk.global_start + chunk.length, True))
+    return blocks
+
+
+def _attend_forward(qh, kv, plan: _Plan):
+    """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] -> out [b, hq, s_local, d], lse [b, hq, s_local]."""
+    g, seq_len = plan.groups_per_kv, kv.shape[3]
+    outs, lses = [], []
+    for chunk in plan.query_chunks:
+        qc = qh[:, :, chunk.local_start:chunk.local_start + chunk.length]  # [b, hq, n, d]
+        out = lse = None
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+            k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]  # [b, hkv, m, d]
+            if diagonal:  # causal block: expand the block's KV heads (local only, never sent)
+                o, l = block_forward(qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), plan.scale, True)
+            else:
+                o, l = block_forward(_fold(qc, g), k_blk, v_blk, plan.scale, False)
+                o, l = _unfold(o, g), _unfold(l, g)
+            out, lse = (o, l) if out is None else _merge(out, lse, o, l)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
+    """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys)."""
+    g, seq_len = plan.groups_per_kv, kv.shape[3]
+    dq = torch.zeros_like(qh)
+    dkv = torch.zeros_like(kv)
+    for chunk in plan.query_chunks:
+        rows = slice(chunk.local_start, chunk.local_start + chunk.length)
+        qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+            k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]
+            if diagonal:
+                dq_b, dk_b, dv_b = block_backward(
+                    doc, qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), oc, lc, plan.scale, True
+                )
+                dk_b, dv_b = _sum_head_groups(dk_b, g), _sum_head_groups(dv_b, g)
+            else:
+                dq_b, dk_b, dv_b = block_backward(
+                    _fold(doc, g), _fold(qc, g), k_blk, v_blk, _fold(oc, g), _fold(lc, g), plan.scale, False
+                )
+                dq_b = _unfold(dq_b, g)
+            dq[:, :, rows] += dq_b
+            dkv[0, :, :, start:end] += dk_b
+            dkv[1, :, :, start:end] += dv_b
+    return dq, dkv
+
+
+def _repeat_heads(x: torch.Tensor, g: int) -> torch.Tensor:
+    return x if g == 1 else x.repeat_interleave(g, dim=1)
+
+
+def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    if g == 1:
+        return x
+    b, h, n, d = x.shape
+    return x.view(b, h // g, g, n, d).sum(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure forward / backward with the communication.
+# ---------------------------------------------------------------------------------------------
+
+def _lss_forward(q, k, v, plan: _Plan):
+    """q [b, s, H, d], k/v [b, s, Hkv, d] -> out [b, s, H, d], lse [b, H, s], kept KV per head chunk."""
+    b, s, h, d = q.shape
+    qh = q.transpose(1, 2)  # [b, H, s, d] (a view; kernels make what they need contiguous)
+    out = torch.empty_like(q)  # [b, s, H, d]
+    out_h = out.transpose(1, 2)
+    lse = None
+    kept = []
+    for kv_heads, q_heads in plan.head_slices(k.shape[2]):
+        kv = gather_kv(k[:, :, kv_heads], v[:, :, kv_heads], plan.group, plan.layout)  # [2, b, c, L, d]
+        o, l = _attend_forward(qh[:, q_heads], kv, plan)
+        out_h[:, q_heads] = o
+        if lse is None:
+            lse = l.new_empty((b, h, s))
+        lse[:, q_heads] = l
+        if plan.kv_backward == "keep":
+            kept.append(kv)
+    return out, lse, kept
+
+
+def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
+    qh, dout_h, out_h = q.transpose(1, 2), dout.transpose(1, 2), out.transpose(1, 2)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq_h = dq.transpose(1, 2)
+    for i, (kv_heads, q_heads) in enumerate(plan.head_slices(k.shape[2])):
+        if plan.kv_backward == "keep":
+            kv = kept[i]
+        else:  # regather: trade one more collective for not keeping L-sized K, V alive
+            kv = gather_kv(k[:, :, kv_heads], v[:, :, kv_heads], plan.group, plan.layout)
+        dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
+                                     lse[:, q_heads], plan)
+        del kv
+        dq_h[:, q_heads] = dq_c
+        local = reduce_scatter_kv(dkv, plan.group, plan.layout)  # [2, b, s, c, d]
+        dk[:, :, kv_heads] = local[0]
+        dv[:, :, kv_heads] = local[1]
+    return dq, dk, dv
+
+
+class _LSSAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan):
+        out, lse, kept = _lss_forward(q, k, v, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *kept)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *kept = ctx.saved_tensors
+        dq, dk, dv = _lss_backward(dout, q, k, v, out, lse, kept, ctx.plan)
+        return dq, dk, dv, None
+
+
+def lss_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "contiguous",
+    kv_backward: str = "keep",
+    kv_head_chunk: int | None = None,
+) -> torch.Tensor:
+    """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
+
+    q: [b, s_local, H, d]; k, v: [b, s_local, Hkv, d] with H % Hkv == 0 (GQA/MQA; KV heads are
+    communicated un-repeated). Returns [b, s_local, H, d]. ``group`` defaults to the registered
+    topology's SP group. ``causal`` masks by *global* position under ``layout``.
+    """
+    _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale)
+    group = resolve_sp_group(group)
+    sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
+    if sp_rank < 0:
+        raise RuntimeError(f"this rank ({dist.get_rank()}) is not a member of the group given to lss_attention")
+    hkv = k.shape[2]
+    plan = _Plan(
+        group=group,
+        sp_size=sp_size,
+        sp_rank=sp_rank,
+        causal=bool(causal),
+        scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+        layout=layout,
+        kv_backward=kv_backward,
+        head_chunk=kv_head_chunk or hkv,
+        groups_per_kv=q.shape[2] // hkv,
+        query_chunks=tuple(rank_chunks(q.shape[1], sp_rank, sp_size, layout)),
+    )
+    verify_agreement(group, _signature(q, k, plan, kv_head_chunk), q.device)
+    return _LSSAttentionFunction.apply(q, k, v, plan)
+
+
+class LSSAttention(torch.nn.Module):
+    """``lss_attention`` with its settings fixed at construction (no parameters)."""
+
+    def __init__(self, *, group=None, causal=True, softmax_scale=None, layout="contiguous",
+                 kv_backward="keep", kv_head_chunk=None):
+        super().__init__()
+        check_layout(layout)
+        if kv_backward not in KV_BACKWARD_MODES:
+            raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
+        self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
+        self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
+
+    def forward(self, q, k, v):
+        return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
+                             layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, kv_head_chunk={self.kv_head_chunk}"

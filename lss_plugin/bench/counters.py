@@ -1,0 +1,183 @@
+"""Count calls and bytes of every ``torch.distributed`` collective, the same way for every method.
+
+The wrappers replace the public functions on ``torch.distributed`` and ``distributed_c10d`` once,
+at process start, BEFORE Megatron or DeepSpeed are imported: Megatron binds
+``dist_all_gather_func = torch.distributed.all_gather_into_tensor`` at import time, DeepSpeed's
+``deepspeed.comm`` looks the function up on every call. Either way the wrapper is what runs.
+Outside a ``count_collectives()`` block a wrapper only forwards the call.
+
+Byte conventions (per rank, per call; the cost model in ``lss_plugin.plan`` uses the same):
+- ``bytes``: payload = the assembled buffer of the collective on this rank: the output of an
+  all-gather, the input of a reduce-scatter, the tensor of an all-reduce / broadcast, the input of an
+  all-to-all, the tensor of a send or receive. Same convention as ``lss_plugin.comm``.
+- ``sent_bytes``: what this rank puts on the wire with bandwidth-optimal algorithms (ring
+  all-gather / reduce-scatter send (N-1)/N of the buffer, all-reduce 2(N-1)/N, all-to-all (N-1)/N,
+  send the tensor, receive nothing). The targets compare ``sent_bytes``.
+A call nested inside another counted call (``_all_gather_base`` forwarding to
+``all_gather_into_tensor``, say) is counted once, as the outer call.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+# name -> (which argument holds the payload tensor, wire factor as a function of group size N)
+_COLLECTIVES = {
+    "all_reduce": ("tensor", lambda n: 2 * (n - 1) / n),
+    "all_gather_into_tensor": ("output_tensor", lambda n: (n - 1) / n),
+    "_all_gather_base": ("output_tensor", lambda n: (n - 1) / n),
+    "all_gather": ("tensor_list", lambda n: (n - 1) / n),
+    "reduce_scatter_tensor": ("input", lambda n: (n - 1) / n),
+    "_reduce_scatter_base": ("input", lambda n: (n - 1) / n),
+    "reduce_scatter": ("input_list", lambda n: (n - 1) / n),
+    "all_to_all_single": ("input", lambda n: (n - 1) / n),
+    "all_to_all": ("input_tensor_list", lambda n: (n - 1) / n),
+    "broadcast": ("tensor", lambda n: 1.0 if n > 1 else 0.0),
+    "reduce": ("tensor", lambda n: 1.0 if n > 1 else 0.0),
+    "send": ("tensor", lambda n: 1.0),
+    "isend": ("tensor", lambda n: 1.0),
+    "recv": ("tensor", lambda n: 0.0),
+    "irecv": ("tensor", lambda n: 0.0),
+    "barrier": (None, lambda n: 0.0),
+}
+# Canonical names, so that two spellings of one collective are one row in the tables.
+CANONICAL = {
+    "_all_gather_base": "all_gather_into_tensor",
+    "_reduce_scatter_base": "reduce_scatter_tensor",
+    "isend": "send",
+    "irecv": "recv",
+}
+_P2P = {"send", "isend", "recv", "irecv"}
+
+
+@dataclass
+class CommCounts:
+    """Per collective type (canonical name): calls, payload bytes, wire bytes sent by this rank."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    sent_bytes: Counter = field(default_factory=Counter)
+
+    def add(self, name: str, nbytes: int, sent: float) -> None:
+        name = CANONICAL.get(name, name)
+        self.calls[name] += 1
+        self.bytes[name] += int(nbytes)
+        self.sent_bytes[name] += int(round(sent))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def total_sent_bytes(self) -> int:
+        return sum(self.sent_bytes.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "calls": dict(self.calls),
+            "bytes": dict(self.bytes),
+            "sent_bytes": dict(self.sent_bytes),
+            "total_bytes": self.total_bytes,
+            "total_sent_bytes": self.total_sent_bytes,
+        }
+
+
+_state = threading.local()
+_ACTIVE: list[CommCounts] = []
+_INSTALLED: dict[str, object] = {}  # name -> original function
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+def _group_size(group) -> int:
+    if group is None:
+        return dist.get_world_size()
+    return dist.get_world_size(group)
+
+
+def _make_wrapper(name: str, original):
+    arg_name, factor = _COLLECTIVES[name]
+    import inspect
+
+    try:
+        params = list(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        params = []
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        depth = getattr(_state, "depth", 0)
+        if not _ACTIVE or depth > 0:
+            _state.depth = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _state.depth = depth
+        bound = dict(zip(params, args))
+        bound.update(kwargs)
+        payload = bound.get(arg_name) if arg_name else None
+        nbytes = _nbytes(payload)
+        if name in ("all_gather", "all_to_all", "reduce_scatter"):
+            # list forms: the payload is the whole list (N pieces)
+            pass
+        if name in _P2P:
+            n = 2
+        else:
+            n = _group_size(bound.get("group"))
+        sent = nbytes * factor(n)
+        for counts in _ACTIVE:
+            counts.add(name, nbytes if n > 1 or name in _P2P else 0, sent)
+        _state.depth = depth + 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _state.depth = depth
+
+    wrapper.__lss_counting_wrapper__ = True
+    return wrapper
+
+
+def install() -> None:
+    """Wrap the collectives on ``torch.distributed`` and ``distributed_c10d`` (idempotent).
+
+    Call before importing Megatron (it keeps references taken at import time).
+    """
+    for name in _COLLECTIVES:
+        original = getattr(c10d, name, None)
+        if original is None or getattr(original, "__lss_counting_wrapper__", False):
+            continue
+        wrapper = _make_wrapper(name, original)
+        _INSTALLED[name] = original
+        setattr(c10d, name, wrapper)
+        if getattr(dist, name, None) is original:
+            setattr(dist, name, wrapper)
+
+
+def is_installed() -> bool:
+    return bool(_INSTALLED)
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """``with count_collectives() as counts: step()`` then read ``counts.calls / bytes / sent_bytes``."""
+    if not _INSTALLED:
+        raise RuntimeError("lss_plugin.bench.counters.install() must run before counting")
+    counts = CommCounts()
+    _ACTIVE.append(counts)
+    try:
+        yield counts
+    finally:
+        _ACTIVE.remove(counts)

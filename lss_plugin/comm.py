@@ -1,0 +1,114 @@
+"""The two fused collectives of LSS, over the sequence-parallel group, and their counters.
+
+Forward: local ``k, v`` ([b, s_local, hkv, d] each) are packed into one buffer and gathered with
+ONE ``all_gather_into_tensor``. Backward: the key/value gradients for all L positions are packed
+and handed back to their owners with ONE ``reduce_scatter_tensor`` (sum). KV heads travel
+un-repeated (GQA/MQA); the caller expands them locally, after communication.
+
+Payload bytes recorded per call = bytes of the assembled buffer (N x the packed local k, v):
+``2 * b * L * hkv * d * itemsize`` for both collectives. With sp_size 1 nothing is sent and
+nothing is recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lss_plugin.sharding import rank_chunks
+
+
+@dataclass
+class CollectiveRecord:
+    """Calls and payload bytes per collective name, filled while ``record_collectives`` is open."""
+
+    calls: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.calls[name] += 1
+        self.bytes[name] += int(nbytes)
+
+
+_ACTIVE_RECORDS: list[CollectiveRecord] = []  # diagnostics only; empty unless a test/bench listens
+
+
+@contextlib.contextmanager
+def record_collectives():
+    """``with record_collectives() as rec: ...`` then read ``rec.calls`` and ``rec.bytes``."""
+    record = CollectiveRecord()
+    _ACTIVE_RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _ACTIVE_RECORDS.remove(record)
+
+
+def _note(name: str, tensor: torch.Tensor) -> None:
+    for record in _ACTIVE_RECORDS:
+        record.add(name, tensor.numel() * tensor.element_size())
+
+
+# torch >= 2.13 names the flat collectives *_single and deprecates the *_tensor spellings; both
+# take an output that is the inputs concatenated along dim 0.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """output [N * tensor.shape[0], ...] = the ranks' ``tensor`` concatenated along dim 0."""
+    _note("all_gather_into_tensor", output)
+    _all_gather_flat(output, tensor, group=group)
+
+
+def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    """output = this rank's dim-0 slice of the sum of the ranks' ``tensor`` [N * output.shape[0], ...]."""
+    _note("reduce_scatter_tensor", tensor)
+    _reduce_scatter_flat(output, tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def _chunk_moves(local_len: int, sp_size: int, layout: str):
+    """(source rank, local offset, global offset, length) of every chunk of the sequence."""
+    for rank in range(sp_size):
+        for c in rank_chunks(local_len, rank, sp_size, layout):
+            yield rank, c.local_start, c.global_start, c.length
+
+
+def gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """One all-gather of packed (k, v) -> [2, b, hkv, L, d] in global position order.
+
+    k, v: [b, s_local, hkv, d]. The returned tensor is laid out for the attention kernels.
+    """
+    sp_size = dist.get_world_size(group)
+    packed = torch.stack((k, v))  # [2, b, s_local, hkv, d]
+    if sp_size == 1:
+        gathered = packed.unsqueeze(0)
+    else:
+        flat = packed.new_empty((sp_size * 2,) + tuple(packed.shape[1:]))  # [N*2, b, s_local, hkv, d]
+        all_gather_flat(flat, packed, group)
+        gathered = flat.view((sp_size,) + tuple(packed.shape))  # [N, 2, b, s_local, hkv, d]
+    two, b, s_local, hkv, d = packed.shape
+    kv = packed.new_empty((2, b, hkv, s_local * sp_size, d))  # [2, b, hkv, L, d]
+    for rank, local_start, global_start, length in _chunk_moves(s_local, sp_size, layout):
+        src = gathered[rank, :, :, local_start:local_start + length]  # [2, b, n, hkv, d]
+        kv[:, :, :, global_start:global_start + length] = src.transpose(2, 3)
+    return kv
+
+
+def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """One reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d] -> this rank's [2, b, s_local, hkv, d]."""
+    sp_size = dist.get_world_size(group)
+    two, b, hkv, seq_len, d = dkv.shape
+    s_local = seq_len // sp_size
+    staged = dkv.new_empty((sp_size, 2, b, s_local, hkv, d))  # owner-major, as the gather laid it out
+    for rank, local_start, global_start, length in _chunk_moves(s_local, sp_size, layout):
+        src = dkv[:, :, :, global_start:global_start + length]  # [2, b, hkv, n, d]
+        staged[rank, :, :, local_start:local_start + length] = src.transpose(2, 3)
+    if sp_size == 1:
+        return staged[0]
+    out = dkv.new_empty((2, b, s_local, hkv, d))
+    reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
+    return out

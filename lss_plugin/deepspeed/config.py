@@ -1,0 +1,146 @@
+"""The ``"lss_sequence_parallel"`` block of a DeepSpeed JSON config, validated.
+
+DeepSpeed ignores top-level keys it does not know, so a typo in this block would silently train
+without LSS. Everything here is therefore checked strictly: unknown keys are an error naming
+them, every value is type- and range-checked, and DeepSpeed's own ``sequence_parallel_size``
+may not contradict ``size``. All checks run before any process group or collective exists.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+BLOCK_KEY = "lss_sequence_parallel"
+LAYOUTS = ("contiguous", "balanced")
+KV_BACKWARD_MODES = ("keep", "regather")
+GRAD_AVERAGING_MODES = ("two_stage", "fused")
+# DeepSpeed keys that describe the same grid as the block; they must agree with it.
+DEEPSPEED_GRID_KEYS = ("sequence_parallel_size", "data_parallel_size")
+
+
+class LSSConfigError(ValueError):
+    """An ``lss_sequence_parallel`` block (or the config around it) is invalid."""
+
+
+@dataclass(frozen=True)
+class LSSConfig:
+    """What the block says. ``enabled=False`` (or no block) means: plain DeepSpeed."""
+
+    enabled: bool = False
+    size: int = 1  # sequence-parallel ranks per sequence (N)
+    layout: str = "balanced"  # how a sequence is split: causal load balance by default
+    kv_backward: str = "keep"  # "regather": keep only local K/V, gather again in backward
+    grad_averaging: str = "two_stage"  # SP then DP averaging (ZeRO 0); "fused": one SP x DP all-reduce
+    kv_head_chunk: int | None = None  # gather K/V this many KV heads at a time (memory bound)
+    timeout_s: float | None = None  # timeout of the LSS process groups
+
+    FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s")
+
+    def __post_init__(self) -> None:
+        where = f'"{BLOCK_KEY}"'
+        if not isinstance(self.enabled, bool):
+            raise LSSConfigError(f'{where}: "enabled" must be true or false, got {self.enabled!r}')
+        if not _is_positive_int(self.size):
+            raise LSSConfigError(f'{where}: "size" must be a positive integer, got {self.size!r}')
+        for name, allowed in (("layout", LAYOUTS), ("kv_backward", KV_BACKWARD_MODES),
+                              ("grad_averaging", GRAD_AVERAGING_MODES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise LSSConfigError(f'{where}: "{name}" must be one of {list(allowed)}, got {value!r}')
+        if self.kv_head_chunk is not None and not _is_positive_int(self.kv_head_chunk):
+            raise LSSConfigError(
+                f'{where}: "kv_head_chunk" must be a positive integer or null, got {self.kv_head_chunk!r}'
+            )
+        if self.timeout_s is not None and (
+            isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0
+        ):
+            raise LSSConfigError(f'{where}: "timeout_s" must be a positive number or null, got {self.timeout_s!r}')
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any] | None) -> "LSSConfig":
+        """Parse the block itself (``None``: no block, LSS disabled)."""
+        if block is None:
+            return cls(enabled=False)
+        if not isinstance(block, dict):
+            raise LSSConfigError(f'"{BLOCK_KEY}" must be a JSON object, got {type(block).__name__}: {block!r}')
+        unknown = sorted(set(block) - set(cls.FIELDS))
+        if unknown:
+            raise LSSConfigError(
+                f'"{BLOCK_KEY}" has unknown key(s) {unknown}; allowed keys are {list(cls.FIELDS)}'
+            )
+        # A block that is present but silent about "enabled" means the user wants LSS.
+        return cls(**{"enabled": True, **block})
+
+    @classmethod
+    def from_ds_config(cls, config: dict[str, Any] | str | os.PathLike) -> "LSSConfig":
+        """Parse the block out of a whole DeepSpeed config (a dict or a JSON file path).
+
+        Also refuses a DeepSpeed ``sequence_parallel_size`` that differs from ``size``: two
+        sequence-parallel schemes on one grid cannot both be right.
+        """
+        config = load_config(config)
+        lss = cls.from_dict(config.get(BLOCK_KEY))
+        ds_sp = config.get("sequence_parallel_size")
+        if ds_sp is not None:
+            effective = lss.size if lss.enabled else 1
+            if ds_sp != effective:
+                raise LSSConfigError(
+                    f'DeepSpeed "sequence_parallel_size" = {ds_sp!r} contradicts "{BLOCK_KEY}" '
+                    f'(enabled={lss.enabled}, size={lss.size}): remove it or set it to {effective}'
+                )
+        return lss
+
+    def check_world(self, world_size: int, config: dict[str, Any] | None = None) -> int:
+        """The data-parallel size on ``world_size`` ranks; errors name the whole product."""
+        if world_size % self.size != 0:
+            raise LSSConfigError(
+                f'"{BLOCK_KEY}": size {self.size} does not divide the world size {world_size}'
+            )
+        dp = world_size // self.size
+        ds_dp = (config or {}).get("data_parallel_size")
+        if ds_dp is not None and ds_dp != dp:
+            raise LSSConfigError(
+                f'DeepSpeed "data_parallel_size" = {ds_dp!r} contradicts "{BLOCK_KEY}": '
+                f"world_size({world_size}) / size({self.size}) = {dp}"
+            )
+        return dp
+
+    def attention_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``lss_plugin.lss_attention`` / the model's LSS options."""
+        return {"layout": self.layout, "kv_backward": self.kv_backward, "kv_head_chunk": self.kv_head_chunk}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """A DeepSpeed config as a dict: a dict is returned as is, a path is read as JSON."""
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)) and os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, dict):
+            raise LSSConfigError(f"DeepSpeed config {config} is not a JSON object")
+        return loaded
+    raise LSSConfigError(f"expected a DeepSpeed config dict or the path of a JSON file, got {config!r}")
+
+
+def deepspeed_view(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` for DeepSpeed itself: without the LSS block and without the grid keys.
+
+    DeepSpeed would turn ``sequence_parallel_size`` + ``data_parallel_size`` into a device mesh of
+    its own; the LSS mpu describes the grid instead (both were checked against the block).
+    """
+    view = copy.deepcopy(config)
+    view.pop(BLOCK_KEY, None)
+    for key in DEEPSPEED_GRID_KEYS:
+        view.pop(key, None)
+    return view
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

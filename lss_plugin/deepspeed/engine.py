@@ -1,0 +1,120 @@
+"""``initialize``: ``deepspeed.initialize`` with LSS sequence parallelism switched on by the config.
+
+The one change a DeepSpeed user makes is an ``"lss_sequence_parallel"`` block in the JSON config
+and ``lss_plugin.deepspeed.initialize`` in place of ``deepspeed.initialize``; arguments and the
+returned ``(engine, optimizer, training_dataloader, lr_scheduler)`` are the same. The engine
+additionally carries ``engine.lss_config``, ``engine.lss_topology`` and ``engine.lss_mpu``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch.distributed as dist
+
+from lss_plugin.deepspeed.config import LSSConfig, LSSConfigError, deepspeed_view, load_config
+from lss_plugin.deepspeed.mpu import LSSMpu
+from lss_plugin.deepspeed.reduction import install_lss_gradient_averaging
+from lss_plugin.runtime import as_timedelta
+from lss_plugin.topology import init_topology
+
+logger = logging.getLogger(__name__)
+
+TORCH_DISTRIBUTED_DEFAULT_PORT = 29500
+
+
+def initialize(
+    args=None,
+    model=None,
+    optimizer=None,
+    model_parameters=None,
+    training_data=None,
+    lr_scheduler=None,
+    distributed_port: int = TORCH_DISTRIBUTED_DEFAULT_PORT,
+    mpu=None,
+    dist_init_required=None,
+    collate_fn=None,
+    config=None,
+    mesh_param=None,
+    config_params=None,
+):
+    """Drop-in for ``deepspeed.initialize`` that reads the ``"lss_sequence_parallel"`` block.
+
+    With the block enabled it builds the LSS SP x DP topology, hands DeepSpeed an ``LSSMpu``
+    and makes the engine average gradients over SP and DP. Without it (or ``enabled: false``)
+    this is ``deepspeed.initialize`` on the config minus the block.
+    """
+    import deepspeed
+
+    config, args = _resolve_config(args, config, config_params)
+    lss = LSSConfig.from_ds_config(config)
+    ds_config = deepspeed_view(config)
+    passthrough = dict(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
+        dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+    )
+    if not lss.enabled:
+        return deepspeed.initialize(mpu=mpu, mesh_param=mesh_param, **passthrough)
+
+    _refuse_unsupported(lss, model, mpu, mesh_param, ds_config)
+    _init_distributed(distributed_port, dist_init_required, lss.timeout_s)
+    lss.check_world(dist.get_world_size(), config)  # before any group exists: same error on every rank
+    topology = init_topology(lss.size, timeout_s=lss.timeout_s)
+    lss_mpu = LSSMpu(topology)
+    engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(mpu=lss_mpu, **passthrough)
+    description = install_lss_gradient_averaging(engine, topology, lss.grad_averaging)
+    engine.lss_config, engine.lss_topology, engine.lss_mpu = lss, topology, lss_mpu
+    if dist.get_rank() == 0:
+        logger.info(
+            "LSS sequence parallelism: sp=%d x dp=%d, layout=%s, kv_backward=%s; %s",
+            topology.sp_size, topology.dp_size, lss.layout, lss.kv_backward, description,
+        )
+    return engine, engine_optimizer, dataloader, scheduler
+
+
+def _resolve_config(args, config, config_params):
+    """The config as a dict, wherever DeepSpeed would have found it (args, config, config_params)."""
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if from_args is not None:
+        if config is not None:
+            raise ValueError(
+                "a DeepSpeed config was given twice: args.deepspeed_config="
+                f"{from_args!r} and config=...; pass one (as deepspeed.initialize requires)"
+            )
+        config = from_args
+        # DeepSpeed refuses both args.deepspeed_config and config=; LSS passes the parsed dict.
+        args = copy.copy(args)
+        args.deepspeed_config = None
+    if config is None:
+        config = config_params
+    if config is None:
+        raise ValueError("DeepSpeed requires a config: pass config=... or --deepspeed_config")
+    return load_config(config), args
+
+
+def _refuse_unsupported(lss: LSSConfig, model, mpu, mesh_param, ds_config) -> None:
+    if mpu is not None or mesh_param is not None:
+        raise LSSConfigError(
+            f"lss_plugin.deepspeed.initialize builds the mpu from the \"lss_sequence_parallel\" block; "
+            f"got mpu={mpu!r}, mesh_param={mesh_param!r}: tensor/pipeline parallel mpus do not compose with it yet"
+        )
+    try:
+        from deepspeed.pipe import PipelineModule
+    except ImportError:  # pragma: no cover - depends on the DeepSpeed build
+        PipelineModule = ()
+    if isinstance(model, PipelineModule):
+        raise LSSConfigError("LSS sequence parallelism does not support DeepSpeed pipeline parallelism (PipelineModule)")
+
+
+def _init_distributed(distributed_port, dist_init_required, timeout_s) -> None:
+    """DeepSpeed's own process-group start-up (launcher env, MPI discovery), with the LSS timeout."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        distributed_port=distributed_port,
+        dist_init_required=dist_init_required,
+        timeout=as_timedelta(timeout_s),
+    )

@@ -1,0 +1,255 @@
+"""``attn_implementation="lss"`` for transformers models, through its public attention registries.
+
+transformers (5.x) resolves a model's attention by name in two registries:
+- ``AttentionInterface``: ``fn(module, query, key, value, attention_mask, *, dropout, scaling,
+  is_causal=None, sliding_window=None, **kwargs) -> (out, weights)`` with query ``[b, H, s, d]`` and
+  key/value ``[b, Hkv, s, d]`` (KV heads *not* repeated), ``out`` ``[b, s, H, d]``;
+- ``AttentionMaskInterface``: builds the ``attention_mask`` the function above receives, from the
+  model's mask pattern (``mask_function``), a 2-D padding mask, and the sliding window size.
+
+Under LSS every rank holds ``s_local = L / N`` tokens of each sequence, so the model-side mask
+machinery only ever sees local lengths. The mask function here therefore builds no mask: it checks
+that the pattern is one ``lss_attention`` reproduces exactly (causal, or a sliding window wider than
+the whole sequence; no padding) and returns ``None``; anything else is refused with the setting to
+change. The attention function then runs ``lss_attention`` with the causal mask in global positions.
+
+The layout and memory options of a registered name live in a small table next to the registration
+(the registries themselves are process-global), so ``shard_causal_lm_batch`` can read the same
+layout the attention uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lss_plugin.attention import KV_BACKWARD_MODES, lss_attention
+from lss_plugin.sharding import check_layout, chunks_per_rank
+from lss_plugin.topology import resolve_sp_group
+
+DEFAULT_NAME = "lss"
+
+
+@dataclass(frozen=True)
+class LSSHFOptions:
+    """What a registered attention name runs with. ``group=None``: the registered topology's SP group."""
+
+    layout: str = "contiguous"
+    kv_backward: str = "keep"
+    kv_head_chunk: int | None = None
+    group: object = None
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
+        if self.kv_backward not in KV_BACKWARD_MODES:
+            raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {self.kv_backward!r}")
+        if self.kv_head_chunk is not None and (not isinstance(self.kv_head_chunk, int) or self.kv_head_chunk < 1):
+            raise ValueError(f"kv_head_chunk must be a positive integer or None, got {self.kv_head_chunk!r}")
+
+
+_OPTIONS: dict[str, LSSHFOptions] = {}
+
+
+def register_lss_attention(
+    name: str = DEFAULT_NAME,
+    *,
+    layout: str = "contiguous",
+    kv_backward: str = "keep",
+    kv_head_chunk: int | None = None,
+    group=None,
+) -> str:
+    """Register ``name`` (default ``"lss"``) in transformers' attention and mask registries.
+
+    Afterwards ``from_pretrained(..., attn_implementation=name)``, ``_from_config(config,
+    attn_implementation=name)`` and ``model.set_attn_implementation(name)`` accept it. Calling it
+    again replaces the options of ``name`` (register a second name for a second set of options).
+    Returns ``name``.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") or "/" in name:
+        raise ValueError(f"attention name must be a new plain name (not a built-in or hub kernel), got {name!r}")
+    _OPTIONS[name] = LSSHFOptions(layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, group=group)
+    AttentionInterface.register(name, lss_attention_forward)
+    AttentionMaskInterface.register(name, lss_attention_mask)
+    return name
+
+
+def lss_options(name: str = DEFAULT_NAME) -> LSSHFOptions:
+    if name not in _OPTIONS:
+        raise KeyError(f"attention implementation {name!r} is not registered by lss_plugin.hf "
+                       f"(registered: {sorted(_OPTIONS)}); call register_lss_attention({name!r}, ...)")
+    return _OPTIONS[name]
+
+
+def _options_for(config) -> LSSHFOptions:
+    name = getattr(config, "_attn_implementation", None) or DEFAULT_NAME
+    return _OPTIONS.get(name, _OPTIONS.get(DEFAULT_NAME, LSSHFOptions()))
+
+
+def _sp_size(options: LSSHFOptions) -> int:
+    return dist.get_world_size(resolve_sp_group(options.group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask function: validate the requested pattern, build nothing.
+# ---------------------------------------------------------------------------------------------
+
+def _is_sliding_window_causal(mask_function) -> bool:
+    """True for transformers' ``sliding_window_causal_mask_function(w)``: and_masks(overlay, causal).
+
+    Recognised by structure (qualified names of the closures), so an unknown wrapper - packed
+    sequences, image-token overlays - is never mistaken for it.
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return False
+    cells = [c.cell_contents for c in (mask_function.__closure__ or ())]
+    parts = next((c for c in cells if isinstance(c, tuple)), ())
+    return (
+        len(parts) == 2
+        and getattr(parts[0], "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"
+        and parts[1] is causal_mask_function
+    )
+
+
+def lss_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    config=None,
+    **kwargs,
+):
+    """``AttentionMaskInterface`` entry: ``None`` (global causal mask, applied inside LSS) or an error."""
+    from transformers.masking_utils import causal_mask_function
+
+    model = type(config).__name__ if config is not None else "the model"
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            f"attn_implementation='lss' got an attention_mask with padding ({int((~attention_mask.bool()).sum())} "
+            f"masked positions) for {model}: LSS applies the causal mask in global positions and does not take "
+            "padding masks. Right-pad the batch and let lss_plugin.hf.shard_causal_lm_batch turn the padding "
+            "into ignored labels (exact for every real token); left or interior padding is not supported."
+        )
+    if q_offset != 0 or kv_offset != 0 or kv_length != q_length:
+        raise ValueError(
+            f"attn_implementation='lss' is for training/prefill on sharded sequences without a KV cache "
+            f"(got q_length={q_length}, kv_length={kv_length}, q_offset={q_offset}, kv_offset={kv_offset}); "
+            "call the model with use_cache=False"
+        )
+    if mask_function is causal_mask_function:
+        return None
+    if _is_sliding_window_causal(mask_function) and local_size is not None:
+        _check_sliding_window(local_size, q_length * _sp_size(_options_for(config)), config)
+        return None
+    raise ValueError(
+        f"attn_implementation='lss' cannot reproduce the mask pattern {model} asked for "
+        f"({getattr(mask_function, '__qualname__', mask_function)!r}). LSS supports the plain causal mask and "
+        "sliding windows at least as long as the sequence (no bidirectional masks: config.is_causal=False). "
+        "Common causes: packed sequences detected from "
+        "position_ids that restart or jump (with layout='balanced', pass the all-ones attention_mask that "
+        "lss_plugin.hf.shard_causal_lm_batch returns, so transformers does not read the layout's position jump "
+        "as packing), or a model-specific mask overlay (image tokens, chunked attention)."
+    )
+
+
+def _check_sliding_window(window: int, seq_len: int, config) -> None:
+    """A sliding window changes nothing when every query already sees at most ``window`` keys."""
+    if window is not None and seq_len > window:
+        setting = f"{type(config).__name__}.sliding_window={window}" if config is not None else f"sliding_window={window}"
+        raise ValueError(
+            f"attn_implementation='lss' does not implement sliding-window attention: {setting} is shorter than "
+            f"the global sequence length {seq_len}. Set config.sliding_window=None (or >= {seq_len}, or "
+            "use_sliding_window=False where the model has it) to train with full causal attention."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention function.
+# ---------------------------------------------------------------------------------------------
+
+def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions) -> None:
+    """Positions must be this rank's global positions under the layout (catches unsharded defaults)."""
+    if position_ids is None:
+        return
+    from lss_plugin.sharding import local_positions
+
+    group = resolve_sp_group(options.group)
+    expected = local_positions(s_local * dist.get_world_size(group), group, options.layout, device=position_ids.device)
+    rows = position_ids.reshape(-1, position_ids.shape[-1])
+    if rows.shape[-1] != s_local or not bool((rows == expected).all()):
+        first = rows[0, : min(4, rows.shape[-1])].tolist()
+        raise ValueError(
+            f"position_ids {first}... on SP rank {dist.get_rank(group)} are not this rank's global positions "
+            f"{expected[:4].tolist()}... under layout {options.layout!r}: pass the position_ids from "
+            "lss_plugin.hf.shard_causal_lm_batch (packed sequences with restarting positions are not supported)"
+        )
+
+
+def lss_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` entry. query [b, H, s_local, d], key/value [b, Hkv, s_local, d] -> ([b, s_local, H, d], None)."""
+    config = getattr(module, "config", None)
+    model = type(config).__name__ if config is not None else type(module).__name__
+    options = _options_for(config)
+    if attention_mask is not None:
+        raise ValueError(
+            f"attn_implementation='lss' received a materialised attention mask of shape "
+            f"{tuple(attention_mask.shape)} in {model}: LSS applies the causal mask itself; do not pass 4-D masks"
+        )
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"attn_implementation='lss' needs as many keys as queries per rank (got {query.shape[2]} queries, "
+            f"{key.shape[2]} keys in {model}): it does not support KV caches or cross-attention; "
+            "call the model with use_cache=False"
+        )
+    if dropout:
+        raise ValueError(
+            f"attn_implementation='lss' has no attention dropout, but {model} asks for dropout={dropout} "
+            "(config.attention_dropout / attn_pdrop): set it to 0.0 to train with LSS"
+        )
+    if softcap is not None:
+        raise ValueError(f"attn_implementation='lss' does not support attention logit softcapping ({model}: softcap={softcap})")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"attn_implementation='lss' does not support additive position biases ({model})")
+    sp_size = _sp_size(options)
+    seq_len = query.shape[2] * sp_size
+    _check_sliding_window(sliding_window, seq_len, config)
+    _check_position_ids(kwargs.get("position_ids"), query.shape[2], options)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+
+    out = lss_attention(
+        query.transpose(1, 2),  # [b, s_local, H, d]
+        key.transpose(1, 2),  # [b, s_local, Hkv, d]: KV heads go through the gather un-repeated
+        value.transpose(1, 2),
+        group=options.group,
+        causal=bool(causal),
+        softmax_scale=scaling,
+        layout=options.layout,
+        kv_backward=options.kv_backward,
+        kv_head_chunk=options.kv_head_chunk,
+    )
+    return out, None  # out [b, s_local, H, d]
+
+
+def parts_per_sequence(sp_size: int, layout: str) -> int:
+    """The global length must be a multiple of this (N for contiguous, 2N for balanced)."""
+    return sp_size * chunks_per_rank(layout)

@@ -1,0 +1,227 @@
+"""Causal-LM batches split over the sequence-parallel ranks, and a loss that is exact over the shards.
+
+Every SP rank of one sequence receives the same global batch (``[b, L]``) and keeps its own tokens.
+The labels are shifted on the *global* sequence, before sharding: the last token of segment ``s``
+must predict the first token of segment ``s + 1``, which lives on another rank. Each rank then gets
+
+    input_ids     [b, L/N]  its tokens
+    position_ids  [b, L/N]  their global positions (RoPE, learned position tables)
+    attention_mask[b, L/N]  all ones (see ``ShardedBatch.attention_mask``)
+    shift_labels  [b, L/N]  the next global token for each of its tokens, or ``ignore_index``
+
+Right padding is exact without any padding mask: under a causal mask no real token ever sees a
+later (padded) one, so the padded positions only need their labels ignored. Left or interior
+padding would need a padding mask inside LSS and is refused.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lss_plugin.sharding import check_seq_len, local_positions, shard_sequence
+from lss_plugin.topology import resolve_sp_group
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ShardedBatch:
+    """This rank's share of a global causal-LM batch. Tensors ``[b, s_local]``."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    # All ones, and passed anyway: with the balanced layout a rank's positions jump between its two
+    # chunks, and transformers reads a jump in position_ids *without* a mask as packed sequences.
+    attention_mask: torch.Tensor
+    shift_labels: torch.Tensor
+    num_tokens: int  # labels on this rank that count in the loss
+    layout: str
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for ``model(**batch.model_inputs())`` (no labels: see ``causal_lm_loss``)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
+            "use_cache": False,
+        }
+
+    def to(self, device) -> "ShardedBatch":
+        return ShardedBatch(
+            input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
+            attention_mask=self.attention_mask.to(device), shift_labels=self.shift_labels.to(device),
+            num_tokens=self.num_tokens, layout=self.layout,
+        )
+
+
+def shift_labels_for_causal_lm(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """[b, L] -> [b, L]: position p is labelled with token p+1; the last position and padding are ignored."""
+    labels = labels.clone()
+    if attention_mask is not None:
+        labels[attention_mask == 0] = ignore_index
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def _check_right_padding(attention_mask: torch.Tensor) -> None:
+    m = attention_mask.to(torch.int64)
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    bad = (m[:, 1:] > m[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"rows {bad[:8]} of attention_mask have a real token after padding (left or interior padding): "
+            "LSS is exact with right padding only (pad at the end of each row)"
+        )
+
+
+def shard_causal_lm_batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    group=None,
+    layout: str | None = None,
+    attn_implementation: str = "lss",
+    ignore_index: int = IGNORE_INDEX,
+) -> ShardedBatch:
+    """Split a global batch ``input_ids [b, L]`` for this SP rank (no communication).
+
+    ``labels`` defaults to ``input_ids`` (unshifted, like transformers' ``labels``); entries equal to
+    ``ignore_index`` and padded positions are ignored. ``layout``/``group`` default to those
+    registered for ``attn_implementation`` (``register_lss_attention``), so data and attention agree.
+    """
+    from lss_plugin.hf.attention import lss_options
+
+    options = lss_options(attn_implementation)
+    layout = options.layout if layout is None else layout
+    if layout != options.layout:
+        raise ValueError(
+            f"layout {layout!r} differs from the layout {options.layout!r} registered for attention "
+            f"{attn_implementation!r}: the attention would mask the wrong positions"
+        )
+    group = resolve_sp_group(options.group if group is None else group)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D tensor [batch, seq_len], got {getattr(input_ids, 'shape', input_ids)}")
+    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} shape {tuple(t.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
+    seq_len = input_ids.shape[1]
+    check_seq_len(seq_len, dist.get_world_size(group), layout)
+    if attention_mask is not None:
+        _check_right_padding(attention_mask)
+
+    shifted = shift_labels_for_causal_lm(input_ids if labels is None else labels, attention_mask, ignore_index)
+    local_ids = shard_sequence(input_ids, 1, group, layout)  # [b, L/N]
+    local_labels = shard_sequence(shifted, 1, group, layout)  # [b, L/N]
+    positions = local_positions(seq_len, group, layout, device=input_ids.device)  # [L/N]
+    return ShardedBatch(
+        input_ids=local_ids,
+        position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1).contiguous(),
+        attention_mask=torch.ones_like(local_ids),
+        shift_labels=local_labels,
+        num_tokens=int((local_labels != ignore_index).sum()),
+        layout=layout,
+    )
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, int]:
+    """(mean cross entropy over this rank's counted tokens, their number). logits [b, s_local, V].
+
+    The loss is the *local* mean (zero, still differentiable, when the rank has no counted token):
+    the global mean is sum(local_mean * n) / sum(n) across SP and DP ranks, which is how
+    ``lss_plugin.reduce_loss`` / ``average_gradients(num_tokens=...)`` and the DeepSpeed adapter
+    combine losses and gradients.
+    """
+    if logits.shape[:2] != shift_labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)} disagree")
+    flat = logits.float().reshape(-1, logits.shape[-1])  # upcast like transformers' ForCausalLMLoss
+    total = F.cross_entropy(flat, shift_labels.reshape(-1).to(flat.device), ignore_index=ignore_index, reduction="sum")
+    num_tokens = int((shift_labels != ignore_index).sum())
+    return total / max(num_tokens, 1), num_tokens
+
+
+class LSSCausalLMCollator:
+    """A ``DataLoader`` ``collate_fn``: examples -> right-padded global batch -> this rank's ``ShardedBatch``.
+
+    Each example is a mapping with ``input_ids`` (list or 1-D tensor) and optionally ``labels`` and
+    ``attention_mask``. Rows are right-padded with ``pad_token_id`` to the longest row, rounded up
+    to a length the layout can split (a multiple of N, or 2N for the balanced layout).
+    Every SP rank of a sequence must collate the same examples: see ``sequence_parallel_sampler``.
+    """
+
+    def __init__(self, *, group=None, attn_implementation: str = "lss", pad_token_id: int = 0,
+                 ignore_index: int = IGNORE_INDEX, max_length: int | None = None):
+        self.group = group
+        self.attn_implementation = attn_implementation
+        self.pad_token_id = pad_token_id
+        self.ignore_index = ignore_index
+        self.max_length = max_length
+
+    def __call__(self, examples: Sequence[Mapping]) -> ShardedBatch:
+        from lss_plugin.hf.attention import lss_options, parts_per_sequence
+
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        options = lss_options(self.attn_implementation)
+        group = resolve_sp_group(options.group if self.group is None else self.group)
+        parts = parts_per_sequence(dist.get_world_size(group), options.layout)
+        rows = [torch.as_tensor(e["input_ids"], dtype=torch.long).flatten() for e in examples]
+        longest = max(r.numel() for r in rows)
+        if self.max_length is not None and longest > self.max_length:
+            raise ValueError(f"an example has {longest} tokens, more than max_length={self.max_length}")
+        seq_len = -(-longest // parts) * parts
+        input_ids = torch.full((len(rows), seq_len), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, self.ignore_index)
+        for i, (row, ex) in enumerate(zip(rows, examples)):
+            n = row.numel()
+            input_ids[i, :n] = row
+            mask[i, :n] = torch.as_tensor(ex["attention_mask"]).flatten() if "attention_mask" in ex else 1
+            labels[i, :n] = torch.as_tensor(ex["labels"], dtype=torch.long).flatten() if "labels" in ex else row
+        return shard_causal_lm_batch(input_ids, mask, labels, group=group,
+                                     attn_implementation=self.attn_implementation, ignore_index=self.ignore_index)
+
+
+class LSSBatchLoader:
+    """Wrap any iterable of global batches (mappings with ``input_ids [b, L]``, optionally
+    ``attention_mask``/``labels``, or bare tensors) so it yields this rank's ``ShardedBatch``es."""
+
+    def __init__(self, batches: Iterable, *, group=None, attn_implementation: str = "lss",
+                 ignore_index: int = IGNORE_INDEX, device=None):
+        self.batches = batches
+        self.group = group
+        self.attn_implementation = attn_implementation
+        self.ignore_index = ignore_index
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[ShardedBatch]:
+        for batch in self.batches:
+            if isinstance(batch, torch.Tensor):
+                batch = {"input_ids": batch}
+            sharded = shard_causal_lm_batch(
+                batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), group=self.group,
+                attn_implementation=self.attn_implementation, ignore_index=self.ignore_index,
+            )
+            yield sharded if self.device is None else sharded.to(self.device)
+
+
+def sequence_parallel_sampler(dataset, topology=None, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+    """A ``DistributedSampler`` over the *data-parallel* ranks: the SP ranks of one sequence read the same examples."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lss_plugin.topology import get_topology
+
+    topology = topology or get_topology()
+    return DistributedSampler(dataset, num_replicas=topology.dp_size, rank=topology.dp_rank,
+                              shuffle=shuffle, seed=seed, drop_last=drop_last)

@@ -1,0 +1,123 @@
+"""Command-line flags for LSS in a Megatron launch, and their validation.
+
+``add_lss_args`` has the shape Megatron-LM's ``extra_args_provider`` expects (takes the parser,
+returns it). ``validate_lss_args`` runs on the parsed namespace before any process group or
+collective exists, so a wrong combination fails on every rank with the same clear message.
+"""
+from __future__ import annotations
+
+import argparse
+
+LAYOUTS = ("contiguous", "balanced")
+KV_BACKWARD_MODES = ("keep", "regather")
+GRAD_AVERAGING_MODES = ("two_stage", "fused")
+
+
+def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group(title="LSS sequence parallelism (lss_plugin)")
+    group.add_argument("--lss-sequence-parallel", action="store_true",
+                       help="Split every sequence across --lss-sequence-parallel-size ranks "
+                            "with LSS attention (registered as Megatron's context-parallel group).")
+    group.add_argument("--lss-sequence-parallel-size", type=int, default=None,
+                       help="Ranks per sequence (N). Default: the whole world divided by the "
+                            "tensor-parallel size, i.e. no data parallelism.")
+    group.add_argument("--lss-layout", choices=LAYOUTS, default="contiguous",
+                       help="contiguous: rank s holds tokens [s*L/N, (s+1)*L/N); balanced: 2N "
+                            "chunks, rank s holds chunks s and 2N-1-s (even causal work).")
+    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_MODES, default="keep",
+                       help="keep the gathered K,V for backward, or regather them (less memory, "
+                            "one more collective per layer).")
+    group.add_argument("--lss-grad-averaging", choices=GRAD_AVERAGING_MODES, default="fused",
+                       help="Gradient averaging over SP x DP. Megatron's DDP reduces over the "
+                            "DP x CP group in one collective, which is the 'fused' mode; "
+                            "'two_stage' (SP then DP) is not available under Megatron DDP yet.")
+    return parser
+
+
+def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
+    """Check the LSS flags against the rest of the launch; fill ``lss_sequence_parallel_size``.
+
+    ``world_size`` defaults to ``args.world_size`` (Megatron sets it) or torch.distributed's.
+    Raises ValueError naming the offending values. Returns ``args`` (modified in place).
+    """
+    if not getattr(args, "lss_sequence_parallel", False):
+        if getattr(args, "lss_sequence_parallel_size", None) not in (None, 1):
+            raise ValueError(
+                f"--lss-sequence-parallel-size {args.lss_sequence_parallel_size} given without "
+                "--lss-sequence-parallel"
+            )
+        return args
+
+    world_size = _world_size(args, world_size)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    cp = int(getattr(args, "context_parallel_size", 1) or 1)
+    problems = []
+    if tp != 1:
+        problems.append(f"--tensor-model-parallel-size {tp} with --lss-sequence-parallel is not "
+                        "supported yet (LSS replaces tensor/sequence parallelism; use TP=1)")
+    if pp != 1:
+        problems.append(f"--pipeline-model-parallel-size {pp} with --lss-sequence-parallel is not "
+                        "supported yet")
+    if cp != 1:
+        problems.append(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
+                        "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
+    if getattr(args, "sequence_parallel", False) and tp > 1:
+        problems.append("--sequence-parallel (Megatron's TP sequence parallelism) and "
+                        "--lss-sequence-parallel cannot be combined")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+    sp = args.lss_sequence_parallel_size
+    if sp is None:
+        sp = world_size // (tp * pp)
+    if not isinstance(sp, int) or sp < 1:
+        raise ValueError(f"--lss-sequence-parallel-size must be a positive integer, got {sp!r}")
+    if world_size % (sp * tp * pp) != 0:
+        raise ValueError(
+            f"--lss-sequence-parallel-size {sp} does not divide the world: "
+            f"world_size({world_size}) % (sp({sp}) * tp({tp}) * pp({pp})) = "
+            f"{world_size % (sp * tp * pp)} != 0"
+        )
+    seq_length = getattr(args, "seq_length", None)
+    layout = args.lss_layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"--lss-layout {layout!r} is not one of {LAYOUTS}")
+    chunks = sp if layout == "contiguous" else 2 * sp
+    if seq_length is not None and seq_length % chunks != 0:
+        raise ValueError(
+            f"--seq-length {seq_length} is not divisible by {chunks} "
+            f"({'N' if layout == 'contiguous' else '2N'} for the {layout} layout with "
+            f"--lss-sequence-parallel-size {sp})"
+        )
+    if args.lss_kv_backward not in KV_BACKWARD_MODES:
+        raise ValueError(f"--lss-kv-backward {args.lss_kv_backward!r} is not one of {KV_BACKWARD_MODES}")
+    if args.lss_grad_averaging != "fused":
+        raise ValueError(
+            f"--lss-grad-averaging {args.lss_grad_averaging} is not supported with megatron-core's "
+            "DistributedDataParallel, which reduces over the DP x CP group in one collective "
+            "(the 'fused' mode)"
+        )
+    dropout = getattr(args, "attention_dropout", 0.0) or 0.0
+    if dropout > 0:
+        raise ValueError(f"--attention-dropout {dropout} is not supported by LSS attention yet; "
+                         "set --attention-dropout 0")
+    if getattr(args, "reset_attention_mask", False) or getattr(args, "reset_position_ids", False):
+        raise ValueError("--reset-attention-mask/--reset-position-ids (document masks) are not "
+                         "supported with --lss-sequence-parallel yet")
+    args.lss_sequence_parallel_size = sp
+    return args
+
+
+def _world_size(args, world_size):
+    if world_size is not None:
+        return int(world_size)
+    if getattr(args, "world_size", None):
+        return int(args.world_size)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))

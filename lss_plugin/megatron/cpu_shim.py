@@ -1,0 +1,116 @@
+"""Let megatron-core 0.16 run on a machine without CUDA (gloo, CPU tensors).
+
+megatron-core assumes a GPU in a handful of places that have nothing to do with the maths:
+the device it allocates on (``torch.cuda.current_device()``), the CUDA RNG it forks for
+tensor-parallel regions, and a torch LayerNorm that refuses ``sequence_parallel``. This shim
+redirects those to the CPU. It is applied only when CUDA is absent, so on a GPU machine it is a
+no-op and megatron-core runs unmodified.
+
+Not covered (use alternatives on CPU): ``get_megatron_optimizer`` (use a torch optimizer on
+``param.main_grad``), ``overlap_grad_reduce`` (CUDA streams), TransformerEngine and apex kernels.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+def _cpu_device(*_args, **_kwargs):
+    # Every megatron-core allocation "on the current device" lands on the CPU.
+    return "cpu"
+
+
+def _cpu_get_rng_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed):
+    # The CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all.
+    torch.default_generator.manual_seed(int(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    """megatron-core's ``get_default_causal_mask`` (True = masked), on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+class SequenceParallelTorchNorm:
+    """megatron-core's WrappedTorchNorm without its ``sequence_parallel`` refusal.
+
+    With Megatron's sequence parallelism a norm sees only this rank's tokens, so its weight
+    gradient is partial: the params are marked ``.sequence_parallel`` and megatron-core's
+    ``finalize_model_grads`` sums them over the tensor-parallel group (what apex/TE norms do).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm=False,
+                zero_centered_gamma=False, normalization: str = "LayerNorm"):
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("layernorm_zero_centered_gamma is not supported by the torch LayerNorm")
+        kind = config.normalization
+        if kind == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        elif kind == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"normalization {kind!r} is not supported on CPU (LayerNorm, RMSNorm)")
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def apply_cpu_shim() -> bool:
+    """Patch megatron-core for CPU-only execution. Returns True if the shim is (now) active.
+
+    Returns False, changing nothing, when CUDA is available. Idempotent. Call it before building
+    any megatron-core model (importing megatron-core itself is fine either way).
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    torch.cuda.current_device = _cpu_device
+    torch.cuda.manual_seed = _cpu_manual_seed
+    torch.cuda.get_rng_state = _cpu_get_rng_state
+    torch.cuda.set_rng_state = _cpu_set_rng_state
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # random.py calls these module-level helpers by name when forking the TP RNG tracker.
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+
+    # The unfused softmax builds its causal mask with device="cuda".
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+
+    # The local (non-TE) specs and the transformer block pick their norm class from these
+    # module globals when apex is missing; swap in the sequence-parallel-capable torch norm.
+    from megatron.core.models import backends
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import transformer_block
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    for module, name in ((backends, "LNImpl"), (gpt_layer_specs, "LNImpl"),
+                         (transformer_block, "LayerNormImpl")):
+        if getattr(module, name, None) is WrappedTorchNorm:
+            setattr(module, name, SequenceParallelTorchNorm)
+    _APPLIED = True
+    return True
+
+
+def is_cpu_shim_applied() -> bool:
+    return _APPLIED

@@ -1,0 +1,102 @@
+"""Which tokens a sequence-parallel rank holds, in the contiguous and the balanced layout.
+
+contiguous: rank s holds tokens [s*L/N, (s+1)*L/N) (the LSS paper's layout).
+balanced:   the sequence is cut into 2N chunks; rank s holds chunk s then chunk 2N-1-s, so under a
+            causal mask every rank does the same work (Megatron-CP's and Llama-3's layout).
+
+Everything here is pure index arithmetic except ``unshard_sequence``, which all-gathers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lss_plugin.topology import resolve_sp_group
+
+LAYOUTS = ("contiguous", "balanced")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def chunks_per_rank(layout: str) -> int:
+    check_layout(layout)
+    return 1 if layout == "contiguous" else 2
+
+
+def check_seq_len(seq_len: int, sp_size: int, layout: str) -> None:
+    """A global length the layout can split evenly: divisible by N (contiguous) or 2N (balanced)."""
+    parts = sp_size * chunks_per_rank(layout)
+    if seq_len <= 0 or seq_len % parts != 0:
+        what = f"2 * sp_size = {parts}" if layout == "balanced" else f"sp_size = {parts}"
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by {what} for layout {layout!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive global positions held by one rank."""
+
+    local_start: int  # offset in the rank's local sequence
+    global_start: int  # position of its first token in the whole sequence
+    length: int
+
+
+def rank_chunks(local_len: int, sp_rank: int, sp_size: int, layout: str) -> list[Chunk]:
+    """The chunks of global positions a rank holds, in its local order."""
+    cpr = chunks_per_rank(layout)
+    if local_len % cpr != 0:
+        raise ValueError(
+            f"local sequence length {local_len} cannot come from layout {layout!r}: "
+            f"it must be divisible by {cpr} (global length divisible by 2 * sp_size = {2 * sp_size})"
+        )
+    size = local_len // cpr
+    global_chunk_ids = [sp_rank] if cpr == 1 else [sp_rank, 2 * sp_size - 1 - sp_rank]
+    return [Chunk(i * size, g * size, size) for i, g in enumerate(global_chunk_ids)]
+
+
+def local_token_indices(seq_len: int, sp_rank: int, sp_size: int, layout: str = "contiguous") -> torch.Tensor:
+    """Global positions of rank ``sp_rank``'s tokens, in its local order. LongTensor[seq_len / N]."""
+    check_seq_len(seq_len, sp_size, layout)
+    chunks = rank_chunks(seq_len // sp_size, sp_rank, sp_size, layout)
+    return torch.cat([torch.arange(c.global_start, c.global_start + c.length) for c in chunks])
+
+
+def _group_coords(group) -> tuple[int, int]:
+    group = resolve_sp_group(group)
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def local_positions(seq_len: int, group=None, layout: str = "contiguous", device=None) -> torch.Tensor:
+    """Position ids of this rank's tokens (for RoPE or learned position tables)."""
+    sp_rank, sp_size = _group_coords(group)
+    return local_token_indices(seq_len, sp_rank, sp_size, layout).to(device)
+
+
+def shard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "contiguous") -> torch.Tensor:
+    """This rank's part of ``x`` along the sequence dimension ``dim`` (no communication)."""
+    sp_rank, sp_size = _group_coords(group)
+    seq_len = x.size(dim)
+    check_seq_len(seq_len, sp_size, layout)
+    chunks = rank_chunks(seq_len // sp_size, sp_rank, sp_size, layout)
+    parts = [x.narrow(dim, c.global_start, c.length) for c in chunks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def unshard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "contiguous") -> torch.Tensor:
+    """Inverse of ``shard_sequence``: all-gather the local parts and restore the global order."""
+    group = resolve_sp_group(group)
+    sp_size = dist.get_world_size(group)
+    local_len = x.size(dim)
+    pieces = [torch.empty_like(x) for _ in range(sp_size)]
+    dist.all_gather(pieces, x.contiguous(), group=group)
+    ordered: dict[int, torch.Tensor] = {}
+    for rank, piece in enumerate(pieces):
+        for c in rank_chunks(local_len, rank, sp_size, layout):
+            ordered[c.global_start] = piece.narrow(dim, c.local_start, c.length)
+    return torch.cat([ordered[start] for start in sorted(ordered)], dim)

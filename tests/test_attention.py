@@ -1,0 +1,107 @@
+"""lss_attention on 1-4 ranks against full-sequence attention in one process.
+
+Tolerances: float64 outputs and gradients within 1e-10 (absolute, values are O(1));
+float32 within 1e-5 relative to the largest reference magnitude.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lss_plugin
+from lss_plugin.sharding import local_token_indices
+from tests.distributed import run_ranks
+from tests.reference import reference_attention
+
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+B, L, D = 2, 24, 8  # L divisible by 2N for N = 1..4
+
+
+def _one_case(rank, world, causal, layout, heads, kv_backward, head_chunk, dtype, scale=None):
+    h, hkv = HEADS[heads]
+    gen = torch.Generator().manual_seed(1234)  # same full tensors on every rank
+    q = torch.randn(B, L, h, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, L, hkv, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, L, hkv, D, generator=gen, dtype=dtype)
+    dout = torch.randn(B, L, h, D, generator=gen, dtype=dtype)
+
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*ref_in, causal=causal, scale=scale)
+    ref_out.backward(dout)
+
+    idx = local_token_indices(L, rank, world, layout)
+    local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]
+    with lss_plugin.record_collectives() as rec:
+        out = lss_plugin.lss_attention(*local, causal=causal, layout=layout, kv_backward=kv_backward,
+                                       kv_head_chunk=head_chunk, softmax_scale=scale)
+        out.backward(dout[:, idx])
+    errors = {
+        "out": (out - ref_out[:, idx]).abs().max().item() / ref_out.abs().max().item(),
+        "dq": (local[0].grad - ref_in[0].grad[:, idx]).abs().max().item() / ref_in[0].grad.abs().max().item(),
+        "dk": (local[1].grad - ref_in[1].grad[:, idx]).abs().max().item() / ref_in[1].grad.abs().max().item(),
+        "dv": (local[2].grad - ref_in[2].grad[:, idx]).abs().max().item() / ref_in[2].grad.abs().max().item(),
+    }
+    calls = {name: rec.calls[name] for name in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+    nbytes = {name: rec.bytes[name] for name in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+    return errors, calls, nbytes
+
+
+CASES = list(itertools.product(
+    (True, False), ("contiguous", "balanced"), tuple(HEADS), ("keep", "regather"), (None, 1)
+))
+
+
+def _sweep(dtype_name):
+    dtype = getattr(torch, dtype_name)
+    lss_plugin.init_topology(dist.get_world_size())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for case in CASES:
+        results.append((case, _one_case(rank, world, *case, dtype)))
+    results.append((("scale",), _one_case(rank, world, True, "balanced", "gqa", "keep", None, dtype, scale=0.3)))
+    return results
+
+
+def _expected_comm(world, heads, kv_backward, head_chunk, itemsize):
+    h, hkv = HEADS[heads]
+    chunk = head_chunk or hkv
+    n_chunks = -(-hkv // chunk)
+    if world == 1:
+        return {"all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}, {
+            "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
+    gathers = n_chunks * (2 if kv_backward == "regather" else 1)
+    per_call = 2 * B * L * chunk * D * itemsize  # packed [k; v] for all L positions
+    return ({"all_gather_into_tensor": gathers, "reduce_scatter_tensor": n_chunks},
+            {"all_gather_into_tensor": gathers * per_call, "reduce_scatter_tensor": n_chunks * per_call})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_float64_exact_against_single_process(world):
+    per_rank = run_ranks(_sweep, world, "float64")
+    for rank_results in per_rank:
+        for case, (errors, calls, nbytes) in rank_results:
+            assert max(errors.values()) < 1e-10, (case, errors)
+            if len(case) == 5:
+                exp_calls, exp_bytes = _expected_comm(world, case[2], case[3], case[4], itemsize=8)
+                assert calls == exp_calls, (case, calls)
+                assert nbytes == exp_bytes, (case, nbytes)
+
+
+def test_float32_within_1e5_relative():
+    for rank_results in run_ranks(_sweep, 3, "float32"):
+        for case, (errors, _, _) in rank_results:
+            assert max(errors.values()) < 1e-5, (case, errors)
+
+
+def _math_kernel_sweep():
+    assert os.environ["LSS_ATTENTION_KERNEL"] == "math"
+    return _sweep("float64")
+
+
+def test_math_kernel_matches_reference():
+    """The device-agnostic kernel (used off-CPU) is exact too."""
+    for rank_results in run_ranks(_math_kernel_sweep, 2, env={"LSS_ATTENTION_KERNEL": "math"}):
+        for case, (errors, _, _) in rank_results:
+            assert max(errors.values()) < 1e-10, (case, errors)
