@@ -1,0 +1,215 @@
+"""Build a megatron-core GPTModel (+ DistributedDataParallel) for LSS or Megatron's TP+SP baseline,
+and move its state between the TP-sharded parameters and a full, layout-independent state dict.
+
+The full state dict is what checkpoints hold: LSS parameters are replicated over SP x DP, and
+tensor-parallel shards are gathered along their ``partition_dim``, so a checkpoint written by any
+run (LSS SP=4, SP=2 x DP=2, TP=2, one rank) loads into any other with the same model shape.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+VOCAB_SIZE = 256  # byte-level, as enwik8 models are
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """What a checkpoint must agree on (the manifest's "model" section)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    position_embedding_type: str
+    normalization: str
+    swiglu: bool
+    add_bias_linear: bool
+    untie_embeddings_and_output_weights: bool
+    vocab_size: int = VOCAB_SIZE
+
+    @classmethod
+    def from_args(cls, args) -> "GPTShape":
+        return cls(
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups or args.num_attention_heads,
+            ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+            max_position_embeddings=args.max_position_embeddings or args.seq_length,
+            position_embedding_type=args.position_embedding_type,
+            normalization=args.normalization,
+            swiglu=bool(args.swiglu),
+            add_bias_linear=not args.disable_bias_linear,
+            untie_embeddings_and_output_weights=bool(args.untie_embeddings_and_output_weights),
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_gpt_model(args, shape: GPTShape):
+    """A megatron-core GPTModel wrapped in megatron-core DDP, on the default device.
+
+    Call after ``parallel_state`` is initialised and ``model_parallel_cuda_manual_seed(seed)``:
+    weights are initialised on the CPU from one full master tensor each
+    (``use_cpu_initialization``), so every TP/SP/DP layout starts from the same numbers.
+    """
+    import torch.nn.functional as F
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lss_plugin.megatron.parallel import lss_transformer_config_kwargs
+    from lss_plugin.megatron.rope import use_lss_rotary_embedding
+    from lss_plugin.megatron.spec import get_gpt_layer_lss_spec_from_args
+
+    lss = bool(args.lss_sequence_parallel)
+    tp = args.tensor_model_parallel_size
+    config_kwargs = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        normalization=shape.normalization,
+        gated_linear_unit=shape.swiglu,
+        activation_func=F.silu if shape.swiglu else F.gelu,
+        add_bias_linear=shape.add_bias_linear,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=bool(args.sequence_parallel and tp > 1),
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        # Loss sums and a global token count, for LSS and the baseline alike (see parallel.py).
+        calculate_per_token_loss=True,
+    )
+    if lss:
+        config_kwargs.update(lss_transformer_config_kwargs(args.lss_sequence_parallel_size))
+    config = TransformerConfig(**config_kwargs)
+    spec = get_gpt_layer_lss_spec_from_args(args) if lss else get_gpt_layer_local_spec(
+        normalization=shape.normalization)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings,
+        position_embedding_type=shape.position_embedding_type,
+        share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+    )
+    if lss:
+        use_lss_rotary_embedding(model, args.lss_layout)
+    from lss_plugin.runtime import default_device
+
+    model.to(default_device())
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+# --------------------------------------------------------------------------------------------
+# Full (TP-gathered) state
+
+def _tp_group_and_size():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group(), \
+        parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _is_tp_sharded(param) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False)) and getattr(param, "partition_dim", -1) >= 0
+
+
+def gather_tp(tensor: torch.Tensor, param) -> torch.Tensor:
+    """The full tensor of a TP-sharded ``param`` (or ``tensor`` itself if not sharded)."""
+    group, size = _tp_group_and_size()
+    if size == 1 or not _is_tp_sharded(param):
+        return tensor
+    if getattr(param, "partition_stride", 1) != 1:
+        raise NotImplementedError("strided tensor-parallel partitions are not supported")
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def shard_tp(full: torch.Tensor, param) -> torch.Tensor:
+    """This TP rank's shard of a full tensor for ``param`` (the inverse of ``gather_tp``)."""
+    from megatron.core import parallel_state
+
+    group, size = _tp_group_and_size()
+    if size == 1 or not _is_tp_sharded(param):
+        return full
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return full.chunk(size, dim=param.partition_dim)[rank]
+
+
+def named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, param)`` of the unwrapped GPTModel, in a fixed order."""
+    module = getattr(model, "module", model)
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def full_model_state(model) -> dict:
+    """Every parameter, TP-gathered, keyed by its GPTModel name (collective over TP)."""
+    return {name: gather_tp(p.detach(), p).cpu().clone() for name, p in named_trainable(model)}
+
+
+def load_full_model_state(model, state: dict) -> None:
+    params = dict(named_trainable(model))
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"model state does not fit this model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, p in params.items():
+            shard = shard_tp(state[name], p)
+            if shard.shape != p.shape:
+                raise ValueError(f"{name}: checkpoint shard {tuple(shard.shape)} != parameter {tuple(p.shape)}")
+            p.copy_(shard.to(p.device, p.dtype))
+
+
+def full_optimizer_state(model, optimizer: torch.optim.Optimizer) -> dict:
+    """Per-parameter optimizer state keyed by parameter name, TP-gathered (collective over TP)."""
+    per_param = {}
+    for name, p in named_trainable(model):
+        state = optimizer.state.get(p, {})
+        per_param[name] = {
+            k: (gather_tp(v, p).cpu().clone() if torch.is_tensor(v) and v.dim() > 0 else
+                (v.cpu().clone() if torch.is_tensor(v) else v))
+            for k, v in state.items()
+        }
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"per_param": per_param, "param_groups": groups}
+
+
+def load_full_optimizer_state(model, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    params = dict(named_trainable(model))
+    for name, state in saved["per_param"].items():
+        if name not in params:
+            raise ValueError(f"optimizer state for unknown parameter {name!r}")
+        p = params[name]
+        optimizer.state[p] = {
+            k: (shard_tp(v, p).to(p.device).clone() if torch.is_tensor(v) and v.dim() > 0 else v)
+            for k, v in state.items()
+        }
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint "
+                         f"{len(saved['param_groups'])}")
+    for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update(hyper)
+
+
+def grad_of(model, name: str) -> torch.Tensor:
+    """The reduced gradient (``main_grad``) of parameter ``name``, TP-gathered."""
+    p = dict(named_trainable(model))[name]
+    return gather_tp(p.main_grad.detach(), p).cpu().clone()

@@ -1,0 +1,443 @@
+"""Byte-level GPT pre-training with megatron-core: LSS sequence parallelism or Megatron's TP+SP.
+
+The engine of ``examples/pretrain_gpt_lss.py``: Megatron-LM flag names, a megatron-core
+``GPTModel`` in megatron-core ``DistributedDataParallel``, and a torch AdamW on
+``param.main_grad`` (``get_megatron_optimizer`` needs CUDA). Every rank draws the same global
+batch from ``(seed, iteration)`` and keeps its rows (DP) and tokens (LSS), so a run is a function
+of its flags, whatever the parallel layout: an LSS or TP run reproduces the 1-rank losses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+
+
+class _ArgFileParser(argparse.ArgumentParser):
+    """Reads ``@file`` arguments as whitespace-separated flags, ``#`` starting a comment."""
+
+    def convert_arg_line_to_args(self, arg_line: str):
+        return arg_line.split("#", 1)[0].split()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _ArgFileParser(
+        description="Byte-level GPT pre-training on megatron-core, with LSS or Megatron TP+SP.",
+        fromfile_prefix_chars="@",
+    )
+    g = p.add_argument_group("model (Megatron-LM names)")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"),
+                   default="learned_absolute")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro-batch-size x data-parallel size")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism (with tensor parallelism)")
+    g.add_argument("--timeout-s", type=float, default=None,
+                   help="process-group timeout in seconds (a stuck collective fails, not hangs)")
+
+    g = p.add_argument_group("data, evaluation, checkpoints, logging")
+    g.add_argument("--data-path", default=None,
+                   help="a byte file such as enwik8 (default: the bundled Wikipedia excerpt)")
+    g.add_argument("--eval-interval", type=int, default=0, help="0: no evaluation during training")
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--metrics-file", default=None, help="JSON line per iteration (rank 0 writes)")
+    add_lss_args(p)
+    return p
+
+
+def parse_args(argv=None, world_size: Optional[int] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    return validate_args(args, world_size)
+
+
+def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+    """All checks that need no process group; raise ValueError naming the values."""
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    args.world_size = world_size
+    validate_lss_args(args, world_size=world_size)
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"--tensor-model-parallel-size {tp} does not divide world_size({world_size})")
+    sp = args.lss_sequence_parallel_size if args.lss_sequence_parallel else 1
+    args.data_parallel_size = world_size // (tp * sp)
+    if args.sequence_parallel and tp > 1 and args.seq_length % tp:
+        raise ValueError(f"--seq-length {args.seq_length} is not divisible by "
+                         f"--tensor-model-parallel-size {tp} (needed by --sequence-parallel)")
+    if args.num_attention_heads % tp:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    groups = args.num_query_groups or args.num_attention_heads
+    if args.num_attention_heads % groups or groups % tp:
+        raise ValueError(f"--num-query-groups {groups} must divide --num-attention-heads "
+                         f"{args.num_attention_heads} and be divisible by TP {tp}")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.max_position_embeddings < args.seq_length:
+        raise ValueError(f"--max-position-embeddings {args.max_position_embeddings} < "
+                         f"--seq-length {args.seq_length}")
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size("
+            f"{args.micro_batch_size}) * data-parallel size({args.data_parallel_size}) = {per_step}")
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.load is None and args.save is not None and os.path.isdir(args.save):
+        pass  # a fresh run into an existing directory is allowed; --load picks up explicitly
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+
+
+def setup_parallel(args):
+    """Initialise megatron-core parallel state (LSS as the CP group, or TP) and the RNG."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from lss_plugin.megatron.cpu_shim import apply_cpu_shim
+    from lss_plugin.runtime import init_distributed
+
+    apply_cpu_shim()
+    init_distributed(timeout_s=args.timeout_s)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if args.lss_sequence_parallel:
+        from lss_plugin.megatron.parallel import initialize_lss_model_parallel
+
+        initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s)
+    else:
+        kwargs = {"create_gloo_process_groups": dist.get_backend() != "gloo"}
+        if args.timeout_s is not None:
+            kwargs["distributed_timeout_minutes"] = max(1, math.ceil(args.timeout_s / 60))
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size, **kwargs)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+
+
+def build_optimizer(model, args) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (Megatron's default grouping)."""
+    from lss_plugin.megatron.model import named_trainable
+
+    decay, no_decay = [], []
+    for name, p in named_trainable(model):
+        (no_decay if p.dim() == 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+        foreach=False,
+    )
+
+
+def lr_at(args, iteration: int) -> float:
+    """Constant learning rate after a linear warm-up over ``--lr-warmup-iters``."""
+    if args.lr_warmup_iters and iteration <= args.lr_warmup_iters:
+        return args.lr * iteration / args.lr_warmup_iters
+    return args.lr
+
+
+# --------------------------------------------------------------------------------------------
+# One step
+
+
+def _rank_rows(global_batch: torch.Tensor, args) -> torch.Tensor:
+    """This DP rank's rows of the global batch ``[G, L+1]`` -> ``[G/D, L+1]``."""
+    from megatron.core import parallel_state
+
+    d, D = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    rows = global_batch.shape[0] // D
+    return global_batch[d * rows:(d + 1) * rows]
+
+
+def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
+    """tokens/labels/loss_mask/position_ids for this rank from windows ``[b, L+1]``.
+
+    Under LSS each tensor keeps this rank's ``L/N`` tokens in the chosen layout; with Megatron's
+    TP+SP every TP rank keeps the whole sequence (its embedding scatters it).
+    """
+    from lss_plugin.megatron.batch import get_batch_on_this_lss_rank
+    from lss_plugin.runtime import default_device
+
+    tokens, labels = window[:, :-1], window[:, 1:]  # [b, L]
+    loss_mask = (loss_mask_fn(tokens, labels) if loss_mask_fn else torch.ones_like(labels)).float()
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    if args.lss_sequence_parallel:
+        batch = get_batch_on_this_lss_rank(batch, args.lss_layout)  # [b, L/N] each
+    device = default_device()
+    return {k: v.contiguous().to(device) for k, v in batch.items()}
+
+
+def _forward_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s]
+    mask = batch["loss_mask"]
+    return (per_token.float() * mask).sum(), mask.sum()
+
+
+def global_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the DP x CP group (TP ranks hold identical loss sums)."""
+    from megatron.core import parallel_state
+
+    values = values.detach().clone()
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return values
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Global L2 norm of the reduced grads (TP-aware), clipped to ``max_norm`` if > 0."""
+    from megatron.core import parallel_state
+
+    from lss_plugin.megatron.model import named_trainable
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    grads, sq = [], torch.zeros((), dtype=torch.float32)
+    for _, p in named_trainable(model):
+        grads.append(p.main_grad)
+        # TP-sharded grads are disjoint; replicated ones are counted once (on TP rank 0).
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            sq = sq + p.main_grad.detach().float().pow(2).sum().cpu()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+    norm = float(sq.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return norm
+
+
+def train_step(model, optimizer, args, iteration: int, train_tokens, loss_mask_fn=None,
+               probe_params=()) -> dict:
+    """One iteration over the global batch; returns the global token-mean loss and probes."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from lss_plugin.data import sample_batch
+    from lss_plugin.megatron.model import grad_of, named_trainable
+
+    model.train()
+    model.zero_grad_buffer()
+    optimizer.zero_grad(set_to_none=True)
+    window = _rank_rows(sample_batch(train_tokens, args.global_batch_size, args.seq_length,
+                                     step=iteration, seed=args.seed), args)
+    loss_sum = torch.zeros(())
+    num_tokens = torch.zeros(())
+    for mb in window.split(args.micro_batch_size):
+        batch = local_microbatch(mb, args, loss_mask_fn)
+        local_sum, local_count = _forward_loss_sum(model, batch)
+        local_sum.backward()  # grads of this rank's loss *sum*; normalised globally below
+        loss_sum += local_sum.detach().cpu()
+        num_tokens += local_count.cpu()
+    # DP x CP all-reduce of grads (megatron DDP), TP all-reduce of sequence-parallel norms, then
+    # division by the global number of loss tokens (all-reduced over DP x CP in there).
+    finalize_model_grads([model], num_tokens=num_tokens.to(torch.float32).clone())
+    probes = {name: grad_of(model, name) for name in probe_params}
+    grad_norm = clip_grad_norm(model, args.clip_grad)
+    lr = lr_at(args, iteration)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for _, p in named_trainable(model):
+        p.grad = p.main_grad.to(p.dtype)
+    optimizer.step()
+    totals = global_sum(torch.stack([loss_sum, num_tokens]))
+    return {"loss": float(totals[0] / totals[1]), "num_tokens": int(totals[1]),
+            "grad_norm": grad_norm, "lr": lr, "probes": probes}
+
+
+@torch.no_grad()
+def evaluate(model, args, valid_tokens) -> dict:
+    """Validation loss and bits per character over ``--eval-iters`` batches, exact across ranks."""
+    from lss_plugin.data import bits_per_character, eval_batches
+
+    model.eval()
+    totals = torch.zeros(2)
+    for window in eval_batches(valid_tokens, args.global_batch_size, args.seq_length, args.eval_iters):
+        for mb in _rank_rows(window, args).split(args.micro_batch_size):
+            s, n = _forward_loss_sum(model, local_microbatch(mb, args))
+            totals += torch.stack([s.cpu(), n.cpu()])
+    totals = global_sum(totals)
+    model.train()
+    if totals[1] == 0:
+        raise ValueError(f"the validation split is too small for one batch of "
+                         f"{args.global_batch_size} x {args.seq_length}")
+    return {"val_loss": float(totals[0] / totals[1]),
+            "val_bpc": bits_per_character(float(totals[0]), int(totals[1])),
+            "val_tokens": int(totals[1])}
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _manifest(args, shape, splits) -> dict:
+    return {
+        "model": shape.as_dict(),
+        "topology": {"world_size": args.world_size, "tp": args.tensor_model_parallel_size,
+                     "lss_sp": args.lss_sequence_parallel_size if args.lss_sequence_parallel else 1,
+                     "dp": args.data_parallel_size,
+                     "lss_layout": args.lss_layout if args.lss_sequence_parallel else None},
+        "data": {"source": os.path.basename(str(splits.source)), "sha256": splits.sha256},
+    }
+
+
+def save(model, optimizer, args, shape, splits, iteration: int) -> str:
+    from lss_plugin.checkpoint import save_checkpoint
+    from lss_plugin.megatron.model import full_model_state, full_optimizer_state
+
+    state = {  # gathered on every TP rank (collective); rank 0 writes
+        "model": full_model_state(model),
+        "optimizer": full_optimizer_state(model, optimizer),
+        "iteration": iteration,
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    return save_checkpoint(args.save, iteration, state, _manifest(args, shape, splits))
+
+
+def load(model, optimizer, args, shape, splits) -> int:
+    """Restore from ``--load``; returns the iteration to continue after (0 if none there)."""
+    from lss_plugin.checkpoint import has_checkpoint, load_checkpoint
+    from lss_plugin.megatron.model import load_full_model_state, load_full_optimizer_state
+
+    if not has_checkpoint(args.load):
+        _log(f"no checkpoint in {args.load}: starting from scratch")
+        return 0
+    iteration, state, _ = load_checkpoint(args.load, expected_manifest=_manifest(args, shape, splits))
+    load_full_model_state(model, state["model"])
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    _log(f"loaded checkpoint iteration {iteration} from {args.load}")
+    return int(iteration)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _log(msg: str) -> None:
+    if _is_rank0():
+        print(msg, flush=True)
+
+
+def describe(args) -> str:
+    if args.lss_sequence_parallel:
+        return (f"LSS sp={args.lss_sequence_parallel_size} x dp={args.data_parallel_size} "
+                f"layout={args.lss_layout} kv_backward={args.lss_kv_backward}")
+    tp = args.tensor_model_parallel_size
+    return f"Megatron tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''} x dp={args.data_parallel_size}"
+
+
+def train(args, loss_mask_fn: Optional[Callable] = None, probe_params=(), splits=None) -> list[dict]:
+    """Run ``--train-iters`` iterations; returns one record per iteration (and eval records).
+
+    ``loss_mask_fn(tokens, labels) -> mask [b, L]`` (global positions) lets a caller drop tokens
+    from the loss; ``probe_params`` names parameters whose reduced gradient each record keeps.
+    """
+    from lss_plugin.data import load_byte_splits
+    from lss_plugin.megatron.model import GPTShape, build_gpt_model
+
+    setup_parallel(args)
+    shape = GPTShape.from_args(args)
+    splits = splits if splits is not None else load_byte_splits(args.data_path)
+    model = build_gpt_model(args, shape)
+    optimizer = build_optimizer(model, args)
+    start = load(model, optimizer, args, shape, splits) if args.load else 0
+    _log(f"pretrain_gpt_lss: {describe(args)} | {shape.num_layers} layers, hidden "
+         f"{shape.hidden_size}, seq {args.seq_length}, global batch {args.global_batch_size} | "
+         f"data {splits.source}")
+    metrics = open(args.metrics_file, "a") if args.metrics_file and _is_rank0() else None
+    records = []
+    tokens_per_iter = args.global_batch_size * args.seq_length
+    try:
+        for iteration in range(start + 1, args.train_iters + 1):
+            t0 = time.perf_counter()
+            out = train_step(model, optimizer, args, iteration, splits.train, loss_mask_fn, probe_params)
+            elapsed = time.perf_counter() - t0
+            record = {"iteration": iteration, "loss": out["loss"], "num_tokens": out["num_tokens"],
+                      "grad_norm": out["grad_norm"], "lr": out["lr"],
+                      "tokens_per_s": tokens_per_iter / elapsed, "ms_per_iter": 1000.0 * elapsed,
+                      "mode": describe(args)}
+            if not math.isfinite(out["loss"]):
+                raise FloatingPointError(f"loss is {out['loss']} at iteration {iteration}")
+            if args.eval_interval and (iteration % args.eval_interval == 0 or iteration == args.train_iters):
+                record.update(evaluate(model, args, splits.valid))
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if iteration % max(1, args.log_interval) == 0 or iteration == args.train_iters:
+                extra = f" | val bpc {record['val_bpc']:.4f}" if "val_bpc" in record else ""
+                _log(f"iter {iteration:6d}/{args.train_iters} | loss {out['loss']:.5f} | "
+                     f"{record['tokens_per_s']:9.1f} tokens/s | {record['ms_per_iter']:8.1f} ms/iter | "
+                     f"grad norm {out['grad_norm']:.3f}{extra}")
+            record["probes"] = out["probes"]
+            records.append(record)
+            if args.save and args.save_interval and (
+                    iteration % args.save_interval == 0 or iteration == args.train_iters):
+                save(model, optimizer, args, shape, splits, iteration)
+    finally:
+        if metrics:
+            metrics.close()
+    return records
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as err:
+        print(f"pretrain_gpt_lss: error: {err}", file=sys.stderr)
+        return 2
+    train(args)
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
