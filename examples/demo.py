@@ -55,17 +55,17 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: MHA)")
-    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
-    p.add_argument("--train-iters", type=int, default=60)
+    p.add_argument("--train-iters", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--position-embedding-type", default="learned_absolute", choices=("learned_absolute", "rope"))
     p.add_argument("--lss-layout", default="contiguous", choices=("contiguous", "balanced"))
-    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--eval-interval", type=int, default=None,
-                   help="default: a quarter of --train-iters (4 evaluations, the last at the end)")
+                   help="default: a fifth of --train-iters (5 evaluations, the last at the end)")
     p.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
     p.add_argument("--skip-baseline", action="store_true", help="train only the LSS run")
     p.add_argument("--save-interval", type=int, default=None,
@@ -95,7 +95,7 @@ def _fill_defaults(args):
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp
     if args.eval_interval is None:
-        args.eval_interval = max(1, args.train_iters // 4)
+        args.eval_interval = max(1, args.train_iters // 5)
     if args.save_interval is None:
         args.save_interval = args.train_iters
     args.devices = f"{gpus} GPU(s)" if gpus else "CPU"
