@@ -144,7 +144,11 @@ def torchrun_command(nproc: int, script_args: list[str]) -> list[str]:
 
 
 class RSSWatcher(threading.Thread):
-    """Peak resident memory of each rank process under torchrun (a fallback for the metrics)."""
+    """Peak resident memory of each rank process under torchrun, sampled every ``interval_s``.
+
+    On Linux it reads the kernel's high-water mark (VmHWM), which is the true peak up to the last
+    sample; elsewhere the current RSS, so short spikes between samples can be missed.
+    """
 
     def __init__(self, launcher_pid: int, interval_s: float = 0.5):
         super().__init__(daemon=True)
@@ -169,15 +173,26 @@ class RSSWatcher(threading.Thread):
             for child in children:
                 try:
                     rank = int(child.environ().get("RANK", "-1"))
-                    rss = child.memory_info().rss / 2**20
+                    mb = _high_water_mark_mb(child.pid) or child.memory_info().rss / 2**20
                 except (psutil.Error, ValueError):
                     continue
                 if rank >= 0:
-                    self.peak_mb[rank] = max(self.peak_mb.get(rank, 0.0), rss)
+                    self.peak_mb[rank] = max(self.peak_mb.get(rank, 0.0), mb)
 
     def stop(self):
         self._done.set()
         self.join(timeout=5)
+
+
+def _high_water_mark_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _WARNING_HEADER = re.compile(r"^\S+:\d+: \w*Warning: ")
@@ -247,7 +262,7 @@ def summarise(records: list[dict], elapsed_s: float, polled_rss_mb: dict) -> dic
     for r in records:
         for rank, mb in enumerate(r.get("peak_rss_mb_per_rank") or []):
             rss[rank] = max(rss.get(rank, 0.0), float(mb))
-    rss_source = "metrics" if rss else "polled every 0.5 s"
+    rss_source = "metrics" if rss else "sampled by the demo every 0.5 s"
     rss = rss or polled_rss_mb
     return {
         "final_loss": train[-1]["loss"] if train else None,
@@ -343,7 +358,7 @@ def main(argv=None) -> int:
             failed.append(run)
             print(f"\n{labels[run]} failed (exit code {code}); its log: {os.path.join(args.output_dir, run + '.log')}",
                   file=sys.stderr, flush=True)
-            continue
+            break  # the comparison needs both; report what finished
         summaries[run] = summarise(read_metrics(metrics_path), elapsed, polled_rss)
 
     if summaries:

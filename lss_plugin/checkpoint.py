@@ -20,7 +20,6 @@ manifest for information, not compared.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -356,7 +355,9 @@ def _load_verified(path: str, name: str, manifest: dict, map_location, weights_o
 
 
 def has_checkpoint(directory: str | None) -> bool:
-    """True when ``directory`` has a ``latest`` pointer (a save has completed there)."""
-    with contextlib.suppress(CheckpointError):
-        return bool(directory) and latest_checkpoint(directory) is not None
-    return False
+    """True when ``directory`` has a ``latest`` pointer, i.e. a save has completed there.
+
+    A ``latest`` that is unreadable or names a broken checkpoint still counts: loading it then
+    raises CheckpointError, rather than a run silently starting from scratch over it.
+    """
+    return bool(directory) and os.path.isfile(os.path.join(directory, LATEST_FILE))

@@ -165,8 +165,10 @@ def _is_verified(path: str) -> bool:
 def _fetch_gensim_text(cache_dir: str) -> bytes:
     """``pip download`` the wheel into a scratch dir, return the verified decompressed member."""
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as scratch:
+        # Few retries and a short timeout: an unreachable index should fail in a minute, not ten.
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--quiet", "--dest", scratch, *GENSIM_WHEEL_PLATFORM, GENSIM_REQUIREMENT]
+                   "--quiet", "--retries", "2", "--timeout", "20", "--dest", scratch,
+                   *GENSIM_WHEEL_PLATFORM, GENSIM_REQUIREMENT]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -205,8 +207,15 @@ def _unavailable(what: str) -> DataUnavailableError:
 @contextlib.contextmanager
 def _cache_lock(cache_dir: str):
     """An exclusive lock across processes (ranks, parallel tests) on the cache directory."""
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(os.path.join(cache_dir, ".lock"), "a") as handle:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        handle = open(os.path.join(cache_dir, ".lock"), "a")
+    except OSError as exc:
+        raise DataUnavailableError(
+            f"cannot write to the data cache {cache_dir!r} ({exc}); set LSS_CACHE_DIR to a writable "
+            "directory or pass --data-path"
+        ) from exc
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -159,6 +159,14 @@ def test_missing_checkpoints_are_reported(tmp_path):
     assert has_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match=r"no checkpoint for iteration 7 .* \(found \[1\]\)"):
         load_checkpoint(str(tmp_path), iteration=7)
+    # A damaged pointer is an error to report, not "no checkpoint, start from scratch".
+    (tmp_path / LATEST_FILE).write_text("iter_00")
+    assert has_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="holds 'iter_00', not a checkpoint name"):
+        load_checkpoint(str(tmp_path))
+    (tmp_path / LATEST_FILE).write_text("iter_0000009\n")
+    with pytest.raises(CheckpointError, match="points at 'iter_0000009', which does not exist"):
+        load_checkpoint(str(tmp_path))
 
 
 def test_incompatible_model_is_refused_with_the_differences(tmp_path):
