@@ -33,7 +33,7 @@ DEMO_ARGV = [
 ]
 FLOAT32_RTOL = 1e-5
 
-pytestmark = pytest.mark.skipif(
+needs_megatron = pytest.mark.skipif(
     importlib.util.find_spec("megatron") is None, reason="needs megatron-core (pip install .[megatron])"
 )
 
@@ -86,6 +86,7 @@ def _checkpoint_at(demo_dir, iteration, tmp_path):
     return target
 
 
+@needs_megatron
 def test_demo_trains_lss_and_the_baseline_to_the_same_losses(demo_run):
     out, stdout = demo_run
     lss, base = _metrics(out / "lss_metrics.jsonl"), _metrics(out / "baseline_metrics.jsonl")
@@ -112,6 +113,7 @@ def test_demo_trains_lss_and_the_baseline_to_the_same_losses(demo_run):
     assert manifest["model"]["hidden_size"] == 32
 
 
+@needs_megatron
 def test_resume_gives_the_same_losses_as_the_uninterrupted_run(demo_run, tmp_path):
     out, _ = demo_run
     reference = _metrics(out / "lss_metrics.jsonl")
@@ -123,6 +125,7 @@ def test_resume_gives_the_same_losses_as_the_uninterrupted_run(demo_run, tmp_pat
     assert resumed[ITERS]["val_bpc"] == reference[ITERS]["val_bpc"]
 
 
+@needs_megatron
 def test_a_checkpoint_written_with_sp2_resumes_with_sp1_dp2(demo_run, tmp_path):
     out, _ = demo_run
     reference = _metrics(out / "lss_metrics.jsonl")
@@ -154,6 +157,7 @@ def _evaluate_checkpoint(argv_cases: list[list[str]], checkpoint_dir: str) -> li
     return results
 
 
+@needs_megatron
 def test_bits_per_character_on_two_ranks_equal_the_one_rank_evaluation(demo_run):
     out, _ = demo_run
     demo = _load_demo_module()
@@ -171,3 +175,23 @@ def test_bits_per_character_on_two_ranks_equal_the_one_rank_evaluation(demo_run)
             assert result["val_bpc"] == pytest.approx(single["val_bpc"], rel=FLOAT32_RTOL)
     # And the training run's own evaluation at the end saw the same weights.
     assert _metrics(out / "lss_metrics.jsonl")[ITERS]["val_bpc"] == pytest.approx(single["val_bpc"], rel=FLOAT32_RTOL)
+
+
+def test_demo_refuses_sizes_that_do_not_divide_before_launching():
+    demo = _load_demo_module()
+    with pytest.raises(SystemExit, match="--sp-size 3 must divide --nproc 4"):
+        demo.parse_args(["--nproc", "4", "--sp-size", "3"])
+    with pytest.raises(SystemExit, match="--tp-size 4 must divide --nproc 2"):
+        demo.parse_args(["--nproc", "2", "--tp-size", "4"])
+
+
+def test_demo_reports_a_failed_run_and_stops(tmp_path):
+    # 66 tokens do not split into 2N = 4 balanced chunks: the training script refuses on every rank.
+    result = subprocess.run(
+        [sys.executable, DEMO, *DEMO_ARGV, "--seq-length", "66", "--lss-layout", "balanced",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT)
+    assert result.returncode == 1
+    assert "--seq-length 66 is not divisible by 4" in result.stdout
+    assert "LSS SP=2 x DP=1 failed" in result.stderr and "lss.log" in result.stderr
+    assert not (tmp_path / "baseline.log").exists()  # no point in the baseline after a failure
