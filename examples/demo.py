@@ -20,6 +20,7 @@ through to both training runs unchanged (e.g. --lss-kv-backward regather).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -324,6 +325,10 @@ def main(argv=None) -> int:
     if not os.path.exists(TRAIN_SCRIPT):
         print(f"error: the training script {TRAIN_SCRIPT} is missing", file=sys.stderr)
         return 2
+    if importlib.util.find_spec("megatron") is None:
+        print("error: megatron-core is not installed in this Python; run `make demo` (it sets up "
+              "the venv) or `pip install -e '.[megatron,bench]'`", file=sys.stderr)
+        return 2
     from lss_plugin.data import DataUnavailableError, load_byte_splits
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -370,7 +375,10 @@ def main(argv=None) -> int:
                 gap = max(abs(lss[i] - base[i]) for i in common)
                 print(f"largest |loss(LSS) - loss(baseline)| over {len(common)} logged iterations: {gap:.2e}")
         png = os.path.join(args.output_dir, "loss_curve.png")
-        plot_curves(summaries, labels, png)
+        if importlib.util.find_spec("matplotlib") is None:
+            png = "no loss-curve PNG (pip install matplotlib)"
+        else:
+            plot_curves(summaries, labels, png)
         summary_path = os.path.join(args.output_dir, "summary.json")
         with open(summary_path, "w") as f:
             json.dump({"data": {"source": splits.source, "sha256": splits.sha256, "bytes": splits.num_bytes},

@@ -74,8 +74,9 @@ def save_checkpoint(
     # Validate locally, before any collective, so a bad call fails on every rank alike.
     if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative integer, got {iteration!r}")
-    if not isinstance(state, dict):
-        raise ValueError(f"state must be a dict, got {type(state).__name__}")
+    for name, value in (("state", state), ("manifest", manifest)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
     clash = sorted(set(manifest) & set(_RESERVED_MANIFEST_KEYS))
     if clash:
         raise ValueError(f"manifest keys {clash} are reserved (set by save_checkpoint itself)")
@@ -103,7 +104,7 @@ def save_checkpoint(
     _run_agreed(on_rank0_prepare if rank == 0 else None, "writing the replicated state", tmp, distributed, group)
     if rank_state is not None:
         _run_agreed(lambda: _write_file(os.path.join(tmp, rank_file(rank)), lambda f: torch.save(rank_state, f)),
-                    f"writing per-rank state", tmp, distributed, group)
+                    "writing per-rank state", tmp, distributed, group)
 
     final = os.path.join(directory, checkpoint_name(iteration))
 
