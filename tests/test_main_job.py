@@ -139,6 +139,19 @@ def test_a_checkpoint_written_with_sp2_resumes_with_sp1_dp2(demo_run, tmp_path):
     assert resumed[ITERS]["val_bpc"] == pytest.approx(reference[ITERS]["val_bpc"], rel=FLOAT32_RTOL)
 
 
+@needs_megatron
+def test_the_training_script_refuses_a_checkpoint_of_another_model(demo_run, tmp_path):
+    out, _ = demo_run
+    demo = _load_demo_module()
+    args, _ = demo.parse_args(DEMO_ARGV + ["--output-dir", str(tmp_path)])
+    command = demo.torchrun_command(2, demo.common_flags(args) + [
+        "--hidden-size", "64", "--lss-sequence-parallel", "--load", str(out / "checkpoints" / "lss")])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+    assert result.returncode != 0
+    assert "model.hidden_size: checkpoint has 32, this run has 64" in result.stdout + result.stderr
+    assert (out / "checkpoints" / "lss" / "latest").read_text().strip() == f"iter_{ITERS:07d}"  # untouched
+
+
 def _evaluate_checkpoint(argv_cases: list[list[str]], checkpoint_dir: str) -> list[dict]:
     """In each rank: the training script's own evaluation of the checkpoint's weights, per case."""
     from lss_plugin.data import load_byte_splits
