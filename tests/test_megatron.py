@@ -1,0 +1,324 @@
+"""megatron-core adapter, end to end: a real GPTModel in megatron-core DDP, on CPU/gloo.
+
+Reference = the same script on 1 rank. Every parallel run (LSS SP=2, SP=4, SP=2 x DP=2, both
+layouts, learned and RoPE positions; Megatron TP=2 + SP) must give the 1-rank per-iteration losses
+within 1e-5 relative (float32) and, after DDP's reduction, the 1-rank gradient of a parameter.
+Half the cases drop tokens from the loss with a mask that leaves ranks with different token
+counts: a mean of per-rank means (Megatron's default reduction) would be wrong there.
+Checkpoints written by SP=4 and TP=2 runs resume on SP=2 and on 1 rank, continuing the losses
+of an uninterrupted run. Runs are batched into three spawns (4, 2, 1 ranks) to keep wall time low.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+from tests.distributed import run_ranks
+
+LOSS_RTOL = 1e-5  # float32, relative, per iteration
+GRAD_RTOL = 1e-5  # float32: max |g - g_ref| relative to max |g_ref|
+ITERS = 5
+RESUME_ITERS = 7  # checkpoints are written at ITERS and resumed to RESUME_ITERS
+
+BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--lr", "3e-3", "--seed", "7", "--timeout-s", "120",
+        "--log-interval", "1000"]
+QKV = "decoder.layers.0.self_attention.linear_qkv.weight"
+POS = "embedding.position_embeddings.weight"
+
+
+def synthetic_splits():
+    from lss_plugin.data import split_bytes
+
+    data = np.random.default_rng(0).integers(32, 127, size=48_000).astype(np.uint8)
+    return split_bytes(data, source="<synthetic>", sha256="synthetic")
+
+
+def uneven_loss_mask(tokens, labels):
+    """Drop every label divisible by 3: per-rank token counts then differ."""
+    return labels % 3 != 0
+
+
+def case(pos, masked, *extra, iters=ITERS):
+    argv = BASE + ["--position-embedding-type", pos, "--train-iters", str(iters), *extra]
+    probes = (QKV, POS) if pos == "learned_absolute" else (QKV,)
+    return {"argv": argv, "masked": masked, "probes": probes}
+
+
+def _run_cases(cases: dict, check_attention_module: bool = False) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from lss_plugin.megatron.pretrain import parse_args, train
+    from lss_plugin.topology import get_topology
+
+    splits, out = synthetic_splits(), {}
+    for name, spec in cases.items():
+        args = parse_args(spec["argv"])
+        records = train(args, loss_mask_fn=uneven_loss_mask if spec["masked"] else None,
+                        probe_params=spec["probes"], splits=splits)
+        out[name] = {
+            "iterations": [r["iteration"] for r in records],
+            "losses": [r["loss"] for r in records],
+            "tokens": [r["num_tokens"] for r in records],
+            "probes": {k: v.numpy() for k, v in records[0]["probes"].items()} if records else {},
+            "val_bpc": [r["val_bpc"] for r in records if "val_bpc" in r],
+        }
+        if args.lss_sequence_parallel:
+            topo = get_topology()
+            out[name]["groups"] = {
+                "cp": dist.get_process_group_ranks(parallel_state.get_context_parallel_group()),
+                "dp_cp": dist.get_process_group_ranks(
+                    parallel_state.get_data_parallel_group(with_context_parallel=True)),
+                "sp": topo.sp_ranks, "dp": topo.dp_ranks,
+                "sp_rank": topo.sp_rank, "cp_rank": parallel_state.get_context_parallel_rank(),
+            }
+        parallel_state.destroy_model_parallel()
+    if check_attention_module:
+        out["attention_module"] = _check_attention_refusals()
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+def _check_attention_refusals() -> str:
+    """LSSDotProductAttention refuses packed sequences and dropout with clear errors."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lss_plugin.megatron.attention import LSSDotProductAttention
+    from lss_plugin.megatron.parallel import initialize_lss_model_parallel
+
+    initialize_lss_model_parallel(1, timeout_s=60)
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                               attention_dropout=0.0, context_parallel_size=1)
+    attn = LSSDotProductAttention(config, 1, AttnMaskType.causal, "self")
+    q = torch.randn(8, 1, 2, 8)
+    with pytest.raises(NotImplementedError, match="packed_seq_params"):
+        attn(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(ValueError, match="attention dropout 0.1"):
+        LSSDotProductAttention(config, 1, AttnMaskType.causal, "self", attention_dropout=0.1)
+    with pytest.raises(ValueError, match="arbitrary"):
+        LSSDotProductAttention(config, 1, AttnMaskType.arbitrary, "self")
+    # Without CP the module is exact single-process causal attention.
+    k, v = torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8)
+    expect = torch.nn.functional.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), is_causal=True
+    ).permute(2, 0, 1, 3).reshape(8, 1, 16)
+    torch.testing.assert_close(attn(q, k, v, None), expect, rtol=1e-5, atol=1e-6)
+    return "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# The three spawns (4 ranks first: its checkpoint is resumed by the others)
+
+def cases_4(ckpt):
+    lss = ["--lss-sequence-parallel"]
+    return {
+        "sp4_contiguous_rope_masked": case("rope", True, *lss, "--lss-sequence-parallel-size", "4"),
+        "sp4_balanced_learned": case(
+            "learned_absolute", False, *lss, "--lss-layout", "balanced",
+            "--eval-interval", str(ITERS), "--eval-iters", "2",
+            "--save", ckpt["sp4"], "--save-interval", str(ITERS)),
+        "sp2xdp2_contiguous_learned_masked": case(
+            "learned_absolute", True, *lss, "--lss-sequence-parallel-size", "2"),
+        "sp2xdp2_balanced_rope_masked": case(
+            "rope", True, *lss, "--lss-sequence-parallel-size", "2", "--lss-layout", "balanced",
+            "--lss-kv-backward", "regather"),
+    }
+
+
+def cases_2(ckpt):
+    lss = ["--lss-sequence-parallel"]
+    tpsp = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    return {
+        "sp2_contiguous_learned_masked": case("learned_absolute", True, *lss),
+        "sp2_balanced_rope": case("rope", False, *lss, "--lss-layout", "balanced"),
+        "tp2sp_learned_masked": case("learned_absolute", True, *tpsp),
+        "tp2sp_rope": case("rope", False, *tpsp, "--save", ckpt["tp2"], "--save-interval", str(ITERS)),
+        # SP=4 balanced checkpoint, resumed with SP=2 contiguous.
+        "resume_sp4_on_sp2": case("learned_absolute", False, *lss, "--load", ckpt["sp4"],
+                                  iters=RESUME_ITERS),
+    }
+
+
+def cases_1(ckpt):
+    return {
+        "ref_learned": case("learned_absolute", False, "--eval-interval", str(ITERS),
+                            "--eval-iters", "2", iters=RESUME_ITERS),
+        "ref_learned_masked": case("learned_absolute", True),
+        "ref_rope": case("rope", False, iters=RESUME_ITERS),
+        "ref_rope_masked": case("rope", True),
+        "resume_sp4_on_1": case("learned_absolute", False, "--load", ckpt["sp4"], iters=RESUME_ITERS),
+        "resume_tp2_on_1": case("rope", False, "--load", ckpt["tp2"], iters=RESUME_ITERS),
+    }
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron_ckpt")
+    return {"sp4": str(root / "sp4"), "tp2": str(root / "tp2")}
+
+
+@pytest.fixture(scope="module")
+def runs4(ckpt):
+    return run_ranks(_run_cases, 4, cases_4(ckpt), timeout_s=420, pg_timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def runs2(ckpt, runs4):
+    return run_ranks(_run_cases, 2, cases_2(ckpt), timeout_s=300, pg_timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def runs1(ckpt, runs4, runs2):
+    return run_ranks(_run_cases, 1, cases_1(ckpt), check_attention_module=True,
+                     timeout_s=300, pg_timeout_s=120)[0]
+
+
+REFERENCE = {  # parallel case -> 1-rank reference case
+    "sp4_contiguous_rope_masked": "ref_rope_masked",
+    "sp4_balanced_learned": "ref_learned",
+    "sp2xdp2_contiguous_learned_masked": "ref_learned_masked",
+    "sp2xdp2_balanced_rope_masked": "ref_rope_masked",
+    "sp2_contiguous_learned_masked": "ref_learned_masked",
+    "sp2_balanced_rope": "ref_rope",
+    "tp2sp_learned_masked": "ref_learned_masked",
+    "tp2sp_rope": "ref_rope",
+}
+
+
+def _assert_losses_match(got, ref, iterations):
+    ref_by_iter = dict(zip(ref["iterations"], ref["losses"]))
+    assert got["iterations"] == list(iterations)
+    for it, loss in zip(got["iterations"], got["losses"]):
+        assert abs(loss - ref_by_iter[it]) <= LOSS_RTOL * abs(ref_by_iter[it]), (it, loss, ref_by_iter[it])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_losses_and_gradients_match_one_rank(name, runs4, runs2, runs1):
+    per_rank = runs4 if name in cases_4({"sp4": "", "tp2": ""}) else runs2
+    ref = runs1[REFERENCE[name]]
+    for rank, results in enumerate(per_rank):
+        got = results[name]
+        _assert_losses_match(got, ref, range(1, ITERS + 1))
+        assert got["tokens"] == ref["tokens"][:ITERS]
+        # Gradient after DDP's reduction (iteration 1, before any update), on every rank:
+        # LSS replicas must all hold the full, 1-rank gradient; TP ranks the gathered one.
+        for param, ref_grad in ref["probes"].items():
+            grad = got["probes"][param]
+            scale = np.abs(ref_grad).max()
+            assert np.abs(grad - ref_grad).max() <= GRAD_RTOL * scale, (rank, param)
+
+
+@pytest.mark.slow
+def test_masked_cases_have_uneven_token_counts_per_rank():
+    """The masked cases would expose a mean of per-rank means: check the counts really differ."""
+    from lss_plugin.data import sample_batch
+    from lss_plugin.sharding import local_token_indices
+
+    batch = sample_batch(synthetic_splits().train, 4, 64, step=1, seed=7)
+    mask = uneven_loss_mask(batch[:, :-1], batch[:, 1:])
+    counts = {int(mask[:, local_token_indices(64, r, 4, "contiguous")].sum()) for r in range(4)}
+    assert len(counts) > 1
+
+
+@pytest.mark.slow
+def test_lss_is_registered_as_megatron_context_parallel_group(runs4):
+    for rank, results in enumerate(runs4):
+        g = results["sp2xdp2_contiguous_learned_masked"]["groups"]
+        dp_rank, sp_rank = divmod(rank, 2)
+        assert g["cp"] == g["sp"] == [dp_rank * 2, dp_rank * 2 + 1]
+        assert g["dp"] == [sp_rank, sp_rank + 2]
+        assert g["dp_cp"] == [0, 1, 2, 3]
+        assert g["cp_rank"] == g["sp_rank"] == sp_rank
+        g4 = results["sp4_balanced_learned"]["groups"]
+        assert g4["cp"] == g4["sp"] == [0, 1, 2, 3] and g4["dp"] == [rank]
+
+
+@pytest.mark.slow
+def test_validation_bits_per_character_match_one_rank(runs4, runs1):
+    ref = runs1["ref_learned"]["val_bpc"][0]
+    for results in runs4:
+        (bpc,) = results["sp4_balanced_learned"]["val_bpc"]
+        assert abs(bpc - ref) <= LOSS_RTOL * ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,ref", [("resume_sp4_on_1", "ref_learned"),
+                                      ("resume_tp2_on_1", "ref_rope")])
+def test_checkpoint_resumes_on_one_rank(name, ref, runs1):
+    _assert_losses_match(runs1[name], runs1[ref], range(ITERS + 1, RESUME_ITERS + 1))
+
+
+@pytest.mark.slow
+def test_sp4_checkpoint_resumes_with_sp2_contiguous(runs2, runs1):
+    for results in runs2:
+        _assert_losses_match(results["resume_sp4_on_sp2"], runs1["ref_learned"],
+                             range(ITERS + 1, RESUME_ITERS + 1))
+
+
+@pytest.mark.slow
+def test_lss_attention_module_refusals_and_single_rank_exactness(runs1):
+    assert runs1["attention_module"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument validation (no processes)
+
+def _parse(argv, world_size):
+    from lss_plugin.megatron.pretrain import parse_args
+
+    return parse_args(BASE + list(argv), world_size=world_size)
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (["--lss-sequence-parallel", "--lss-sequence-parallel-size", "3"], 4,
+     r"--lss-sequence-parallel-size 3 does not divide the world: world_size\(4\)"),
+    (["--lss-sequence-parallel", "--seq-length", "60", "--lss-sequence-parallel-size", "8"], 8,
+     r"--seq-length 60 is not divisible by 8 \(N for the contiguous layout"),
+    (["--lss-sequence-parallel", "--seq-length", "68", "--lss-layout", "balanced"], 4,
+     r"--seq-length 68 is not divisible by 8 \(2N for the balanced layout"),
+    (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2"], 4,
+     r"--tensor-model-parallel-size 2 with --lss-sequence-parallel is not supported yet"),
+    (["--lss-sequence-parallel", "--lss-grad-averaging", "two_stage"], 2,
+     r"--lss-grad-averaging two_stage is not supported with megatron-core"),
+    (["--lss-sequence-parallel", "--attention-dropout", "0.1"], 2,
+     r"--attention-dropout 0.1 is not supported by LSS attention"),
+    (["--lss-sequence-parallel-size", "2"], 2, r"given without --lss-sequence-parallel"),
+    (["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--global-batch-size", "6"], 4,
+     r"--global-batch-size 6 is not divisible by micro-batch-size\(2\) \* data-parallel size\(2\) = 4"),
+    (["--tensor-model-parallel-size", "3"], 3, r"--num-attention-heads 4 is not divisible"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "65"], 2,
+     r"--seq-length 65 is not divisible by --tensor-model-parallel-size 2"),
+    (["--max-position-embeddings", "32"], 1, r"--max-position-embeddings 32 < --seq-length 64"),
+])
+def test_invalid_arguments_are_rejected_with_the_values(argv, world, message):
+    with pytest.raises(ValueError, match=message):
+        _parse(argv, world)
+
+
+def test_valid_lss_arguments_fill_in_sizes():
+    args = _parse(["--lss-sequence-parallel", "--lss-layout", "balanced"], 4)
+    assert (args.lss_sequence_parallel_size, args.data_parallel_size, args.num_microbatches) == (4, 1, 2)
+    args = _parse(["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2"], 4)
+    assert (args.lss_sequence_parallel_size, args.data_parallel_size, args.num_microbatches) == (2, 2, 1)
+
+
+def test_add_lss_args_is_a_megatron_extra_args_provider():
+    parser = argparse.ArgumentParser()
+    assert add_lss_args(parser) is parser
+    args = parser.parse_args(["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2",
+                              "--lss-layout", "balanced", "--lss-kv-backward", "regather"])
+    args.seq_length, args.tensor_model_parallel_size = 64, 1
+    validate_lss_args(args, world_size=4)
+    assert (args.lss_sequence_parallel_size, args.lss_layout, args.lss_kv_backward) == (2, "balanced", "regather")
+    with pytest.raises(ValueError, match="context-parallel-size 2 conflicts"):
+        args.context_parallel_size = 2
+        validate_lss_args(args, world_size=4)
