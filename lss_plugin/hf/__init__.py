@@ -1,0 +1,31 @@
+"""transformers integration: ``attn_implementation="lss"`` and sequence-sharded causal-LM batches.
+
+Importing this package registers the ``"lss"`` attention (contiguous layout); call
+``register_lss_attention("lss", layout="balanced", ...)`` to change its options.
+"""
+from lss_plugin.hf.attention import (
+    LSSHFOptions,
+    lss_attention_forward,
+    lss_attention_mask,
+    lss_options,
+    register_lss_attention,
+)
+from lss_plugin.hf.batch import (
+    IGNORE_INDEX,
+    LSSBatchLoader,
+    LSSCausalLMCollator,
+    ShardedBatch,
+    causal_lm_loss,
+    sequence_parallel_sampler,
+    shard_causal_lm_batch,
+    shift_labels_for_causal_lm,
+)
+from lss_plugin.hf.models import build_causal_lm, small_causal_lm_config
+
+register_lss_attention()
+
+__all__ = [
+    "IGNORE_INDEX", "LSSBatchLoader", "LSSCausalLMCollator", "LSSHFOptions", "ShardedBatch", "build_causal_lm",
+    "causal_lm_loss", "lss_attention_forward", "lss_attention_mask", "lss_options", "register_lss_attention",
+    "sequence_parallel_sampler", "shard_causal_lm_batch", "shift_labels_for_causal_lm", "small_causal_lm_config",
+]
