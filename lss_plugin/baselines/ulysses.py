@@ -22,10 +22,22 @@ def ensure_deepspeed_comm(backend: str | None = None) -> None:
     from deepspeed.comm import comm as ds_comm_impl
 
     if ds_comm_impl.cdb is None or not ds_comm_impl.cdb.is_initialized():
+        import importlib
+
+        ds_torch_backend = importlib.import_module("deepspeed.comm.torch")
+
         from lss_plugin.runtime import default_backend
 
-        ds_comm.init_distributed(dist_backend=backend or default_backend(), auto_mpi_discovery=False,
-                                 verbose=False)
+        # On CPU, deepspeed.comm JIT-builds a shared-memory op used only by inference_all_reduce
+        # (20-400 s on a busy machine, racing other processes on its build lock). Ulysses needs
+        # all_to_all_single only, which goes straight to torch.distributed: skip the build.
+        build = ds_torch_backend.build_shm_op
+        ds_torch_backend.build_shm_op = lambda: None
+        try:
+            ds_comm.init_distributed(dist_backend=backend or default_backend(),
+                                     auto_mpi_discovery=False, verbose=False)
+        finally:
+            ds_torch_backend.build_shm_op = build
 
 
 class _LocalSDPA(torch.nn.Module):

@@ -13,6 +13,9 @@ Byte conventions (per rank, per call; the cost model in ``lss_plugin.plan`` uses
 - ``sent_bytes``: what this rank puts on the wire with bandwidth-optimal algorithms (ring
   all-gather / reduce-scatter send (N-1)/N of the buffer, all-reduce 2(N-1)/N, all-to-all (N-1)/N,
   send the tensor, receive nothing). The targets compare ``sent_bytes``.
+Spellings of one collective share a row: ``all_gather`` (``all_gather_single``,
+``all_gather_into_tensor``, ``_all_gather_base``, list form), ``reduce_scatter``, ``all_to_all``,
+``send``/``recv`` (blocking or not). A call on a one-rank group counts as a call with 0 bytes.
 A call nested inside another counted call (``_all_gather_base`` forwarding to
 ``all_gather_into_tensor``, say) is counted once, as the outer call.
 """
@@ -31,9 +34,11 @@ import torch.distributed.distributed_c10d as c10d
 # name -> (which argument holds the payload tensor, wire factor as a function of group size N)
 _COLLECTIVES = {
     "all_reduce": ("tensor", lambda n: 2 * (n - 1) / n),
+    "all_gather_single": ("output_tensor", lambda n: (n - 1) / n),
     "all_gather_into_tensor": ("output_tensor", lambda n: (n - 1) / n),
     "_all_gather_base": ("output_tensor", lambda n: (n - 1) / n),
     "all_gather": ("tensor_list", lambda n: (n - 1) / n),
+    "reduce_scatter_single": ("input", lambda n: (n - 1) / n),
     "reduce_scatter_tensor": ("input", lambda n: (n - 1) / n),
     "_reduce_scatter_base": ("input", lambda n: (n - 1) / n),
     "reduce_scatter": ("input_list", lambda n: (n - 1) / n),
@@ -49,8 +54,13 @@ _COLLECTIVES = {
 }
 # Canonical names, so that two spellings of one collective are one row in the tables.
 CANONICAL = {
-    "_all_gather_base": "all_gather_into_tensor",
-    "_reduce_scatter_base": "reduce_scatter_tensor",
+    "all_gather_single": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "_all_gather_base": "all_gather",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
     "isend": "send",
     "irecv": "recv",
 }
@@ -64,9 +74,11 @@ class CommCounts:
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
     sent_bytes: Counter = field(default_factory=Counter)
+    log: list = field(default_factory=list)  # (name, payload bytes, group size) per call, in order
 
-    def add(self, name: str, nbytes: int, sent: float) -> None:
+    def add(self, name: str, nbytes: int, sent: float, group_size: int = 0) -> None:
         name = CANONICAL.get(name, name)
+        self.log.append((name, int(nbytes), int(group_size)))
         self.calls[name] += 1
         self.bytes[name] += int(nbytes)
         self.sent_bytes[name] += int(round(sent))
@@ -86,6 +98,7 @@ class CommCounts:
             "sent_bytes": dict(self.sent_bytes),
             "total_bytes": self.total_bytes,
             "total_sent_bytes": self.total_sent_bytes,
+            "log": [list(entry) for entry in self.log],
         }
 
 
@@ -130,16 +143,13 @@ def _make_wrapper(name: str, original):
         bound.update(kwargs)
         payload = bound.get(arg_name) if arg_name else None
         nbytes = _nbytes(payload)
-        if name in ("all_gather", "all_to_all", "reduce_scatter"):
-            # list forms: the payload is the whole list (N pieces)
-            pass
         if name in _P2P:
             n = 2
         else:
             n = _group_size(bound.get("group"))
         sent = nbytes * factor(n)
         for counts in _ACTIVE:
-            counts.add(name, nbytes if n > 1 or name in _P2P else 0, sent)
+            counts.add(name, nbytes if n > 1 or name in _P2P else 0, sent, n)
         _state.depth = depth + 1
         try:
             return original(*args, **kwargs)
@@ -150,10 +160,15 @@ def _make_wrapper(name: str, original):
     return wrapper
 
 
+_WRAPPERS: dict[int, object] = {}  # id(original function) -> its wrapper
+_SCANNED_MODULES = 0
+
+
 def install() -> None:
     """Wrap the collectives on ``torch.distributed`` and ``distributed_c10d`` (idempotent).
 
-    Call before importing Megatron (it keeps references taken at import time).
+    References that modules took before (``_all_gather_flat = dist.all_gather_single`` at import
+    time, as ``lss_plugin.comm`` and Megatron's ``mappings`` do) are re-pointed to the wrappers.
     """
     for name in _COLLECTIVES:
         original = getattr(c10d, name, None)
@@ -161,9 +176,30 @@ def install() -> None:
             continue
         wrapper = _make_wrapper(name, original)
         _INSTALLED[name] = original
+        _WRAPPERS[id(original)] = wrapper
         setattr(c10d, name, wrapper)
         if getattr(dist, name, None) is original:
             setattr(dist, name, wrapper)
+    _rebind_module_references()
+
+
+def _rebind_module_references() -> None:
+    """Replace module-level references to the original functions in every loaded module."""
+    global _SCANNED_MODULES
+    import sys
+
+    modules = list(sys.modules.values())
+    if len(modules) == _SCANNED_MODULES:
+        return
+    originals = set(_WRAPPERS)
+    for module in modules:
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or module is c10d:
+            continue
+        for attr, value in list(namespace.items()):
+            if callable(value) and id(value) in originals and value is _INSTALLED.get(value.__name__):
+                namespace[attr] = _WRAPPERS[id(value)]
+    _SCANNED_MODULES = len(modules)
 
 
 def is_installed() -> bool:
@@ -175,6 +211,7 @@ def count_collectives():
     """``with count_collectives() as counts: step()`` then read ``counts.calls / bytes / sent_bytes``."""
     if not _INSTALLED:
         raise RuntimeError("lss_plugin.bench.counters.install() must run before counting")
+    _rebind_module_references()  # modules imported since install() may hold originals
     counts = CommCounts()
     _ACTIVE.append(counts)
     try:

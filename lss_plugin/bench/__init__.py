@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of LSS and the baselines (`python -m lss_plugin.bench`)."""
