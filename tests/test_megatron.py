@@ -30,6 +30,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--log-interval", "1000"]
 QKV = "decoder.layers.0.self_attention.linear_qkv.weight"
 POS = "embedding.position_embeddings.weight"
+NORM = "decoder.layers.1.pre_mlp_layernorm.weight"  # TP+SP: partial per rank until all-reduced
 
 
 def synthetic_splits():
@@ -46,7 +47,7 @@ def uneven_loss_mask(tokens, labels):
 
 def case(pos, masked, *extra, iters=ITERS):
     argv = BASE + ["--position-embedding-type", pos, "--train-iters", str(iters), *extra]
-    probes = (QKV, POS) if pos == "learned_absolute" else (QKV,)
+    probes = (QKV, NORM, POS) if pos == "learned_absolute" else (QKV, NORM)
     return {"argv": argv, "masked": masked, "probes": probes}
 
 
@@ -322,3 +323,35 @@ def test_add_lss_args_is_a_megatron_extra_args_provider():
     with pytest.raises(ValueError, match="context-parallel-size 2 conflicts"):
         args.context_parallel_size = 2
         validate_lss_args(args, world_size=4)
+
+
+def _megatron_like_parser():
+    """The Megatron-LM flags the mapping reads, with Megatron-LM's defaults."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--attention-dropout", type=float, default=0.1)
+    p.add_argument("--calculate-per-token-loss", action="store_true")
+    p.add_argument("--transformer-impl", default="transformer_engine")
+    return p
+
+
+def test_megatron_lm_args_provider_maps_lss_onto_context_parallelism(monkeypatch):
+    from lss_plugin.megatron.megatron_lm import lss_extra_args_provider
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    parser = lss_extra_args_provider(_megatron_like_parser())
+    args = parser.parse_args(["--seq-length", "256", "--attention-dropout", "0",
+                              "--lss-sequence-parallel", "--lss-sequence-parallel-size", "4"])
+    assert (args.context_parallel_size, args.calculate_per_token_loss, args.transformer_impl) == (
+        4, True, "local")
+    plain = parser.parse_args(["--seq-length", "256"])  # without the flag nothing changes
+    assert (plain.context_parallel_size, plain.calculate_per_token_loss, plain.transformer_impl) == (
+        1, False, "transformer_engine")
+    with pytest.raises(ValueError, match="--attention-dropout 0.1 is not supported"):
+        parser.parse_args(["--seq-length", "256", "--lss-sequence-parallel"])
+    with pytest.raises(ValueError, match="--lss-sequence-parallel-size 3 does not divide"):
+        parser.parse_args(["--seq-length", "256", "--attention-dropout", "0",
+                           "--lss-sequence-parallel", "--lss-sequence-parallel-size", "3"])

@@ -12,6 +12,7 @@ Not covered (use alternatives on CPU): ``get_megatron_optimizer`` (use a torch o
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -66,6 +67,14 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+class _SameGeneratorFilter(logging.Filter):
+    """Drop the tracker's "CPU RNG state changed within GPU RNG context" warning: under the shim
+    the "GPU" RNG *is* the CPU generator, so forking it changes the CPU state by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def apply_cpu_shim() -> bool:
     """Patch megatron-core for CPU-only execution. Returns True if the shim is (now) active.
 
@@ -88,6 +97,7 @@ def apply_cpu_shim() -> bool:
     # random.py calls these module-level helpers by name when forking the TP RNG tracker.
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    logging.getLogger(mcore_random.__name__).addFilter(_SameGeneratorFilter())
 
     # The unfused softmax builds its causal mask with device="cuda".
     from megatron.core.fusions import fused_softmax
