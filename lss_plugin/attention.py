@@ -104,7 +104,8 @@ def _check_mode() -> str:
 def verify_agreement(group, signature: tuple[int, ...], device) -> None:
     """Raise on every rank of ``group`` unless all ranks passed the same ``signature``."""
     mode = _check_mode()
-    key = (id(group), signature)
+    # The group's name, unlike id(group), is the same on every rank and never reused.
+    key = (dist._get_process_group_name(group), signature)
     if mode == "never" or (mode == "first" and key in _VERIFIED_SIGNATURES):
         return
     size = dist.get_world_size(group)

@@ -48,6 +48,9 @@ def _rank_main(fn, rank, world_size, port, pg_timeout_s, results, args, kwargs, 
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
+        # The queue sends from a feeder thread: flush it before os._exit, or the result is lost.
+        results.close()
+        results.join_thread()
         sys.stdout.flush()
         sys.stderr.flush()
         # Skip interpreter teardown: libraries like DeepSpeed sometimes abort in it.
@@ -87,7 +90,7 @@ def run_ranks(fn, world_size, *args, timeout_s=240.0, pg_timeout_s=60.0, env=Non
             try:
                 rank, status, payload = results.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)
+                dead = [i for i, p in enumerate(procs) if p.exitcode is not None
                         and i not in collected and i not in errors]
                 # A rank that died without reporting (segfault, os._exit) is an error too.
                 for i in dead:
