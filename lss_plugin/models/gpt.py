@@ -1,0 +1,162 @@
+"""A small reference GPT in plain PyTorch whose attention is LSS.
+
+Pre-LN blocks, learned absolute position embeddings or RoPE, tied or untied output head, GQA.
+With ``lss=None`` it is an ordinary single-process model (the reference the tests compare
+against); with ``LSSAttentionOptions`` every rank runs its own tokens and attention gathers K, V.
+Positions are always *global* position ids, so a shard embeds and rotates its tokens exactly as
+the whole sequence would.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lss_plugin.attention import lss_attention
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes, as enwik8 models use
+    max_seq_length: int = 1024
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: MHA; fewer heads: GQA/MQA
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    position_embedding: str = "learned"  # "learned" or "rope"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    layernorm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.num_kv_heads = self.num_kv_heads or self.num_heads
+        self.ffn_hidden_size = self.ffn_hidden_size or 4 * self.hidden_size
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.position_embedding not in ("learned", "rope"):
+            raise ValueError(f"position_embedding must be 'learned' or 'rope', got {self.position_embedding!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class LSSAttentionOptions:
+    group: object = None  # None: the registered topology's SP group
+    layout: str = "contiguous"
+    kv_backward: str = "keep"
+    kv_head_chunk: int | None = None
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [s, head_dim / 2] for the given global positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=position_ids.device) / head_dim)
+    angles = position_ids.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, s, h, d] rotated pairwise (first half, second half) by the angles of its positions."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, lss: LSSAttentionOptions | None):
+        super().__init__()
+        self.config, self.lss = config, lss
+        c = config
+        self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, rope):  # x [b, s, hidden]
+        c = self.config
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1
+        )
+        q = q.view(b, s, c.num_heads, c.head_dim)
+        k = k.view(b, s, c.num_kv_heads, c.head_dim)
+        v = v.view(b, s, c.num_kv_heads, c.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.lss is None:  # one process, whole sequence
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=c.num_kv_heads != c.num_heads,
+            ).transpose(1, 2)
+        else:
+            out = lss_attention(q, k, v, group=self.lss.group, causal=True, layout=self.lss.layout,
+                                kv_backward=self.lss.kv_backward, kv_head_chunk=self.lss.kv_head_chunk)
+        return self.proj(out.reshape(b, s, c.hidden_size))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, lss):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.attn = SelfAttention(config, lss)
+        self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size, config.ffn_hidden_size), nn.GELU(),
+            nn.Linear(config.ffn_hidden_size, config.hidden_size),
+        )
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.ln_attn(x), rope)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, lss: LSSAttentionOptions | None = None):
+        super().__init__()
+        self.config, self.lss = config, lss
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embed = (
+            nn.Embedding(config.max_seq_length, config.hidden_size) if config.position_embedding == "learned" else None
+        )
+        self.blocks = nn.ModuleList(Block(config, lss) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=config.init_std / math.sqrt(2 * config.num_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s_local], position_ids [s_local] (global positions) -> logits [b, s_local, V]."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            if self.lss is not None:
+                raise ValueError("an LSS model needs the global position_ids of its tokens (lss_plugin.local_positions)")
+            position_ids = torch.arange(s, device=input_ids.device)
+        if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_length:
+            raise ValueError(
+                f"position {int(position_ids.max())} exceeds max_seq_length {self.config.max_seq_length}"
+            )
+        x = self.embed(input_ids)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)[None]
+        else:
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.ln_f(x)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)
