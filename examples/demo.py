@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
     p.add_argument("--train-iters", type=int, default=150)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="linear warm-up of the learning rate (default: a tenth of --train-iters)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--position-embedding-type", default="learned_absolute", choices=("learned_absolute", "rope"))
     p.add_argument("--lss-layout", default="contiguous", choices=("contiguous", "balanced"))
@@ -97,6 +100,8 @@ def _fill_defaults(args):
         args.global_batch_size = args.micro_batch_size * dp
     if args.eval_interval is None:
         args.eval_interval = max(1, args.train_iters // 5)
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = args.train_iters // 10
     if args.save_interval is None:
         args.save_interval = args.train_iters
     args.devices = f"{gpus} GPU(s)" if gpus else "CPU"
@@ -112,7 +117,8 @@ def common_flags(args) -> list[str]:
         "--num-attention-heads", args.num_attention_heads,
         "--seq-length", args.seq_length, "--max-position-embeddings", args.seq_length,
         "--micro-batch-size", args.micro_batch_size, "--global-batch-size", args.global_batch_size,
-        "--lr", args.lr, "--train-iters", args.train_iters, "--seed", args.seed,
+        "--lr", args.lr, "--lr-warmup-iters", args.lr_warmup_iters,
+        "--train-iters", args.train_iters, "--seed", args.seed,
         "--position-embedding-type", args.position_embedding_type,
         "--log-interval", args.log_interval, "--eval-interval", args.eval_interval,
         "--eval-iters", args.eval_iters,
@@ -229,9 +235,12 @@ def launch(run: str, command: list[str], log_path: str, env: dict) -> tuple[int,
                 if not warnings.is_warning(line):  # kept in the log, not on the console
                     print(f"[{run}] {line}", end="", flush=True)
             code = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(timeout=30)
+        except BaseException:  # Ctrl-C, SIGTERM (see main), a broken pipe: never orphan the ranks
+            proc.terminate()  # torchrun passes SIGTERM on to its workers and waits for them
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             raise
         finally:
             watcher.stop()
@@ -322,6 +331,8 @@ def plot_curves(summaries: dict, labels: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     args, passthrough = parse_args(argv)
+    # A SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so launch() stops torchrun and its ranks.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not os.path.exists(TRAIN_SCRIPT):
         print(f"error: the training script {TRAIN_SCRIPT} is missing", file=sys.stderr)
         return 2

@@ -51,6 +51,23 @@ def _env():
     return env
 
 
+def _run(command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run a demo or torchrun command; on timeout SIGTERM it (both stop their ranks) and fail."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), cwd=ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... timed out after {timeout_s}s\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def _metrics(path) -> dict[int, dict]:
     with open(path) as f:
         return {r["iteration"]: r for r in map(json.loads, f)}
@@ -59,8 +76,7 @@ def _metrics(path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, DEMO, *DEMO_ARGV, "--output-dir", str(out)],
-                            capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    result = _run([sys.executable, DEMO, *DEMO_ARGV, "--output-dir", str(out)], timeout_s=420)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return out, result.stdout
 
@@ -71,7 +87,7 @@ def _train(tmp_path, extra: list[str], nproc: int = 2) -> dict[int, dict]:
     args, _ = demo.parse_args(DEMO_ARGV + ["--output-dir", str(tmp_path)])
     metrics = tmp_path / "metrics.jsonl"
     command = demo.torchrun_command(nproc, demo.common_flags(args) + ["--metrics-file", str(metrics)] + extra)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+    result = _run(command, timeout_s=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return _metrics(metrics)
 
@@ -146,7 +162,7 @@ def test_the_training_script_refuses_a_checkpoint_of_another_model(demo_run, tmp
     args, _ = demo.parse_args(DEMO_ARGV + ["--output-dir", str(tmp_path)])
     command = demo.torchrun_command(2, demo.common_flags(args) + [
         "--hidden-size", "64", "--lss-sequence-parallel", "--load", str(out / "checkpoints" / "lss")])
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+    result = _run(command, timeout_s=300)
     assert result.returncode != 0
     assert "model.hidden_size: checkpoint has 32, this run has 64" in result.stdout + result.stderr
     assert (out / "checkpoints" / "lss" / "latest").read_text().strip() == f"iter_{ITERS:07d}"  # untouched
@@ -177,10 +193,10 @@ def test_bits_per_character_on_two_ranks_equal_the_one_rank_evaluation(demo_run)
     args, _ = demo.parse_args(DEMO_ARGV)
     flags = demo.common_flags(args)
     checkpoint = str(out / "checkpoints" / "lss")
-    [single] = run_ranks(_evaluate_checkpoint, 1, [flags], checkpoint, timeout_s=180)[0]
+    [single] = run_ranks(_evaluate_checkpoint, 1, [flags], checkpoint, timeout_s=300)[0]
     cases = [flags + ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--lss-layout", layout]
              for layout in ("contiguous", "balanced")]
-    per_rank = run_ranks(_evaluate_checkpoint, 2, cases, checkpoint, timeout_s=180)
+    per_rank = run_ranks(_evaluate_checkpoint, 2, cases, checkpoint, timeout_s=300)
     assert single["val_tokens"] == 2 * 4 * 64  # eval-iters x global batch x seq length
     for rank_results in per_rank:
         for result in rank_results:
@@ -200,10 +216,8 @@ def test_demo_refuses_sizes_that_do_not_divide_before_launching():
 
 def test_demo_reports_a_failed_run_and_stops(tmp_path):
     # 66 tokens do not split into 2N = 4 balanced chunks: the training script refuses on every rank.
-    result = subprocess.run(
-        [sys.executable, DEMO, *DEMO_ARGV, "--seq-length", "66", "--lss-layout", "balanced",
-         "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT)
+    result = _run([sys.executable, DEMO, *DEMO_ARGV, "--seq-length", "66", "--lss-layout", "balanced",
+                   "--output-dir", str(tmp_path)], timeout_s=300)
     assert result.returncode == 1
     assert "--seq-length 66 is not divisible by 4" in result.stdout
     assert "LSS SP=2 x DP=1 failed" in result.stderr and "lss.log" in result.stderr
