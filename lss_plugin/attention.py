@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lss_plugin.comm import _all_gather_flat, _note, gather_kv, reduce_scatter_kv
+from lss_plugin.comm import all_gather_flat, gather_kv, reduce_scatter_kv
 from lss_plugin.kernels import block_backward, block_forward
 from lss_plugin.sharding import Chunk, check_layout, rank_chunks
 from lss_plugin.topology import resolve_sp_group
@@ -112,8 +112,7 @@ def verify_agreement(group, signature: tuple[int, ...], device) -> None:
     if size > 1:
         mine = torch.tensor(signature, dtype=torch.int64, device=device)
         everyone = mine.new_empty((size * mine.numel(),))
-        _note("consistency_check", everyone)
-        _all_gather_flat(everyone, mine, group=group)
+        all_gather_flat(everyone, mine, group, name="consistency_check")
         rows = [tuple(r) for r in everyone.view(size, -1).tolist()]
         if any(r != rows[0] for r in rows):
             diffs = {

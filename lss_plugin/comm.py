@@ -47,9 +47,31 @@ def record_collectives():
         _ACTIVE_RECORDS.remove(record)
 
 
+class CollectiveError(RuntimeError):
+    """A plugin collective failed or timed out (a peer died or stalled); says which and where."""
+
+
 def _note(name: str, tensor: torch.Tensor) -> None:
     for record in _ACTIVE_RECORDS:
         record.add(name, tensor.numel() * tensor.element_size())
+
+
+@contextlib.contextmanager
+def _collective(name: str, group, tensor: torch.Tensor):
+    """Count a collective and turn a backend failure into an error naming it and its group."""
+    _note(name, tensor)
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise several types; all mean the same here
+        try:
+            ranks = dist.get_process_group_ranks(group)
+        except Exception:  # noqa: BLE001
+            ranks = "?"
+        raise CollectiveError(
+            f"lss_plugin: {name} over the process group of ranks {ranks} failed on rank "
+            f"{dist.get_rank()} ({type(exc).__name__}: {exc}). A peer rank probably died or stalled "
+            f"longer than the group's timeout."
+        ) from exc
 
 
 # torch >= 2.13 names the flat collectives *_single and deprecates the *_tensor spellings; both
@@ -58,16 +80,23 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group, name="all_gather_into_tensor") -> None:
     """output [N * tensor.shape[0], ...] = the ranks' ``tensor`` concatenated along dim 0."""
-    _note("all_gather_into_tensor", output)
-    _all_gather_flat(output, tensor, group=group)
+    with _collective(name, group, output):
+        _all_gather_flat(output, tensor, group=group)
 
 
 def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
     """output = this rank's dim-0 slice of the sum of the ranks' ``tensor`` [N * output.shape[0], ...]."""
-    _note("reduce_scatter_tensor", tensor)
-    _reduce_scatter_flat(output, tensor, op=dist.ReduceOp.SUM, group=group)
+    with _collective("reduce_scatter_tensor", group, tensor):
+        _reduce_scatter_flat(output, tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> None:
+    """In-place sum over ``group``; nothing is sent (or counted) for a group of one."""
+    if dist.get_world_size(group) > 1:
+        with _collective("all_reduce", group, tensor):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
 def _chunk_moves(local_len: int, sp_size: int, layout: str):

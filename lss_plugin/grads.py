@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lss_plugin.comm import _note
+from lss_plugin.comm import all_reduce_sum
 from lss_plugin.topology import LSSTopology, get_topology
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
@@ -38,16 +38,10 @@ def _buckets(params, bucket_bytes):
             yield bucket
 
 
-def _all_reduce_sum(flat: torch.Tensor, group) -> None:
-    if dist.get_world_size(group) > 1:
-        _note("all_reduce", flat)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-
-
 def _sequence_tokens(num_tokens, topology: LSSTopology, device) -> float:
     """Loss tokens of this rank's whole SP group (one scalar all-reduce; fused mode only)."""
     count = torch.tensor([float(num_tokens)], dtype=torch.float64, device=device)
-    _all_reduce_sum(count, topology.sp_group)
+    all_reduce_sum(count, topology.sp_group)
     return count.item()
 
 
@@ -85,7 +79,7 @@ def average_gradients(
         shard_tokens = _sequence_tokens(num_tokens, topology, params[0].device if params else None)
     if weighted and not slot_ok:
         total = torch.tensor([shard_tokens], dtype=torch.float64, device=params[0].device if params else None)
-        _all_reduce_sum(total, topology.dp_group)
+        all_reduce_sum(total, topology.dp_group)
         total_tokens = total.item()
     for i, bucket in enumerate(buckets):
         count_slot = 1 if (weighted and slot_ok and i == 0) else 0
@@ -95,13 +89,13 @@ def average_gradients(
         if mode == "two_stage":
             if count_slot:
                 flat[-1] = float(num_tokens)
-            _all_reduce_sum(flat, topology.sp_group)  # stage 1: SP
+            all_reduce_sum(flat, topology.sp_group)  # stage 1: SP
             grads.div_(sp)
             if weighted:
                 if count_slot:
                     shard_tokens = flat[-1].item()
                 _scale_or_zero(grads, shard_tokens)
-            _all_reduce_sum(flat, topology.dp_group)  # stage 2: DP (count slot sums shard tokens)
+            all_reduce_sum(flat, topology.dp_group)  # stage 2: DP (count slot sums shard tokens)
         else:
             if weighted:
                 _scale_or_zero(grads, shard_tokens / sp)
@@ -109,7 +103,7 @@ def average_gradients(
                     flat[-1] = shard_tokens / sp  # summed over the N ranks of each shard
             else:
                 grads.div_(sp)
-            _all_reduce_sum(flat, dist.group.WORLD)
+            all_reduce_sum(flat, dist.group.WORLD)
         if weighted:
             if count_slot:
                 total_tokens = flat[-1].item()
@@ -147,5 +141,5 @@ def reduce_loss(local_loss, topology: LSSTopology | None = None, num_tokens: int
     group = dist.group.WORLD
     if topology.world_size != dist.get_world_size():
         raise RuntimeError("reduce_loss needs the topology to span the whole world")
-    _all_reduce_sum(pair, group)
+    all_reduce_sum(pair, group)
     return pair[0] / pair[1] if pair[1] > 0 else torch.zeros((), dtype=torch.float64)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lss_plugin.comm import _note
+from lss_plugin.comm import all_reduce_sum
 
 IGNORE_INDEX = -100
 
@@ -49,8 +49,7 @@ def sharded_cross_entropy(
     sequence_tokens = num_tokens
     if sp_size > 1:
         count = torch.tensor([float(num_tokens)], device=logits.device, dtype=torch.float64)
-        _note("all_reduce", count)
-        dist.all_reduce(count, group=group)
+        all_reduce_sum(count, group)
         sequence_tokens = int(count.item())
     loss = loss_sum * (sp_size / sequence_tokens) if sequence_tokens > 0 else loss_sum * 0.0
     local_mean = (loss_sum / num_tokens if num_tokens > 0 else loss_sum * 0.0).detach()

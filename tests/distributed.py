@@ -57,11 +57,12 @@ def _rank_main(fn, rank, world_size, port, pg_timeout_s, results, args, kwargs, 
         os._exit(code)
 
 
-def run_ranks(fn, world_size, *args, timeout_s=240.0, pg_timeout_s=60.0, env=None, **kwargs):
+def run_ranks(fn, world_size, *args, timeout_s=240.0, pg_timeout_s=60.0, env=None, allow_exit=(), **kwargs):
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the list of per-rank results.
 
     Raises RuntimeError with every failing rank's traceback, or TimeoutError naming the ranks
-    that did not finish within ``timeout_s`` (they are killed).
+    that did not finish within ``timeout_s`` (they are killed). Ranks in ``allow_exit`` may die
+    without reporting (tests that kill a rank on purpose); their result is None.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -102,7 +103,10 @@ def run_ranks(fn, world_size, *args, timeout_s=240.0, pg_timeout_s=60.0, env=Non
                     except queue.Empty:
                         pass
                     if i not in collected and i not in errors:
-                        errors[i] = f"process exited with code {procs[i].exitcode} without reporting"
+                        if i in allow_exit:
+                            collected[i] = None
+                        else:
+                            errors[i] = f"process exited with code {procs[i].exitcode} without reporting"
                 continue
             (collected if status == "ok" else errors)[rank] = payload
     finally:
