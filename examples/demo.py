@@ -272,7 +272,8 @@ def summarise(records: list[dict], elapsed_s: float, polled_rss_mb: dict) -> dic
     for r in records:
         for rank, mb in enumerate(r.get("peak_rss_mb_per_rank") or []):
             rss[rank] = max(rss.get(rank, 0.0), float(mb))
-    rss_source = "metrics" if rss else "sampled by the demo every 0.5 s"
+    rss_source = ("from the metrics" if rss else
+                  "sampled by the demo every 0.5 s (on Linux the kernel's high-water mark, VmHWM)")
     rss = rss or polled_rss_mb
     return {
         "final_loss": train[-1]["loss"] if train else None,
@@ -372,19 +373,23 @@ def main(argv=None) -> int:
         code, elapsed, polled_rss = launch(run, command, os.path.join(args.output_dir, f"{run}.log"), env)
         if code != 0:
             failed.append(run)
-            print(f"\n{labels[run]} failed (exit code {code}); its log: {os.path.join(args.output_dir, run + '.log')}",
-                  file=sys.stderr, flush=True)
+            log_path = os.path.join(args.output_dir, run + ".log")
+            print(f"\n{labels[run]} failed (exit code {code}); its log: {log_path}", file=sys.stderr, flush=True)
             break  # the comparison needs both; report what finished
         summaries[run] = summarise(read_metrics(metrics_path), elapsed, polled_rss)
 
     if summaries:
         print("\n" + comparison_table(summaries, labels))
+        sources = {s["peak_rss_source"] for s in summaries.values()}
+        print(f"peak RSS: {', '.join(sorted(sources))}")
+        gap = None
         if len(summaries) == 2:
             lss, base = (dict(summaries["lss"]["loss_curve"]), dict(summaries["baseline"]["loss_curve"]))
             common = sorted(set(lss) & set(base))
             if common:
+                # Same initial weights and batches: the runs differ only by float rounding.
                 gap = max(abs(lss[i] - base[i]) for i in common)
-                print(f"largest |loss(LSS) - loss(baseline)| over {len(common)} logged iterations: {gap:.2e}")
+                print(f"largest |loss(LSS) - loss(baseline)| over {len(common)} iterations: {gap:.2e}")
         png = os.path.join(args.output_dir, "loss_curve.png")
         if importlib.util.find_spec("matplotlib") is None:
             png = "no loss-curve PNG (pip install matplotlib)"
@@ -394,7 +399,7 @@ def main(argv=None) -> int:
         with open(summary_path, "w") as f:
             json.dump({"data": {"source": splits.source, "sha256": splits.sha256, "bytes": splits.num_bytes},
                        "settings": {k: v for k, v in vars(args).items()}, "passthrough": passthrough,
-                       "labels": labels, "runs": summaries, "failed": failed}, f, indent=2)
+                       "labels": labels, "runs": summaries, "max_loss_gap": gap, "failed": failed}, f, indent=2)
         print(f"wrote {png}, {summary_path} and the metrics JSON lines in {args.output_dir}")
     return 1 if failed else 0
 

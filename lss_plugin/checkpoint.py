@@ -127,14 +127,15 @@ def save_checkpoint(
         final = _free_name(directory, iteration)
         os.rename(tmp, final)
         _fsync_dir(directory)
-        _write_file(os.path.join(directory, LATEST_FILE), lambda f: f.write(os.path.basename(final).encode() + b"\n"),
-                    atomic_in=directory)
+        pointer = os.path.basename(final).encode() + b"\n"
+        _write_file(os.path.join(directory, LATEST_FILE), lambda f: f.write(pointer), atomic_in=directory)
         _remove_superseded(directory, os.path.basename(final), iteration, keep_last)
 
     _run_agreed(on_rank0_commit if rank == 0 else None, "committing the checkpoint", tmp, distributed, group)
     if distributed:  # other ranks learn the final name (it may carry a suffix)
         names = [os.path.basename(final)]
-        dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast_object_list(names, src=src, group=group)
         final = os.path.join(directory, names[0])
     return final
 
@@ -344,14 +345,16 @@ def _load_verified(path: str, name: str, manifest: dict, map_location, weights_o
         raise CheckpointError(f"{file_path} is missing")
     size = os.path.getsize(file_path)
     if size != recorded["bytes"]:
-        raise CheckpointError(f"{file_path} is truncated or altered: {size} bytes, manifest says {recorded['bytes']}")
+        raise CheckpointError(
+            f"{file_path} is truncated or altered: {size} bytes, manifest says {recorded['bytes']}")
     digest = _sha256(file_path)
     if digest != recorded["sha256"]:
         raise CheckpointError(f"{file_path} is corrupted: SHA-256 {digest}, manifest says {recorded['sha256']}")
     try:
         return torch.load(file_path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # noqa: BLE001 - an unpickling error names the offending type
-        hint = " (it holds non-tensor objects: pass weights_only=False for a checkpoint you trust)" if weights_only else ""
+        hint = (" (it holds non-tensor objects: pass weights_only=False for a checkpoint you trust)"
+                if weights_only else "")
         raise CheckpointError(f"{file_path} could not be loaded{hint}: {exc}") from exc
 
 

@@ -131,7 +131,8 @@ def _resolve_user_file(data_path: str, cache_dir: str) -> str:
             )
         member = members[0]
         # Key the unpacked copy by the archive's size and CRC so a different archive never reuses it.
-        target = os.path.join(cache_dir, f"{os.path.basename(member.filename)}-{member.CRC:08x}-{member.file_size}")
+        name = f"{os.path.basename(member.filename)}-{member.CRC:08x}-{member.file_size}"
+        target = os.path.join(cache_dir, name)
         with _cache_lock(cache_dir):
             if not (os.path.exists(target) and os.path.getsize(target) == member.file_size):
                 with archive.open(member) as src:

@@ -135,7 +135,8 @@ def test_truncated_or_corrupted_checkpoints_are_refused(tmp_path):
     state_file = tmp_path / "iter_0000020" / STATE_FILE
     blob = state_file.read_bytes()
     state_file.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(CheckpointError, match=rf"truncated or altered: {len(blob) // 2} bytes, manifest says {len(blob)}"):
+    truncated = rf"truncated or altered: {len(blob) // 2} bytes, manifest says {len(blob)}"
+    with pytest.raises(CheckpointError, match=truncated):
         load_checkpoint(str(tmp_path))
     state_file.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))  # same size, one bit off
     with pytest.raises(CheckpointError, match="is corrupted: SHA-256"):
@@ -195,7 +196,8 @@ def _multi_rank_saves(directory):
     rank = dist.get_rank()
     replicated = {"w": torch.arange(6.0)}
     out = {}
-    path = save_checkpoint(directory, 3, replicated, _manifest(), rank_state={"rank": rank, "shard": torch.full((2,), rank)})
+    own = {"rank": rank, "shard": torch.full((2,), rank)}
+    path = save_checkpoint(directory, 3, replicated, _manifest(), rank_state=own)
     out["path"] = path
     _, state, manifest = load_checkpoint(directory, expected_manifest=_manifest())
     out["rank_state"] = (state["rank_state"]["rank"], state["rank_state"]["shard"].tolist())

@@ -203,7 +203,8 @@ def test_bits_per_character_on_two_ranks_equal_the_one_rank_evaluation(demo_run)
             assert result["val_tokens"] == single["val_tokens"]
             assert result["val_bpc"] == pytest.approx(single["val_bpc"], rel=FLOAT32_RTOL)
     # And the training run's own evaluation at the end saw the same weights.
-    assert _metrics(out / "lss_metrics.jsonl")[ITERS]["val_bpc"] == pytest.approx(single["val_bpc"], rel=FLOAT32_RTOL)
+    trained = _metrics(out / "lss_metrics.jsonl")[ITERS]
+    assert trained["val_bpc"] == pytest.approx(single["val_bpc"], rel=FLOAT32_RTOL)
 
 
 def test_demo_refuses_sizes_that_do_not_divide_before_launching():
