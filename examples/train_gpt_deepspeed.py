@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Train the reference byte-level GPT under DeepSpeed, with LSS sequence parallelism from the config.
+
+    # 4 ranks, SP=2 x DP=2 (the "lss_sequence_parallel" block of the config sets SP)
+    torchrun --nproc-per-node 4 examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_lss.json
+    deepspeed --num_gpus 4 examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_lss.json
+    # on a CPU-only host the deepspeed launcher needs: --bind_cores_to_rank is not required; set
+    # CUDA_VISIBLE_DEVICES="" and pass --num_accelerators / use torchrun (see docs/deepspeed.md)
+
+The one LSS-specific line is ``lss_plugin.deepspeed.initialize`` in place of
+``deepspeed.initialize``. Batch sizes come from the DeepSpeed config (``train_batch_size``
+sequences per iteration, split over DP ranks and micro-batches); every sequence is split over the
+SP ranks. ``--metrics-file`` gets one JSON line per iteration (rank 0): iteration, loss,
+tokens_per_s, ms_per_iter, grad_norm, lr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+                   help="DeepSpeed JSON config, optionally with an \"lss_sequence_parallel\" block")
+    p.add_argument("--train-iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--metrics-file", default=None, help="JSON line per iteration (rank 0 appends)")
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--data-path", default=None, help="a byte corpus such as enwik8 (default: the gensim excerpt)")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=None)
+    p.add_argument("--position-embedding", choices=("learned", "rope"), default="learned")
+    p.add_argument("--log-interval", type=int, default=1)
+    p.add_argument("--save", default=None, help="checkpoint directory (engine.save_checkpoint)")
+    p.add_argument("--save-interval", type=int, default=0)
+    p.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
+    # The deepspeed launcher passes --local_rank; torchrun sets LOCAL_RANK.
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
+    args = p.parse_args(argv)
+    for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+class Sharder:
+    """This rank's rows (DP, micro-batch) and tokens (SP, layout) of a global batch."""
+
+    def __init__(self, engine, seq_length: int):
+        import torch.distributed as dist
+
+        self.topology = getattr(engine, "lss_topology", None)
+        self.layout = engine.lss_config.layout if self.topology is not None else None
+        self.dp_size = self.topology.dp_size if self.topology is not None else dist.get_world_size()
+        self.dp_rank = self.topology.dp_rank if self.topology is not None else dist.get_rank()
+        self.micro = engine.train_micro_batch_size_per_gpu()
+        self.seq_length = seq_length
+        if self.topology is not None:
+            from lss_plugin.sharding import check_seq_len, local_token_indices
+
+            check_seq_len(seq_length, self.topology.sp_size, self.layout)
+            self.positions = local_token_indices(seq_length, self.topology.sp_rank, self.topology.sp_size, self.layout)
+        else:
+            import torch
+
+            self.positions = torch.arange(seq_length)
+
+    def micro_batch(self, batch, micro_step: int):
+        """batch [gas * dp * micro, L + 1] -> inputs, labels [micro, L/N], positions [L/N]."""
+        first = (micro_step * self.dp_size + self.dp_rank) * self.micro
+        rows = batch[first:first + self.micro]
+        return rows[:, :-1][:, self.positions], rows[:, 1:][:, self.positions], self.positions
+
+
+def build_model(args, lss):
+    from lss_plugin.models.gpt import GPT, GPTConfig, LSSAttentionOptions
+
+    config = GPTConfig(vocab_size=256, max_seq_length=args.seq_length, hidden_size=args.hidden_size,
+                       num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                       position_embedding=args.position_embedding)
+    return GPT(config, lss=LSSAttentionOptions(**lss.attention_kwargs()) if lss.enabled else None)
+
+
+def train(args) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+
+    import lss_plugin.deepspeed as lds
+    from lss_plugin.data import load_byte_splits, sample_batch
+    from lss_plugin.grads import reduce_loss
+    from lss_plugin.loss import sharded_cross_entropy
+
+    lss = lds.LSSConfig.from_ds_config(args.deepspeed_config)
+    torch.manual_seed(args.seed)
+    model = build_model(args, lss)
+    engine, _, _, _ = lds.initialize(model=model, model_parameters=model.parameters(), config=args.deepspeed_config)
+    rank0 = dist.get_rank() == 0
+    sharder = Sharder(engine, args.seq_length)
+    splits = load_byte_splits(args.data_path)
+    gas = engine.gradient_accumulation_steps()
+    global_batch = engine.train_batch_size()  # sequences per iteration
+    start = 0
+    if args.load:
+        _, client = engine.load_checkpoint(args.load)
+        start = int((client or {}).get("iteration", 0))
+    topology = getattr(engine, "lss_topology", None)
+    sp_group = topology.sp_group if topology is not None else None
+    if rank0:
+        grid = f"sp={topology.sp_size} x dp={topology.dp_size}" if topology else f"dp={dist.get_world_size()} (no LSS)"
+        print(f"train_gpt_deepspeed: {grid}, ZeRO {engine.zero_optimization_stage()}, {args.num_layers} layers, "
+              f"hidden {args.hidden_size}, seq {args.seq_length}, global batch {global_batch} | data {splits.source}",
+              flush=True)
+    metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
+    records = []
+    try:
+        for iteration in range(start + 1, args.train_iters + 1):
+            t0 = time.perf_counter()
+            batch = sample_batch(splits.train, global_batch, args.seq_length, step=iteration, seed=args.seed)
+            losses = []
+            for micro_step in range(gas):
+                inputs, labels, positions = sharder.micro_batch(batch, micro_step)
+                logits = engine(inputs.to(engine.device), positions.to(engine.device))  # [b, s_local, 256]
+                out = sharded_cross_entropy(logits, labels.to(engine.device), group=sp_group)
+                engine.backward(out.loss)
+                engine.step()
+                losses.append(out.local_mean)
+            local = torch.stack(losses).mean()
+            loss = float(reduce_loss(local, topology)) if topology is not None else _mean_over_world(local)
+            elapsed = time.perf_counter() - t0
+            norm = engine.get_global_grad_norm()
+            record = {"iteration": iteration, "loss": loss,
+                      "tokens_per_s": global_batch * args.seq_length / elapsed, "ms_per_iter": 1000.0 * elapsed,
+                      "grad_norm": None if norm is None else float(norm), "lr": engine.get_lr()[0]}
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at iteration {iteration}")
+            records.append(record)
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if rank0 and (iteration % max(1, args.log_interval) == 0 or iteration == args.train_iters):
+                print(f"iter {iteration:6d}/{args.train_iters} | loss {loss:.5f} | "
+                      f"{record['tokens_per_s']:9.1f} tokens/s | {record['ms_per_iter']:8.1f} ms/iter", flush=True)
+            if args.save and args.save_interval and (iteration % args.save_interval == 0 or iteration == args.train_iters):
+                engine.save_checkpoint(args.save, client_state={"iteration": iteration})
+    finally:
+        if metrics:
+            metrics.close()
+    return records
+
+
+def _mean_over_world(local) -> float:
+    import torch.distributed as dist
+
+    value = local.detach().double().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as err:
+        print(f"train_gpt_deepspeed: error: {err}", file=sys.stderr)
+        return 2
+    train(args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: DeepSpeed sometimes aborts in it
