@@ -15,6 +15,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ STEPS = 5
 GLOBAL_BATCH = 4  # sequences per step
 SEQ_LEN = 16  # divisible by 2 * 4 for the balanced layout on SP=4
 VOCAB = 32
-CLIP = 0.5  # active: the first steps' gradient norms are larger (checked below)
+CLIP = 0.75  # active at step 0 only (reference norms ~0.91, 0.63, 0.54, ...): clipped and unclipped steps
 RTOL = 1e-5
 CASES = [(4, 0), (4, 1), (4, 2), (2, 0), (2, 1), (2, 2)]  # (sp, zero stage) on 4 ranks
 STAGES = (0, 1, 2)
@@ -194,7 +195,8 @@ def _train_step(engine, step):
 
 
 def _params(engine):
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    # numpy, not tensors: torch pickles tensors through shared memory that dies with the rank
+    return {n: p.detach().cpu().numpy().copy() for n, p in engine.module.named_parameters()}
 
 
 def _teardown(engine):
@@ -261,12 +263,14 @@ def _four_rank_cases(ckpt_dir):
         out["resumed"][sp] = _train_step(engine, 3)[0]
         _teardown(engine)
 
-    # 4. A size that does not divide the world fails on every rank, before any collective.
-    try:
-        _build(3, 0, 4)
-        out["bad_size"] = None
-    except LSSConfigError as err:
-        out["bad_size"] = str(err)
+    # 4. Refused on every rank, before any collective: a size that does not divide the world,
+    #    and ZeRO stage 3.
+    for name, sp, stage in (("bad_size", 3, 0), ("zero3", 2, 3)):
+        try:
+            _build(sp, stage, 4)
+            out[name] = None
+        except LSSConfigError as err:
+            out[name] = str(err)
     return out
 
 
@@ -302,7 +306,8 @@ def _rel(a, b) -> float:
 
 def _assert_params_close(params, reference, what):
     for name, ref in reference.items():
-        err = float((params[name].double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+        diff, ref = params[name].astype("float64") - ref.astype("float64"), ref.astype("float64")
+        err = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
         assert err <= RTOL, f"{what}: parameter {name} differs by {err:.3g} (relative) > {RTOL}"
 
 
@@ -318,7 +323,8 @@ def test_deepspeed_alone_sums_over_sp(engines):
 def test_lss_engine_matches_one_rank_engine(engines, sp, stage):
     four, one = engines
     reference = one["runs"][stage]
-    assert reference["steps"][0][1] > CLIP  # clipping is really exercised
+    norms = [norm for _, norm in reference["steps"]]
+    assert max(norms) > CLIP > min(norms), norms  # clipped and unclipped steps both exercised
     for rank, result in enumerate(four):
         run = result["runs"][(sp, stage)]
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(run["steps"], reference["steps"])):
@@ -326,7 +332,7 @@ def test_lss_engine_matches_one_rank_engine(engines, sp, stage):
             assert _rel(norm, ref_norm) <= RTOL, f"rank {rank} step {step}: grad norm {norm} vs {ref_norm}"
         _assert_params_close(run["params"], reference["params"], f"sp={sp} zero={stage} rank {rank}")
         for name, value in run["params"].items():  # every replica identical, bit for bit
-            assert value.equal(four[0]["runs"][(sp, stage)]["params"][name]), (rank, name)
+            assert np.array_equal(value, four[0]["runs"][(sp, stage)]["params"][name]), (rank, name)
 
 
 def test_fused_averaging_matches(engines):
@@ -348,7 +354,8 @@ def test_checkpoint_resumes_under_other_sp_sizes(engines):
     assert _rel(one["resumed_zero0_one_rank"], one["uninterrupted_zero0"]) <= RTOL
 
 
-def test_bad_size_refused_on_every_rank(engines):
+def test_bad_size_and_zero3_refused_on_every_rank(engines):
     four, _ = engines
     for result in four:
         assert result["bad_size"] and "size 3 does not divide the world size 4" in result["bad_size"]
+        assert result["zero3"] and "ZeRO stage 3 is not supported" in result["zero3"]

@@ -17,11 +17,12 @@ The correction, per ZeRO stage, without touching the user's loss:
   bf16 one, sparse gradients): DeepSpeed's bucketed all-reduce over the grid stays, and the
   divisor it is handed becomes the grid size N x D (``allreduce_bucket`` / ``sparse_allreduce``
   wrapped). One all-reduce over SP x DP is the fused variant.
-- ZeRO 1, 2, 3: the partitioned reduction must run over the whole grid (that is where the
+- ZeRO 1, 2: the partitioned reduction must run over the whole grid (that is where the
   optimizer state lives), so it is inherently fused; the ZeRO optimizer's divisor
   ``world(grid) / sequence_parallel_size`` becomes ``world(grid)`` by setting its
   ``sequence_parallel_size`` attribute to 1. It appears in exactly the division sites above
-  (and in a forced-fp32 communication dtype that only matters for a sum).
+  (and in a forced-fp32 communication dtype that only matters for a sum). ZeRO 3 is refused in
+  ``initialize``: the same correction does not make it match a 1-rank engine.
 """
 from __future__ import annotations
 
