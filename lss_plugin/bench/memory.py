@@ -59,8 +59,10 @@ class LiveTensorTracker(TorchDispatchMode):
         report = tracker.report()
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record_ops: bool = False) -> None:
         super().__init__()
+        self._record_ops = record_ops
+        self._ops: list[str] = []  # creating op per record (record_ops=True only)
         self._ids: dict[int, int] = {}  # id(storage) -> record index (while alive)
         self._sizes: list[int] = []
         self._alive: list[bool] = []
@@ -69,7 +71,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._forward_end_event: int | None = None
 
     # -- recording ---------------------------------------------------------------------------
-    def _track(self, st: torch.UntypedStorage, static: bool = False) -> int | None:
+    def _track(self, st: torch.UntypedStorage, static: bool = False, op: str = "") -> int | None:
         if st.device.type == "meta":
             return None
         key = id(st)
@@ -82,6 +84,8 @@ class LiveTensorTracker(TorchDispatchMode):
         self._ids[key] = idx
         self._sizes.append(_storage_bytes(st))
         self._alive.append(True)
+        if self._record_ops:
+            self._ops.append(op)
         self._events.append((idx, +1))
         if static:
             self._static.add(idx)
@@ -118,10 +122,18 @@ class LiveTensorTracker(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not t.is_meta:
                 try:
-                    self._track(t.untyped_storage())
+                    self._track(t.untyped_storage(), op=str(func) if self._record_ops else "")
                 except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, ...)
                     pass
         return out
+
+    def live_at_forward_end(self) -> list[tuple[str, int]]:
+        """(creating op, bytes) of the activation storages live when forward ended (record_ops=True)."""
+        alive: dict[int, bool] = {}
+        for idx, sign in self._events[: self._forward_end_event]:
+            alive[idx] = sign > 0
+        return sorted(((self._ops[i] if self._ops else "?", self._sizes[i]) for i, a in alive.items()
+                       if a and i not in self._static), key=lambda x: -x[1])
 
     # -- results -----------------------------------------------------------------------------
     def report(self) -> MemoryReport:

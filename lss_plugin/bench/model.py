@@ -227,3 +227,8 @@ class Trainer:
         yield from (p.main_grad for p in self.params if getattr(p, "main_grad", None) is not None)
         yield from self.model.module.buffers()
         yield from optimizer_state_tensors(self.optimizer)
+        # Megatron's global memory buffer (its local attention's score matmul) persists across steps.
+        from megatron.core import parallel_state
+
+        buffers = getattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", None)
+        yield from getattr(buffers, "buffer", {}).values()

@@ -158,7 +158,11 @@ def case_dict(case: Case) -> dict:
 
 
 def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=None) -> dict:
-    """Worker body: every case, then every budget search; failures are recorded, not raised."""
+    """Worker body: every case, then every budget search; failures are recorded, not raised.
+
+    A budget job with ``budget_bytes=None`` takes the tracked peak of this group's first
+    ``single`` case (the memory one rank needs for the whole sequence).
+    """
     world_size = world_size or dist.get_world_size()
     results, budgets = [], []
     for i, case in enumerate(cases):
@@ -176,8 +180,14 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=Non
             progress(f"[N={world_size}] case {i + 1}/{len(cases)} {case.variant.name} {case.sweep} "
                      f"{case.attention} L={case.seq_len}: {time.perf_counter() - t0:.1f}s"
                      + (" ERROR" if res.error else f" loss={res.loss:.4f}"))
+    reference = next((r["memory"]["peak_bytes"] for r in results
+                      if r["case"]["variant"]["method"] == "single" and not r["error"]), None)
     for job in budget_jobs:
         t0 = time.perf_counter()
+        if job.get("budget_bytes") is None:
+            if reference is None:
+                raise RuntimeError("budget_bytes=None needs a successful `single` case in the same group")
+            job = dict(job, budget_bytes=reference)
         try:
             out = longest_fitting(world_size=world_size, **job)
         except Exception as e:  # noqa: BLE001
@@ -189,7 +199,7 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=Non
         if progress:
             progress(f"[N={world_size}] budget {out['variant']} {out['attention']}: "
                      f"L={out.get('longest_seq_len')} ({time.perf_counter() - t0:.1f}s)")
-    return {"cases": results, "budget": budgets}
+    return {"cases": results, "budget": budgets, "budget_reference_bytes": reference}
 
 
 def _try_teardown() -> None:
@@ -197,3 +207,9 @@ def _try_teardown() -> None:
         teardown()
     except Exception:  # noqa: BLE001
         pass
+
+
+def worker(cases, budget_jobs=()):
+    """Entry point of each benchmark rank (module-level so that spawned ranks can import it)."""
+    rank0 = dist.get_rank() == 0
+    return run_cases(cases, budget_jobs, progress=(lambda m: print(m, flush=True)) if rank0 else None)

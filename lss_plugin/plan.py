@@ -1,0 +1,400 @@
+"""Cost model: per-rank memory and communication per training step, LSS and the baselines.
+
+``python -m lss_plugin.plan`` prints PREDICTIONS (nothing is run) for the paper's setting and a
+modern one; ``--layers/--hidden/...`` plan any other. The model is the benchmark's: a megatron-core
+GPT (local spec: LayerNorm, GELU MLP with biases, learned positions, tied embeddings), megatron
+DDP with fp32 main grads, Adam. ``tests/test_plan.py`` checks it against the benchmark's measured
+counters at small sizes: communication bytes exactly, memory within 10%.
+
+Communication (per rank, per step): every collective as (type, payload bytes, group size, calls),
+with the payload convention of ``lss_plugin.bench.counters`` (assembled buffer), and bytes sent
+per rank under bandwidth-optimal algorithms. Memory (per rank): parameters, gradients, optimizer
+state, activations saved for backward, and the transient K/V buffer of LSS.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring")
+_WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+         "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+         "send": lambda n: 1.0, "recv": lambda n: 0.0}
+
+
+@dataclass(frozen=True)
+class GPTSpec:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 256
+    max_positions: int | None = None  # learned position table rows (default: the sequence length)
+
+    @property
+    def hkv(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the model is spread: method, SP/DP/TP sizes, K/V backward mode, dtype, batch."""
+
+    method: str
+    sp: int = 1
+    dp: int = 1
+    tp: int = 1
+    kv_backward: str = "keep"  # lss only: keep | regather
+    dtype_bytes: int = 4  # parameters and activations (fp32 4, bf16 2)
+    batch_size: int = 1  # sequences per rank (micro-batch)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "megatron_tp_sp" and self.sp != 1:
+            raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
+        if self.method in ("lss", "ulysses", "ring") and self.tp != 1:
+            raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
+        if self.method == "single" and (self.sp, self.tp) != (1, 1):
+            raise ValueError(f"single runs on one rank per replica: sp=tp=1, got sp={self.sp}, tp={self.tp}")
+
+    @property
+    def world_size(self) -> int:
+        return self.sp * self.dp * self.tp
+
+
+@dataclass
+class Collective:
+    type: str
+    payload_bytes: int  # per call
+    group_size: int
+    calls: int
+    what: str = ""
+
+    @property
+    def total_payload(self) -> int:
+        return self.payload_bytes * self.calls if self.group_size > 1 or self.type in ("send", "recv") else 0
+
+    @property
+    def total_sent(self) -> int:
+        if self.group_size <= 1 and self.type not in ("send", "recv"):
+            return 0
+        return int(round(self.payload_bytes * _WIRE[self.type](self.group_size))) * self.calls
+
+
+@dataclass
+class Plan:
+    spec: GPTSpec
+    setup: Setup
+    seq_len: int
+    params_per_rank: int
+    memory: dict
+    collectives: list = field(default_factory=list)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(c.total_payload for c in self.collectives)
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(c.total_sent for c in self.collectives)
+
+    def bytes_by_type(self) -> dict:
+        out: dict = {}
+        for c in self.collectives:
+            out[c.type] = out.get(c.type, 0) + c.total_payload
+        return out
+
+    def sent_by_type(self) -> dict:
+        out: dict = {}
+        for c in self.collectives:
+            out[c.type] = out.get(c.type, 0) + c.total_sent
+        return out
+
+    def calls_by_type(self) -> dict:
+        out: dict = {}
+        for c in self.collectives:
+            out[c.type] = out.get(c.type, 0) + c.calls
+        return out
+
+    def to_dict(self) -> dict:
+        return {"spec": asdict(self.spec), "setup": asdict(self.setup), "seq_len": self.seq_len,
+                "params_per_rank": self.params_per_rank, "memory": self.memory,
+                "payload_bytes": self.payload_bytes, "sent_bytes": self.sent_bytes,
+                "collectives": [asdict(c) for c in self.collectives]}
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+def parameter_counts(spec: GPTSpec, seq_len: int, tp: int = 1) -> dict:
+    """Parameters held by one rank, by kind: ``sharded`` (split over TP) and ``replicated``."""
+    h, dh = spec.hidden_size, spec.head_dim
+    qkv_out = (spec.num_heads + 2 * spec.hkv) * dh
+    positions = spec.max_positions or seq_len
+    per_layer_sharded = (h * qkv_out + qkv_out  # QKV weight + bias (column parallel)
+                         + spec.num_heads * dh * h  # proj weight (row parallel)
+                         + h * spec.ffn + spec.ffn  # fc1 weight + bias (column parallel)
+                         + spec.ffn * h)  # fc2 weight (row parallel)
+    per_layer_replicated = 2 * 2 * h + 2 * h  # two LayerNorms; proj and fc2 biases
+    sharded = spec.num_layers * per_layer_sharded + spec.vocab_size * h  # + word embedding (tied)
+    replicated = spec.num_layers * per_layer_replicated + 2 * h + positions * h  # final LN, positions
+    if sharded % tp:
+        raise ValueError(f"tensor-parallel size {tp} does not divide the sharded parameters")
+    # norms and row-parallel biases are sequence-parallel params: their grads are all-reduced over TP
+    sequence_parallel = spec.num_layers * per_layer_replicated + 2 * h
+    return {"sharded": sharded // tp, "replicated": replicated, "total": sharded // tp + replicated,
+            "sequence_parallel": sequence_parallel}
+
+
+# -- communication ---------------------------------------------------------------------------
+
+def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
+    """Every collective of one training step on one rank (forward, backward, grads, optimizer)."""
+    b, h, dh, dt, layers = s.batch_size, spec.hidden_size, spec.head_dim, s.dtype_bytes, spec.num_layers
+    grad_bytes = 4  # megatron DDP keeps fp32 main grads (grad_reduce_in_fp32)
+    params = parameter_counts(spec, seq_len, s.tp)
+    out: list[Collective] = []
+    if s.method in ("lss", "ulysses", "ring"):
+        n = s.sp
+        s_local = seq_len // n
+        kv_full = 2 * b * seq_len * spec.hkv * dh * dt  # packed K and V of the whole sequence
+        if s.method == "lss":
+            gathers = 2 if s.kv_backward == "regather" else 1
+            out.append(Collective("all_gather", kv_full, n, gathers * layers, "packed K,V (fwd" +
+                                  (" + bwd regather)" if gathers == 2 else ")")))
+            out.append(Collective("reduce_scatter", kv_full, n, layers, "packed dK,dV (bwd)"))
+        elif s.method == "ulysses":
+            for what, heads in (("q", spec.num_heads), ("k", spec.hkv), ("v", spec.hkv), ("out", spec.num_heads)):
+                out.append(Collective("all_to_all", b * s_local * heads * dh * dt, n, 2 * layers,
+                                      f"{what} (fwd + bwd)"))
+        else:
+            block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V block of one rank
+            hops = (n - 1) + (n - 1) + n if n > 1 else 0  # fwd K/V, bwd K/V, bwd dK/dV
+            out.append(Collective("send", block, n, hops * layers, "K,V and dK,dV blocks"))
+            out.append(Collective("recv", block, n, hops * layers, "K,V and dK,dV blocks"))
+        # megatron DDP: one all-reduce of the fp32 grad buffer over DP x SP; token count
+        out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)"))
+        out.append(Collective("all_reduce", 4, n * s.dp, 1, "loss token count"))
+    else:
+        t = s.tp
+        if t > 1:
+            unit = b * seq_len * h * dt  # [L, b, h]: what each Megatron SP collective assembles
+            out.append(Collective("all_gather", unit, t, 6 * layers + 3,
+                                  "per layer: fwd QKV/FC1 inputs, bwd re-gather of both inputs and "
+                                  "proj/FC2 output grads; output layer fwd+bwd, embedding bwd"))
+            out.append(Collective("reduce_scatter", unit, t, 4 * layers + 1,
+                                  "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd"))
+            out.append(Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)"))
+            out.append(Collective("all_reduce", b * seq_len * 4, t, 3, "vocab-parallel cross entropy"))
+            out.append(Collective("all_reduce", params["sequence_parallel"] * grad_bytes, t, 1,
+                                  "sequence-parallel norm/bias grads (TP)"))
+        out.append(Collective("all_reduce", params["total"] * grad_bytes, s.dp, 1, "grads (DP)"))
+        out.append(Collective("all_reduce", 4, s.dp, 1, "loss token count"))
+    return out
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
+    """Bytes held for backward when the forward pass ends, per rank, by part.
+
+    Counted tensor by tensor (with the benchmark's tracker, ``record_ops=True``) for the
+    megatron-core local spec without dropout; ``s`` = tokens of this rank's residual stream:
+    - every layer: LN1 and LN2 outputs, the two residual sums (4 x [s, h]), FC1 and GELU outputs
+      (2 x [s, ffn]); LayerNorm mean/rstd (fp32);
+    - attention, by method: the QKV projection output (kept alive by the saved q, k, v views),
+      the core-attention output, and the method's own state: LSS the log-sum-exp and, in ``keep``
+      mode, the gathered K,V of all L positions; ring the contiguous local K,V copies, its output
+      and log-sum-exp; Ulysses q, k, v after the all-to-all (GQA: repeated to all heads for SDPA),
+      SDPA's output and log-sum-exp and the output after the reverse all-to-all (the QKV output is
+      freed); Megatron's local attention the QKV output, the softmax probabilities [b, a, L, L] and
+      its output;
+    - around the layers: embedding output, final LN output, logits (softmax computed in place),
+      cross-entropy bookkeeping.
+    """
+    b, h, dh, dt, L = s.batch_size, spec.hidden_size, spec.head_dim, s.dtype_bytes, seq_len
+    H, G, ffn, V = spec.num_heads, spec.hkv, spec.ffn, spec.vocab_size
+    fp32, n_norms = 4, 2 * spec.num_layers + 1
+    if s.method in ("megatron_tp_sp", "single"):
+        t = s.tp
+        sl = L // t  # residual stream / LayerNorm tokens per rank (Megatron SP)
+        a, g = H // t, G // t
+        per_layer = (b * sl * 4 * h * dt
+                     + b * L * ((a + 2 * g) * dh + a * dh + 2 * (ffn // t)) * dt
+                     + b * a * L * L * dt)  # softmax probabilities
+        head = b * L * (V // t) * dt
+        cross_entropy = b * L * 9 * (2 if t > 1 else 1) + 8
+    else:
+        n = s.sp
+        sl = L // n
+        common = b * sl * (4 * h + 2 * ffn) * dt
+        lse = b * H * sl * fp32
+        if s.method == "lss":
+            kept = 2 * b * L * G * dh * dt if s.kv_backward == "keep" else 0
+            attention = b * sl * ((H + 2 * G) * dh + H * dh) * dt + lse + kept
+        elif s.method == "ring":
+            attention = b * sl * ((H + 2 * G) * dh + H * dh + 2 * G * dh) * dt + lse
+        else:  # ulysses
+            attention = b * sl * 5 * H * dh * dt + b * (H // n) * L * fp32
+        per_layer = common + attention
+        head = b * sl * V * dt
+        cross_entropy = b * sl * 9 + 8
+    stats = n_norms * 2 * b * sl * fp32
+    around = 2 * b * sl * h * dt + head + cross_entropy + stats
+    return {"per_layer": per_layer, "layers": spec.num_layers * per_layer,
+            "embedding_and_head": around, "total": spec.num_layers * per_layer + around}
+
+
+def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
+    """Largest short-lived buffers on top of the saved activations (during forward or backward).
+
+    LSS: the gathered packed K,V and its unpacked copy (what ``kv_head_chunk`` bounds); ring: one
+    block's scores, probabilities and their gradient; Ulysses: the all-to-all buffers; Megatron's
+    local attention: the gradient of the scores and probabilities [b, a, L, L].
+    """
+    b, dh, dt, L = s.batch_size, spec.head_dim, s.dtype_bytes, seq_len
+    if s.method == "lss":
+        return 2 * (2 * b * L * spec.hkv * dh * dt)
+    if s.method == "ring":
+        sl = L // s.sp
+        return 3 * b * spec.num_heads * sl * sl * dt
+    if s.method == "ulysses":
+        return b * L * (spec.num_heads + 2 * spec.hkv) * dh * dt // s.sp
+    return 2 * b * (spec.num_heads // s.tp) * L * L * dt
+
+
+def persistent_buffer_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
+    """Megatron's local attention keeps a global [b * a, L, L] buffer for its score matmul."""
+    if s.method in ("megatron_tp_sp", "single"):
+        return s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
+    return 0
+
+
+def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
+    """The cost model's prediction for one rank of ``setup`` training ``spec`` at ``seq_len``."""
+    parts = setup.sp * setup.tp * (2 if setup.method == "lss" else 1)
+    if seq_len % max(setup.sp, setup.tp) != 0:
+        raise ValueError(f"sequence length {seq_len} is not divisible by sp({setup.sp}) x tp({setup.tp})")
+    if setup.method == "megatron_tp_sp" and (spec.num_heads % setup.tp or spec.hkv % setup.tp):
+        raise ValueError(f"tp({setup.tp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
+    if setup.method == "ulysses" and (spec.num_heads % setup.sp or spec.hkv % setup.sp):
+        raise ValueError(f"Ulysses sp({setup.sp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
+    del parts
+    counts = parameter_counts(spec, seq_len, setup.tp)
+    p = counts["total"]
+    master = 4 if setup.dtype_bytes < 4 else 0  # fp32 master weights for bf16/fp16 training
+    act = activation_bytes(spec, seq_len, setup)
+    memory = {
+        "params": p * setup.dtype_bytes,
+        "grads": p * 4,
+        "optimizer": p * (8 + master),
+        "persistent_buffers": persistent_buffer_bytes(spec, seq_len, setup),
+        "activations": act["total"],
+        "transient": transient_bytes(spec, seq_len, setup),
+    }
+    memory["static"] = (memory["params"] + memory["grads"] + memory["optimizer"]
+                        + memory["persistent_buffers"])
+    memory["peak"] = memory["static"] + memory["activations"] + memory["transient"]
+    return Plan(spec, setup, seq_len, p, memory, collectives(spec, seq_len, setup))
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:10.3f}"
+
+
+def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup]) -> str:
+    lines = [f"PREDICTION (cost model, nothing measured) - {title}",
+             f"  model: {spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_heads}/"
+             f"{spec.hkv} kv, ffn {spec.ffn}, vocab {spec.vocab_size}; L = {seq_len:,} tokens",
+             f"  {'method':28} {'world':>6} {'params':>10} {'grads+opt':>10} {'activ.':>10} "
+             f"{'transient':>10} {'peak GiB':>10} {'sent GiB/step':>14}"]
+    for s in setups:
+        try:
+            pl = plan(spec, seq_len, s)
+        except ValueError as e:
+            lines.append(f"  {_label(s):28} {s.world_size:>6}  not possible: {e}")
+            continue
+        m = pl.memory
+        lines.append(f"  {_label(s):28} {s.world_size:>6} {_gib(m['params'])} {_gib(m['grads'] + m['optimizer'])} "
+                     f"{_gib(m['activations'])} {_gib(m['transient'])} {_gib(m['peak'])} {pl.sent_bytes / 2**30:14.3f}")
+    return "\n".join(lines)
+
+
+def _label(s: Setup) -> str:
+    if s.method == "lss":
+        return f"lss[{s.kv_backward}] sp{s.sp} dp{s.dp}"
+    if s.method == "megatron_tp_sp":
+        return f"megatron_tp_sp tp{s.tp} dp{s.dp}"
+    if s.method == "single":
+        return f"single dp{s.dp}"
+    return f"{s.method} sp{s.sp} dp{s.dp}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lss_plugin.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, help="plan a custom model instead of the built-in settings")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int)
+    p.add_argument("--ffn", type=int)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--sp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype-bytes", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.layers:
+        spec = GPTSpec(args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab)
+        world = args.sp * args.dp * args.tp
+        setups = [Setup("lss", sp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes),
+                  Setup("lss", sp=world // args.dp, dp=args.dp, kv_backward="regather", dtype_bytes=args.dtype_bytes),
+                  Setup("megatron_tp_sp", tp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes),
+                  Setup("ulysses", sp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes),
+                  Setup("ring", sp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes)]
+        print(_table("custom", spec, args.seq_len, setups))
+        return 0
+    # The paper (Wang et al. 2023): enwik8, V100s, 144 GPUs (5.6x faster, 10.2x less memory than
+    # Megatron SP) and L = 50,112 on 3,456 GPUs. Its exact model dims are ASSUMED here: a small
+    # byte-level GPT (12 layers, hidden 768, 12 heads), fp32 on V100.
+    paper = GPTSpec(num_layers=12, hidden_size=768, num_heads=12, vocab_size=256)
+    L = 50_112
+    print(_table("paper setting A (assumed dims): 144 GPUs, L = 50,112", paper, L, [
+        Setup("lss", sp=144, dtype_bytes=4), Setup("lss", sp=144, kv_backward="regather", dtype_bytes=4),
+        Setup("ring", sp=144, dtype_bytes=4),
+        Setup("megatron_tp_sp", tp=12, dp=12, dtype_bytes=4),  # TP is capped by the 12 heads
+        Setup("ulysses", sp=12, dp=12, dtype_bytes=4)]))
+    print()
+    print(_table("paper setting B (assumed dims): 3,456 GPUs = SP 144 x DP 24, L = 50,112", paper, L, [
+        Setup("lss", sp=144, dp=24, dtype_bytes=4), Setup("lss", sp=144, dp=24, kv_backward="regather", dtype_bytes=4),
+        Setup("ring", sp=144, dp=24, dtype_bytes=4)]))
+    print()
+    modern = GPTSpec(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_hidden_size=4 * 4096,
+                     vocab_size=128_256, max_positions=1)  # RoPE: no position table
+    M = 1_048_576
+    print(_table("modern setting: 8B-class GQA model (32 layers, hidden 4096, 32/8 heads), bf16, "
+                 "L = 1,048,576 on 1,024 GPUs", modern, M, [
+                     Setup("lss", sp=1024, dtype_bytes=2), Setup("lss", sp=1024, kv_backward="regather", dtype_bytes=2),
+                     Setup("ring", sp=1024, dtype_bytes=2),
+                     Setup("ulysses", sp=8, dp=128, dtype_bytes=2),
+                     Setup("megatron_tp_sp", tp=8, dp=128, dtype_bytes=2)]))
+    print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
+          "recomputation, dense attention memory for Megatron's local attention).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

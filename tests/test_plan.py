@@ -1,0 +1,87 @@
+"""The cost model agrees with the benchmark's measured counters at small sizes.
+
+Measured: ``lss_plugin.bench.run.run_cases`` on real ranks (megatron-core GPTModel, gloo), one
+training step counted by the torch.distributed wrappers and one tracked by the live-tensor tracker.
+Predicted: ``lss_plugin.plan.plan`` for the same model, length and layout.
+Communication: payload bytes and bytes sent per collective type must match EXACTLY.
+Memory: peak live bytes and activation bytes at the end of forward within 10%.
+"""
+import pytest
+
+from lss_plugin.bench.launch import launch
+from lss_plugin.bench.model import ModelDims, Variant
+from lss_plugin.bench.run import Case, worker
+from lss_plugin.plan import GPTSpec, Setup, plan
+
+MEMORY_RTOL = 0.10
+STATIC_RTOL = 0.01
+
+DIMS = {
+    "mha": ModelDims(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4, max_positions=256),
+    "gqa": ModelDims(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, max_positions=256),
+}
+SEQ_LEN = 128
+
+
+def _cases(world):
+    variants = [Variant("single")] if world == 1 else [
+        Variant("lss"), Variant("lss", "balanced", "regather"), Variant("megatron_tp_sp"),
+        Variant("ulysses"), Variant("ring")]
+    return [Case(v, DIMS[att], SEQ_LEN, warmup=1, steps=0, attention=att)
+            for att in ("mha", "gqa") for v in variants]
+
+
+def _setup(variant: Variant, world: int) -> Setup:
+    if variant.method == "megatron_tp_sp":
+        return Setup("megatron_tp_sp", tp=world)
+    if variant.method == "single":
+        return Setup("single")
+    return Setup(variant.method, sp=world, kv_backward=variant.kv_backward)
+
+
+def _spec(d: ModelDims) -> GPTSpec:
+    return GPTSpec(d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.ffn_hidden_size,
+                   d.vocab_size, d.max_positions)
+
+
+def _measure(world):
+    out = launch(worker, world, _cases(world), [], timeout_s=900, pg_timeout_s=300)
+    return [c for rank_out in out for c in rank_out["cases"]]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return _measure(1) + _measure(2)
+
+
+def _pairs(measured):
+    for c in measured:
+        assert c["error"] is None, c["error"]
+        v = Variant(**c["case"]["variant"])
+        d = ModelDims(**c["case"]["dims"])
+        yield c, plan(_spec(d), c["case"]["seq_len"], _setup(v, c["world_size"]))
+
+
+def test_communication_bytes_exact(measured):
+    for c, p in _pairs(measured):
+        name = (c["case"]["variant_name"], c["case"]["attention"], c["world_size"], c["rank"])
+        got = {k: v for k, v in c["comm"]["bytes"].items() if v}
+        want = {k: v for k, v in p.bytes_by_type().items() if v}
+        assert got == want, (name, got, want)
+        got_sent = {k: v for k, v in c["comm"]["sent_bytes"].items() if v}
+        want_sent = {k: v for k, v in p.sent_by_type().items() if v}
+        assert got_sent == want_sent, (name, got_sent, want_sent)
+
+
+def test_memory_within_ten_percent(measured):
+    for c, p in _pairs(measured):
+        name = (c["case"]["variant_name"], c["case"]["attention"], c["world_size"], c["rank"])
+        mem = c["memory"]
+        # static = params + fp32 main grads + Adam state + Megatron's attention buffer (+ the input
+        # batch, which the model leaves out: a few KiB)
+        assert abs(mem["static_bytes"] - p.memory["static"]) <= STATIC_RTOL * mem["static_bytes"], (
+            name, mem["static_bytes"], p.memory)
+        act = mem["activation_bytes_after_forward"]
+        assert abs(act - p.memory["activations"]) <= MEMORY_RTOL * act, (name, act, p.memory)
+        peak = mem["peak_bytes"]
+        assert abs(peak - p.memory["peak"]) <= MEMORY_RTOL * peak, (name, peak, p.memory)
