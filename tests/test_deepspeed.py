@@ -263,7 +263,10 @@ def _four_rank_cases(ckpt_dir):
         out["resumed"][sp] = _train_step(engine, 3)[0]
         _teardown(engine)
 
-    # 4. Refused on every rank, before any collective: a size that does not divide the world,
+    # 4. The example script, SP=2 x DP=2 (its losses are compared with the 1-rank run below).
+    out["example"] = _run_example(ckpt_dir, "lss")
+
+    # 5. Refused on every rank, before any collective: a size that does not divide the world,
     #    and ZeRO stage 3.
     for name, sp, stage in (("bad_size", 3, 0), ("zero3", 2, 3)):
         try:
@@ -289,12 +292,61 @@ def _one_rank_references(ckpt_dir):
     for step in range(3):
         _train_step(reference, step)
     out["uninterrupted_zero0"] = _train_step(reference, 3)[0]
+    out["example"] = _run_example(ckpt_dir, "plain")
     return out
+
+
+EXAMPLE_ITERS = 3
+
+
+def _write_example_inputs(directory: str) -> None:
+    """A byte corpus and two configs for the example: LSS SP=2 on 4 ranks, plain DeepSpeed on 1."""
+    rng = np.random.default_rng(0)
+    words = [b"lss", b"sequence", b"parallel", b"attention", b"deepspeed", b"token", b"the", b"of"]
+    text = b" ".join(words[i] for i in rng.integers(0, len(words), size=6000))
+    with open(os.path.join(directory, "corpus.txt"), "wb") as f:
+        f.write(text)
+    base = {"train_batch_size": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+            "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
+    configs = {"lss": {**base, "train_micro_batch_size_per_gpu": 2, BLOCK_KEY: {"size": 2}},
+               "plain": {**base, "train_micro_batch_size_per_gpu": 4}}
+    for name, config in configs.items():
+        with open(os.path.join(directory, f"example_{name}.json"), "w") as f:
+            json.dump(config, f)
+
+
+def _run_example(directory: str, name: str):
+    import importlib.util
+    import torch.distributed as dist
+
+    from lss_plugin.topology import destroy_topology
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "train_gpt_deepspeed.py")
+    spec = importlib.util.spec_from_file_location("train_gpt_deepspeed", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    metrics = os.path.join(directory, f"example_{name}.jsonl")
+    args = example.parse_args([
+        "--deepspeed_config", os.path.join(directory, f"example_{name}.json"), "--train-iters", str(EXAMPLE_ITERS),
+        "--seq-length", "32", "--num-layers", "1", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
+        "--data-path", os.path.join(directory, "corpus.txt"), "--metrics-file", metrics, "--seed", "5",
+    ])
+    records = example.train(args)
+    destroy_topology()
+    dist.barrier()
+    lines = None
+    if dist.get_rank() == 0:
+        with open(metrics) as f:
+            lines = [json.loads(line) for line in f]
+    return {"losses": [r["loss"] for r in records], "metrics": lines}
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     ckpt_dir = str(tmp_path_factory.mktemp("ds_ckpt"))
+    _write_example_inputs(ckpt_dir)
     four = run_ranks(_four_rank_cases, 4, ckpt_dir, timeout_s=600)
     one = run_ranks(_one_rank_references, 1, ckpt_dir, timeout_s=300)[0]
     return four, one
@@ -359,3 +411,17 @@ def test_bad_size_and_zero3_refused_on_every_rank(engines):
     for result in four:
         assert result["bad_size"] and "size 3 does not divide the world size 4" in result["bad_size"]
         assert result["zero3"] and "ZeRO stage 3 is not supported" in result["zero3"]
+
+
+def test_example_script_matches_plain_deepspeed(engines):
+    """examples/train_gpt_deepspeed.py with SP=2 x DP=2 trains as plain DeepSpeed on one rank."""
+    four, one = engines
+    reference = one["example"]["losses"]
+    assert len(reference) == EXAMPLE_ITERS
+    for result in four:
+        for it, (loss, ref) in enumerate(zip(result["example"]["losses"], reference)):
+            assert _rel(loss, ref) <= RTOL, f"iteration {it + 1}: {loss} vs {ref}"
+    metrics = four[0]["example"]["metrics"]
+    assert [m["iteration"] for m in metrics] == list(range(1, EXAMPLE_ITERS + 1))
+    for m in metrics:
+        assert {"iteration", "loss", "tokens_per_s", "ms_per_iter"} <= set(m) and m["tokens_per_s"] > 0
