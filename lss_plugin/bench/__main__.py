@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per case (median reported)")
     p.add_argument("--budget-mib", type=float, default=None,
                    help="memory budget per rank for the longest-sequence search (default: the "
-                        "tracked peak of `single` at the strong-scaling length, measured on 1 rank)")
+                        "tracked peak of lss[regather,contiguous] on 1 rank at the strong-scaling "
+                        "length, i.e. what one rank needs for that sequence without splitting it)")
     p.add_argument("--no-weak", action="store_true")
     p.add_argument("--no-budget", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
                 if attention == "gqa" and v.method == "single" and args.quick:
                     continue
                 cases.append(Case(v, dims, args.seq_len, sweep="strong", attention=attention, **common))
-            if not args.no_weak:
+            if not args.no_weak and not (args.quick and v.method in ("ulysses", "ring")):
                 cases.append(Case(v, dims_for["mha"], args.tokens_per_rank * world, sweep="weak",
                                   attention="mha", **common))
         budget_jobs = []
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
             for v in variants_for(args.methods, world, args.quick):
                 if v.method == "lss" and (v.layout == "balanced" or (args.quick and v.kv_backward == "keep")):
                     continue  # same memory as contiguous; keeps the search short
-                if args.quick and v.method in ("ulysses", "ring"):
-                    continue
+                if args.quick and v.method != "lss":
+                    continue  # --quick: the LSS search only
                 budget_jobs.append(dict(variant=v, dims=dims_for["mha"], budget_bytes=budget_bytes,
                                         unit=unit, max_len=budget_max, attention="mha",
                                         batch_size=args.batch_size))

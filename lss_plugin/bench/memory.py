@@ -16,8 +16,10 @@ Categories after a step:
   or survives it as ``.grad`` / optimizer state);
 - ``activation``: everything else: tensors saved for backward, temporaries, activation gradients,
   communication buffers.
-Reported: ``peak_bytes`` (max of all live bytes), ``peak_activation_bytes`` (max of the activation
-part alone), ``activation_bytes_after_forward`` (activation part live when forward ends: what is
+Reported: ``peak_bytes`` (max of all live bytes, optimizer step included),
+``peak_activation_bytes`` (max of the activation part alone during forward, backward and gradient
+reduction, up to ``mark_backward_end``: the optimizer's own temporaries are not activations),
+``activation_bytes_after_forward`` (activation part live when forward ends: what is
 saved for backward), ``static_bytes``.
 """
 from __future__ import annotations
@@ -69,6 +71,7 @@ class LiveTensorTracker(TorchDispatchMode):
         self._events: list[tuple[int, int]] = []  # (record index, +1 alloc / -1 free)
         self._static: set[int] = set()
         self._forward_end_event: int | None = None
+        self._backward_end_event: int | None = None
 
     # -- recording ---------------------------------------------------------------------------
     def _track(self, st: torch.UntypedStorage, static: bool = False, op: str = "") -> int | None:
@@ -117,6 +120,10 @@ class LiveTensorTracker(TorchDispatchMode):
     def mark_forward_end(self) -> None:
         self._forward_end_event = len(self._events)
 
+    def mark_backward_end(self) -> None:
+        """After backward and gradient reduction: the activation peak is taken up to here."""
+        self._backward_end_event = len(self._events)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
@@ -147,7 +154,8 @@ class LiveTensorTracker(TorchDispatchMode):
             if idx not in self._static:
                 act += delta
             peak = max(peak, total)
-            peak_act = max(peak_act, act)
+            if self._backward_end_event is None or i < self._backward_end_event:
+                peak_act = max(peak_act, act)
         if act_after_forward is None:
             act_after_forward = act
         static = sum(self._sizes[i] for i in self._static if self._alive[i])

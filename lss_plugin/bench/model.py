@@ -202,16 +202,23 @@ class Trainer:
         per_token = self.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return per_token.float().sum(), torch.tensor(float(per_token.numel()))
 
-    def backward_and_step(self, loss_sum, num_tokens) -> None:
+    def backward(self, loss_sum, num_tokens) -> None:
+        """Backward and gradient reduction."""
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
         loss_sum.backward()
         # DP x CP all-reduce (megatron DDP), TP all-reduce of sequence-parallel norm grads,
         # division by the global token count: the same call for every method.
         finalize_model_grads([self.model], num_tokens=num_tokens.clone())
+
+    def optimizer_step(self) -> None:
         for p in self.params:
             p.grad = p.main_grad
         self.optimizer.step()
+
+    def backward_and_step(self, loss_sum, num_tokens) -> None:
+        self.backward(loss_sum, num_tokens)
+        self.optimizer_step()
 
     def step(self, batch) -> float:
         self.zero()

@@ -21,6 +21,9 @@ from lss_plugin.bench.memory import (LiveTensorTracker, peak_rss_bytes, release_
 from lss_plugin.bench.model import ModelDims, Trainer, Variant, build_model, make_batch, setup_parallel
 
 
+BUDGET_REFERENCE = "lss[regather,contiguous]"
+
+
 @dataclass(frozen=True)
 class Case:
     variant: Variant
@@ -60,7 +63,9 @@ def tracked_step(trainer: Trainer, batch: dict) -> dict:
     with tracker:
         loss_sum, n = trainer.forward(batch)
         tracker.mark_forward_end()
-        trainer.backward_and_step(loss_sum, n)
+        trainer.backward(loss_sum, n)
+        tracker.mark_backward_end()
+        trainer.optimizer_step()
     tracker.classify_static(trainer.static_tensors())
     del loss_sum
     return tracker.report().to_dict()
@@ -124,6 +129,7 @@ def longest_fitting(variant: Variant, dims: ModelDims, world_size: int, budget_b
     probes = {}
 
     def peak_at(units: int) -> int:
+        _drop_megatron_global_buffer()  # it only grows: a longer earlier probe must not count here
         batch = make_batch(variant, units * unit, batch_size, dims.vocab_size, world_size)
         trainer.step(batch)  # first step at this length (LSS checks signatures once per shape)
         mem = tracked_step(trainer, batch)
@@ -151,6 +157,14 @@ def longest_fitting(variant: Variant, dims: ModelDims, world_size: int, budget_b
             "max_len_searched": max_len, "probes": probes}
 
 
+def _drop_megatron_global_buffer() -> None:
+    from megatron.core import parallel_state
+
+    buffers = getattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", None)
+    if buffers is not None:
+        buffers.buffer.clear()
+
+
 def case_dict(case: Case) -> dict:
     d = asdict(case)
     d["variant_name"] = case.variant.name
@@ -160,8 +174,8 @@ def case_dict(case: Case) -> dict:
 def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=None) -> dict:
     """Worker body: every case, then every budget search; failures are recorded, not raised.
 
-    A budget job with ``budget_bytes=None`` takes the tracked peak of this group's first
-    ``single`` case (the memory one rank needs for the whole sequence).
+    A budget job with ``budget_bytes=None`` takes the tracked peak of this group's strong-scaling
+    MHA case of ``BUDGET_REFERENCE`` (what LSS needs on one rank for the whole sequence).
     """
     world_size = world_size or dist.get_world_size()
     results, budgets = [], []
@@ -181,12 +195,13 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=Non
                      f"{case.attention} L={case.seq_len}: {time.perf_counter() - t0:.1f}s"
                      + (" ERROR" if res.error else f" loss={res.loss:.4f}"))
     reference = next((r["memory"]["peak_bytes"] for r in results
-                      if r["case"]["variant"]["method"] == "single" and not r["error"]), None)
+                      if r["case"]["variant_name"] == BUDGET_REFERENCE and r["case"]["sweep"] == "strong"
+                      and r["case"]["attention"] == "mha" and not r["error"]), None)
     for job in budget_jobs:
         t0 = time.perf_counter()
         if job.get("budget_bytes") is None:
             if reference is None:
-                raise RuntimeError("budget_bytes=None needs a successful `single` case in the same group")
+                raise RuntimeError(f"budget_bytes=None needs a successful {BUDGET_REFERENCE} case in the group")
             job = dict(job, budget_bytes=reference)
         try:
             out = longest_fitting(world_size=world_size, **job)
