@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,11 +152,24 @@ def ensure_default_corpus(cache_dir: str | None = None) -> str:
             return target
         if os.path.exists(target):
             print(f"[lss_plugin.data] {target} fails its SHA-256 check; fetching it again", file=sys.stderr)
+        _remove_debris(cache_dir)
         text = _fetch_gensim_text(cache_dir)
         _write_atomically(target, lambda dst: dst.write(text))
     if not _is_verified(target):
         raise DataUnavailableError(f"{target} was written but does not verify; is the disk full?")
     return target
+
+
+def _remove_debris(cache_dir: str) -> None:
+    """Scratch left by a process killed mid-fetch. Call under the lock: then nobody else is fetching."""
+    for name in os.listdir(cache_dir):
+        if name.startswith((".download-", ".tmp-")):
+            path = os.path.join(cache_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
 
 def _is_verified(path: str) -> bool:

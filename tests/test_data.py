@@ -123,6 +123,8 @@ def test_corrupted_cache_is_refetched_safely_by_concurrent_callers(corpus_cache,
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
     assert not data._is_verified(str(target))
+    (cache / ".download-killed").mkdir()  # scratch of a fetch that was killed
+    (cache / ".download-killed" / "gensim.whl").write_bytes(b"partial")
     # Three processes at once (as ranks would): one re-fetches under the lock, all read the same.
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
