@@ -45,9 +45,16 @@ def uneven_loss_mask(tokens, labels):
     return labels % 3 != 0
 
 
+FC1 = "decoder.layers.0.mlp.linear_fc1.weight"  # SwiGLU: TP stride 2 ([gate; up] per rank)
+VARIANT = ["--swiglu", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",
+           "--disable-bias-linear"]
+
+
 def case(pos, masked, *extra, iters=ITERS):
     argv = BASE + ["--position-embedding-type", pos, "--train-iters", str(iters), *extra]
     probes = (QKV, NORM, POS) if pos == "learned_absolute" else (QKV, NORM)
+    if "--swiglu" in extra:
+        probes += (FC1,)
     return {"argv": argv, "masked": masked, "probes": probes}
 
 
@@ -142,6 +149,9 @@ def cases_2(ckpt):
         "sp2_balanced_rope": case("rope", False, *lss, "--lss-layout", "balanced"),
         "tp2sp_learned_masked": case("learned_absolute", True, *tpsp),
         "tp2sp_rope": case("rope", False, *tpsp, "--save", ckpt["tp2"], "--save-interval", str(ITERS)),
+        "tp2sp_swiglu_rmsnorm_untied": case("learned_absolute", True, *tpsp, *VARIANT),
+        "sp2_balanced_swiglu_rmsnorm_untied": case("learned_absolute", True, *lss, *VARIANT,
+                                                   "--lss-layout", "balanced"),
         # SP=4 balanced checkpoint, resumed with SP=2 contiguous.
         "resume_sp4_on_sp2": case("learned_absolute", False, *lss, "--load", ckpt["sp4"],
                                   iters=RESUME_ITERS),
@@ -155,6 +165,7 @@ def cases_1(ckpt):
         "ref_learned_masked": case("learned_absolute", True),
         "ref_rope": case("rope", False, iters=RESUME_ITERS),
         "ref_rope_masked": case("rope", True),
+        "ref_swiglu_rmsnorm_untied_masked": case("learned_absolute", True, *VARIANT),
         "resume_sp4_on_1": case("learned_absolute", False, "--load", ckpt["sp4"], iters=RESUME_ITERS),
         "resume_tp2_on_1": case("rope", False, "--load", ckpt["tp2"], iters=RESUME_ITERS),
     }
@@ -191,6 +202,8 @@ REFERENCE = {  # parallel case -> 1-rank reference case
     "sp2_balanced_rope": "ref_rope",
     "tp2sp_learned_masked": "ref_learned_masked",
     "tp2sp_rope": "ref_rope",
+    "tp2sp_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
+    "sp2_balanced_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
 }
 
 

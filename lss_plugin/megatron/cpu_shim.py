@@ -106,18 +106,23 @@ def apply_cpu_shim() -> bool:
     transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
 
-    # The local (non-TE) specs and the transformer block pick their norm class from these
-    # module globals when apex is missing; swap in the sequence-parallel-capable torch norm.
-    from megatron.core.models import backends
-    from megatron.core.models.gpt import gpt_layer_specs
-    from megatron.core.transformer import transformer_block
+    # The local (non-TE) specs and the transformer block pick their norm class from module
+    # globals (LNImpl, LayerNormImpl, and WrappedTorchNorm itself, which the RMSNorm branch of
+    # LocalSpecProvider.layer_norm re-assigns): swap in the sequence-parallel-capable norm in
+    # every megatron-core module loaded so far, the GPT ones imported here first.
+    import sys
 
+    from megatron.core.models import backends  # noqa: F401
+    from megatron.core.models.gpt import gpt_layer_specs  # noqa: F401
+    from megatron.core.transformer import transformer_block  # noqa: F401
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    for module, name in ((backends, "LNImpl"), (gpt_layer_specs, "LNImpl"),
-                         (transformer_block, "LayerNormImpl")):
-        if getattr(module, name, None) is WrappedTorchNorm:
-            setattr(module, name, SequenceParallelTorchNorm)
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith("megatron.core") or module_name.endswith("torch_norm"):
+            continue
+        for name in ("WrappedTorchNorm", "LNImpl", "LayerNormImpl"):
+            if getattr(module, name, None) is WrappedTorchNorm:
+                setattr(module, name, SequenceParallelTorchNorm)
     _APPLIED = True
     return True
 

@@ -132,15 +132,19 @@ def _is_tp_sharded(param) -> bool:
 
 
 def gather_tp(tensor: torch.Tensor, param) -> torch.Tensor:
-    """The full tensor of a TP-sharded ``param`` (or ``tensor`` itself if not sharded)."""
+    """The full tensor of a TP-sharded ``param`` (or ``tensor`` itself if not sharded).
+
+    Megatron splits the master tensor into ``world * stride`` chunks along ``partition_dim`` and
+    gives TP rank r chunks r, r + world, ... (stride 2 for SwiGLU's [gate; up] fc1).
+    """
     group, size = _tp_group_and_size()
     if size == 1 or not _is_tp_sharded(param):
         return tensor
-    if getattr(param, "partition_stride", 1) != 1:
-        raise NotImplementedError("strided tensor-parallel partitions are not supported")
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=param.partition_dim)
+    pieces = [part.chunk(stride, dim=dim) for part in parts]  # pieces[rank][j] = chunk j*world+rank
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(size)], dim=dim)
 
 
 def shard_tp(full: torch.Tensor, param) -> torch.Tensor:
@@ -151,7 +155,9 @@ def shard_tp(full: torch.Tensor, param) -> torch.Tensor:
     if size == 1 or not _is_tp_sharded(param):
         return full
     rank = parallel_state.get_tensor_model_parallel_rank()
-    return full.chunk(size, dim=param.partition_dim)[rank]
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = full.chunk(size * stride, dim=dim)
+    return torch.cat(chunks[rank::size], dim=dim)
 
 
 def named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
