@@ -15,7 +15,7 @@ import sys
 import time
 
 from lss_plugin.bench.model import ModelDims, Variant
-from lss_plugin.bench.run import worker
+from lss_plugin.bench.run import BUDGET_REFERENCE, worker
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +74,8 @@ def variants_for(methods, world_size: int, quick: bool = False) -> list[Variant]
         elif m == "lss":
             layouts = ("contiguous",) if quick else ("contiguous", "balanced")
             out += [Variant("lss", layout, mode) for layout in layouts for mode in ("keep", "regather")]
+            if not quick:  # the memory-lean extreme: regather, one KV head gathered at a time
+                out.append(Variant("lss", "contiguous", "regather", kv_head_chunk=1))
         elif m in ("megatron_tp_sp", "ulysses", "ring"):
             out.append(Variant(m))
         else:
@@ -90,14 +92,20 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     max_len = max(args.seq_len, args.tokens_per_rank * max(args.ranks))
     # The search runs between `unit` and `budget_max` tokens (~log2(budget_max / unit) probes).
-    budget_max = 8 * args.seq_len if args.quick else 16 * args.seq_len
+    budget_max = 8 * args.seq_len
     unit = 32 * max(args.ranks) if args.quick else 16 * max(args.ranks)
+    if args.seq_len % unit:
+        raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {unit} (16 x max ranks)")
+    # The learned position table is sized to the longest sequence of the sweep (it is a
+    # parameter: a larger table would inflate every method's gradient all-reduce).
     dims_for = {
         "mha": ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.num_heads,
-                         max_positions=max(max_len, budget_max)),
+                         max_positions=max_len),
         "gqa": ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.gqa_kv_heads,
-                         max_positions=max(max_len, budget_max)),
+                         max_positions=max_len),
     }
+    budget_dims = ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.num_heads,
+                            max_positions=budget_max)
     print(f"lss_plugin.bench: ranks {args.ranks}, methods {args.methods}, strong L={args.seq_len}, "
           f"weak {args.tokens_per_rank} tokens/rank, dims {dims_for['mha']}, GQA kv heads "
           f"{args.gqa_kv_heads}, output {args.out}", flush=True)
@@ -118,17 +126,23 @@ def main(argv=None) -> int:
                                   attention="mha", **common))
         budget_jobs = []
         if not args.no_budget:
-            if budget_bytes is None and 1 not in args.ranks:
-                raise SystemExit("the default budget is measured on 1 rank: include 1 in --ranks or "
-                                 "give --budget-mib")
             for v in variants_for(args.methods, world, args.quick):
-                if v.method == "lss" and (v.layout == "balanced" or (args.quick and v.kv_backward == "keep")):
+                if v.method == "lss" and (v.layout == "balanced" or v.kv_head_chunk
+                                          or (args.quick and v.kv_backward == "keep")):
                     continue  # same memory as contiguous; keeps the search short
                 if args.quick and v.method != "lss":
                     continue  # --quick: the LSS search only
-                budget_jobs.append(dict(variant=v, dims=dims_for["mha"], budget_bytes=budget_bytes,
+                budget_jobs.append(dict(variant=v, dims=budget_dims, budget_bytes=budget_bytes,
                                         unit=unit, max_len=budget_max, attention="mha",
                                         batch_size=args.batch_size))
+            if budget_bytes is None:
+                # measure the budget first: LSS (regather) on one rank at the strong-scaling length
+                ref = [j for j in budget_jobs if j["variant"].name == BUDGET_REFERENCE]
+                if not ref or world != 1:
+                    raise SystemExit(f"the default budget is measured with {BUDGET_REFERENCE} on 1 rank: "
+                                     "include lss and 1 in --ranks/--methods, or give --budget-mib")
+                ref[0]["reference_len"] = args.seq_len
+                budget_jobs.sort(key=lambda j: j is not ref[0])
         print(f"--- {world} rank(s): {len(cases)} cases, {len(budget_jobs)} budget searches", flush=True)
         per_rank = launch(worker, world, cases, budget_jobs, timeout_s=args.timeout_s,
                           threads=args.threads)

@@ -51,11 +51,13 @@ class Variant:
     method: str
     layout: str = "contiguous"
     kv_backward: str = "keep"
+    kv_head_chunk: int | None = None  # lss only: gather K,V this many KV heads at a time
 
     @property
     def name(self) -> str:
         if self.method == "lss":
-            return f"lss[{self.kv_backward},{self.layout}]"
+            chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
+            return f"lss[{self.kv_backward},{self.layout}{chunk}]"
         return self.method
 
 
@@ -141,7 +143,8 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int):
         from lss_plugin.megatron.spec import get_gpt_layer_lss_spec
 
         spec = get_gpt_layer_lss_spec(normalization="LayerNorm", layout=variant.layout,
-                                      kv_backward=variant.kv_backward)
+                                      kv_backward=variant.kv_backward,
+                                      kv_head_chunk=variant.kv_head_chunk)
     else:
         import copy
 

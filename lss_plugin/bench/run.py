@@ -116,12 +116,14 @@ def run_case(case: Case, world_size: int) -> CaseResult:
     return result
 
 
-def longest_fitting(variant: Variant, dims: ModelDims, world_size: int, budget_bytes: int,
-                    unit: int, max_len: int, attention: str, batch_size: int = 1) -> dict:
+def longest_fitting(variant: Variant, dims: ModelDims, world_size: int, budget_bytes: int | None,
+                    unit: int, max_len: int, attention: str, batch_size: int = 1,
+                    reference_len: int | None = None) -> dict:
     """Binary search of the longest L (multiple of ``unit``) whose tracked peak fits the budget.
 
     Peak = the maximum over ranks of the live-tensor tracker's peak bytes of one training step.
-    Measured, not timed: every probe is one tracked step on the same model.
+    Measured, not timed: every probe is one tracked step on the same model. ``budget_bytes=None``:
+    the budget is this model's own peak at ``reference_len`` (measured first, same model).
     """
     case = Case(variant, dims, unit, batch_size, sweep="budget", attention=attention)
     trainer = build(case, world_size)
@@ -139,12 +141,25 @@ def longest_fitting(variant: Variant, dims: ModelDims, world_size: int, budget_b
         probes[units * unit] = int(peak)
         return int(peak)
 
-    lo, hi = 0, max_len // unit  # invariant: lo fits (0 = nothing fits), hi+1 does not
+    if budget_bytes is None:
+        if not reference_len or reference_len % unit:
+            raise ValueError(f"a measured budget needs reference_len divisible by unit {unit}, got {reference_len}")
+        budget_bytes = peak_at(reference_len // unit)
+    # Gallop (double until it no longer fits), then bisect: no probe is more than ~2x the answer,
+    # so methods with quadratic memory are never asked for a length far beyond their budget.
+    top = max_len // unit
     if peak_at(1) > budget_bytes:
-        hi = 0
+        lo = 0
     else:
-        lo = 1
-        while lo < hi:
+        lo, hi = 1, top
+        while lo < top:
+            nxt = min(2 * lo, top)
+            if peak_at(nxt) <= budget_bytes:
+                lo = nxt
+            else:
+                hi = nxt - 1
+                break
+        while lo < hi:  # invariant: lo fits, hi + 1 does not (or is beyond the cap)
             mid = (lo + hi + 1) // 2
             if peak_at(mid) <= budget_bytes:
                 lo = mid
@@ -174,8 +189,8 @@ def case_dict(case: Case) -> dict:
 def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=None) -> dict:
     """Worker body: every case, then every budget search; failures are recorded, not raised.
 
-    A budget job with ``budget_bytes=None`` takes the tracked peak of this group's strong-scaling
-    MHA case of ``BUDGET_REFERENCE`` (what LSS needs on one rank for the whole sequence).
+    The first budget job may have ``budget_bytes=None`` and a ``reference_len``: its own peak at
+    that length becomes the budget of every later job (``budget_reference_bytes`` in the result).
     """
     world_size = world_size or dist.get_world_size()
     results, budgets = [], []
@@ -194,17 +209,15 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, progress=Non
             progress(f"[N={world_size}] case {i + 1}/{len(cases)} {case.variant.name} {case.sweep} "
                      f"{case.attention} L={case.seq_len}: {time.perf_counter() - t0:.1f}s"
                      + (" ERROR" if res.error else f" loss={res.loss:.4f}"))
-    reference = next((r["memory"]["peak_bytes"] for r in results
-                      if r["case"]["variant_name"] == BUDGET_REFERENCE and r["case"]["sweep"] == "strong"
-                      and r["case"]["attention"] == "mha" and not r["error"]), None)
+    reference = None
     for job in budget_jobs:
         t0 = time.perf_counter()
-        if job.get("budget_bytes") is None:
-            if reference is None:
-                raise RuntimeError(f"budget_bytes=None needs a successful {BUDGET_REFERENCE} case in the group")
-            job = dict(job, budget_bytes=reference)
+        if job.get("budget_bytes") is None and reference is not None:
+            job = dict(job, budget_bytes=reference, reference_len=None)
         try:
             out = longest_fitting(world_size=world_size, **job)
+            if job.get("budget_bytes") is None:
+                reference = out["budget_bytes"]
         except Exception as e:  # noqa: BLE001
             out = {"variant": job["variant"].name, "method": job["variant"].method,
                    "world_size": world_size, "attention": job["attention"],
