@@ -90,20 +90,14 @@ def check_targets(rows, budget, hidden_size, world=4) -> list[dict]:
                                (t <= 0.8) if long_enough else None,
                                f"{lss['step_time_s'] * 1e3:.1f} vs {meg['step_time_s'] * 1e3:.1f} ms{note}; "
                                "CPU timings on a shared machine are noisy"))
-    one, four = _find(rows, LSS_LEAN, world=1), _find(rows, LSS_LEAN, world=world)
-    if one and four:
-        eff = (one["peak_activation_bytes"] / four["peak_activation_bytes"]) / world
-        out.append(_target(f"LSS activation memory 1 -> {world} ranks >= 80% of ideal 1/N (regather)",
-                           round(eff, 3), 0.8, eff >= 0.8,
-                           f"peak activation {one['peak_activation_bytes'] / MiB:.2f} -> "
-                           f"{four['peak_activation_bytes'] / MiB:.2f} MiB"))
-    one_c, four_c = _find(rows, LSS_CHUNK, world=1), _find(rows, LSS_CHUNK, world=world)
-    if one_c and four_c:
-        eff = (one_c["peak_activation_bytes"] / four_c["peak_activation_bytes"]) / world
-        out.append(_target(f"(extra) same with one KV head gathered at a time ({LSS_CHUNK})",
-                           round(eff, 3), 0.8, eff >= 0.8,
-                           f"peak activation {one_c['peak_activation_bytes'] / MiB:.2f} -> "
-                           f"{four_c['peak_activation_bytes'] / MiB:.2f} MiB"))
+    for variant, label in ((LSS_LEAN, f"LSS activation memory 1 -> {world} ranks >= 80% of ideal 1/N (regather)"),
+                           (LSS_CHUNK, f"(extra) same with one KV head gathered at a time ({LSS_CHUNK})")):
+        one, many = _find(rows, variant, world=1), _find(rows, variant, world=world)
+        if one and many:
+            eff = (one["peak_activation_bytes"] / many["peak_activation_bytes"]) / world
+            out.append(_target(label, round(eff, 3), 0.8, eff >= 0.8,
+                               f"peak activation {one['peak_activation_bytes'] / MiB:.2f} -> "
+                               f"{many['peak_activation_bytes'] / MiB:.2f} MiB"))
     fits = {(b["variant"], b["world_size"]): b.get("longest_seq_len") for b in budget if not b.get("error")}
     l1, l4 = fits.get((LSS_LEAN, 1)), fits.get((LSS_LEAN, world))
     if l1 and l4:
