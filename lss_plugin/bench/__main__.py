@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         budget_jobs = []
         if not args.no_budget:
             for v in variants_for(args.methods, world, args.quick):
-                if v.method == "lss" and (v.layout == "balanced" or v.kv_head_chunk
+                if v.method == "lss" and (v.layout == "balanced"
                                           or (args.quick and v.kv_backward == "keep")):
                     continue  # same memory as contiguous; keeps the search short
                 if args.quick and v.method != "lss":
