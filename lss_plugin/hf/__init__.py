@@ -16,16 +16,18 @@ from lss_plugin.hf.batch import (
     LSSCausalLMCollator,
     ShardedBatch,
     causal_lm_loss,
+    data_parallel_rows,
     sequence_parallel_sampler,
     shard_causal_lm_batch,
     shift_labels_for_causal_lm,
 )
+from lss_plugin.hf.deepspeed import deepspeed_initialize
 from lss_plugin.hf.models import build_causal_lm, small_causal_lm_config
 
 register_lss_attention()
 
 __all__ = [
     "IGNORE_INDEX", "LSSBatchLoader", "LSSCausalLMCollator", "LSSHFOptions", "ShardedBatch", "build_causal_lm",
-    "causal_lm_loss", "lss_attention_forward", "lss_attention_mask", "lss_options", "register_lss_attention",
+    "causal_lm_loss", "data_parallel_rows", "deepspeed_initialize", "lss_attention_forward", "lss_attention_mask", "lss_options", "register_lss_attention",
     "sequence_parallel_sampler", "shard_causal_lm_batch", "shift_labels_for_causal_lm", "small_causal_lm_config",
 ]

@@ -130,22 +130,34 @@ def shard_causal_lm_batch(
     )
 
 
-def causal_lm_loss(
-    logits: torch.Tensor, shift_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> tuple[torch.Tensor, int]:
-    """(mean cross entropy over this rank's counted tokens, their number). logits [b, s_local, V].
+def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX):
+    """Cross entropy of this rank's logits [b, s_local, V] against ``shift_labels`` [b, s_local].
 
-    The loss is the *local* mean (zero, still differentiable, when the rank has no counted token):
-    the global mean is sum(local_mean * n) / sum(n) across SP and DP ranks, which is how
-    ``lss_plugin.reduce_loss`` / ``average_gradients(num_tokens=...)`` and the DeepSpeed adapter
-    combine losses and gradients.
+    Returns ``lss_plugin.loss.ShardedLoss``: call backward on ``.loss``; ``.local_mean`` and
+    ``.num_tokens`` feed ``lss_plugin.grads.reduce_loss`` for logging. ``group`` is the set of
+    ranks whose gradients the trainer then averages *plainly*: the loss is weighted by token counts
+    over it (one scalar all-reduce), so that average is the gradient of the global token mean.
+      - ``None`` (default): every rank, the SP x DP grid - what ``lss_plugin.deepspeed`` engines
+        average over. Exact even when ranks hold different numbers of counted tokens.
+      - ``topology.sp_group``: then call ``lss_plugin.average_gradients(params,
+        num_tokens=loss.num_tokens)``, which weights the DP stage itself.
     """
-    if logits.shape[:2] != shift_labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and shift_labels {tuple(shift_labels.shape)} disagree")
-    flat = logits.float().reshape(-1, logits.shape[-1])  # upcast like transformers' ForCausalLMLoss
-    total = F.cross_entropy(flat, shift_labels.reshape(-1).to(flat.device), ignore_index=ignore_index, reduction="sum")
-    num_tokens = int((shift_labels != ignore_index).sum())
-    return total / max(num_tokens, 1), num_tokens
+    from lss_plugin.loss import sharded_cross_entropy
+
+    if group is None:
+        group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    return sharded_cross_entropy(logits, shift_labels, group=group, ignore_index=ignore_index)
+
+
+def data_parallel_rows(batch: torch.Tensor, topology=None) -> torch.Tensor:
+    """This DP rank's rows of a global batch [B, ...] (every SP rank of the shard gets the same rows)."""
+    from lss_plugin.topology import get_topology
+
+    topology = topology or get_topology()
+    if batch.shape[0] % topology.dp_size != 0:
+        raise ValueError(f"global batch of {batch.shape[0]} rows does not split over dp_size={topology.dp_size} ranks")
+    rows = batch.shape[0] // topology.dp_size
+    return batch[topology.dp_rank * rows:(topology.dp_rank + 1) * rows]
 
 
 class LSSCausalLMCollator:

@@ -1,0 +1,51 @@
+"""A transformers model under DeepSpeed with LSS: one call in place of ``deepspeed.initialize``.
+
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="lss")
+    engine, optimizer, _, scheduler = lss_plugin.hf.deepspeed_initialize(model=model, config="ds.json")
+
+``lss_plugin.deepspeed.initialize`` reads the ``"lss_sequence_parallel"`` block, builds the SP x DP
+topology and the mpu and makes the engine average gradients over SP and DP. This wrapper then
+points the model's attention at that configuration: the block's layout, ``kv_backward`` and
+``kv_head_chunk`` become the options of the model's LSS attention name, so the attention, the
+batch sharding (``shard_causal_lm_batch``) and the DeepSpeed block can never disagree.
+"""
+from __future__ import annotations
+
+from lss_plugin.hf.attention import DEFAULT_NAME, _OPTIONS, register_lss_attention
+
+
+def deepspeed_initialize(model=None, *, attn_implementation: str | None = None, **kwargs):
+    """``lss_plugin.deepspeed.initialize(model=model, **kwargs)`` for a transformers model.
+
+    The model must already use an LSS attention (``attn_implementation="lss"`` at construction,
+    or ``model.set_attn_implementation("lss")``); ``attn_implementation`` overrides which name.
+    Refused before DeepSpeed starts if the model uses another attention while the block enables LSS.
+    """
+    import lss_plugin.deepspeed as lds
+
+    config = getattr(model, "config", None)
+    name = attn_implementation or getattr(config, "_attn_implementation", None)
+    block = _block(kwargs)
+    if block is not None and block.enabled and name not in _OPTIONS:
+        raise ValueError(
+            f"the DeepSpeed config enables \"lss_sequence_parallel\" but the model's attention is {name!r}: "
+            f"build it with attn_implementation={DEFAULT_NAME!r} or call model.set_attn_implementation({DEFAULT_NAME!r})"
+        )
+    engine, optimizer, dataloader, scheduler = lds.initialize(model=model, **kwargs)
+    lss = getattr(engine, "lss_config", None)
+    if lss is not None and lss.enabled:
+        register_lss_attention(name, **lss.attention_kwargs())
+    return engine, optimizer, dataloader, scheduler
+
+
+def _block(kwargs):
+    """The parsed LSS block, or None when the config is not reachable here (DeepSpeed will say why)."""
+    from lss_plugin.deepspeed import LSSConfig
+
+    config = kwargs.get("config") or kwargs.get("config_params")
+    args = kwargs.get("args")
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        return None
+    return LSSConfig.from_ds_config(config)
