@@ -55,6 +55,7 @@ class Setup:
     dp: int = 1
     tp: int = 1
     kv_backward: str = "keep"  # lss only: keep | regather
+    kv_head_chunk: int | None = None  # lss only: KV heads gathered per collective (None: all)
     dtype_bytes: int = 4  # parameters and activations (fp32 4, bf16 2)
     batch_size: int = 1  # sequences per rank (micro-batch)
 
@@ -63,6 +64,8 @@ class Setup:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.method == "megatron_tp_sp" and self.sp != 1:
             raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
+        if self.kv_head_chunk is not None and (self.method != "lss" or self.kv_head_chunk < 1):
+            raise ValueError(f"kv_head_chunk applies to lss only and must be >= 1, got {self.kv_head_chunk}")
         if self.method in ("lss", "ulysses", "ring") and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
         if self.method == "single" and (self.sp, self.tp) != (1, 1):
@@ -170,9 +173,10 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
         kv_full = 2 * b * seq_len * spec.hkv * dh * dt  # packed K and V of the whole sequence
         if s.method == "lss":
             gathers = 2 if s.kv_backward == "regather" else 1
-            out.append(Collective("all_gather", kv_full, n, gathers * layers, "packed K,V (fwd" +
-                                  (" + bwd regather)" if gathers == 2 else ")")))
-            out.append(Collective("reduce_scatter", kv_full, n, layers, "packed dK,dV (bwd)"))
+            chunks = spec.hkv // (s.kv_head_chunk or spec.hkv)  # one collective per head chunk
+            out.append(Collective("all_gather", kv_full // chunks, n, gathers * layers * chunks,
+                                  "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
+            out.append(Collective("reduce_scatter", kv_full // chunks, n, layers * chunks, "packed dK,dV (bwd)"))
         elif s.method == "ulysses":
             for what, heads in (("q", spec.num_heads), ("k", spec.hkv), ("v", spec.hkv), ("out", spec.num_heads)):
                 out.append(Collective("all_to_all", b * s_local * heads * dh * dt, n, 2 * layers,
@@ -264,7 +268,7 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     """
     b, dh, dt, L = s.batch_size, spec.head_dim, s.dtype_bytes, seq_len
     if s.method == "lss":
-        return 2 * (2 * b * L * spec.hkv * dh * dt)
+        return 2 * (2 * b * L * (s.kv_head_chunk or spec.hkv) * dh * dt)
     if s.method == "ring":
         sl = L // s.sp
         return 3 * b * spec.num_heads * sl * sl * dt
@@ -318,23 +322,24 @@ def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup]) -> str:
     lines = [f"PREDICTION (cost model, nothing measured) - {title}",
              f"  model: {spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_heads}/"
              f"{spec.hkv} kv, ffn {spec.ffn}, vocab {spec.vocab_size}; L = {seq_len:,} tokens",
-             f"  {'method':28} {'world':>6} {'params':>10} {'grads+opt':>10} {'activ.':>10} "
+             f"  {'method':34} {'world':>6} {'params':>10} {'grads+opt':>10} {'activ.':>10} "
              f"{'transient':>10} {'peak GiB':>10} {'sent GiB/step':>14}"]
     for s in setups:
         try:
             pl = plan(spec, seq_len, s)
         except ValueError as e:
-            lines.append(f"  {_label(s):28} {s.world_size:>6}  not possible: {e}")
+            lines.append(f"  {_label(s):34} {s.world_size:>6}  not possible: {e}")
             continue
         m = pl.memory
-        lines.append(f"  {_label(s):28} {s.world_size:>6} {_gib(m['params'])} {_gib(m['grads'] + m['optimizer'])} "
+        lines.append(f"  {_label(s):34} {s.world_size:>6} {_gib(m['params'])} {_gib(m['grads'] + m['optimizer'])} "
                      f"{_gib(m['activations'])} {_gib(m['transient'])} {_gib(m['peak'])} {pl.sent_bytes / 2**30:14.3f}")
     return "\n".join(lines)
 
 
 def _label(s: Setup) -> str:
     if s.method == "lss":
-        return f"lss[{s.kv_backward}] sp{s.sp} dp{s.dp}"
+        chunk = f",chunk{s.kv_head_chunk}" if s.kv_head_chunk else ""
+        return f"lss[{s.kv_backward}{chunk}] sp{s.sp} dp{s.dp}"
     if s.method == "megatron_tp_sp":
         return f"megatron_tp_sp tp{s.tp} dp{s.dp}"
     if s.method == "single":
@@ -388,6 +393,7 @@ def main(argv=None) -> int:
     print(_table("modern setting: 8B-class GQA model (32 layers, hidden 4096, 32/8 heads), bf16, "
                  "L = 1,048,576 on 1,024 GPUs", modern, M, [
                      Setup("lss", sp=1024, dtype_bytes=2), Setup("lss", sp=1024, kv_backward="regather", dtype_bytes=2),
+                     Setup("lss", sp=1024, kv_backward="regather", kv_head_chunk=1, dtype_bytes=2),
                      Setup("ring", sp=1024, dtype_bytes=2),
                      Setup("ulysses", sp=8, dp=128, dtype_bytes=2),
                      Setup("megatron_tp_sp", tp=8, dp=128, dtype_bytes=2)]))

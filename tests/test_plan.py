@@ -25,8 +25,8 @@ SEQ_LEN = 128
 
 def _cases(world):
     variants = [Variant("single")] if world == 1 else [
-        Variant("lss"), Variant("lss", "balanced", "regather"), Variant("megatron_tp_sp"),
-        Variant("ulysses"), Variant("ring")]
+        Variant("lss"), Variant("lss", "balanced", "regather"), Variant("lss", "contiguous", "regather", 1),
+        Variant("megatron_tp_sp"), Variant("ulysses"), Variant("ring")]
     return [Case(v, DIMS[att], SEQ_LEN, warmup=1, steps=0, attention=att)
             for att in ("mha", "gqa") for v in variants]
 
@@ -36,7 +36,8 @@ def _setup(variant: Variant, world: int) -> Setup:
         return Setup("megatron_tp_sp", tp=world)
     if variant.method == "single":
         return Setup("single")
-    return Setup(variant.method, sp=world, kv_backward=variant.kv_backward)
+    return Setup(variant.method, sp=world, kv_backward=variant.kv_backward,
+                 kv_head_chunk=variant.kv_head_chunk)
 
 
 def _spec(d: ModelDims) -> GPTSpec:
