@@ -85,6 +85,7 @@ def shard_causal_lm_batch(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
+    shift_labels: torch.Tensor | None = None,
     group=None,
     layout: str | None = None,
     attn_implementation: str = "lss",
@@ -93,7 +94,8 @@ def shard_causal_lm_batch(
     """Split a global batch ``input_ids [b, L]`` for this SP rank (no communication).
 
     ``labels`` defaults to ``input_ids`` (unshifted, like transformers' ``labels``); entries equal to
-    ``ignore_index`` and padded positions are ignored. ``layout``/``group`` default to those
+    ``ignore_index`` and padded positions are ignored. ``shift_labels`` [b, L] instead gives the
+    target of every position directly (e.g. the windows ``tokens[:, 1:]`` of a length L+1 sample). ``layout``/``group`` default to those
     registered for ``attn_implementation`` (``register_lss_attention``), so data and attention agree.
     """
     from lss_plugin.hf.attention import lss_options
@@ -108,7 +110,9 @@ def shard_causal_lm_batch(
     group = resolve_sp_group(options.group if group is None else group)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a 2-D tensor [batch, seq_len], got {getattr(input_ids, 'shape', input_ids)}")
-    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+    if labels is not None and shift_labels is not None:
+        raise ValueError("pass labels (shifted here) or shift_labels (already shifted), not both")
+    for name, t in (("attention_mask", attention_mask), ("labels", labels), ("shift_labels", shift_labels)):
         if t is not None and tuple(t.shape) != tuple(input_ids.shape):
             raise ValueError(f"{name} shape {tuple(t.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
     seq_len = input_ids.shape[1]
@@ -116,7 +120,12 @@ def shard_causal_lm_batch(
     if attention_mask is not None:
         _check_right_padding(attention_mask)
 
-    shifted = shift_labels_for_causal_lm(input_ids if labels is None else labels, attention_mask, ignore_index)
+    if shift_labels is None:
+        shifted = shift_labels_for_causal_lm(input_ids if labels is None else labels, attention_mask, ignore_index)
+    else:
+        shifted = shift_labels.clone()
+        if attention_mask is not None:
+            shifted[attention_mask == 0] = ignore_index
     local_ids = shard_sequence(input_ids, 1, group, layout)  # [b, L/N]
     local_labels = shard_sequence(shifted, 1, group, layout)  # [b, L/N]
     positions = local_positions(seq_len, group, layout, device=input_ids.device)  # [L/N]

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Train a small transformers causal LM of any model_type under DeepSpeed with LSS attention.
+
+    # 4 ranks, SP=2 x DP=2 (the "lss_sequence_parallel" block of the config sets SP and the layout)
+    torchrun --nproc-per-node 4 examples/train_hf_deepspeed.py --model-type llama \\
+        --deepspeed_config configs/ds_config_lss.json --train-iters 20 --seq-length 256
+    # any causal-LM model_type transformers knows: gpt2, llama, mistral, qwen2, gpt_neox, phi3, ...
+
+The model is ``AutoModelForCausalLM.from_config(AutoConfig.for_model(TYPE, small sizes),
+attn_implementation="lss")`` on a byte vocabulary (256), trained on byte-level text
+(``lss_plugin.data``: enwik8 with --data-path, else the gensim Wikipedia excerpt). The LSS lines:
+``attn_implementation="lss"``, ``lss_plugin.hf.deepspeed_initialize`` in place of
+``deepspeed.initialize``, and ``shard_causal_lm_batch`` for this rank's tokens. ``--metrics-file``
+gets one JSON line per iteration (rank 0): iteration, loss, tokens_per_s, ms_per_iter, grad_norm, lr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-type", required=True, help="a transformers causal-LM model_type (llama, gpt2, mistral, ...)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
+                   help="DeepSpeed JSON config with an \"lss_sequence_parallel\" block")
+    p.add_argument("--train-iters", type=int, default=20)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--metrics-file", default=None, help="JSON line per iteration (rank 0 appends)")
+    p.add_argument("--data-path", default=None, help="a byte corpus such as enwik8 (default: the gensim excerpt)")
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=None, help="GQA/MQA (model types with num_key_value_heads)")
+    p.add_argument("--log-interval", type=int, default=1)
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)  # deepspeed launcher
+    args = p.parse_args(argv)
+    for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads", "log_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def train(args) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+
+    import lss_plugin.hf as hf
+    from lss_plugin.data import load_byte_splits, sample_batch
+    from lss_plugin.deepspeed import LSSConfig
+    from lss_plugin.grads import reduce_loss
+
+    if not LSSConfig.from_ds_config(args.deepspeed_config).enabled:
+        raise ValueError(f"{args.deepspeed_config} has no enabled \"lss_sequence_parallel\" block")
+    config = hf.small_causal_lm_config(
+        args.model_type, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads, max_positions=args.seq_length,
+    )
+    model = hf.build_causal_lm(config, attn_implementation="lss", seed=args.seed)
+    engine, _, _, _ = hf.deepspeed_initialize(args=args, model=model, model_parameters=model.parameters())
+    topology = engine.lss_topology
+    rank0 = dist.get_rank() == 0
+    splits = load_byte_splits(args.data_path)
+    gas, micro = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
+    global_batch = engine.train_batch_size()
+    if rank0:
+        params = sum(p.numel() for p in model.parameters())
+        print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), sp={topology.sp_size} x "
+              f"dp={topology.dp_size}, layout={engine.lss_config.layout}, ZeRO {engine.zero_optimization_stage()}, "
+              f"seq {args.seq_length}, global batch {global_batch} | data {splits.source}", flush=True)
+    metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
+    records = []
+    try:
+        for iteration in range(1, args.train_iters + 1):
+            t0 = time.perf_counter()
+            window = sample_batch(splits.train, global_batch, args.seq_length, step=iteration, seed=args.seed)
+            losses = []
+            for micro_step in range(gas):
+                first = (micro_step * topology.dp_size + topology.dp_rank) * micro
+                rows = window[first:first + micro]  # [micro, L + 1]: this DP rank's sequences
+                # Every position predicts the next byte; the labels are the window shifted by one,
+                # taken before the sequence is split, so segment boundaries are predicted too.
+                batch = hf.shard_causal_lm_batch(rows[:, :-1], shift_labels=rows[:, 1:]).to(engine.device)
+                logits = engine(**batch.model_inputs()).logits  # [micro, L/N, 256]
+                loss = hf.causal_lm_loss(logits, batch.shift_labels)
+                engine.backward(loss.loss)
+                engine.step()
+                losses.append(float(reduce_loss(loss.local_mean, topology, num_tokens=loss.num_tokens)))
+            value = sum(losses) / len(losses)
+            elapsed = time.perf_counter() - t0
+            norm = engine.get_global_grad_norm()
+            record = {"iteration": iteration, "loss": value,
+                      "tokens_per_s": global_batch * args.seq_length / elapsed, "ms_per_iter": 1000.0 * elapsed,
+                      "grad_norm": None if norm is None else float(norm), "lr": engine.get_lr()[0]}
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at iteration {iteration}")
+            records.append(record)
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if rank0 and (iteration % args.log_interval == 0 or iteration == args.train_iters):
+                print(f"iter {iteration:6d}/{args.train_iters} | loss {value:.5f} | "
+                      f"{record['tokens_per_s']:9.1f} tokens/s | {record['ms_per_iter']:8.1f} ms/iter", flush=True)
+    finally:
+        if metrics:
+            metrics.close()
+    return records
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as err:
+        print(f"train_hf_deepspeed: error: {err}", file=sys.stderr)
+        return 2
+    train(args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: DeepSpeed sometimes aborts in it
