@@ -168,11 +168,15 @@ def plots(out_dir, rows) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [("memory.png", "peak_activation_bytes", MiB, "peak activation MiB / rank"),
-             ("communication.png", "sent_bytes", MiB, "MiB sent / rank / step"),
-             ("step_time.png", "step_time_s", 1e-3, "step time ms (median)")]
+    # memory and time span orders of magnitude between methods: log scale; bytes sent start at 0
+    specs = [("memory.png", "peak_activation_bytes", MiB, "peak activation MiB / rank", "log"),
+             ("communication.png", "sent_bytes", MiB, "MiB sent / rank / step", "linear"),
+             ("step_time.png", "step_time_s", 1e-3, "step time ms (median)", "log")]
+    variants = sorted({r["variant"] for r in rows})
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    color = {v: cmap(i % cmap.N) for i, v in enumerate(variants)}  # one colour per method
     paths = []
-    for fname, key, scale, label in specs:
+    for fname, key, scale, label, yscale in specs:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, sweep, xkey, xlabel in ((axes[0], "strong", "world_size", "ranks (fixed global L)"),
                                         (axes[1], "weak", "seq_len", "global L (fixed tokens / rank)")):
@@ -182,7 +186,7 @@ def plots(out_dir, rows) -> list[str]:
                     series[(r["variant"], r["attention"])].append((r[xkey], r[key] / scale))
             for (variant, attention), pts in sorted(series.items()):
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[variant],
                         linestyle="-" if attention == "mha" else "--", label=f"{variant} {attention}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
@@ -193,7 +197,10 @@ def plots(out_dir, rows) -> list[str]:
                 ax.set_xticks(xs, [str(x) for x in xs])
             ax.grid(alpha=0.3)
             if series:
+                ax.set_yscale(yscale)
                 ax.legend(fontsize=6, loc="best")
+            else:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
         path = os.path.join(out_dir, fname)
         fig.savefig(path, dpi=110)

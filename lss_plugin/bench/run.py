@@ -50,6 +50,8 @@ class CaseResult:
 
 
 def _barrier() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a barrier alone does not wait for queued GPU work
     if dist.get_world_size() > 1:
         dist.barrier()
 
