@@ -102,7 +102,8 @@ def train(args) -> list[dict]:
     lss = lds.LSSConfig.from_ds_config(args.deepspeed_config)
     torch.manual_seed(args.seed)
     model = build_model(args, lss)
-    engine, _, _, _ = lds.initialize(model=model, model_parameters=model.parameters(), config=args.deepspeed_config)
+    # DeepSpeed's convention: the config travels in args.deepspeed_config.
+    engine, _, _, _ = lds.initialize(args=args, model=model, model_parameters=model.parameters())
     rank0 = dist.get_rank() == 0
     sharder = Sharder(engine, args.seq_length)
     splits = load_byte_splits(args.data_path)

@@ -343,12 +343,37 @@ def _run_example(directory: str, name: str):
     return {"losses": [r["loss"] for r in records], "metrics": lines}
 
 
+def _deepspeed_env() -> dict:
+    """Compile DeepSpeed's CPU shared-memory op once, in one process, before any spawn.
+
+    DeepSpeed's first init_distributed JIT-compiles it. Four ranks compiling at once wait on one
+    lock, and a rank killed by a spawn timeout mid-compile leaves a stale lock that hangs every
+    later run. A private extensions directory also keeps other programs on this host that build
+    the op with other flags from invalidating the cache (the build is then done only once).
+    """
+    import subprocess
+    import sys
+
+    from lss_plugin.data import default_cache_dir
+
+    env = {"TORCH_EXTENSIONS_DIR": os.path.join(default_cache_dir(), "torch_extensions")}
+    code = ("from deepspeed.accelerator import get_accelerator\n"
+            "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+            "import deepspeed.ops\n"
+            "if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False): b.load()\n"
+            "import os, sys; sys.stdout.flush(); os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, check=True, timeout=900,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return env
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     ckpt_dir = str(tmp_path_factory.mktemp("ds_ckpt"))
     _write_example_inputs(ckpt_dir)
-    four = run_ranks(_four_rank_cases, 4, ckpt_dir, timeout_s=600)
-    one = run_ranks(_one_rank_references, 1, ckpt_dir, timeout_s=300)[0]
+    env = _deepspeed_env()
+    four = run_ranks(_four_rank_cases, 4, ckpt_dir, timeout_s=600, env=env)
+    one = run_ranks(_one_rank_references, 1, ckpt_dir, timeout_s=300, env=env)[0]
     return four, one
 
 

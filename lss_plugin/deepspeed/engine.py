@@ -7,9 +7,6 @@ additionally carries ``engine.lss_config``, ``engine.lss_topology`` and ``engine
 """
 from __future__ import annotations
 
-import copy
-import logging
-
 import torch.distributed as dist
 
 from lss_plugin.deepspeed.config import LSSConfig, LSSConfigError, deepspeed_view, load_config
@@ -17,8 +14,6 @@ from lss_plugin.deepspeed.mpu import LSSMpu
 from lss_plugin.deepspeed.reduction import install_lss_gradient_averaging
 from lss_plugin.runtime import as_timedelta
 from lss_plugin.topology import init_topology
-
-logger = logging.getLogger(__name__)
 
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500
 
@@ -46,34 +41,45 @@ def initialize(
     """
     import deepspeed
 
-    config, args = _resolve_config(args, config, config_params)
+    config = _resolve_config(args, config, config_params)
     lss = LSSConfig.from_ds_config(config)
     ds_config = deepspeed_view(config)
-    passthrough = dict(
-        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-        training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
-        dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
-    )
-    if not lss.enabled:
-        return deepspeed.initialize(mpu=mpu, mesh_param=mesh_param, **passthrough)
+    # DeepSpeed refuses a config in both args.deepspeed_config and config=: it gets the parsed view
+    # through config=, and args (whose local_rank DeepSpeed updates) keeps its path afterwards.
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if from_args is not None:
+        args.deepspeed_config = None
+    try:
+        passthrough = dict(
+            args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+            training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
+            dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+        )
+        if not lss.enabled:
+            return deepspeed.initialize(mpu=mpu, mesh_param=mesh_param, **passthrough)
+        return _initialize_lss(deepspeed, lss, config, passthrough, model, mpu, mesh_param)
+    finally:
+        if from_args is not None:
+            args.deepspeed_config = from_args
 
-    _refuse_unsupported(lss, model, mpu, mesh_param, ds_config)
-    _init_distributed(distributed_port, dist_init_required, lss.timeout_s)
+
+def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, model, mpu, mesh_param):
+    _refuse_unsupported(lss, model, mpu, mesh_param, passthrough["config"])
+    _init_distributed(passthrough["distributed_port"], passthrough["dist_init_required"], lss.timeout_s)
     lss.check_world(dist.get_world_size(), config)  # before any group exists: same error on every rank
     topology = init_topology(lss.size, timeout_s=lss.timeout_s)
     lss_mpu = LSSMpu(topology)
     engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(mpu=lss_mpu, **passthrough)
     description = install_lss_gradient_averaging(engine, topology, lss.grad_averaging)
     engine.lss_config, engine.lss_topology, engine.lss_mpu = lss, topology, lss_mpu
-    if dist.get_rank() == 0:
-        logger.info(
-            "LSS sequence parallelism: sp=%d x dp=%d, layout=%s, kv_backward=%s; %s",
-            topology.sp_size, topology.dp_size, lss.layout, lss.kv_backward, description,
-        )
+    from deepspeed.utils import log_dist
+
+    log_dist(f"LSS sequence parallelism: sp={topology.sp_size} x dp={topology.dp_size}, layout={lss.layout}, "
+             f"kv_backward={lss.kv_backward}; {description}", ranks=[0])
     return engine, engine_optimizer, dataloader, scheduler
 
 
-def _resolve_config(args, config, config_params):
+def _resolve_config(args, config, config_params) -> dict:
     """The config as a dict, wherever DeepSpeed would have found it (args, config, config_params)."""
     from_args = getattr(args, "deepspeed_config", None) if args is not None else None
     if from_args is not None:
@@ -83,14 +89,11 @@ def _resolve_config(args, config, config_params):
                 f"{from_args!r} and config=...; pass one (as deepspeed.initialize requires)"
             )
         config = from_args
-        # DeepSpeed refuses both args.deepspeed_config and config=; LSS passes the parsed dict.
-        args = copy.copy(args)
-        args.deepspeed_config = None
     if config is None:
         config = config_params
     if config is None:
         raise ValueError("DeepSpeed requires a config: pass config=... or --deepspeed_config")
-    return load_config(config), args
+    return load_config(config)
 
 
 def _refuse_unsupported(lss: LSSConfig, model, mpu, mesh_param, ds_config) -> None:

@@ -27,14 +27,12 @@ The correction, per ZeRO stage, without touching the user's loss:
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.distributed as dist
 
 from lss_plugin.topology import LSSTopology
 
-logger = logging.getLogger(__name__)
 
 
 def install_lss_gradient_averaging(engine, topology: LSSTopology, grad_averaging: str) -> str:
