@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: setup test test-fast demo bench plan clean
+.PHONY: setup test demo bench bench-quick plan clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,10 @@ demo: setup
 	$(BIN)/python examples/demo.py $(ARGS)
 
 bench: setup
-	$(BIN)/python -m lss_plugin.bench $(ARGS)
+	$(BIN)/python -m lss_plugin.bench --out runs/bench $(ARGS)
+
+bench-quick: setup
+	$(BIN)/python -m lss_plugin.bench --quick --out runs/bench-quick $(ARGS)
 
 plan: setup
 	$(BIN)/python -m lss_plugin.plan $(ARGS)

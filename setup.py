@@ -6,7 +6,8 @@ EXTRAS = {
     "megatron": ["megatron-core==0.16.1"],
     "deepspeed": ["deepspeed==0.19.8"],
     "hf": ["transformers>=5,<6", "deepspeed==0.19.8"],
-    "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+    "bench": ["matplotlib>=3.7", "megatron-core==0.16.1", "deepspeed==0.19.8", "einops"],
+    "demo": ["matplotlib>=3.7", "megatron-core==0.16.1"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
