@@ -3,9 +3,8 @@
 
     # 4 ranks, SP=2 x DP=2 (the "lss_sequence_parallel" block of the config sets SP)
     torchrun --nproc-per-node 4 examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_lss.json
-    deepspeed --num_gpus 4 examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_lss.json
-    # on a CPU-only host the deepspeed launcher needs: --bind_cores_to_rank is not required; set
-    # CUDA_VISIBLE_DEVICES="" and pass --num_accelerators / use torchrun (see docs/deepspeed.md)
+    # the same with DeepSpeed's launcher (on a CPU host too: --num_gpus is the number of ranks)
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 4 examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_lss.json
 
 The one LSS-specific line is ``lss_plugin.deepspeed.initialize`` in place of
 ``deepspeed.initialize``. Batch sizes come from the DeepSpeed config (``train_batch_size``
