@@ -101,6 +101,34 @@ def test_shipped_configs_parse():
         assert lss.enabled == ("baseline" not in name), name
 
 
+def test_mpu_answers_every_method_deepspeed_calls():
+    """Every ``mpu.<name>(`` in DeepSpeed's runtime/utils/checkpoint source exists on LSSMpu.
+
+    Read from the installed DeepSpeed's source (not imported), so a new DeepSpeed that asks the
+    mpu something else fails here instead of in a multi-rank run. Two names are deliberately
+    absent: ``initialize_sequence_parallel`` (DeepSpeed reads it as "this is my own Ulysses mpu"
+    and then ignores the DP/MP answers) and ``_init_tp_mesh_device`` (AutoTP builds its own mpu).
+    """
+    import importlib.util
+    import re
+
+    from lss_plugin.deepspeed import LSSMpu
+
+    root = os.path.dirname(importlib.util.find_spec("deepspeed").origin)
+    called = set()
+    for sub in ("runtime", "utils", "checkpoint", "comm"):
+        for dirpath, _, files in os.walk(os.path.join(root, sub)):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                        called |= set(re.findall(r"\bmpu\.(\w+)\(", f.read()))
+    deliberately_absent = {"initialize_sequence_parallel", "_init_tp_mesh_device"}
+    assert "get_model_parallel_group" in called and len(called) > 15, sorted(called)
+    missing = sorted(name for name in called - deliberately_absent if not hasattr(LSSMpu, name))
+    assert not missing, f"LSSMpu lacks {missing}"
+    assert not any(hasattr(LSSMpu, name) for name in deliberately_absent)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model: the reference GPT, tiny (GQA, learned positions, untied head to exercise every kind
 # of parameter), with LSS attention or with plain attention (the reference).
