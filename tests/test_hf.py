@@ -84,13 +84,10 @@ def _global_batch(step: int, padded: bool = False):
     return ids, mask
 
 
-def _reference_step(ref, params, ids, mask):
-    """Load ``params`` into the one-process model; its global token-mean loss and gradients."""
+def _reference_step(ref, ids, mask):
+    """The one-process model's global token-mean loss and gradients on the whole batch."""
     import lss_plugin.hf as hf
 
-    with torch.no_grad():
-        for p, src in zip(ref.parameters(), params):
-            p.copy_(src)
     ref.zero_grad(set_to_none=True)
     labels = hf.shift_labels_for_causal_lm(ids, mask)  # [B, L], same rule as the sharded path
     logits = ref(input_ids=ids, use_cache=False).logits  # [B, L, V]
@@ -104,7 +101,11 @@ def _rel(a, b) -> float:
 
 
 def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
-    """STEPS steps of a ZeRO-2 engine; per step: (ref loss, LSS loss, max grad rel. error)."""
+    """STEPS steps of a ZeRO-2 engine next to the one-process model trained with the same SGD.
+
+    Returns per step (ref loss, LSS loss, max grad rel. error) and the max parameter rel. error
+    after the last step. DeepSpeed clips gradients at 1.0 unless told otherwise: clipping is off.
+    """
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
@@ -120,14 +121,17 @@ def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
     ds_config = {
         "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dp,
         "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,
         "lss_sequence_parallel": {"size": sp, "layout": layout},
     }
     engine, *_ = hf.deepspeed_initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), config=ds_config)
+    ref_optimizer = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9)
     steps = []
     for step in range(STEPS):
         ids, mask = _global_batch(step, padded)
-        ref_loss, ref_grads = _reference_step(ref, [p.detach() for p in engine.module.parameters()], ids, mask)
+        ref_loss, ref_grads = _reference_step(ref, ids, mask)
+        ref_optimizer.step()
         rows = hf.data_parallel_rows(ids, engine.lss_topology)
         batch = hf.shard_causal_lm_batch(rows, None if mask is None else hf.data_parallel_rows(mask, engine.lss_topology))
         loss = hf.causal_lm_loss(engine(**batch.model_inputs()).logits, batch.shift_labels)
@@ -136,10 +140,11 @@ def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
         err = max(_rel(g, r) for g, r in zip(grads, ref_grads))
         engine.step()
         steps.append((ref_loss, float(reduce_loss(loss.local_mean, num_tokens=loss.num_tokens)), err))
+    params_err = max(_rel(p.detach(), r.detach()) for p, r in zip(engine.module.parameters(), ref.parameters()))
     engine.lss_mpu.destroy()
     engine.destroy()
     destroy_topology()
-    return steps
+    return steps, params_err
 
 
 def _plain_torch_case():
@@ -156,7 +161,7 @@ def _plain_torch_case():
     ref = hf.build_causal_lm(config, attn_implementation="eager", seed=5)
     model = hf.build_causal_lm(config, attn_implementation="lss", seed=5)
     ids, mask = _global_batch(0, padded=True)
-    ref_loss, ref_grads = _reference_step(ref, [p.detach() for p in model.parameters()], ids, mask)
+    ref_loss, ref_grads = _reference_step(ref, ids, mask)
     # The collator pads each DP shard to its own longest row (16 and 11 -> 12 real + pad here).
     rows, lengths = hf.data_parallel_rows(ids), hf.data_parallel_rows(mask).sum(1).tolist()
     batch = hf.LSSCausalLMCollator()([{"input_ids": row[:n]} for row, n in zip(rows, lengths)])
@@ -237,16 +242,19 @@ def four_ranks():
 
 def test_deepspeed_zero2_matches_one_process(four_ranks):
     for rank_out in four_ranks:
-        for case, steps in rank_out["ds"].items():
+        for case, (steps, params_err) in rank_out["ds"].items():
+            assert params_err <= RTOL, (case, params_err)
             for step, (ref_loss, loss, grad_err) in enumerate(steps):
                 assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (case, step, loss, ref_loss)
                 assert grad_err <= RTOL, (case, step, grad_err)
-    worst_loss = max(abs(l - r) / abs(r) for o in four_ranks for st in o["ds"].values() for r, l, _ in st)
-    worst_grad = max(e for o in four_ranks for st in o["ds"].values() for _, _, e in st)
-    print(f"\nHF + DeepSpeed ZeRO-2, {len(DS_CASES)} cases x {STEPS} steps: worst loss rel. error {worst_loss:.2e}, "
-          f"worst gradient rel. error {worst_grad:.2e} (tolerance {RTOL})")
+    runs = [run for o in four_ranks for run in o["ds"].values()]
+    worst_loss = max(abs(l - r) / abs(r) for st, _ in runs for r, l, _ in st)
+    worst_grad = max(e for st, _ in runs for _, _, e in st)
+    worst_param = max(err for _, err in runs)
+    print(f"\nHF + DeepSpeed ZeRO-2, {len(DS_CASES)} cases x {STEPS} steps: worst rel. errors: loss {worst_loss:.2e}, "
+          f"gradients {worst_grad:.2e}, parameters after the last step {worst_param:.2e} (tolerance {RTOL})")
     # The model actually trained (the loss moved), so later steps compare real updates.
-    for case, steps in four_ranks[0]["ds"].items():
+    for case, (steps, _) in four_ranks[0]["ds"].items():
         assert steps[-1][0] != steps[0][0], case
 
 
