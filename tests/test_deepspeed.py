@@ -166,13 +166,13 @@ def _ds_config(sp: int | None, stage: int, world: int, grad_averaging="two_stage
     return config
 
 
-def _build(sp, stage, world, seed=1234, grad_averaging="two_stage"):
+def _build(sp, stage, world, seed=1234, grad_averaging="two_stage", extra=None):
     """A fresh model and engine: LSS (sp given) or plain DeepSpeed (sp None, the reference)."""
     import lss_plugin.deepspeed as lds
     torch.manual_seed(seed)
     model = _gpt(sp)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    config = _ds_config(sp, stage, world, grad_averaging)
+    config = {**_ds_config(sp, stage, world, grad_averaging), **(extra or {})}
     engine, *_ = lds.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -295,10 +295,11 @@ def _four_rank_cases(ckpt_dir):
     out["example"] = _run_example(ckpt_dir, "lss")
 
     # 5. Refused on every rank, before any collective: a size that does not divide the world,
-    #    and ZeRO stage 3.
-    for name, sp, stage in (("bad_size", 3, 0), ("zero3", 2, 3)):
+    #    ZeRO stage 3, and a summing gradient reduction.
+    refused = (("bad_size", 3, 0, None), ("zero3", 2, 3, None), ("sum", 2, 0, {"gradient_allreduce_op": "sum"}))
+    for name, sp, stage, extra in refused:
         try:
-            _build(sp, stage, 4)
+            _build(sp, stage, 4, extra=extra)
             out[name] = None
         except LSSConfigError as err:
             out[name] = str(err)
@@ -459,11 +460,12 @@ def test_checkpoint_resumes_under_other_sp_sizes(engines):
     assert _rel(one["resumed_zero0_one_rank"], one["uninterrupted_zero0"]) <= RTOL
 
 
-def test_bad_size_and_zero3_refused_on_every_rank(engines):
+def test_unsupported_setups_refused_on_every_rank(engines):
     four, _ = engines
     for result in four:
         assert result["bad_size"] and "size 3 does not divide the world size 4" in result["bad_size"]
         assert result["zero3"] and "ZeRO stage 3 is not supported" in result["zero3"]
+        assert result["sum"] and "\"gradient_allreduce_op\" = 'sum'" in result["sum"]
 
 
 def test_example_script_matches_plain_deepspeed(engines):

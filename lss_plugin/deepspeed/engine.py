@@ -102,6 +102,11 @@ def _refuse_unsupported(lss: LSSConfig, model, mpu, mesh_param, ds_config) -> No
             f"lss_plugin.deepspeed.initialize builds the mpu from the \"lss_sequence_parallel\" block; "
             f"got mpu={mpu!r}, mesh_param={mesh_param!r}: tensor/pipeline parallel mpus do not compose with it yet"
         )
+    op = ds_config.get("gradient_allreduce_op", "mean")
+    if op != "mean":
+        raise LSSConfigError(
+            f'"gradient_allreduce_op" = {op!r}: LSS averages gradients over SP and DP, remove it or set "mean"'
+        )
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if str(stage) == "3":
         # Measured: with the divisor corrected as for stages 1/2, ZeRO 3 still gives a step-0
