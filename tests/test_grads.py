@@ -159,3 +159,18 @@ def test_zero_token_loss_is_zero_not_nan():
     out = lss_plugin.sharded_cross_entropy(logits, torch.full((1, 4), -100))
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.num_tokens == 0 and torch.all(logits.grad == 0)
+
+
+def _unused_on_some_ranks():
+    topo = lss_plugin.init_topology(dist.get_world_size())
+    used, unused = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    used.grad = torch.full((3,), float(dist.get_rank() + 1))
+    if dist.get_rank() == 1:  # only rank 1 computed a gradient for this one
+        unused.grad = torch.full((2,), 4.0)
+    lss_plugin.average_gradients([used, unused], topo)
+    return used.grad.tolist(), unused.grad.tolist()
+
+
+def test_a_parameter_without_gradient_on_some_ranks_counts_as_zeros():
+    for used, unused in run_ranks(_unused_on_some_ranks, 2):
+        assert used == [1.5] * 3 and unused == [2.0] * 2
