@@ -87,6 +87,14 @@ def teardown() -> None:
     _barrier()
     parallel_state.destroy_model_parallel()
     register_topology(None)  # forget the LSS topology registered for this case
+    # destroy_model_parallel only drops megatron's references: destroy the groups themselves, or
+    # every case leaks their gloo threads (1,400 threads per rank after a full run, which then
+    # starved the later cases of CPU).
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
     gc.collect()
     release_free_heap()
 
