@@ -49,6 +49,11 @@ class _Plan:
 # Validation: everything checkable locally is checked before any collective.
 # ---------------------------------------------------------------------------------------------
 
+def check_kv_backward(kv_backward: str) -> None:
+    if kv_backward not in KV_BACKWARD_MODES:
+        raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
+
+
 def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -73,8 +78,7 @@ def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     check_layout(layout)
-    if kv_backward not in KV_BACKWARD_MODES:
-        raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
+    check_kv_backward(kv_backward)
     if kv_head_chunk is not None and (
         not isinstance(kv_head_chunk, int) or isinstance(kv_head_chunk, bool) or not 1 <= kv_head_chunk <= hkv
     ):
@@ -335,8 +339,7 @@ class LSSAttention(torch.nn.Module):
                  kv_backward="keep", kv_head_chunk=None):
         super().__init__()
         check_layout(layout)
-        if kv_backward not in KV_BACKWARD_MODES:
-            raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
+        check_kv_backward(kv_backward)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
 
