@@ -1,19 +1,25 @@
-"""Ring Self-Attention (Li et al., 2021) in PyTorch: K/V blocks travel around the SP group.
+"""Ring attention (Li et al., 2021; ring-flash-attention's zigzag variant): K/V blocks travel the ring.
 
 Every rank keeps its queries. At step i, rank r holds the packed K/V block of rank (r - i) mod N,
-attends to it, and passes it on to rank r + 1 with point-to-point ``isend``/``irecv`` (overlapped
-with the block's compute). Partial results are merged exactly with running max / log-sum-exp, so
-the output equals full attention. Backward sends the K/V blocks around again, together with their
-gradient accumulators, which arrive at their owner after N hops (as ring-flash-attention does).
+attends to it, and passes it on to rank r + 1 with asynchronous point-to-point ``isend``/``irecv``
+started before the step's compute and waited on after it. Partial results are merged by
+log-sum-exp (``blocks.RowMerger``), so the output equals full attention. Backward sends the K/V
+blocks around again together with their gradient accumulators, which are back at their owner after
+N hops (as ring-flash-attention does).
+
+Layout: ``balanced`` (default) is ring-flash-attention's zigzag: rank r holds chunks r and 2N-1-r.
+Under a causal mask every step then costs half a block on every rank: from an earlier rank both
+query halves see the block's first chunk; from a later rank only the second query half sees the
+whole block (``blocks.plan_tasks`` finds exactly these calls). ``contiguous`` is accepted too
+(unbalanced: the last rank does N times the work of the first).
+
+Kernel: ``lss_plugin.kernels.block_forward`` / ``block_backward``, the kernel LSS uses.
 
 Communication per rank and layer (N > 1), K/V never repeated for GQA:
-  forward  N - 1 sends of packed [2, b, s_local, hkv, d]
+  forward  N - 1 sends of packed [2, b, hkv, s_local, d]
   backward N - 1 sends of K/V + N sends of packed dK/dV (same size)
-
-Three layers, as in ring-flash-attention: pure forward/backward functions holding the
-communication, a thin ``autograd.Function``, and ``ring_attention`` with an SDPA-like signature.
-When ``flash_attn`` and ``ring_flash_attn`` are importable (GPUs), ``ring_attention`` uses
-ring-flash-attention's kernel instead for the contiguous layout.
+Three layers, as in ring-flash-attention: ``ring_forward``/``ring_backward`` hold the
+communication, ``_RingAttention`` is the autograd.Function, ``ring_attention`` the public call.
 """
 from __future__ import annotations
 
@@ -22,121 +28,78 @@ import math
 import torch
 import torch.distributed as dist
 
-from lss_plugin.sharding import check_layout, local_token_indices
-
-_NEG_INF = float("-inf")
-
-
-def _ring_exchange(buf: torch.Tensor, group, rank: int, size: int):
-    """Start sending ``buf`` to the next rank and receiving the previous rank's into a new buffer."""
-    nxt = dist.get_global_rank(group, (rank + 1) % size)
-    prv = dist.get_global_rank(group, (rank - 1) % size)
-    recv = torch.empty_like(buf)
-    works = [dist.isend(buf, nxt, group=group), dist.irecv(recv, prv, group=group)]
-    return recv, works
+from lss_plugin.baselines.blocks import RowMerger, plan_tasks, task_backward, task_forward
+from lss_plugin.sharding import check_layout, rank_chunks
 
 
-def _wait(works) -> None:
-    for w in works:
-        w.wait()
+class _RingExchange:
+    """One asynchronous hop: send ``buf`` to the next rank, receive the previous rank's."""
+
+    def __init__(self, buf: torch.Tensor, group):
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        self.recv = torch.empty_like(buf)
+        self._sending = buf  # referenced until the send completes
+        self._works = [dist.isend(buf, dist.get_global_rank(group, (rank + 1) % size), group=group),
+                       dist.irecv(self.recv, dist.get_global_rank(group, (rank - 1) % size), group=group)]
+
+    def wait(self) -> torch.Tensor:
+        for w in self._works:
+            w.wait()
+        self._sending = None
+        return self.recv
 
 
-def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, hkv, s, d] -> [b, heads, s, d] (query head h reads KV head h // (heads / hkv))."""
-    hkv = x.shape[1]
-    return x if hkv == heads else x.repeat_interleave(heads // hkv, dim=1)
-
-
-def _reduce_kv_heads(x: torch.Tensor, hkv: int) -> torch.Tensor:
-    """[b, heads, s, d] -> [b, hkv, s, d]: gradient of ``_expand_kv``."""
-    b, heads, s, d = x.shape
-    return x if heads == hkv else x.view(b, hkv, heads // hkv, s, d).sum(dim=2)
-
-
-def _block_scores(q, k, scale, q_pos, k_pos, causal):
-    """q [b, h, sq, d], k [b, h, sk, d] -> scores [b, h, sq, sk] with -inf where masked."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], _NEG_INF)
-    return scores
-
-
-def _fully_masked(q_pos, k_pos, causal) -> bool:
-    return causal and bool(k_pos.min() > q_pos.max())
+def _step_tasks(s_local, rank, src, size, layout, causal):
+    return plan_tasks(rank_chunks(s_local, rank, size, layout),
+                      rank_chunks(s_local, src, size, layout), causal)
 
 
 def ring_forward(q, k, v, group, scale, causal, layout):
-    """q [b, h, s, d], k/v [b, hkv, s, d] (local) -> out [b, h, s, d], lse [b, h, s]."""
+    """q [b, H, s, d], k/v [b, Hkv, s, d] (local) -> out [b, H, s, d], lse [b, H, s] (fp32+)."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    heads, s_local = q.shape[1], q.shape[2]
-    seq_len = s_local * size
-    q_pos = local_token_indices(seq_len, rank, size, layout).to(q.device)
-    kv = torch.stack((k, v)).contiguous()  # [2, b, hkv, s, d]: one message per hop
-    row_max = q.new_full(q.shape[:-1], _NEG_INF)  # [b, h, s]
-    row_sum = q.new_zeros(q.shape[:-1])
-    acc = torch.zeros_like(q)
+    s_local = q.shape[2]
+    kv = torch.stack((k, v))  # [2, b, Hkv, s, d]: one message per hop
+    merger = RowMerger(q)
     for step in range(size):
-        if step + 1 < size:
-            next_kv, works = _ring_exchange(kv, group, rank, size)
+        hop = _RingExchange(kv, group) if step + 1 < size else None  # overlaps this step's compute
         src = (rank - step) % size
-        k_pos = local_token_indices(seq_len, src, size, layout).to(q.device)
-        if not _fully_masked(q_pos, k_pos, causal):
-            kb, vb = _expand_kv(kv[0], heads), _expand_kv(kv[1], heads)
-            scores = _block_scores(q, kb, scale, q_pos, k_pos, causal)
-            new_max = torch.maximum(row_max, scores.amax(dim=-1))
-            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            alpha = torch.exp(row_max - safe_max)  # 0 where nothing was seen yet
-            p = torch.exp(scores - safe_max.unsqueeze(-1))
-            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, vb)
-            row_sum = row_sum * alpha + p.sum(dim=-1)
-            row_max = new_max
-        if step + 1 < size:
-            _wait(works)
-            kv = next_kv
-    safe_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    out = acc / row_sum.clamp_min(torch.finfo(acc.dtype).tiny).unsqueeze(-1)
-    lse = safe_max + torch.log(row_sum)
-    return out, lse
+        for t in _step_tasks(s_local, rank, src, size, layout, causal):
+            out, lse = task_forward(q[:, :, t.q_rows], kv[0, :, :, t.k_rows], kv[1, :, :, t.k_rows],
+                                    scale, t.diagonal)
+            merger.add(t.q_rows, out, lse)
+        if hop is not None:
+            kv = hop.wait()
+    return merger.result(q.dtype)
 
 
 def ring_backward(dout, q, k, v, out, lse, group, scale, causal, layout):
-    """Gradients of ``ring_forward``: dq [b, h, s, d] and dk, dv [b, hkv, s, d] of the local block."""
+    """dq [b, H, s, d] and dk, dv [b, Hkv, s, d] of the local block."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    heads, hkv, s_local = q.shape[1], k.shape[1], q.shape[2]
-    seq_len = s_local * size
-    q_pos = local_token_indices(seq_len, rank, size, layout).to(q.device)
-    delta = (dout * out).sum(dim=-1, keepdim=True)  # [b, h, s, 1]
+    s_local = q.shape[2]
     dq = torch.zeros_like(q)
-    kv = torch.stack((k, v)).contiguous()  # [2, b, hkv, s, d]
-    dkv = None  # accumulator of the block currently held, travels with it
-    dkv_works = None
+    kv = torch.stack((k, v))  # [2, b, Hkv, s, d]
+    dkv_hop = None  # the accumulator of the block currently held travels with it
     for step in range(size):
-        if step + 1 < size:
-            next_kv, works = _ring_exchange(kv, group, rank, size)
+        kv_hop = _RingExchange(kv, group) if step + 1 < size else None
         src = (rank - step) % size
-        k_pos = local_token_indices(seq_len, src, size, layout).to(q.device)
-        block = torch.zeros_like(kv)  # [2, b, hkv, s, d]
-        if not _fully_masked(q_pos, k_pos, causal):
-            kb, vb = _expand_kv(kv[0], heads), _expand_kv(kv[1], heads)
-            scores = _block_scores(q, kb, scale, q_pos, k_pos, causal)
-            p = torch.exp(scores - lse.unsqueeze(-1))  # [b, h, sq, sk], 0 where masked
-            block[1] = _reduce_kv_heads(torch.matmul(p.transpose(-1, -2), dout), hkv)
-            ds = p * (torch.matmul(dout, vb.transpose(-1, -2)) - delta)
-            dq = dq + torch.matmul(ds, kb) * scale
-            block[0] = _reduce_kv_heads(torch.matmul(ds.transpose(-1, -2), q) * scale, hkv)
-        if dkv is None:
-            dkv = block
-        else:
-            _wait(dkv_works)
-            dkv = dkv + block
+        block = torch.zeros_like(kv)  # [2, b, Hkv, s, d]
+        for t in _step_tasks(s_local, rank, src, size, layout, causal):
+            rows = t.q_rows
+            dq_t, dk_t, dv_t = task_backward(dout[:, :, rows], q[:, :, rows], kv[0, :, :, t.k_rows],
+                                             kv[1, :, :, t.k_rows], out[:, :, rows], lse[:, :, rows],
+                                             scale, t.diagonal)
+            dq[:, :, rows] += dq_t
+            block[0, :, :, t.k_rows] += dk_t
+            block[1, :, :, t.k_rows] += dv_t
+        dkv = block if dkv_hop is None else dkv_hop.wait() + block
         if size > 1:
-            sending = dkv  # kept referenced until its send is waited on
-            dkv, dkv_works = _ring_exchange(sending, group, rank, size)
-        if step + 1 < size:
-            _wait(works)
-            kv = next_kv
-    if size > 1:
-        _wait(dkv_works)  # after N hops the accumulator of our own block is back
+            dkv_hop = _RingExchange(dkv, group)
+        else:
+            dkv_hop = None
+        if kv_hop is not None:
+            kv = kv_hop.wait()
+    if dkv_hop is not None:
+        dkv = dkv_hop.wait()  # after N hops the accumulator of our own block is back
     return dq, dkv[0], dkv[1]
 
 
@@ -155,41 +118,26 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _flash_ring_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-        import ring_flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def ring_attention(q, k, v, *, group, causal=False, softmax_scale=None, layout="contiguous",
-                   use_flash=None):
-    """Ring attention over ``group``. q [b, s_local, h, d], k/v [b, s_local, hkv, d] -> [b, s_local, h, d].
-
-    ``layout`` says which global positions each rank holds (as in ``lss_plugin.sharding``); it only
-    matters for the causal mask.
-    """
-    check_layout(layout)
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+def check_qkv(q, k, v) -> None:
+    """q [b, s, H, d] and k, v [b, s, Hkv, d] with H a multiple of Hkv, or a ValueError naming them."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q [b, s, h, d] and k, v [b, s, hkv, d], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[1] != k.shape[1] or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"q heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]} and "
-                         f"local lengths must agree ({q.shape[1]} vs {k.shape[1]})")
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if use_flash is None:
-        use_flash = _flash_ring_available() and layout == "contiguous"
-    if use_flash:
-        from ring_flash_attn import ring_flash_attn_func
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)}: batch, local length and head "
+                         f"dim must agree and q heads must be a multiple of kv heads")
 
-        heads, hkv = q.shape[2], k.shape[2]
-        if hkv != heads:  # ring-flash-attention's kernel expects equal head counts
-            k = k.repeat_interleave(heads // hkv, dim=2)
-            v = v.repeat_interleave(heads // hkv, dim=2)
-        return ring_flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, group=group)
-    # [b, s, h, d] -> [b, h, s, d] for the block matmuls
-    out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2).contiguous(),
-                               v.transpose(1, 2).contiguous(), group, scale, causal, layout)
+
+def ring_attention(q, k, v, *, group, causal=False, softmax_scale=None, layout="balanced"):
+    """Ring attention over ``group``. q [b, s_local, H, d], k/v [b, s_local, Hkv, d] -> [b, s_local, H, d].
+
+    ``layout`` says which global positions each rank holds (``lss_plugin.sharding``): ``balanced``
+    is the zigzag layout; it only matters for the causal mask.
+    """
+    check_layout(layout)
+    check_qkv(q, k, v)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    # [b, s, h, d] -> [b, h, s, d], the kernels' layout
+    out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group,
+                               scale, causal, layout)
     return out.transpose(1, 2)
