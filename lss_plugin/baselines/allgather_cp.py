@@ -20,7 +20,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from lss_plugin.baselines.blocks import RowMerger, plan_tasks, task_backward, task_forward
+from lss_plugin.baselines.blocks import (BlockAttentionFunction, RowMerger, plan_tasks, task_backward,
+                                         task_forward)
 from lss_plugin.baselines.ring import check_qkv
 from lss_plugin.sharding import Chunk, check_layout, local_token_indices, rank_chunks
 
@@ -97,26 +98,11 @@ def allgather_backward(dout, q, k, v, out, lse, group, scale, causal, layout):
     return dq, _reduce_scatter_rows(dk_all, group, order), _reduce_scatter_rows(dv_all, group, order)
 
 
-class _AllGatherCPAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, scale, causal, layout):
-        out, lse = allgather_forward(q, k, v, group, scale, causal, layout)
-        ctx.save_for_backward(q, k, v, out, lse)  # local tensors only: K, V are gathered again
-        ctx.args = (group, scale, causal, layout)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = allgather_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
-
-
 def allgather_cp_attention(q, k, v, *, group, causal=False, softmax_scale=None, layout="balanced"):
     """q [b, s_local, H, d], k/v [b, s_local, Hkv, d] -> [b, s_local, H, d] over ``group``."""
     check_layout(layout)
     check_qkv(q, k, v)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = _AllGatherCPAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                      group, scale, causal, layout)
+    out = BlockAttentionFunction.apply(allgather_forward, allgather_backward, q.transpose(1, 2),
+                                       k.transpose(1, 2), v.transpose(1, 2), group, scale, causal, layout)
     return out.transpose(1, 2)

@@ -131,3 +131,23 @@ class RowMerger:
 
     def result(self, dtype: torch.dtype):
         return self.out.to(dtype), self.lse
+
+
+class BlockAttentionFunction(torch.autograd.Function):
+    """Autograd around a pure ``forward(q, k, v, *args) -> (out, lse)`` / ``backward`` pair.
+
+    Saves the local q, k, v, out and lse only (what a flash-style backward needs).
+    """
+
+    @staticmethod
+    def forward(ctx, forward_fn, backward_fn, q, k, v, *args):
+        out, lse = forward_fn(q, k, v, *args)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backward_fn, ctx.args = backward_fn, args
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backward_fn(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return (None, None, dq, dk, dv) + (None,) * len(ctx.args)

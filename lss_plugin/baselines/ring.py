@@ -19,7 +19,7 @@ Communication per rank and layer (N > 1), K/V never repeated for GQA:
   forward  N - 1 sends of packed [2, b, hkv, s_local, d]
   backward N - 1 sends of K/V + N sends of packed dK/dV (same size)
 Three layers, as in ring-flash-attention: ``ring_forward``/``ring_backward`` hold the
-communication, ``_RingAttention`` is the autograd.Function, ``ring_attention`` the public call.
+communication, ``blocks.BlockAttentionFunction`` the autograd.Function, ``ring_attention`` the public call.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from lss_plugin.baselines.blocks import RowMerger, plan_tasks, task_backward, task_forward
+from lss_plugin.baselines.blocks import (BlockAttentionFunction, RowMerger, plan_tasks, task_backward,
+                                         task_forward)
 from lss_plugin.sharding import check_layout, rank_chunks
 
 
@@ -103,21 +104,6 @@ def ring_backward(dout, q, k, v, out, lse, group, scale, causal, layout):
     return dq, dkv[0], dkv[1]
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, scale, causal, layout):
-        out, lse = ring_forward(q, k, v, group, scale, causal, layout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, scale, causal, layout)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
-
-
 def check_qkv(q, k, v) -> None:
     """q [b, s, H, d] and k, v [b, s, Hkv, d] with H a multiple of Hkv, or a ValueError naming them."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -138,6 +124,7 @@ def ring_attention(q, k, v, *, group, causal=False, softmax_scale=None, layout="
     check_qkv(q, k, v)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     # [b, s, h, d] -> [b, h, s, d], the kernels' layout
-    out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group,
-                               scale, causal, layout)
+    out = BlockAttentionFunction.apply(ring_forward, ring_backward, q.transpose(1, 2), k.transpose(1, 2),
+                                       v.transpose(1, 2), group, scale,
+                                       causal, layout)
     return out.transpose(1, 2)

@@ -89,30 +89,17 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3, 4).reshape(b, us // u, u * hu, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """All-to-all sequence -> heads in forward, heads -> sequence in backward."""
+class _AllToAll(torch.autograd.Function):
+    """One all-to-all in forward (``there``), its inverse in backward (``back``)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad.contiguous(), ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """All-to-all heads -> sequence in forward, sequence -> heads in backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
+    def forward(ctx, x, group, there, back):
+        ctx.group, ctx.back = group, back
+        return there(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_heads(grad.contiguous(), ctx.group), None
+        return ctx.back(grad.contiguous(), ctx.group), None, None, None
 
 
 def usp_attention(q, k, v, *, ulysses_group, ring_group, causal=False, softmax_scale=None):
@@ -125,7 +112,7 @@ def usp_attention(q, k, v, *, ulysses_group, ring_group, causal=False, softmax_s
     if q.shape[2] % u or k.shape[2] % u:
         raise ValueError(f"usp: heads ({q.shape[2]}) and kv heads ({k.shape[2]}) must be divisible "
                          f"by the ulysses size ({u})")
-    qh, kh, vh = (_SeqToHeads.apply(t, ulysses_group) for t in (q, k, v))  # [b, U*s, H/U, d]
+    qh, kh, vh = (_AllToAll.apply(t, ulysses_group, _seq_to_heads, _heads_to_seq) for t in (q, k, v))  # [b, U*s, H/U, d]
     out = ring_attention(qh, kh, vh, group=ring_group, causal=causal, softmax_scale=softmax_scale,
                          layout="balanced")
-    return _HeadsToSeq.apply(out, ulysses_group)
+    return _AllToAll.apply(out, ulysses_group, _heads_to_seq, _seq_to_heads)
