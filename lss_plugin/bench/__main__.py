@@ -1,21 +1,29 @@
-"""``python -m lss_plugin.bench``: LSS beside Megatron TP+SP, Ulysses, ring attention and one rank.
+"""``python -m lss_plugin.bench``: LSS beside its prior art, every method on a fused kernel.
 
 Runs every method on the same megatron-core GPTModel, the same data and the same global sequence
-length, on 1, 2 and 4 ranks in one invocation: strong scaling (fixed L) and weak scaling (fixed
-tokens per rank), MHA and GQA, and the longest L each method fits in a memory budget. Writes
-``results.json``, ``results.md`` and PNG plots into ``--out`` (default ``runs/bench``).
+length, on 1, 2 and 4 ranks: one device and Megatron TP+SP on torch's SDPA (flash), LSS, ring
+(zigzag), TransformerEngine-style all-gather CP and USP on LSS's block kernel, DeepSpeed-Ulysses on
+SDPA; Megatron's dense local attention only in extra ``[unfused]`` rows. Strong scaling (fixed L)
+and weak scaling (fixed tokens per rank), MHA and GQA, the largest world size again behind a
+rate-limited link (``--link-gbit``), and the longest L each method fits in a memory budget. Within
+a launch the methods are timed round-robin (``--repetitions`` x ``--steps``), so ratios pair per
+round. Writes ``results.json``, ``results.md``, ``readme_table.md`` and PNG plots into ``--out``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
-from lss_plugin.bench.model import ModelDims, Variant
-from lss_plugin.bench.run import BUDGET_REFERENCE, worker
+from lss_plugin.bench.methods import DEFAULT_METHODS, variants_for
+from lss_plugin.bench.model import ModelDims
+from lss_plugin.bench.run import BUDGET_REFERENCE, Case, worker
+
+# LSS variants timed behind the slow link (the others differ from these in memory, not traffic)
+LINK_LSS = ("lss[keep,balanced]", "lss[keep,contiguous]", "lss[regather,balanced]")
+BUDGET_METHODS = ("single", "megatron_tp_sp", "allgather_cp")  # besides LSS regather (+ chunk1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,21 +31,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench", help="output directory")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, few steps (CI: under two minutes)")
+                   help="tiny sizes, 2 rounds x 2 steps, ranks 1 and 4 (CI: about three minutes)")
     p.add_argument("--ranks", default=None, help="comma-separated world sizes (default 1,2,4)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of lss,megatron_tp_sp,ulysses,ring,single")
+                   help="comma-separated subset of " + ",".join(DEFAULT_METHODS))
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--num-heads", type=int, default=None)
     p.add_argument("--gqa-kv-heads", type=int, default=None,
-                   help="KV heads of the GQA runs (MHA runs use --num-heads)")
+                   help="KV heads of the GQA runs (default 2: fewer than 4 ranks, so Ulysses cannot run)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="strong scaling global length (default 32 x hidden size)")
     p.add_argument("--tokens-per-rank", type=int, default=None, help="weak scaling tokens per rank")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (median reported)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case per round")
+    p.add_argument("--repetitions", type=int, default=None,
+                   help="round-robin rounds (every case runs --steps timed steps per round)")
+    p.add_argument("--link-gbit", default=None,
+                   help="comma-separated link rates in Gbit/s for the extra runs behind a rate-limited "
+                        "loopback (default 1; 'none' to skip)")
+    p.add_argument("--link-ranks", type=int, default=None,
+                   help="world size of the link-limited runs (default: the largest of --ranks)")
     p.add_argument("--budget-mib", type=float, default=None,
                    help="memory budget per rank for the longest-sequence search (default: the "
                         "tracked peak of lss[regather,contiguous] on 1 rank at the strong-scaling "
@@ -48,115 +63,137 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per rank-group wall clock limit")
     args = p.parse_args(argv)
     q = args.quick
-    defaults = dict(num_layers=1 if q else 2, hidden_size=32 if q else 64, num_heads=8,
-                    warmup=1 if q else 2, steps=1 if q else 5)
+    defaults = dict(num_layers=1 if q else 2, hidden_size=32 if q else 64, num_heads=8, gqa_kv_heads=2,
+                    warmup=1 if q else 2, steps=2 if q else 5, repetitions=2 if q else 5,
+                    tokens_per_rank=64 if q else 512, ranks="1,4" if q else "1,2,4", link_gbit="1")
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.gqa_kv_heads is None:
-        args.gqa_kv_heads = max(args.num_heads // 2, 1)
     if args.seq_len is None:
         args.seq_len = 8 * args.hidden_size if q else 32 * args.hidden_size
-    if args.tokens_per_rank is None:
-        args.tokens_per_rank = 64 if q else 512
-    args.ranks = [int(r) for r in (args.ranks or "1,2,4").split(",")]
-    args.methods = (args.methods or "single,megatron_tp_sp,lss,ulysses,ring").split(",")
+    args.ranks = sorted(int(r) for r in args.ranks.split(","))
+    args.methods = (args.methods or ",".join(DEFAULT_METHODS)).split(",")
+    args.link_gbit = [] if args.link_gbit.lower() == "none" else [float(g) for g in args.link_gbit.split(",")]
+    args.link_ranks = args.link_ranks or max(args.ranks)
     return args
 
 
-def variants_for(methods, world_size: int, quick: bool = False) -> list[Variant]:
-    """Every variant of ``methods`` that runs on ``world_size`` ranks (--quick: LSS contiguous only)."""
-    out = []
-    for m in methods:
-        if m == "single":
-            if world_size == 1:
-                out.append(Variant("single"))
-        elif m == "lss":
-            layouts = ("contiguous",) if quick else ("contiguous", "balanced")
-            out += [Variant("lss", layout, mode) for layout in layouts for mode in ("keep", "regather")]
-            if not quick:  # the memory-lean extreme: regather, one KV head gathered at a time
-                out.append(Variant("lss", "contiguous", "regather", kv_head_chunk=1))
-        elif m in ("megatron_tp_sp", "ulysses", "ring"):
-            out.append(Variant(m))
-        else:
-            raise ValueError(f"unknown method {m!r}")
-    return out
+def strong_and_weak_cases(args, world: int, dims_for: dict) -> list[Case]:
+    common = dict(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
+    cases = []
+    for v in variants_for(args.methods, world, args.quick):
+        for attention, dims in dims_for.items():
+            if v.kernel == "unfused" and attention == "gqa":
+                continue  # the dense kernel is an extra row, shown once
+            cases.append(Case(v, dims, args.seq_len, sweep="strong", attention=attention, **common))
+        weak_len = args.tokens_per_rank * world
+        if not args.no_weak and v.kernel == "fused" and weak_len != args.seq_len:
+            # (the weak point at seq_len is the strong MHA row, not run twice)
+            cases.append(Case(v, dims_for["mha"], weak_len, sweep="weak", attention="mha", **common))
+    return cases
+
+
+def link_cases(args, world: int, dims_for: dict) -> list[Case]:
+    common = dict(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
+    variants = [v for v in variants_for(args.methods, world, args.quick)
+                if v.kernel == "fused" and (v.method != "lss" or v.name in LINK_LSS)]
+    return [Case(v, dims, args.seq_len, sweep="strong", attention=attention, **common)
+            for v in variants for attention, dims in dims_for.items()]
+
+
+def budget_jobs_for(args, world: int, budget_dims: ModelDims, budget_bytes, unit: int, budget_max: int):
+    jobs = []
+    for v in variants_for(args.methods, world, args.quick):
+        wanted = (v.name in (BUDGET_REFERENCE, "lss[regather,contiguous,chunk1]")
+                  or (v.method in BUDGET_METHODS and v.kernel == "fused"))
+        if args.quick:
+            wanted = v.name == BUDGET_REFERENCE or (v.method in ("single", "megatron_tp_sp") and v.kernel == "fused")
+        if wanted:
+            jobs.append(dict(variant=v, dims=budget_dims, budget_bytes=budget_bytes, unit=unit,
+                             max_len=budget_max, attention="mha", batch_size=args.batch_size))
+    if budget_bytes is None:
+        # measure the budget first: LSS (regather) on one rank at the strong-scaling length
+        ref = [j for j in jobs if j["variant"].name == BUDGET_REFERENCE]
+        if not ref or world != 1:
+            raise SystemExit(f"the default budget is measured with {BUDGET_REFERENCE} on 1 rank: "
+                             "include lss and 1 in --ranks/--methods, or give --budget-mib")
+        ref[0]["reference_len"] = args.seq_len
+        jobs.sort(key=lambda j: j is not ref[0])
+    return jobs
+
+
+def _tag(rank_outputs: list, link_gbit) -> list:
+    for rank_out in rank_outputs:
+        for c in rank_out["cases"]:
+            c["link_gbit"] = link_gbit
+    return rank_outputs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from lss_plugin.bench.launch import launch
+    from lss_plugin.bench.netns import launch_with_link, link_unavailable
     from lss_plugin.bench.report import write_outputs
-    from lss_plugin.bench.run import Case
 
     os.makedirs(args.out, exist_ok=True)
     max_len = max(args.seq_len, args.tokens_per_rank * max(args.ranks))
     # The search runs between `unit` and `budget_max` tokens (~log2(budget_max / unit) probes).
     budget_max = 8 * args.seq_len
-    unit = 32 * max(args.ranks) if args.quick else 16 * max(args.ranks)
+    unit = (32 if args.quick else 16) * max(args.ranks)
     if args.seq_len % unit:
         raise SystemExit(f"--seq-len {args.seq_len} must be a multiple of {unit} (16 x max ranks)")
     # The learned position table is sized to the longest sequence of the sweep (it is a
     # parameter: a larger table would inflate every method's gradient all-reduce).
     dims_for = {
-        "mha": ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.num_heads,
-                         max_positions=max_len),
+        "mha": ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.num_heads, max_positions=max_len),
         "gqa": ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.gqa_kv_heads,
                          max_positions=max_len),
     }
-    budget_dims = ModelDims(args.num_layers, args.hidden_size, args.num_heads, args.num_heads,
-                            max_positions=budget_max)
+    budget_dims = dims_for["mha"]  # its position table is resized to each probe's length
     print(f"lss_plugin.bench: ranks {args.ranks}, methods {args.methods}, strong L={args.seq_len}, "
           f"weak {args.tokens_per_rank} tokens/rank, dims {dims_for['mha']}, GQA kv heads "
-          f"{args.gqa_kv_heads}, output {args.out}", flush=True)
+          f"{args.gqa_kv_heads}, {args.repetitions} rounds x {args.steps} timed steps, links "
+          f"{args.link_gbit or 'none'} Gbit/s at {args.link_ranks} ranks, output {args.out}", flush=True)
     started = time.time()
-    all_cases, all_budget, budget_bytes = [], [], None
-    if args.budget_mib:
-        budget_bytes = int(args.budget_mib * 2**20)
-    for world in sorted(args.ranks):
-        cases = []
-        for v in variants_for(args.methods, world, args.quick):
-            common = dict(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
-            for attention, dims in dims_for.items():
-                if attention == "gqa" and v.method == "single" and args.quick:
-                    continue
-                cases.append(Case(v, dims, args.seq_len, sweep="strong", attention=attention, **common))
-            if not args.no_weak and not (args.quick and v.method in ("ulysses", "ring")):
-                cases.append(Case(v, dims_for["mha"], args.tokens_per_rank * world, sweep="weak",
-                                  attention="mha", **common))
-        budget_jobs = []
-        if not args.no_budget:
-            for v in variants_for(args.methods, world, args.quick):
-                if v.method == "lss" and (v.layout == "balanced"
-                                          or (args.quick and v.kv_backward == "keep")):
-                    continue  # same memory as contiguous; keeps the search short
-                if args.quick and v.method != "lss":
-                    continue  # --quick: the LSS search only
-                budget_jobs.append(dict(variant=v, dims=budget_dims, budget_bytes=budget_bytes,
-                                        unit=unit, max_len=budget_max, attention="mha",
-                                        batch_size=args.batch_size))
-            if budget_bytes is None:
-                # measure the budget first: LSS (regather) on one rank at the strong-scaling length
-                ref = [j for j in budget_jobs if j["variant"].name == BUDGET_REFERENCE]
-                if not ref or world != 1:
-                    raise SystemExit(f"the default budget is measured with {BUDGET_REFERENCE} on 1 rank: "
-                                     "include lss and 1 in --ranks/--methods, or give --budget-mib")
-                ref[0]["reference_len"] = args.seq_len
-                budget_jobs.sort(key=lambda j: j is not ref[0])
-        print(f"--- {world} rank(s): {len(cases)} cases, {len(budget_jobs)} budget searches", flush=True)
-        per_rank = launch(worker, world, cases, budget_jobs, timeout_s=args.timeout_s,
-                          threads=args.threads)
-        for rank_out in per_rank:
+    all_cases, all_budget, launches = [], [], []
+    budget_bytes = int(args.budget_mib * 2**20) if args.budget_mib else None
+    common = dict(timeout_s=args.timeout_s, threads=args.threads, repetitions=args.repetitions)
+    for world in args.ranks:
+        cases = strong_and_weak_cases(args, world, dims_for)
+        jobs = [] if args.no_budget else budget_jobs_for(args, world, budget_dims, budget_bytes, unit, budget_max)
+        print(f"--- {world} rank(s): {len(cases)} cases, {len(jobs)} budget searches", flush=True)
+        t0 = time.time()
+        per_rank = launch(worker, world, cases, jobs, **common)
+        launches.append({"world_size": world, "link_gbit": None, "wall_s": round(time.time() - t0, 1),
+                         "load_average": per_rank[0]["load_average"]})
+        for rank_out in _tag(per_rank, None):
             all_cases += rank_out["cases"]
         all_budget += per_rank[0]["budget"]
         if budget_bytes is None and per_rank[0].get("budget_reference_bytes"):
             budget_bytes = int(per_rank[0]["budget_reference_bytes"])
+    link_skipped = None
+    if args.link_gbit:
+        link_skipped = link_unavailable()
+        if link_skipped:
+            print(f"--- skipping the link-limited runs: {link_skipped}", flush=True)
+    for gbit in ([] if link_skipped else args.link_gbit):
+        world = args.link_ranks
+        cases = link_cases(args, world, dims_for)
+        print(f"--- {world} ranks behind a {gbit:g} Gbit/s link: {len(cases)} cases", flush=True)
+        t0 = time.time()
+        per_rank = launch_with_link(gbit, worker, world, cases, (), **common)
+        launches.append({"world_size": world, "link_gbit": gbit, "wall_s": round(time.time() - t0, 1),
+                         "load_average": per_rank[0]["load_average"]})
+        for rank_out in _tag(per_rank, gbit):
+            all_cases += rank_out["cases"]
     meta = {
         "command": " ".join(["python -m lss_plugin.bench"] + (argv if argv is not None else sys.argv[1:])),
         "args": {k: v for k, v in vars(args).items()},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor()},
         "wall_clock_s": round(time.time() - started, 1),
+        "launches": launches,
+        "link_skipped": link_skipped,
         "memory_tracker": "lss_plugin.bench.memory.LiveTensorTracker (TorchDispatchMode, storage-level)",
     }
     try:

@@ -1,28 +1,23 @@
-"""One megatron-core GPTModel for every method; only the parallel scheme differs.
+"""One megatron-core GPTModel for every method; only the parallel scheme and core attention differ.
 
 Every method builds the same ``GPTModel`` (megatron-core local spec, learned absolute positions,
 LayerNorm, GELU MLP, tied embeddings, fp32, no dropout) in megatron-core DDP, with a torch AdamW on
-``main_grad`` and ``finalize_model_grads`` (exactly the step ``lss_plugin.megatron.pretrain`` runs):
-
-- ``single``          1 rank, the whole sequence, Megatron's local ``DotProductAttention``;
-- ``megatron_tp_sp``  tensor parallel over N ranks + Megatron sequence parallelism, local spec;
-- ``lss``             the plugin's Megatron spec (``LSSDotProductAttention``) over the CP group;
-- ``ulysses``         the same CP group, core attention = DeepSpeed ``DistributedAttention``;
-- ``ring``            the same CP group, core attention = ring attention (``lss_plugin.baselines``).
+``main_grad`` and ``finalize_model_grads`` (exactly the step ``lss_plugin.megatron.pretrain`` runs).
+The core attention and the token split come from the method registry (``methods.py``).
 
 The sequence-parallel methods all register their group where Megatron keeps context parallelism,
 so megatron DDP averages their gradients over DP x SP the same way.
 """
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring")
-SP_METHODS = ("lss", "ulysses", "ring")
+from lss_plugin.bench.methods import Variant, method_of, token_indices
+
+__all__ = ["ModelDims", "Variant", "Trainer", "build_model", "make_batch"]
 
 
 @dataclass(frozen=True)
@@ -44,80 +39,11 @@ class ModelDims:
         return self.hidden_size // self.num_heads
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A method and its options: ``lss`` has a layout and a K/V backward mode."""
+def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
+    """The DDP-wrapped GPTModel and its AdamW for ``variant`` on ``world_size`` ranks.
 
-    method: str
-    layout: str = "contiguous"
-    kv_backward: str = "keep"
-    kv_head_chunk: int | None = None  # lss only: gather K,V this many KV heads at a time
-
-    @property
-    def name(self) -> str:
-        if self.method == "lss":
-            chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
-            return f"lss[{self.kv_backward},{self.layout}{chunk}]"
-        return self.method
-
-
-def _sp_core_attention(kind: str):
-    """A Megatron core-attention class running ring or Ulysses attention over the CP group."""
-    from lss_plugin.megatron.attention import _CAUSAL, LSSDotProductAttention
-
-    class SPCoreAttention(LSSDotProductAttention):
-        # Same constructor checks and [s, b, h, d] contract as the LSS core attention.
-        _kind = kind
-
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                    attention_bias=None, packed_seq_params=None):
-            mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-            causal = mask_type in _CAUSAL
-            q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s_local, h, d]
-            if self._kind == "ring":
-                from lss_plugin.baselines.ring import ring_attention
-
-                out = ring_attention(q, k, v, group=self.sp_group, causal=causal,
-                                     softmax_scale=self.softmax_scale, layout=self.lss_layout)
-            else:
-                if not hasattr(self, "_ulysses"):
-                    from lss_plugin.baselines.ulysses import UlyssesAttention
-
-                    self._ulysses = UlyssesAttention(self.sp_group, causal=causal,
-                                                     softmax_scale=self.softmax_scale)
-                out = self._ulysses(q.contiguous(), k.contiguous(), v.contiguous())
-            s_local, batch = query.shape[0], query.shape[1]
-            return out.transpose(0, 1).reshape(s_local, batch, self.hidden_size_per_partition)
-
-    SPCoreAttention.__name__ = f"{kind.capitalize()}CoreAttention"
-    return SPCoreAttention
-
-
-def setup_parallel(variant: Variant, world_size: int, timeout_s: float = 120.0) -> None:
-    """megatron-core parallel state for this method (destroying the previous one)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from lss_plugin.megatron.cpu_shim import apply_cpu_shim
-
-    apply_cpu_shim()
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    minutes = max(1, math.ceil(timeout_s / 60))
-    if variant.method in SP_METHODS:
-        from lss_plugin.megatron.parallel import initialize_lss_model_parallel
-
-        initialize_lss_model_parallel(world_size, timeout_s=timeout_s)
-    else:
-        tp = world_size if variant.method == "megatron_tp_sp" else 1
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, distributed_timeout_minutes=minutes,
-            create_gloo_process_groups=dist.get_backend() != "gloo")
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    torch.manual_seed(1234)
-
-
-def build_model(variant: Variant, dims: ModelDims, world_size: int):
-    """The DDP-wrapped GPTModel and its AdamW for ``variant`` on ``world_size`` ranks."""
+    ``context``: the active ``bench.context.ParallelContext`` of the method's parallel layout.
+    """
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
@@ -126,8 +52,8 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int):
 
     from lss_plugin.runtime import default_device
 
-    method = variant.method
-    tp = world_size if method == "megatron_tp_sp" else 1
+    method = method_of(variant)
+    tp = world_size if method.parallel == "tp" else 1
     kwargs = dict(
         num_layers=dims.num_layers, hidden_size=dims.hidden_size,
         num_attention_heads=dims.num_heads, num_query_groups=dims.num_kv_heads,
@@ -136,23 +62,13 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int):
         tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
         use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
     )
-    if method in SP_METHODS:
+    if method.parallel == "cp":
         kwargs["context_parallel_size"] = world_size
     config = TransformerConfig(**kwargs)
-    if method == "lss":
-        from lss_plugin.megatron.spec import get_gpt_layer_lss_spec
-
-        spec = get_gpt_layer_lss_spec(normalization="LayerNorm", layout=variant.layout,
-                                      kv_backward=variant.kv_backward,
-                                      kv_head_chunk=variant.kv_head_chunk)
-    else:
-        import copy
-
-        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="LayerNorm"))
-        if method in ("ring", "ulysses"):
-            core = _sp_core_attention(method)
-            core.lss_layout = variant.layout
-            spec.submodules.self_attention.submodules.core_attention = core
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="LayerNorm"))
+    core = method.core_attention(variant, context)
+    if core is not None:  # None: megatron-core's local DotProductAttention
+        spec.submodules.self_attention.submodules.core_attention = core
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=dims.vocab_size,
                      max_sequence_length=dims.max_positions,
                      position_embedding_type="learned_absolute",
@@ -173,15 +89,13 @@ def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int,
     from megatron.core import parallel_state
 
     from lss_plugin.runtime import default_device
-    from lss_plugin.sharding import local_token_indices
 
     g = torch.Generator().manual_seed(seed)
     window = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g)
     tokens, labels = window[:, :-1], window[:, 1:]  # [b, L]
     positions = torch.arange(seq_len).unsqueeze(0).expand_as(tokens)
-    if variant.method in SP_METHODS:
-        rank = parallel_state.get_context_parallel_rank()
-        idx = local_token_indices(seq_len, rank, world_size, variant.layout)
+    idx = token_indices(variant, seq_len, parallel_state.get_context_parallel_rank(), world_size)
+    if idx is not None:  # a sequence-parallel rank's tokens
         tokens, labels, positions = tokens[:, idx], labels[:, idx], positions[:, idx]  # [b, L/N]
     # Megatron TP+SP: every TP rank holds the whole sequence (its embedding scatters it).
     device = default_device()

@@ -1,0 +1,181 @@
+"""The benchmark's methods: how each one splits the model and the sequence, and its core attention.
+
+One ``Method`` per parallel scheme, registered in ``METHODS`` by name; adding a method is one
+``register(Method(...))`` call (its variants, parallel layout, core attention, token split).
+Every headline method attends with a fused kernel: torch's SDPA (flash) for ``single`` and
+``megatron_tp_sp``, LSS's LSE-merging block kernel (``lss_plugin.kernels``) for LSS, ring,
+all-gather CP and USP, SDPA inside DeepSpeed-Ulysses. Megatron's dense local attention runs only
+in extra rows whose variant name says ``unfused``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+@dataclass(frozen=True)
+class Variant:
+    """A method and its options.
+
+    ``layout``: which global positions an SP rank holds; ``kv_backward``/``kv_head_chunk``: LSS's
+    K/V backward mode and head chunking; ``kernel``: ``fused`` or ``unfused`` (Megatron's dense
+    local attention, extra rows only); ``ulysses``: USP's Ulysses group size.
+    """
+
+    method: str
+    layout: str = "contiguous"
+    kv_backward: str = "keep"
+    kv_head_chunk: int | None = None
+    kernel: str = "fused"
+    ulysses: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.method == "lss":
+            chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
+            return f"lss[{self.kv_backward},{self.layout}{chunk}]"
+        if self.method == "usp":
+            return f"usp[u{self.ulysses}]"
+        return self.method + ("[unfused]" if self.kernel == "unfused" else "")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method runs on the benchmark's megatron-core GPTModel.
+
+    parallel:        ``tp`` (tensor parallel over all ranks, Megatron sequence parallelism on) or
+                     ``cp`` (the ranks form the SP group, registered as Megatron's CP group)
+    variants:        (world_size, quick) -> the variants to run on that many ranks
+    core_attention:  (variant, context) -> the core-attention class for the layer spec, or None
+                     for megatron-core's local (dense) DotProductAttention
+    token_indices:   (variant, seq_len, sp_rank, sp_size) -> global positions of the rank's tokens
+                     (``cp`` methods; ``tp`` ranks hold the whole sequence)
+    kernel:          what attends, for the tables
+    """
+
+    name: str
+    parallel: str
+    variants: Callable[[int, bool], list]
+    core_attention: Callable
+    token_indices: Callable | None
+    kernel: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.parallel not in ("tp", "cp"):
+        raise ValueError(f"method {method.name!r}: parallel must be 'tp' or 'cp', got {method.parallel!r}")
+    METHODS[method.name] = method
+    return method
+
+
+def method_of(variant: Variant) -> Method:
+    try:
+        return METHODS[variant.method]
+    except KeyError:
+        raise ValueError(f"unknown method {variant.method!r}; known: {sorted(METHODS)}") from None
+
+
+def sp_methods() -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.parallel == "cp")
+
+
+def variants_for(methods, world_size: int, quick: bool = False) -> list[Variant]:
+    """Every variant of ``methods`` that runs on ``world_size`` ranks."""
+    out = []
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+        out += METHODS[name].variants(world_size, quick)
+    return out
+
+
+# -- the core attentions ---------------------------------------------------------------------
+
+def _sdpa_or_local(variant, context):
+    if variant.kernel == "unfused":
+        return None  # megatron-core's local DotProductAttention (dense scores)
+    from lss_plugin.baselines.megatron import SDPADotProductAttention
+
+    return SDPADotProductAttention
+
+
+def _lss_attention(variant, context):
+    from lss_plugin.megatron.attention import configured_lss_attention
+
+    return configured_lss_attention(layout=variant.layout, kv_backward=variant.kv_backward,
+                                    kv_head_chunk=variant.kv_head_chunk)
+
+
+def _sp_baseline(variant, context):
+    from lss_plugin.baselines.megatron import sp_core_attention
+
+    groups = context.usp_groups(variant.ulysses) if variant.method == "usp" else None
+    return sp_core_attention(variant.method, layout=variant.layout, ulysses_groups=groups)
+
+
+def _layout_indices(variant, seq_len, sp_rank, sp_size):
+    from lss_plugin.sharding import local_token_indices
+
+    return local_token_indices(seq_len, sp_rank, sp_size, variant.layout)
+
+
+def _usp_indices(variant, seq_len, sp_rank, sp_size):
+    from lss_plugin.baselines.usp import usp_token_indices
+
+    return usp_token_indices(seq_len, sp_rank, sp_size, variant.ulysses)
+
+
+def usp_ulysses_size(world_size: int) -> int | None:
+    """USP's Ulysses group size: half the ranks (a 2 x N/2 hybrid); None below 4 ranks, where
+    USP would be plain Ulysses or plain ring."""
+    return world_size // 2 if world_size >= 4 and world_size % 2 == 0 else None
+
+
+# -- the methods -----------------------------------------------------------------------------
+
+register(Method(
+    "single", "tp",
+    lambda n, quick: [Variant("single"), Variant("single", kernel="unfused")] if n == 1 else [],
+    _sdpa_or_local, None, "torch SDPA (flash)"))
+register(Method(
+    "megatron_tp_sp", "tp",
+    lambda n, quick: [Variant("megatron_tp_sp")] + ([] if quick else [Variant("megatron_tp_sp", kernel="unfused")])
+    if n > 1 else [],
+    _sdpa_or_local, None, "torch SDPA (flash), the TP rank's heads"))
+
+
+def _lss_variants(n, quick):
+    if quick:
+        return [Variant("lss", "balanced", "keep"), Variant("lss", "contiguous", "regather")]
+    layouts = ("contiguous",) if n == 1 else ("contiguous", "balanced")  # the same on one rank
+    out = [Variant("lss", layout, mode) for layout in layouts for mode in ("keep", "regather")]
+    return out + [Variant("lss", "contiguous", "regather", kv_head_chunk=1)]  # the memory-lean extreme
+
+
+register(Method("lss", "cp", _lss_variants, _lss_attention, _layout_indices,
+                "lss_plugin.kernels block_forward/backward (LSE merge)"))
+register(Method(
+    "ulysses", "cp", lambda n, quick: [Variant("ulysses")] if n > 1 else [],
+    _sp_baseline, _layout_indices, "torch SDPA (flash) inside DeepSpeed DistributedAttention"))
+register(Method(
+    "ring", "cp", lambda n, quick: [Variant("ring", "balanced")] if n > 1 else [],
+    _sp_baseline, _layout_indices, "lss_plugin.kernels block_forward/backward (LSE merge)"))
+register(Method(
+    "allgather_cp", "cp", lambda n, quick: [Variant("allgather_cp", "balanced")] if n > 1 else [],
+    _sp_baseline, _layout_indices, "lss_plugin.kernels block_forward/backward (LSE merge)"))
+register(Method(
+    "usp", "cp",
+    lambda n, quick: [Variant("usp", "balanced", ulysses=usp_ulysses_size(n))] if usp_ulysses_size(n) else [],
+    _sp_baseline, _usp_indices, "lss_plugin.kernels block_forward/backward (LSE merge) in the ring"))
+
+DEFAULT_METHODS = tuple(METHODS)
+
+
+def token_indices(variant: Variant, seq_len: int, sp_rank: int, sp_size: int) -> torch.Tensor | None:
+    """Global positions of this rank's tokens, or None when the rank holds the whole sequence."""
+    m = method_of(variant)
+    return None if m.token_indices is None else m.token_indices(variant, seq_len, sp_rank, sp_size)
