@@ -1,9 +1,11 @@
-"""The benchmark's instruments: collective counters, live-tensor tracker, report targets.
+"""The benchmark's instruments: collective counters, live-tensor tracker, timing aggregation, targets.
 
 Counters: every collective type is called with known tensors on 2 ranks; calls, payload bytes and
 bytes sent must equal the convention in ``lss_plugin.bench.counters`` exactly, a nested call is
 counted once, and a reference taken before ``install()`` is re-pointed.
 Tracker: tensors of known sizes; peak and activation bytes must be exact (views are free).
+Timing: fabricated per-rank step times; rows keep the slower rank per step, ratios pair rounds.
+Targets: fabricated rows on both sides of every threshold, the status and value of each target.
 """
 import sys
 import types
@@ -86,18 +88,71 @@ def test_tracker_classifies_gradients_as_static():
     assert report.activation_bytes_after_forward == 4  # the scalar loss
 
 
+def _rank_result(variant, method, rank, rounds, sweep="strong", attention="mha", world=2, link=None):
+    """A fabricated per-rank case result, as ``run_cases`` returns it."""
+    return {"case": {"variant_name": variant, "variant": {"method": method, "kernel": "fused"},
+                     "sweep": sweep, "attention": attention, "seq_len": 64},
+            "world_size": world, "rank": rank, "loss": 1.0, "step_times_s": rounds, "error": None,
+            "link_gbit": link, "attention_ops": ["aten._scaled_dot_product_flash_attention_for_cpu"],
+            "comm": {"total_sent_bytes": 10, "total_bytes": 20, "calls": {}, "bytes": {}, "sent_bytes": {}},
+            "memory": {"peak_bytes": 1, "peak_activation_bytes": 1, "activation_bytes_after_forward": 1,
+                       "static_bytes": 1},
+            "peak_rss_bytes": 1}
+
+
+def test_timings_are_max_over_ranks_and_ratios_pair_rounds():
+    from lss_plugin.bench.report import aggregate, paired_ratios
+
+    # 3 rounds x 2 steps; rank 1 is slower in some steps: the row keeps the slower rank per step
+    lss = [[[1.0, 3.0], [2.0, 2.0], [4.0, 4.0]], [[1.5, 1.0], [2.0, 2.5], [4.0, 4.0]]]
+    base = [[[2.0, 2.0], [8.0, 8.0], [4.0, 4.0]], [[2.0, 2.0], [8.0, 8.0], [4.0, 6.0]]]
+    cases = [_rank_result("lss[keep,balanced]", "lss", r, lss[r]) for r in range(2)]
+    cases += [_rank_result("megatron_tp_sp", "megatron_tp_sp", r, base[r]) for r in range(2)]
+    rows = {r["variant"]: r for r in aggregate(cases)}
+    row = rows["lss[keep,balanced]"]
+    assert row["step_times_s"] == [1.5, 3.0, 2.0, 2.5, 4.0, 4.0]
+    assert row["round_step_s"] == [2.25, 2.25, 4.0]
+    assert row["step_time_s"] == 2.75
+    assert row["attention_kernel"].endswith("[_scaled_dot_product_flash_attention_for_cpu]")
+    assert rows["megatron_tp_sp"]["round_step_s"] == [2.0, 8.0, 5.0]
+    (pair,) = paired_ratios(list(rows.values()))
+    # per round: 2.25 / 2, 2.25 / 8, 4 / 5 -> median 0.8, quartiles (inclusive) 0.540625 and 0.9625
+    assert pair["ratios"] == [1.125, 0.28125, 0.8]
+    assert pair["median"] == 0.8 and pair["rounds"] == 3
+    assert abs(pair["q25"] - 0.540625) < 1e-12 and abs(pair["q75"] - 0.9625) < 1e-12
+
+
 def test_targets_report_pass_and_miss():
     from lss_plugin.bench.report import check_targets
 
-    def row(variant, world, sent, t, act, attention="mha"):
-        return {"variant": variant, "sweep": "strong", "attention": attention, "world_size": world,
-                "seq_len": 2048, "error": None, "sent_bytes": sent, "step_time_s": t,
-                "peak_activation_bytes": act}
+    def row(variant, world, sent, rounds, act=0, attention="mha", link=None, method=None, error=None):
+        return {"variant": variant, "method": method or variant.split("[")[0], "sweep": "strong",
+                "attention": attention, "world_size": world, "seq_len": 2048, "link_gbit": link,
+                "error": error, "sent_bytes": sent, "round_step_s": rounds, "peak_activation_bytes": act}
 
-    rows = [row("lss[keep,contiguous]", 4, 50, 1.0, 0), row("megatron_tp_sp", 4, 100, 1.0, 0),
-            row("lss[keep,contiguous]", 4, 30, 1.0, 0, "gqa"), row("megatron_tp_sp", 4, 100, 1.0, 0, "gqa"),
-            row("lss[regather,contiguous]", 1, 0, 1.0, 400), row("lss[regather,contiguous]", 4, 0, 1.0, 130)]
-    budget = [{"variant": "lss[regather,contiguous]", "world_size": 1, "longest_seq_len": 100, "max_len_searched": 1000},
-              {"variant": "lss[regather,contiguous]", "world_size": 4, "longest_seq_len": 300, "max_len_searched": 1000}]
-    status = {t["target"].split(" (")[0]: t["status"] for t in check_targets(rows, budget, hidden_size=64)}
-    assert list(status.values()) == ["PASS", "PASS", "MISS", "MISS", "MISS"], status
+    lss = "lss[keep,balanced]"
+    rows = [row(lss, 4, 50, [1.0, 1.0, 1.0]), row("megatron_tp_sp", 4, 100, [1.0, 1.2, 1.1]),
+            row(lss, 4, 30, [1.0, 1.0, 1.0], attention="gqa"), row("megatron_tp_sp", 4, 100, [1.0] * 3, attention="gqa"),
+            row(lss, 4, 50, [1.0] * 3, link=1.0), row("megatron_tp_sp", 4, 100, [3.0] * 3, link=1.0),
+            row("ulysses", 4, 10, [0.8] * 3), row("allgather_cp", 4, 10, [1.2] * 3), row("usp[u2]", 4, 10, [1.0] * 3, method="usp"),
+            row("ulysses", 4, 10, None, attention="gqa", error="ValueError: Ulysses needs heads"),
+            row("allgather_cp", 4, 10, [2.0] * 3, attention="gqa"), row("usp[u2]", 4, 10, [0.9] * 3, attention="gqa", method="usp"),
+            row("lss[regather,contiguous]", 1, 0, None, act=400), row("lss[regather,contiguous]", 4, 0, None, act=130)]
+    budget = [{"variant": v, "world_size": w, "longest_seq_len": n, "max_len_searched": 10_000}
+              for v, w, n in (("lss[regather,contiguous]", 1, 100), ("lss[regather,contiguous]", 4, 300),
+                              ("single", 1, 100), ("megatron_tp_sp", 4, 320))]
+    got = {t["target"]: (t["status"], t["value"]) for t in check_targets(rows, budget, 64, 8, 2, world=4)}
+    assert got == {
+        "LSS comm/step <= 0.6 x Megatron TP+SP (MHA, 4 ranks, L >= 32 h)": ("PASS", 0.5),
+        "(extra) LSS comm ratio lower still with GQA": ("PASS", 0.3),
+        "LSS step <= 0.8 x Megatron TP+SP (MHA, 4 ranks, no link limit)": ("MISS", 0.909),  # median of 1/1, 1/1.2, 1/1.1
+        "LSS step <= 0.5 x Megatron TP+SP (MHA, 4 ranks, 1 Gbit/s link)": ("PASS", 0.333),
+        "LSS step <= 1.1 x best of ulysses/allgather_cp/usp[u2] (MHA, 4 ranks, no link limit)": ("MISS", 1.25),
+        "LSS step <= 1.1 x best of ulysses/allgather_cp/usp[u2] (MHA, 4 ranks, 1 Gbit/s link)": ("n/a", None),
+        "LSS faster than ulysses where KV heads (2) < N (4) (GQA)": ("n/a", None),
+        "LSS faster than allgather_cp where KV heads (2) < N (4) (GQA)": ("PASS", 0.5),
+        "LSS faster than usp[u2] where KV heads (2) < N (4) (GQA)": ("MISS", 1.111),
+        "LSS regather: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("MISS", 3.0),
+        "(extra) lss[regather,contiguous,chunk1]: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("n/a", None),
+        "(extra) lss[regather,contiguous] activation memory 1 -> 4 ranks >= 80% of ideal 1/N": ("MISS", 0.769),
+    }, got
