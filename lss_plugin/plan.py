@@ -17,7 +17,8 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring")
+METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp")
+SP_METHODS = ("lss", "ulysses", "ring", "allgather_cp", "usp")
 _WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
          "send": lambda n: 1.0, "recv": lambda n: 0.0}
@@ -58,15 +59,24 @@ class Setup:
     kv_head_chunk: int | None = None  # lss only: KV heads gathered per collective (None: all)
     dtype_bytes: int = 4  # parameters and activations (fp32 4, bf16 2)
     batch_size: int = 1  # sequences per rank (micro-batch)
+    kernel: str = "fused"  # single / megatron_tp_sp: fused (SDPA) | unfused (Megatron's dense local)
+    ulysses: int | None = None  # usp only: Ulysses group size (the ring has sp / ulysses ranks)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.kernel not in ("fused", "unfused") or (self.kernel == "unfused" and self.method in SP_METHODS):
+            raise ValueError(f"kernel must be 'fused', or 'unfused' for single/megatron_tp_sp; got "
+                             f"{self.kernel!r} for {self.method}")
+        if (self.method == "usp") != (self.ulysses is not None) or (
+                self.ulysses is not None and (self.ulysses < 1 or self.sp % self.ulysses)):
+            raise ValueError(f"ulysses (the Ulysses group size of usp) must divide sp({self.sp}) and is "
+                             f"for usp only; got ulysses={self.ulysses} for {self.method}")
         if self.method == "megatron_tp_sp" and self.sp != 1:
             raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
         if self.kv_head_chunk is not None and (self.method != "lss" or self.kv_head_chunk < 1):
             raise ValueError(f"kv_head_chunk applies to lss only and must be >= 1, got {self.kv_head_chunk}")
-        if self.method in ("lss", "ulysses", "ring") and self.tp != 1:
+        if self.method in SP_METHODS and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
         if self.method == "single" and (self.sp, self.tp) != (1, 1):
             raise ValueError(f"single runs on one rank per replica: sp=tp=1, got sp={self.sp}, tp={self.tp}")
@@ -167,25 +177,35 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
     grad_bytes = 4  # megatron DDP keeps fp32 main grads (grad_reduce_in_fp32)
     params = parameter_counts(spec, seq_len, s.tp)
     out: list[Collective] = []
-    if s.method in ("lss", "ulysses", "ring"):
+    if s.method in SP_METHODS:
         n = s.sp
         s_local = seq_len // n
         kv_full = 2 * b * seq_len * spec.hkv * dh * dt  # packed K and V of the whole sequence
+        block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V of one rank
         if s.method == "lss":
             gathers = 2 if s.kv_backward == "regather" else 1
             chunks = spec.hkv // (s.kv_head_chunk or spec.hkv)  # one collective per head chunk
             out.append(Collective("all_gather", kv_full // chunks, n, gathers * layers * chunks,
                                   "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
             out.append(Collective("reduce_scatter", kv_full // chunks, n, layers * chunks, "packed dK,dV (bwd)"))
-        elif s.method == "ulysses":
-            for what, heads in (("q", spec.num_heads), ("k", spec.hkv), ("v", spec.hkv), ("out", spec.num_heads)):
-                out.append(Collective("all_to_all", b * s_local * heads * dh * dt, n, 2 * layers,
-                                      f"{what} (fwd + bwd)"))
-        else:
-            block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V block of one rank
+        elif s.method == "allgather_cp":
+            out.append(Collective("all_gather", kv_full // 2, n, 4 * layers, "K and V separately, fwd + bwd"))
+            out.append(Collective("reduce_scatter", kv_full // 2, n, 2 * layers, "dK and dV separately (bwd)"))
+        elif s.method == "ring":
             hops = (n - 1) + (n - 1) + n if n > 1 else 0  # fwd K/V, bwd K/V, bwd dK/dV
             out.append(Collective("send", block, n, hops * layers, "K,V and dK,dV blocks"))
             out.append(Collective("recv", block, n, hops * layers, "K,V and dK,dV blocks"))
+        else:  # ulysses, usp: 4 all-to-alls (q, k, v, out) each way in the Ulysses group
+            u = n if s.method == "ulysses" else s.ulysses
+            if u > 1:
+                for what, heads in (("q", spec.num_heads), ("k", spec.hkv), ("v", spec.hkv), ("out", spec.num_heads)):
+                    out.append(Collective("all_to_all", b * s_local * heads * dh * dt, u, 2 * layers,
+                                          f"{what} (fwd + bwd)"))
+            r = n // u  # usp's ring: the Ulysses group's tokens, 1/u of the KV heads: same bytes as a block
+            if r > 1:
+                hops = 3 * r - 2
+                out.append(Collective("send", block, r, hops * layers, "ring K,V and dK,dV blocks"))
+                out.append(Collective("recv", block, r, hops * layers, "ring K,V and dK,dV blocks"))
         # megatron DDP: one all-reduce of the fp32 grad buffer over DP x SP; token count
         out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)"))
         out.append(Collective("all_reduce", 4, n * s.dp, 1, "loss token count"))
@@ -213,29 +233,31 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
     """Bytes held for backward when the forward pass ends, per rank, by part.
 
     Counted tensor by tensor (with the benchmark's tracker, ``record_ops=True``) for the
-    megatron-core local spec without dropout; ``s`` = tokens of this rank's residual stream:
-    - every layer: LN1 and LN2 outputs, the two residual sums (4 x [s, h]), FC1 and GELU outputs
-      (2 x [s, ffn]); LayerNorm mean/rstd (fp32);
-    - attention, by method: the QKV projection output (kept alive by the saved q, k, v views),
-      the core-attention output, and the method's own state: LSS the log-sum-exp and, in ``keep``
-      mode, the gathered K,V of all L positions; ring the contiguous local K,V copies, its output
-      and log-sum-exp; Ulysses q, k, v after the all-to-all (GQA: repeated to all heads for SDPA),
-      SDPA's output and log-sum-exp and the output after the reverse all-to-all (the QKV output is
-      freed); Megatron's local attention the QKV output, the softmax probabilities [b, a, L, L] and
-      its output;
+    megatron-core local spec without dropout; ``sl`` = tokens of this rank's residual stream:
+    - every layer: LN1 and LN2 outputs, the two residual sums (4 x [sl, h]), FC1 and GELU outputs
+      (2 x [sl, ffn]); LayerNorm mean/rstd (fp32);
+    - attention, by method: the QKV projection output (kept alive by the saved q, k, v views; with
+      GQA, q is copied to be contiguous), the core-attention output, the kernel's log-sum-exp
+      (fp32), and the method's own state: LSS ``keep`` the gathered K,V of all L positions;
+      Ulysses / USP q, k, v after the all-to-all (the QKV output is freed) and the output again
+      after the reverse all-to-all; Megatron's dense local attention ([unfused]) q, k, v (GQA:
+      K/V repeated to all heads), its output and the softmax probabilities [b, a, L, L];
     - around the layers: embedding output, final LN output, logits (softmax computed in place),
       cross-entropy bookkeeping.
     """
     b, h, dh, dt, L = s.batch_size, spec.hidden_size, spec.head_dim, s.dtype_bytes, seq_len
     H, G, ffn, V = spec.num_heads, spec.hkv, spec.ffn, spec.vocab_size
     fp32, n_norms = 4, 2 * spec.num_layers + 1
+    q_copy = 1 if G < H else 0  # Megatron's q view of a GQA projection is not contiguous
     if s.method in ("megatron_tp_sp", "single"):
         t = s.tp
         sl = L // t  # residual stream / LayerNorm tokens per rank (Megatron SP)
         a, g = H // t, G // t
-        per_layer = (b * sl * 4 * h * dt
-                     + b * L * ((a + 2 * g) * dh + a * dh + 2 * (ffn // t)) * dt
-                     + b * a * L * L * dt)  # softmax probabilities
+        if s.kernel == "unfused":
+            attention = b * L * 4 * a * dh * dt + b * a * L * L * dt  # q, k, v, out; probabilities
+        else:
+            attention = b * L * ((a + 2 * g) + q_copy * a + a) * dh * dt + b * a * L * fp32
+        per_layer = b * sl * 4 * h * dt + b * L * 2 * (ffn // t) * dt + attention
         head = b * L * (V // t) * dt
         cross_entropy = b * L * 9 * (2 if t > 1 else 1) + 8
     else:
@@ -243,13 +265,12 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
         sl = L // n
         common = b * sl * (4 * h + 2 * ffn) * dt
         lse = b * H * sl * fp32
-        if s.method == "lss":
-            kept = 2 * b * L * G * dh * dt if s.kv_backward == "keep" else 0
-            attention = b * sl * ((H + 2 * G) * dh + H * dh) * dt + lse + kept
-        elif s.method == "ring":
-            attention = b * sl * ((H + 2 * G) * dh + H * dh + 2 * G * dh) * dt + lse
-        else:  # ulysses
-            attention = b * sl * 5 * H * dh * dt + b * (H // n) * L * fp32
+        if s.method in ("ulysses", "usp"):
+            attention = b * sl * ((H + 2 * G) + 2 * H) * dh * dt + lse
+        else:  # lss, ring, allgather_cp: QKV output, output, log-sum-exp
+            attention = b * sl * ((H + 2 * G) + q_copy * H + H) * dh * dt + lse
+            if s.method == "lss" and s.kv_backward == "keep":
+                attention += 2 * b * L * G * dh * dt
         per_layer = common + attention
         head = b * sl * V * dt
         cross_entropy = b * sl * 9 + 8
@@ -260,40 +281,54 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
 
 
 def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
-    """Largest short-lived buffers on top of the saved activations (during forward or backward).
+    """Largest short-lived buffers on top of the saved activations (during backward).
 
-    LSS: the gathered packed K,V and its unpacked copy (what ``kv_head_chunk`` bounds); ring: one
-    block's scores, probabilities and their gradient; Ulysses: the all-to-all buffers; Megatron's
-    local attention: the gradient of the scores and probabilities [b, a, L, L].
+    Every method: the largest parameter's gradient before megatron DDP adds it to ``main_grad``,
+    with one [sl, h] activation gradient. Beyond that, per method (fitted against the tracker at
+    1 and 4 ranks, see ``tests/test_plan.py``): LSS the gathered K,V and its unpacked copy plus
+    dK,dV (``keep`` ~2.5, ``regather`` ~3.1 x the packed K,V of all L positions; what
+    ``kv_head_chunk`` bounds); all-gather CP K and V gathered again, dK and dV of all L and a
+    staging buffer (~3 x); Megatron's dense local attention the gradient of the scores and
+    probabilities [b, a, L, L]. Ring, Ulysses and USP buffers are one block or one rank's share.
     """
-    b, dh, dt, L = s.batch_size, spec.head_dim, s.dtype_bytes, seq_len
-    if s.method == "lss":
-        return 2 * (2 * b * L * (s.kv_head_chunk or spec.hkv) * dh * dt)
-    if s.method == "ring":
-        sl = L // s.sp
-        return 3 * b * spec.num_heads * sl * sl * dt
-    if s.method == "ulysses":
-        return b * L * (spec.num_heads + 2 * spec.hkv) * dh * dt // s.sp
-    return 2 * b * (spec.num_heads // s.tp) * L * L * dt
+    b, h, dt, L = s.batch_size, spec.hidden_size, s.dtype_bytes, seq_len
+    sl = L // max(s.sp, s.tp)
+    positions = spec.max_positions or seq_len
+    largest_param = max(spec.vocab_size * h // s.tp, positions * h, spec.ffn * h // s.tp)
+    generic = largest_param * 4 + b * sl * h * dt  # fp32 grad before the main_grad add
+    kv_full = 2 * b * L * spec.hkv * spec.head_dim * dt  # packed K,V of all L positions
+    if s.method == "lss" and s.sp > 1:
+        chunk = kv_full * (s.kv_head_chunk or spec.hkv) // spec.hkv
+        return max(generic, int((2.5 if s.kv_backward == "keep" else 3.1) * chunk))
+    if s.method == "allgather_cp" and s.sp > 1:
+        return max(generic, 3 * kv_full)
+    if s.kernel == "unfused":
+        return max(generic, 2 * b * (spec.num_heads // s.tp) * L * L * dt)
+    return generic
 
 
 def persistent_buffer_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
-    """Megatron's local attention keeps a global [b * a, L, L] buffer for its score matmul."""
-    if s.method in ("megatron_tp_sp", "single"):
-        return s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
-    return 0
+    """Megatron's global memory buffer: the dense local attention's [b * a, L, L] score matmul,
+    and under TP + SP the all-gathered [L, b, h] input of the column-parallel layers (one buffer,
+    the larger need)."""
+    if s.method not in ("megatron_tp_sp", "single"):
+        return 0
+    scores = s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
+    gathered = s.batch_size * seq_len * spec.hidden_size * s.dtype_bytes if s.tp > 1 else 0
+    return max(scores if s.kernel == "unfused" else 0, gathered)
 
 
 def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
     """The cost model's prediction for one rank of ``setup`` training ``spec`` at ``seq_len``."""
-    parts = setup.sp * setup.tp * (2 if setup.method == "lss" else 1)
     if seq_len % max(setup.sp, setup.tp) != 0:
         raise ValueError(f"sequence length {seq_len} is not divisible by sp({setup.sp}) x tp({setup.tp})")
     if setup.method == "megatron_tp_sp" and (spec.num_heads % setup.tp or spec.hkv % setup.tp):
         raise ValueError(f"tp({setup.tp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
     if setup.method == "ulysses" and (spec.num_heads % setup.sp or spec.hkv % setup.sp):
         raise ValueError(f"Ulysses sp({setup.sp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
-    del parts
+    if setup.method == "usp" and (spec.num_heads % setup.ulysses or spec.hkv % setup.ulysses):
+        raise ValueError(f"usp's Ulysses size {setup.ulysses} must divide heads({spec.num_heads}) and "
+                         f"kv heads({spec.hkv})")
     counts = parameter_counts(spec, seq_len, setup.tp)
     p = counts["total"]
     master = 4 if setup.dtype_bytes < 4 else 0  # fp32 master weights for bf16/fp16 training
@@ -308,7 +343,8 @@ def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
     }
     memory["static"] = (memory["params"] + memory["grads"] + memory["optimizer"]
                         + memory["persistent_buffers"])
-    memory["peak"] = memory["static"] + memory["activations"] + memory["transient"]
+    memory["peak_activation"] = memory["activations"] + memory["transient"]
+    memory["peak"] = memory["static"] + memory["peak_activation"]
     return Plan(spec, setup, seq_len, p, memory, collectives(spec, seq_len, setup))
 
 
@@ -318,12 +354,13 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:10.3f}"
 
 
-def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup]) -> str:
+def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup], memory_gib: float | None = None) -> str:
+    fits = f" {'fits ' + format(memory_gib, 'g') + ' GiB':>12}" if memory_gib else ""
     lines = [f"PREDICTION (cost model, nothing measured) - {title}",
              f"  model: {spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_heads}/"
              f"{spec.hkv} kv, ffn {spec.ffn}, vocab {spec.vocab_size}; L = {seq_len:,} tokens",
              f"  {'method':34} {'world':>6} {'params':>10} {'grads+opt':>10} {'activ.':>10} "
-             f"{'transient':>10} {'peak GiB':>10} {'sent GiB/step':>14}"]
+             f"{'transient':>10} {'peak GiB':>10} {'sent GiB/step':>14}{fits}"]
     for s in setups:
         try:
             pl = plan(spec, seq_len, s)
@@ -331,8 +368,10 @@ def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup]) -> str:
             lines.append(f"  {_label(s):34} {s.world_size:>6}  not possible: {e}")
             continue
         m = pl.memory
+        fit = f" {'yes' if m['peak'] <= memory_gib * 2**30 else 'NO':>12}" if memory_gib else ""
         lines.append(f"  {_label(s):34} {s.world_size:>6} {_gib(m['params'])} {_gib(m['grads'] + m['optimizer'])} "
-                     f"{_gib(m['activations'])} {_gib(m['transient'])} {_gib(m['peak'])} {pl.sent_bytes / 2**30:14.3f}")
+                     f"{_gib(m['activations'])} {_gib(m['transient'])} {_gib(m['peak'])} "
+                     f"{pl.sent_bytes / 2**30:14.3f}{fit}")
     return "\n".join(lines)
 
 
@@ -340,16 +379,54 @@ def _label(s: Setup) -> str:
     if s.method == "lss":
         chunk = f",chunk{s.kv_head_chunk}" if s.kv_head_chunk else ""
         return f"lss[{s.kv_backward}{chunk}] sp{s.sp} dp{s.dp}"
+    unfused = "[unfused]" if s.kernel == "unfused" else ""
     if s.method == "megatron_tp_sp":
-        return f"megatron_tp_sp tp{s.tp} dp{s.dp}"
+        return f"megatron_tp_sp{unfused} tp{s.tp} dp{s.dp}"
     if s.method == "single":
-        return f"single dp{s.dp}"
+        return f"single{unfused} dp{s.dp}"
+    if s.method == "usp":
+        return f"usp[u{s.ulysses}] sp{s.sp} dp{s.dp}"
     return f"{s.method} sp{s.sp} dp{s.dp}"
+
+
+# The paper (Wang et al., arXiv 2311.02382) STATES: enwik8; Nvidia V100 GPUs (Summit); LSS 5.6x
+# faster and 10.2x less memory than Nvidia's (Megatron) sequence parallelism on 144 GPUs; L = 50,112
+# on 3,456 GPUs. ASSUMED here (not stated in what this project has of the paper): the GPT
+# dimensions (12 layers, hidden 768, 12 heads, byte vocabulary 256, learned positions), fp32,
+# L = 50,112 also on 144 GPUs (3,456 = SP 144 x DP 24), 16 GiB per V100 (Summit's), micro-batch 1.
+PAPER_MODEL = GPTSpec(num_layers=12, hidden_size=768, num_heads=12, vocab_size=256)
+PAPER_SEQ_LEN = 50_112
+PAPER_GPU_GIB = 16.0
+
+
+def paper_tables() -> str:
+    """LSS, Megatron TP+SP, Ulysses and all-gather CP at the paper's GPU counts and length."""
+    spec, L, fp32 = PAPER_MODEL, PAPER_SEQ_LEN, 4
+    out = [
+        "Paper setups (arXiv 2311.02382). STATED: enwik8, V100 GPUs, 144 GPUs (LSS vs Nvidia sequence "
+        "parallelism),\n  L = 50,112 on 3,456 GPUs. ASSUMED: model 12 layers / hidden 768 / 12 heads / "
+        "vocab 256, fp32,\n  L = 50,112 on 144 GPUs too, 3,456 = SP 144 x DP 24, 16 GiB per GPU, "
+        "micro-batch 1. TP and Ulysses\n  cannot exceed the 12 heads: they take 12 GPUs per sequence "
+        "and the rest as data parallelism.",
+    ]
+    for gpus, dp in ((144, 1), (3456, 24)):
+        sp = gpus // dp
+        setups = [Setup("lss", sp=sp, dp=dp, dtype_bytes=fp32),
+                  Setup("lss", sp=sp, dp=dp, kv_backward="regather", dtype_bytes=fp32),
+                  Setup("allgather_cp", sp=sp, dp=dp, dtype_bytes=fp32),
+                  Setup("megatron_tp_sp", tp=12, dp=gpus // 12, dtype_bytes=fp32),
+                  Setup("megatron_tp_sp", tp=12, dp=gpus // 12, dtype_bytes=fp32, kernel="unfused"),
+                  Setup("ulysses", sp=12, dp=gpus // 12, dtype_bytes=fp32)]
+        out.append(_table(f"{gpus:,} GPUs, L = {L:,} (LSS / all-gather CP: SP {sp} x DP {dp})", spec, L,
+                          setups, memory_gib=PAPER_GPU_GIB))
+    return "\n\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lss_plugin.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--paper", action="store_true",
+                   help="only the paper's setups (its GPU counts and length; assumptions labelled)")
     p.add_argument("--layers", type=int, help="plan a custom model instead of the built-in settings")
     p.add_argument("--hidden", type=int)
     p.add_argument("--heads", type=int)
@@ -362,30 +439,24 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype-bytes", type=int, default=2)
     args = p.parse_args(argv)
+    if args.paper:
+        print(paper_tables())
+        return 0
     if args.layers:
         spec = GPTSpec(args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab)
         world = args.sp * args.dp * args.tp
-        setups = [Setup("lss", sp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes),
-                  Setup("lss", sp=world // args.dp, dp=args.dp, kv_backward="regather", dtype_bytes=args.dtype_bytes),
-                  Setup("megatron_tp_sp", tp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes),
-                  Setup("ulysses", sp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes),
-                  Setup("ring", sp=world // args.dp, dp=args.dp, dtype_bytes=args.dtype_bytes)]
+        sp, dt = world // args.dp, args.dtype_bytes
+        setups = [Setup("lss", sp=sp, dp=args.dp, dtype_bytes=dt),
+                  Setup("lss", sp=sp, dp=args.dp, kv_backward="regather", dtype_bytes=dt),
+                  Setup("allgather_cp", sp=sp, dp=args.dp, dtype_bytes=dt),
+                  Setup("megatron_tp_sp", tp=sp, dp=args.dp, dtype_bytes=dt),
+                  Setup("ulysses", sp=sp, dp=args.dp, dtype_bytes=dt),
+                  Setup("ring", sp=sp, dp=args.dp, dtype_bytes=dt)]
+        if sp >= 4 and sp % 2 == 0:
+            setups.append(Setup("usp", sp=sp, dp=args.dp, ulysses=sp // 2, dtype_bytes=dt))
         print(_table("custom", spec, args.seq_len, setups))
         return 0
-    # The paper (Wang et al. 2023): enwik8, V100s, 144 GPUs (5.6x faster, 10.2x less memory than
-    # Megatron SP) and L = 50,112 on 3,456 GPUs. Its exact model dims are ASSUMED here: a small
-    # byte-level GPT (12 layers, hidden 768, 12 heads), fp32 on V100.
-    paper = GPTSpec(num_layers=12, hidden_size=768, num_heads=12, vocab_size=256)
-    L = 50_112
-    print(_table("paper setting A (assumed dims): 144 GPUs, L = 50,112", paper, L, [
-        Setup("lss", sp=144, dtype_bytes=4), Setup("lss", sp=144, kv_backward="regather", dtype_bytes=4),
-        Setup("ring", sp=144, dtype_bytes=4),
-        Setup("megatron_tp_sp", tp=12, dp=12, dtype_bytes=4),  # TP is capped by the 12 heads
-        Setup("ulysses", sp=12, dp=12, dtype_bytes=4)]))
-    print()
-    print(_table("paper setting B (assumed dims): 3,456 GPUs = SP 144 x DP 24, L = 50,112", paper, L, [
-        Setup("lss", sp=144, dp=24, dtype_bytes=4), Setup("lss", sp=144, dp=24, kv_backward="regather", dtype_bytes=4),
-        Setup("ring", sp=144, dp=24, dtype_bytes=4)]))
+    print(paper_tables())
     print()
     modern = GPTSpec(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_hidden_size=4 * 4096,
                      vocab_size=128_256, max_positions=1)  # RoPE: no position table
@@ -394,11 +465,13 @@ def main(argv=None) -> int:
                  "L = 1,048,576 on 1,024 GPUs", modern, M, [
                      Setup("lss", sp=1024, dtype_bytes=2), Setup("lss", sp=1024, kv_backward="regather", dtype_bytes=2),
                      Setup("lss", sp=1024, kv_backward="regather", kv_head_chunk=1, dtype_bytes=2),
+                     Setup("allgather_cp", sp=1024, dtype_bytes=2),
                      Setup("ring", sp=1024, dtype_bytes=2),
+                     Setup("usp", sp=1024, ulysses=8, dtype_bytes=2),
                      Setup("ulysses", sp=8, dp=128, dtype_bytes=2),
                      Setup("megatron_tp_sp", tp=8, dp=128, dtype_bytes=2)]))
     print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
-          "recomputation, dense attention memory for Megatron's local attention).")
+          "recomputation; fused attention kernels unless marked [unfused]).")
     return 0
 
 

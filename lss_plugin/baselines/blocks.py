@@ -117,7 +117,9 @@ class RowMerger:
 
     def __init__(self, q: torch.Tensor):
         wide = torch.promote_types(q.dtype, torch.float32)
-        self.out = torch.zeros(q.shape, dtype=wide, device=q.device)
+        b, h, s, d = q.shape
+        # stored [b, s, H, d]: the caller's layout, so returning it to [b, s, H, d] copies nothing
+        self.out = torch.zeros((b, s, h, d), dtype=wide, device=q.device).transpose(1, 2)
         self.lse = torch.full(q.shape[:-1], float("-inf"), dtype=wide, device=q.device)
 
     def add(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:

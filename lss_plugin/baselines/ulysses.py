@@ -3,7 +3,7 @@
 Ulysses trades the sequence split for a head split with all-to-alls: q, k, v [b, s_local, h, d]
 become [b, L, h/N, d], attention runs on whole sequences for a slice of heads, and one more
 all-to-all brings the output back to [b, s_local, h, d]. Per layer and rank: 4 all-to-alls forward
-(q, k, v, out) and 4 backward; KV heads are not repeated (GQA needs hkv divisible by N).
+(q, k, v, out) and 4 backward; KV heads are never repeated (GQA needs hkv divisible by N).
 
 All-to-all gathers the sequence in rank order, so the causal mask is only right for the contiguous
 layout; the balanced layout is refused.
@@ -50,13 +50,11 @@ class _LocalSDPA(torch.nn.Module):
 
     def forward(self, q, k, v, *args, **kwargs):
         # q [b, L, h/N, d], k/v [b, L, hkv/N, d] -> [b, L, h/N, d]
-        heads, hkv = q.shape[2], k.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if hkv != heads:
-            k = k.repeat_interleave(heads // hkv, dim=1)
-            v = v.repeat_interleave(heads // hkv, dim=1)
         scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+        # enable_gqa: the fused kernel reads the KV heads un-repeated
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
 
 

@@ -76,7 +76,11 @@ class ParallelContext:
         return self._usp[ulysses_size]
 
     def drop_attention_buffer(self) -> None:
-        """Megatron's dense attention buffer only grows: a longer earlier probe must not count."""
+        """Empty Megatron's global memory buffer (dense attention scores, TP+SP all-gathers).
+
+        It only grows and is shared by every model of this context: without this, a case would
+        count what an earlier case (a longer probe, a dense row) allocated there.
+        """
         buffers = self._state.get("_GLOBAL_MEMORY_BUFFER")
         if buffers is not None:
             buffers.buffer.clear()

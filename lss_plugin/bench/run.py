@@ -118,6 +118,8 @@ def measure_case(case: Case, world_size: int, contexts: Contexts):
     release_free_heap()
     reset_peak_rss()
     trainer = build(case, world_size, contexts)
+    # Megatron's global buffer lives in the shared context: start from what this method allocates
+    contexts.get(method_of(case.variant).parallel).drop_attention_buffer()
     batch = make_batch(case.variant, case.seq_len, case.batch_size, case.dims.vocab_size, world_size)
     loss = trainer.step(batch)  # also creates the optimizer state and checks LSS signatures
     for _ in range(max(0, case.warmup - 1)):
