@@ -8,7 +8,9 @@
 2. Trains a small GPT with examples/pretrain_gpt_lss.py under torchrun, twice on the same data,
    seed and number of steps:
      lss       --lss-sequence-parallel, SP x DP ranks (default SP=2 x DP=2 on 4 ranks)
-     baseline  Megatron tensor parallelism + its sequence parallelism, TP x DP (default TP=2 x DP=2)
+     baseline  Megatron tensor parallelism + its sequence parallelism, TP x DP (default TP=2 x DP=2),
+               with the fused SDPA core attention (the flash kernel LSS attends with), so tokens/s
+               compare parallel schemes, not kernels (--baseline-core-attention local: the dense one)
 3. Prints a comparison (final training loss, validation bits per character, tokens/s, peak RSS
    per rank) read from each run's metrics JSON lines, and writes a loss-curve PNG and a summary
    JSON into --output-dir (default runs/demo).
@@ -72,6 +74,9 @@ def parse_args(argv=None):
                    help="default: a fifth of --train-iters (5 evaluations, the last at the end)")
     p.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
     p.add_argument("--skip-baseline", action="store_true", help="train only the LSS run")
+    p.add_argument("--baseline-core-attention", choices=("sdpa", "local"), default="sdpa",
+                   help="the baseline's core attention: torch's fused SDPA (the flash kernel LSS attends "
+                        "with too: a fair throughput comparison) or megatron-core's dense local one")
     p.add_argument("--save-interval", type=int, default=None,
                    help="LSS run checkpoint interval (default: --train-iters, one checkpoint at the end)")
     p.add_argument("--no-save", action="store_true", help="write no checkpoint of the LSS run")
@@ -139,7 +144,8 @@ def run_flags(args, run: str) -> list[str]:
         if not args.no_save:
             flags += ["--save", os.path.join(out, "checkpoints", run), "--save-interval", str(args.save_interval)]
     else:
-        flags += ["--tensor-model-parallel-size", str(args.tp_size)]
+        flags += ["--tensor-model-parallel-size", str(args.tp_size),
+                  "--core-attention", args.baseline_core_attention]
         if args.tp_size > 1:
             flags += ["--sequence-parallel"]
     return flags
@@ -291,11 +297,11 @@ def _fmt(value, spec):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def comparison_table(summaries: dict, labels: dict) -> str:
-    rows = [("run", "final loss", "valid BPC", "tokens/s", "peak RSS/rank (MB)", "wall (s)")]
+def comparison_table(summaries: dict, labels: dict, kernels: dict) -> str:
+    rows = [("run", "attention kernel", "final loss", "valid BPC", "tokens/s", "peak RSS/rank (MB)", "wall (s)")]
     for run, s in summaries.items():
         rss = s["peak_rss_mb_per_rank"]
-        rows.append((labels[run], _fmt(s["final_loss"], ".4f"), _fmt(s["valid_bpc"], ".4f"),
+        rows.append((labels[run], kernels[run], _fmt(s["final_loss"], ".4f"), _fmt(s["valid_bpc"], ".4f"),
                      _fmt(s["tokens_per_s"], ".0f"), " ".join(f"{m:.0f}" for m in rss) or "-",
                      _fmt(s["wall_clock_s"], ".0f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -356,6 +362,9 @@ def main(argv=None) -> int:
     dp_lss, dp_base = args.nproc // args.sp_size, args.nproc // args.tp_size
     labels = {"lss": f"LSS SP={args.sp_size} x DP={dp_lss}",
               "baseline": f"Megatron TP={args.tp_size}{'+SP' if args.tp_size > 1 else ''} x DP={dp_base}"}
+    kernels = {"lss": "fused (flash, LSS block kernel)",
+               "baseline": "fused (flash, torch SDPA)" if args.baseline_core_attention == "sdpa"
+               else "dense (megatron local)"}
     runs = ("lss",) if args.skip_baseline else RUNS
     print(f"model: {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads, "
           f"seq {args.seq_length}, global batch {args.global_batch_size}, {args.train_iters} iterations "
@@ -379,7 +388,7 @@ def main(argv=None) -> int:
         summaries[run] = summarise(read_metrics(metrics_path), elapsed, polled_rss)
 
     if summaries:
-        print("\n" + comparison_table(summaries, labels))
+        print("\n" + comparison_table(summaries, labels, kernels))
         sources = {s["peak_rss_source"] for s in summaries.values()}
         print(f"peak RSS: {', '.join(sorted(sources))}")
         gap = None
@@ -399,7 +408,8 @@ def main(argv=None) -> int:
         with open(summary_path, "w") as f:
             json.dump({"data": {"source": splits.source, "sha256": splits.sha256, "bytes": splits.num_bytes},
                        "settings": {k: v for k, v in vars(args).items()}, "passthrough": passthrough,
-                       "labels": labels, "runs": summaries, "max_loss_gap": gap, "failed": failed}, f, indent=2)
+                       "labels": labels, "attention_kernels": kernels, "runs": summaries,
+                       "max_loss_gap": gap, "failed": failed}, f, indent=2)
         print(f"wrote {png}, {summary_path} and the metrics JSON lines in {args.output_dir}")
     return 1 if failed else 0
 

@@ -181,7 +181,12 @@ def main(argv=None) -> int:
         cases = link_cases(args, world, dims_for)
         print(f"--- {world} ranks behind a {gbit:g} Gbit/s link: {len(cases)} cases", flush=True)
         t0 = time.time()
-        per_rank = launch_with_link(gbit, worker, world, cases, (), **common)
+        try:
+            per_rank = launch_with_link(gbit, worker, world, cases, (), **common)
+        except (RuntimeError, TimeoutError) as e:  # the other results are still worth writing
+            link_skipped = f"the {gbit:g} Gbit/s launch failed: {str(e)[:300]}"
+            print(f"--- {link_skipped}", flush=True)
+            break
         launches.append({"world_size": world, "link_gbit": gbit, "wall_s": round(time.time() - t0, 1),
                          "load_average": per_rank[0]["load_average"]})
         for rank_out in _tag(per_rank, gbit):

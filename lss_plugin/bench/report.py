@@ -277,7 +277,8 @@ def headline_table(rows, ratios, budget, world, link_gbit) -> list[str]:
                        and p["attention"] == "mha" and p["sweep"] == "strong" and p["link_gbit"] == link), None)
             return "-" if pr is None else f"{pr['median']:.2f} [{pr['q25']:.2f}-{pr['q75']:.2f}]"
 
-        one = fits.get(("single" if r["method"] == "megatron_tp_sp" else name, 1))
+        # on one rank every non-LSS method is the one-device model: its 1-rank point is `single`
+        one = fits.get((name, 1)) or (fits.get(("single", 1)) if r["method"] != "lss" else None)
         many = fits.get((name, world))
         longest = f"{one} -> {many}" if one and many else "-"
         kernel = r["attention_kernel"].split(" [")[0]

@@ -97,6 +97,13 @@ def build_gpt_model(args, shape: GPTShape):
     config = TransformerConfig(**config_kwargs)
     spec = get_gpt_layer_lss_spec_from_args(args) if lss else get_gpt_layer_local_spec(
         normalization=shape.normalization)
+    if not lss and getattr(args, "core_attention", "local") == "sdpa":
+        import copy
+
+        from lss_plugin.baselines.megatron import SDPADotProductAttention
+
+        spec = copy.deepcopy(spec)  # the fused kernel LSS also attends with, for a fair baseline
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

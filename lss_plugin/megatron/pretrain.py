@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--core-attention", choices=("local", "sdpa"), default="local",
+                   help="runs without LSS: megatron-core's local DotProductAttention (dense scores) or "
+                        "torch's fused SDPA (lss_plugin.baselines.megatron.SDPADotProductAttention)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=2)
@@ -98,6 +101,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     args.world_size = world_size
     validate_lss_args(args, world_size=world_size)
+    if args.lss_sequence_parallel and getattr(args, "core_attention", "local") != "local":
+        raise ValueError(f"--core-attention {args.core_attention} applies to runs without "
+                         "--lss-sequence-parallel (LSS brings its own core attention)")
     tp = args.tensor_model_parallel_size
     if tp < 1 or world_size % tp:
         raise ValueError(f"--tensor-model-parallel-size {tp} does not divide world_size({world_size})")
