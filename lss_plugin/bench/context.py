@@ -4,9 +4,10 @@ megatron-core keeps its process groups in module globals of ``parallel_state`` a
 run time (vocab-parallel cross entropy, ``finalize_model_grads``), and the plugin keeps its LSS
 topology in ``lss_plugin.topology``. To interleave the steps of several methods in one launch,
 each parallel layout is initialised once, its globals are captured, and ``activate()`` puts them
-back before that layout's models run. Layouts: ``tp`` (tensor parallel over every rank, Megatron
-sequence parallelism) and ``cp`` (every rank in the SP group, registered as Megatron's CP group).
-Groups live until ``Contexts.destroy()``; every rank creates every context in the same order.
+back before that layout's models run. A layout (``bench.methods.Layout``) is a TP size, a CP size
+and whether the CP group is an SP group registered as Megatron's CP group (LSS and the
+context-parallel baselines). Groups live until ``Contexts.destroy()``; every rank creates every
+context in the same order.
 """
 from __future__ import annotations
 
@@ -43,21 +44,20 @@ def _restore(state: dict) -> None:
 class ParallelContext:
     """One parallel layout's megatron state (and the groups only the benchmark needs, e.g. USP's)."""
 
-    def __init__(self, parallel: str, world_size: int, timeout_s: float):
+    def __init__(self, layout, timeout_s: float):
         from megatron.core import parallel_state, tensor_parallel
 
-        self.parallel, self.world_size, self.timeout_s = parallel, world_size, timeout_s
-        if parallel == "cp":
+        self.layout, self.timeout_s = layout, timeout_s
+        if layout.sp_group:
             from lss_plugin.megatron.parallel import initialize_lss_model_parallel
 
-            initialize_lss_model_parallel(world_size, timeout_s=timeout_s)
-        elif parallel == "tp":
+            extra = {"tensor_model_parallel_size": layout.tp} if layout.tp > 1 else {}
+            initialize_lss_model_parallel(layout.cp, timeout_s=timeout_s, **extra)
+        else:
             parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=world_size,
+                tensor_model_parallel_size=layout.tp, context_parallel_size=layout.cp,
                 distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
                 create_gloo_process_groups=dist.get_backend() != "gloo")
-        else:
-            raise ValueError(f"parallel layout must be 'tp' or 'cp', got {parallel!r}")
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         self._state = _megatron_state()
         self._usp: dict = {}
@@ -72,7 +72,7 @@ class ParallelContext:
         if ulysses_size not in self._usp:
             from lss_plugin.baselines.usp import usp_groups
 
-            self._usp[ulysses_size] = usp_groups(self.world_size, ulysses_size, self.timeout_s)
+            self._usp[ulysses_size] = usp_groups(self.layout.cp, ulysses_size, self.timeout_s)
         return self._usp[ulysses_size]
 
     def drop_attention_buffer(self) -> None:
@@ -89,19 +89,19 @@ class ParallelContext:
 class Contexts:
     """The contexts of one launch, by layout; ``get`` creates on first use and activates."""
 
-    def __init__(self, world_size: int, timeout_s: float = 300.0):
+    def __init__(self, timeout_s: float = 300.0):
         from lss_plugin.megatron.cpu_shim import apply_cpu_shim
 
         apply_cpu_shim()
-        self.world_size, self.timeout_s = world_size, timeout_s
+        self.timeout_s = timeout_s
         self._clean = _megatron_state()  # as before any initialisation
-        self._contexts: dict[str, ParallelContext] = {}
+        self._contexts: dict = {}
 
-    def get(self, parallel: str) -> ParallelContext:
-        if parallel not in self._contexts:
+    def get(self, layout) -> ParallelContext:
+        if layout not in self._contexts:
             _restore(self._clean)  # initialize_model_parallel refuses an initialised state
-            self._contexts[parallel] = ParallelContext(parallel, self.world_size, self.timeout_s)
-        return self._contexts[parallel].activate()
+            self._contexts[layout] = ParallelContext(layout, self.timeout_s)
+        return self._contexts[layout].activate()
 
     def destroy(self) -> None:
         """Forget every context and destroy every group but the default one (gloo threads leak)."""

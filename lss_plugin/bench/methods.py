@@ -1,7 +1,9 @@
 """The benchmark's methods: how each one splits the model and the sequence, and its core attention.
 
 One ``Method`` per parallel scheme, registered in ``METHODS`` by name; adding a method is one
-``register(Method(...))`` call (its variants, parallel layout, core attention, token split).
+``register(Method(...))`` call (its variants, parallel layout, core attention, token split). A
+TP x LSS method, say, is ``layout=lambda n: Layout(tp=2, cp=n // 2, sp_group=True)`` with LSS's
+core attention and token split.
 Every headline method attends with a fused kernel: torch's SDPA (flash) for ``single`` and
 ``megatron_tp_sp``, LSS's LSE-merging block kernel (``lss_plugin.kernels``) for LSS, ring,
 all-gather CP and USP, SDPA inside DeepSpeed-Ulysses. Megatron's dense local attention runs only
@@ -41,33 +43,56 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a method spreads the model over the ranks of one launch (TP fastest, then CP).
+
+    ``sp_group``: the CP ranks form a sequence-parallel group registered as Megatron's CP group
+    (``lss_plugin.megatron.parallel.initialize_lss_model_parallel``); otherwise plain Megatron
+    parallel state (Megatron sequence parallelism whenever tp > 1).
+    """
+
+    tp: int = 1
+    cp: int = 1
+    sp_group: bool = False
+
+
+def tensor_parallel(world_size: int) -> Layout:
+    return Layout(tp=world_size)
+
+
+def sequence_parallel(world_size: int) -> Layout:
+    return Layout(cp=world_size, sp_group=True)
+
+
+@dataclass(frozen=True)
 class Method:
     """How one method runs on the benchmark's megatron-core GPTModel.
 
-    parallel:        ``tp`` (tensor parallel over all ranks, Megatron sequence parallelism on) or
-                     ``cp`` (the ranks form the SP group, registered as Megatron's CP group)
+    layout:          world_size -> ``Layout`` (TP and CP sizes)
     variants:        (world_size, quick) -> the variants to run on that many ranks
     core_attention:  (variant, context) -> the core-attention class for the layer spec, or None
                      for megatron-core's local (dense) DotProductAttention
-    token_indices:   (variant, seq_len, sp_rank, sp_size) -> global positions of the rank's tokens
-                     (``cp`` methods; ``tp`` ranks hold the whole sequence)
+    token_indices:   (variant, seq_len, cp_rank, cp_size) -> global positions of the rank's tokens,
+                     or None: every rank holds the whole sequence (TP / one device)
     kernel:          what attends, for the tables
     """
 
     name: str
-    parallel: str
+    layout: Callable[[int], Layout]
     variants: Callable[[int, bool], list]
     core_attention: Callable
     token_indices: Callable | None
     kernel: str
+
+    @property
+    def splits_sequence(self) -> bool:
+        return self.token_indices is not None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    if method.parallel not in ("tp", "cp"):
-        raise ValueError(f"method {method.name!r}: parallel must be 'tp' or 'cp', got {method.parallel!r}")
     METHODS[method.name] = method
     return method
 
@@ -80,7 +105,7 @@ def method_of(variant: Variant) -> Method:
 
 
 def sp_methods() -> tuple[str, ...]:
-    return tuple(name for name, m in METHODS.items() if m.parallel == "cp")
+    return tuple(name for name, m in METHODS.items() if m.splits_sequence)
 
 
 def variants_for(methods, world_size: int, quick: bool = False) -> list[Variant]:
@@ -138,11 +163,11 @@ def usp_ulysses_size(world_size: int) -> int | None:
 # -- the methods -----------------------------------------------------------------------------
 
 register(Method(
-    "single", "tp",
+    "single", tensor_parallel,
     lambda n, quick: [Variant("single"), Variant("single", kernel="unfused")] if n == 1 else [],
     _sdpa_or_local, None, "torch SDPA (flash)"))
 register(Method(
-    "megatron_tp_sp", "tp",
+    "megatron_tp_sp", tensor_parallel,
     lambda n, quick: [Variant("megatron_tp_sp")] + ([] if quick else [Variant("megatron_tp_sp", kernel="unfused")])
     if n > 1 else [],
     _sdpa_or_local, None, "torch SDPA (flash), the TP rank's heads"))
@@ -156,26 +181,26 @@ def _lss_variants(n, quick):
     return out + [Variant("lss", "contiguous", "regather", kv_head_chunk=1)]  # the memory-lean extreme
 
 
-register(Method("lss", "cp", _lss_variants, _lss_attention, _layout_indices,
+register(Method("lss", sequence_parallel, _lss_variants, _lss_attention, _layout_indices,
                 "lss_plugin.kernels block_forward/backward (LSE merge)"))
 register(Method(
-    "ulysses", "cp", lambda n, quick: [Variant("ulysses")] if n > 1 else [],
+    "ulysses", sequence_parallel, lambda n, quick: [Variant("ulysses")] if n > 1 else [],
     _sp_baseline, _layout_indices, "torch SDPA (flash) inside DeepSpeed DistributedAttention"))
 register(Method(
-    "ring", "cp", lambda n, quick: [Variant("ring", "balanced")] if n > 1 else [],
+    "ring", sequence_parallel, lambda n, quick: [Variant("ring", "balanced")] if n > 1 else [],
     _sp_baseline, _layout_indices, "lss_plugin.kernels block_forward/backward (LSE merge)"))
 register(Method(
-    "allgather_cp", "cp", lambda n, quick: [Variant("allgather_cp", "balanced")] if n > 1 else [],
+    "allgather_cp", sequence_parallel, lambda n, quick: [Variant("allgather_cp", "balanced")] if n > 1 else [],
     _sp_baseline, _layout_indices, "lss_plugin.kernels block_forward/backward (LSE merge)"))
 register(Method(
-    "usp", "cp",
+    "usp", sequence_parallel,
     lambda n, quick: [Variant("usp", "balanced", ulysses=usp_ulysses_size(n))] if usp_ulysses_size(n) else [],
     _sp_baseline, _usp_indices, "lss_plugin.kernels block_forward/backward (LSE merge) in the ring"))
 
 DEFAULT_METHODS = tuple(METHODS)
 
 
-def token_indices(variant: Variant, seq_len: int, sp_rank: int, sp_size: int) -> torch.Tensor | None:
+def token_indices(variant: Variant, seq_len: int, cp_rank: int, cp_size: int) -> torch.Tensor | None:
     """Global positions of this rank's tokens, or None when the rank holds the whole sequence."""
     m = method_of(variant)
-    return None if m.token_indices is None else m.token_indices(variant, seq_len, sp_rank, sp_size)
+    return None if m.token_indices is None else m.token_indices(variant, seq_len, cp_rank, cp_size)

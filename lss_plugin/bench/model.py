@@ -53,7 +53,8 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
     from lss_plugin.runtime import default_device
 
     method = method_of(variant)
-    tp = world_size if method.parallel == "tp" else 1
+    layout = method.layout(world_size)
+    tp = layout.tp
     kwargs = dict(
         num_layers=dims.num_layers, hidden_size=dims.hidden_size,
         num_attention_heads=dims.num_heads, num_query_groups=dims.num_kv_heads,
@@ -62,8 +63,8 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
         tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
         use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
     )
-    if method.parallel == "cp":
-        kwargs["context_parallel_size"] = world_size
+    if layout.cp > 1 or layout.sp_group:
+        kwargs["context_parallel_size"] = layout.cp
     config = TransformerConfig(**kwargs)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="LayerNorm"))
     core = method.core_attention(variant, context)
@@ -94,7 +95,8 @@ def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int,
     window = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g)
     tokens, labels = window[:, :-1], window[:, 1:]  # [b, L]
     positions = torch.arange(seq_len).unsqueeze(0).expand_as(tokens)
-    idx = token_indices(variant, seq_len, parallel_state.get_context_parallel_rank(), world_size)
+    idx = token_indices(variant, seq_len, parallel_state.get_context_parallel_rank(),
+                        method_of(variant).layout(world_size).cp)
     if idx is not None:  # a sequence-parallel rank's tokens
         tokens, labels, positions = tokens[:, idx], labels[:, idx], positions[:, idx]  # [b, L/N]
     # Megatron TP+SP: every TP rank holds the whole sequence (its embedding scatters it).

@@ -70,7 +70,8 @@ def aggregate(cases: list[dict]) -> list[dict]:
         method = variant["method"]
         row = {"variant": name, "method": method, "sweep": sweep, "attention": attention,
                "world_size": world, "seq_len": seq_len, "link_gbit": link, "ranks_reporting": len(rs),
-               "error": errors[0].splitlines()[0] if errors else None}
+               "error": errors[0].splitlines()[0] if errors else None,
+               "attention_kernel": None, "step_times_s": []}  # (filled below unless it failed)
         if not errors:
             losses = [r["loss"] for r in rs]
             row.update(
@@ -193,7 +194,8 @@ def check_targets(rows, budget, hidden_size, num_heads, gqa_kv_heads, world=4, l
     awkward = gqa_kv_heads < world or num_heads % world != 0
     lss_gqa = _find(rows, LSS_MAIN, attention="gqa", world=world)
     for base in prior:
-        name = f"LSS faster than {base} where KV heads ({gqa_kv_heads}) < N ({world}) (GQA)"
+        name = (f"LSS faster than {base} where heads % N != 0 or KV heads < N (GQA: {num_heads} heads, "
+                f"{gqa_kv_heads} KV heads, N = {world})")
         if not awkward:
             out.append(_target(name, None, 1.0, None, f"this run's GQA model has {gqa_kv_heads} KV heads >= {world} ranks"))
             continue

@@ -108,7 +108,7 @@ def timed_steps(trainer: Trainer, batch: dict, steps: int) -> list[float]:
 
 
 def build(case: Case, world_size: int, contexts: Contexts, dims: ModelDims | None = None) -> Trainer:
-    context = contexts.get(method_of(case.variant).parallel)
+    context = contexts.get(method_of(case.variant).layout(world_size))
     model, optimizer = build_model(case.variant, dims or case.dims, world_size, context)
     return Trainer(model, optimizer)
 
@@ -119,7 +119,7 @@ def measure_case(case: Case, world_size: int, contexts: Contexts):
     reset_peak_rss()
     trainer = build(case, world_size, contexts)
     # Megatron's global buffer lives in the shared context: start from what this method allocates
-    contexts.get(method_of(case.variant).parallel).drop_attention_buffer()
+    contexts.get(method_of(case.variant).layout(world_size)).drop_attention_buffer()
     batch = make_batch(case.variant, case.seq_len, case.batch_size, case.dims.vocab_size, world_size)
     loss = trainer.step(batch)  # also creates the optimizer state and checks LSS signatures
     for _ in range(max(0, case.warmup - 1)):
@@ -145,7 +145,7 @@ def longest_fitting(variant: Variant, dims: ModelDims, world_size: int, contexts
     floor under every short probe). ``budget_bytes=None``: the budget is this method's own peak
     at ``reference_len`` (measured first).
     """
-    context = contexts.get(method_of(variant).parallel)
+    context = contexts.get(method_of(variant).layout(world_size))
     probes = {}
 
     def peak_at(units: int) -> int:
@@ -217,7 +217,7 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, repetitions:
     """
     world_size = world_size or dist.get_world_size()
     say = progress or (lambda msg: None)
-    contexts = Contexts(world_size)
+    contexts = Contexts()
     results, live = [], []  # live: (index, trainer, batch) of the cases to time
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, repetitions:
         shift = rep % len(live)
         for i, trainer, batch in live[shift:] + live[:shift]:  # rotated: no case always follows another
             case = cases[i]
-            contexts.get(method_of(case.variant).parallel)
+            contexts.get(method_of(case.variant).layout(world_size))
             results[i].step_times_s.append(timed_steps(trainer, batch, case.steps))
         load.append(os.getloadavg()[0])
         say(f"[N={world_size}] timing round {rep + 1}/{repetitions}: {len(live)} cases, "
