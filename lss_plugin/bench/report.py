@@ -3,7 +3,7 @@
 Per case the row shows the worst rank (max over ranks) of: every timed step, bytes sent per step,
 peak live tensor bytes, peak activation bytes, peak RSS. Step times: ``step_times_s`` = every
 timed step (max over ranks), ``round_step_s`` = the median of each round-robin round,
-``step_time_s`` = the median of all, ``spread`` = interquartile range / median of the rounds.
+``step_time_s`` = the median of the rounds, ``spread`` = interquartile range / median of the rounds.
 Ratios of LSS to a baseline are paired per round (same launch, same round) and reported as median
 and interquartile range. The loss is the global token mean (mean of the ranks' local means for
 sequence-parallel methods: equal token counts; rank 0's for single / Megatron TP+SP, whose ranks
@@ -50,7 +50,7 @@ def _timing(rs) -> dict:
     flat = [t for rnd in steps for t in rnd]
     per_round = [statistics.median(rnd) for rnd in steps]
     q1, med, q3 = quartiles(per_round)
-    return {"step_times_s": flat, "round_step_s": per_round, "step_time_s": statistics.median(flat),
+    return {"step_times_s": flat, "round_step_s": per_round, "step_time_s": med,
             "step_time_iqr_s": [q1, q3], "spread": (q3 - q1) / med if med else None}
 
 
@@ -296,11 +296,11 @@ def warnings_for(meta, rows, ratios) -> list[str]:
             continue
         if r.get("spread") is not None and r["spread"] > SPREAD_WARNING:
             where = "" if r["link_gbit"] is None else f" at {r['link_gbit']:g} Gbit/s"
-            out.append(f"{r['variant']} {r['attention']} {r['world_size']} ranks{where}: "
+            out.append(f"{r['variant']} {r['attention']} {r['world_size']} ranks L={r['seq_len']}{where}: "
                        f"round-to-round spread {r['spread']:.0%}")
     for p in ratios:
         if p["spread"] is not None and p["spread"] > SPREAD_WARNING:
-            out.append(f"ratio {p['lss']} / {p['baseline']} ({p['attention']}, {p['world_size']} ranks"
+            out.append(f"ratio {p['lss']} / {p['baseline']} ({p['attention']}, {p['world_size']} ranks, L={p['seq_len']}"
                        f"{'' if p['link_gbit'] is None else ', %g Gbit/s' % p['link_gbit']}): spread {p['spread']:.0%}")
     cpus = meta["machine"]["cpus"] or 1
     for launch in meta.get("launches", []):
