@@ -458,8 +458,9 @@ def main(argv=None) -> int:
                   Setup("megatron_tp_sp", tp=sp, dp=args.dp, dtype_bytes=dt),
                   Setup("ulysses", sp=sp, dp=args.dp, dtype_bytes=dt),
                   Setup("ring", sp=sp, dp=args.dp, dtype_bytes=dt)]
-        if sp >= 4 and sp % 2 == 0:
-            setups.append(Setup("usp", sp=sp, dp=args.dp, ulysses=sp // 2, dtype_bytes=dt))
+        u = math.gcd(sp, math.gcd(spec.num_heads, spec.hkv))  # the largest Ulysses group the heads allow
+        if 1 < u < sp:
+            setups.append(Setup("usp", sp=sp, dp=args.dp, ulysses=u, dtype_bytes=dt))
         print(_table("custom", spec, args.seq_len, setups))
         return 0
     print(paper_tables())
