@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench", help="output directory")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, 2 rounds x 2 steps, ranks 1 and 4 (CI: about three minutes)")
+                   help="tiny sizes, 2 rounds x 2 steps, ranks 1 and 4 (CI: sized for about three "
+                        "minutes on a quiet machine)")
     p.add_argument("--ranks", default=None, help="comma-separated world sizes (default 1,2,4)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of " + ",".join(DEFAULT_METHODS))
