@@ -17,11 +17,6 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
-try:  # every rank's call signature rides in each LSS gather (lss_plugin.signature, issue 12)
-    from lss_plugin.signature import SIGNATURE_BYTES
-except ImportError:  # a tree whose lss_plugin.comm gathers K,V only
-    SIGNATURE_BYTES = 0
-
 METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp")
 SP_METHODS = ("lss", "ulysses", "ring", "allgather_cp", "usp")
 _WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
@@ -190,8 +185,7 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
         if s.method == "lss":
             gathers = 2 if s.kv_backward == "regather" else 1
             chunks = spec.hkv // (s.kv_head_chunk or spec.hkv)  # one collective per head chunk
-            signatures = n * SIGNATURE_BYTES
-            out.append(Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
+            out.append(Collective("all_gather", kv_full // chunks, n, gathers * layers * chunks,
                                   "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
             out.append(Collective("reduce_scatter", kv_full // chunks, n, layers * chunks, "packed dK,dV (bwd)"))
         elif s.method == "allgather_cp":
