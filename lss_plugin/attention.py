@@ -6,24 +6,24 @@ Three layers, as ring-flash-attention builds them:
   ``lss_attention``                     the public call, shaped like flash-attn / SDPA.
 
 Per call (per KV-head chunk): forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter
-of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``.
+of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``. Every all-gather
+carries the call's signature and every rank checks all of them before using K, V
+(``lss_plugin.signature``); there is no other collective except the size pre-check.
 """
 from __future__ import annotations
 
 import math
-import os
-import struct
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from lss_plugin.comm import all_gather_flat, gather_kv, reduce_scatter_kv
+from lss_plugin.comm import gather_kv, reduce_scatter_kv
 from lss_plugin.kernels import block_backward, block_forward
-from lss_plugin.sharding import Chunk, check_layout, rank_chunks
+from lss_plugin.options import check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.sharding import Chunk, rank_chunks
+from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
 from lss_plugin.topology import resolve_sp_group
-
-KV_BACKWARD_MODES = ("keep", "regather")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class _Plan:
     head_chunk: int  # KV heads gathered and attended at a time
     groups_per_kv: int  # query heads per KV head (GQA factor g)
     query_chunks: tuple[Chunk, ...]
+    signature: CallSignature  # what every rank's gathers carry and compare
 
     def head_slices(self, num_kv_heads: int):
         for h0 in range(0, num_kv_heads, self.head_chunk):
@@ -48,11 +49,6 @@ class _Plan:
 # ---------------------------------------------------------------------------------------------
 # Validation: everything checkable locally is checked before any collective.
 # ---------------------------------------------------------------------------------------------
-
-def check_kv_backward(kv_backward: str) -> None:
-    if kv_backward not in KV_BACKWARD_MODES:
-        raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
-
 
 def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -79,63 +75,9 @@ def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     check_layout(layout)
     check_kv_backward(kv_backward)
-    if kv_head_chunk is not None and (
-        not isinstance(kv_head_chunk, int) or isinstance(kv_head_chunk, bool) or not 1 <= kv_head_chunk <= hkv
-    ):
-        raise ValueError(f"kv_head_chunk must be an integer in [1, {hkv}] (key/value heads), got {kv_head_chunk!r}")
+    check_kv_head_chunk(kv_head_chunk, hkv)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-rank agreement: one small all-gather the first time a call signature is seen on a group,
-# so that ranks that disagree on shapes or settings fail together instead of hanging.
-# ---------------------------------------------------------------------------------------------
-
-_VERIFIED_SIGNATURES: set = set()
-_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
-_SIGNATURE_FIELDS = ("batch", "s_local", "heads", "kv_heads", "head_dim", "dtype", "layout",
-                     "causal", "kv_backward", "kv_head_chunk", "softmax_scale_bits")
-
-
-def _check_mode() -> str:
-    mode = os.environ.get("LSS_CHECK_CONSISTENCY", "first")
-    if mode not in ("first", "always", "never"):
-        raise ValueError(f"LSS_CHECK_CONSISTENCY must be first, always or never, got {mode!r}")
-    return mode
-
-
-def verify_agreement(group, signature: tuple[int, ...], device) -> None:
-    """Raise on every rank of ``group`` unless all ranks passed the same ``signature``."""
-    mode = _check_mode()
-    # The group's name, unlike id(group), is the same on every rank and never reused.
-    key = (dist._get_process_group_name(group), signature)
-    if mode == "never" or (mode == "first" and key in _VERIFIED_SIGNATURES):
-        return
-    size = dist.get_world_size(group)
-    if size > 1:
-        mine = torch.tensor(signature, dtype=torch.int64, device=device)
-        everyone = mine.new_empty((size * mine.numel(),))
-        all_gather_flat(everyone, mine, group, name="consistency_check")
-        rows = [tuple(r) for r in everyone.view(size, -1).tolist()]
-        if any(r != rows[0] for r in rows):
-            diffs = {
-                name: [r[i] for r in rows]
-                for i, name in enumerate(_SIGNATURE_FIELDS)
-                if len({r[i] for r in rows}) > 1
-            }
-            raise RuntimeError(
-                f"lss_attention called with different arguments on the ranks of the sequence-parallel "
-                f"group (values per rank): {diffs}"
-            )
-    _VERIFIED_SIGNATURES.add(key)
-
-
-def _signature(q, k, plan: _Plan, kv_head_chunk) -> tuple[int, ...]:
-    b, s, h, d = q.shape
-    scale_bits = struct.unpack("<q", struct.pack("<d", plan.scale))[0]
-    return (b, s, h, k.shape[2], d, _DTYPE_CODES.get(q.dtype, 0), int(plan.layout == "balanced"),
-            int(plan.causal), int(plan.kv_backward == "regather"), kv_head_chunk or 0, scale_bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +180,15 @@ def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
 # Pure forward / backward with the communication.
 # ---------------------------------------------------------------------------------------------
 
+def _gather_checked(k, v, plan: _Plan, gather: str, head_chunk_index: int):
+    """gather_kv carrying this call's signature; raises on every rank if any rank's differs."""
+    header = plan.signature.at(gather, head_chunk_index).encode(k.dtype, k.device) if plan.sp_size > 1 else None
+    kv, headers = gather_kv(k, v, plan.group, plan.layout, header)
+    if headers is not None:
+        check_gathered(headers, plan.group)  # before anything uses kv
+    return kv
+
+
 def _lss_forward(q, k, v, plan: _Plan):
     """q [b, s, H, d], k/v [b, s, Hkv, d] -> out [b, s, H, d], lse [b, H, s], kept KV per head chunk."""
     b, s, h, d = q.shape
@@ -246,8 +197,8 @@ def _lss_forward(q, k, v, plan: _Plan):
     out_h = out.transpose(1, 2)
     lse = None
     kept = []
-    for kv_heads, q_heads in plan.head_slices(k.shape[2]):
-        kv = gather_kv(k[:, :, kv_heads], v[:, :, kv_heads], plan.group, plan.layout)  # [2, b, c, L, d]
+    for i, (kv_heads, q_heads) in enumerate(plan.head_slices(k.shape[2])):
+        kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "forward", i)  # [2, b, c, L, d]
         o, l = _attend_forward(qh[:, q_heads], kv, plan)
         out_h[:, q_heads] = o
         if lse is None:
@@ -266,7 +217,7 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
         if plan.kv_backward == "keep":
             kv = kept[i]
         else:  # regather: trade one more collective for not keeping L-sized K, V alive
-            kv = gather_kv(k[:, :, kv_heads], v[:, :, kv_heads], plan.group, plan.layout)
+            kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "regather", i)
         dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
                                      lse[:, q_heads], plan)
         del kv
@@ -315,20 +266,28 @@ def lss_attention(
     sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
     if sp_rank < 0:
         raise RuntimeError(f"this rank ({dist.get_rank()}) is not a member of the group given to lss_attention")
+    b, s, h, d = q.shape
     hkv = k.shape[2]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    signature = CallSignature(
+        batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
+        causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or 0, softmax_scale=scale,
+    )
+    signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
         group=group,
         sp_size=sp_size,
         sp_rank=sp_rank,
         causal=bool(causal),
-        scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+        scale=scale,
         layout=layout,
         kv_backward=kv_backward,
         head_chunk=kv_head_chunk or hkv,
-        groups_per_kv=q.shape[2] // hkv,
-        query_chunks=tuple(rank_chunks(q.shape[1], sp_rank, sp_size, layout)),
+        groups_per_kv=h // hkv,
+        query_chunks=tuple(rank_chunks(s, sp_rank, sp_size, layout)),
+        signature=signature,
     )
-    verify_agreement(group, _signature(q, k, plan, kv_head_chunk), q.device)
+    precheck_sizes(group, signature, q.device)  # LSS_CHECK_CONSISTENCY: sizes, before the first gather
     return _LSSAttentionFunction.apply(q, k, v, plan)
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import lss_plugin
 from lss_plugin.sharding import local_token_indices
+from lss_plugin.signature import SIGNATURE_BYTES
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
 
@@ -73,8 +74,9 @@ def _expected_comm(world, heads, kv_backward, head_chunk, itemsize):
             "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
     gathers = n_chunks * (2 if kv_backward == "regather" else 1)
     per_call = 2 * B * L * chunk * D * itemsize  # packed [k; v] for all L positions
+    signatures = world * SIGNATURE_BYTES  # each rank's 40-byte call signature rides in the gather
     return ({"all_gather_into_tensor": gathers, "reduce_scatter_tensor": n_chunks},
-            {"all_gather_into_tensor": gathers * per_call, "reduce_scatter_tensor": n_chunks * per_call})
+            {"all_gather_into_tensor": gathers * (per_call + signatures), "reduce_scatter_tensor": n_chunks * per_call})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lss_plugin.attention import KV_BACKWARD_MODES, lss_attention
-from lss_plugin.sharding import check_layout, chunks_per_rank
+from lss_plugin.attention import lss_attention
+from lss_plugin.options import check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sp_group
 
 DEFAULT_NAME = "lss"
@@ -42,10 +43,8 @@ class LSSHFOptions:
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
-        if self.kv_backward not in KV_BACKWARD_MODES:
-            raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {self.kv_backward!r}")
-        if self.kv_head_chunk is not None and (not isinstance(self.kv_head_chunk, int) or self.kv_head_chunk < 1):
-            raise ValueError(f"kv_head_chunk must be a positive integer or None, got {self.kv_head_chunk!r}")
+        check_kv_backward(self.kv_backward)
+        check_kv_head_chunk(self.kv_head_chunk)
 
 
 _OPTIONS: dict[str, LSSHFOptions] = {}

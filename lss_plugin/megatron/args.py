@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-LAYOUTS = ("contiguous", "balanced")
-KV_BACKWARD_MODES = ("keep", "regather")
+from lss_plugin.options import KV_BACKWARD_MODES, LAYOUTS, check_kv_backward, check_layout
+
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
 
 
@@ -81,8 +81,7 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
         )
     seq_length = getattr(args, "seq_length", None)
     layout = args.lss_layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"--lss-layout {layout!r} is not one of {LAYOUTS}")
+    check_layout(layout, "--lss-layout")
     chunks = sp if layout == "contiguous" else 2 * sp
     if seq_length is not None and seq_length % chunks != 0:
         raise ValueError(
@@ -90,8 +89,7 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             f"({'N' if layout == 'contiguous' else '2N'} for the {layout} layout with "
             f"--lss-sequence-parallel-size {sp})"
         )
-    if args.lss_kv_backward not in KV_BACKWARD_MODES:
-        raise ValueError(f"--lss-kv-backward {args.lss_kv_backward!r} is not one of {KV_BACKWARD_MODES}")
+    check_kv_backward(args.lss_kv_backward, "--lss-kv-backward")
     if args.lss_grad_averaging != "fused":
         raise ValueError(
             f"--lss-grad-averaging {args.lss_grad_averaging} is not supported with megatron-core's "
