@@ -5,7 +5,9 @@ builds the parallel groups and the model. LSS enters at each step:
 - ``lss_extra_args_provider``: the ``--lss-*`` flags; after parsing, ``--lss-sequence-parallel``
   becomes ``--context-parallel-size N`` (so Megatron builds the LSS group as its CP group and
   sizes DP from it), ``--calculate-per-token-loss`` (exact loss normalisation with uneven loss
-  masks) and ``--transformer-impl local`` (the LSS spec is built from the local spec).
+  masks), ``--transformer-impl local`` (the LSS spec is built from the local spec) and
+  ``--cp-comm-type lss`` (LSS does its own communication; Megatron-LM's default ``p2p`` is
+  replaced, any other choice refused). Rank 0 prints one line naming every value it changed.
 - ``lss_layer_spec``: registers the CP group as the LSS topology and returns the LSS layer spec.
 - ``lss_finish_model``: RoPE rows for the LSS layout.
 - ``lss_get_batch``: this rank's tokens in the LSS layout, in place of ``get_batch_on_this_cp_rank``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 
 
 def lss_extra_args_provider(parser: argparse.ArgumentParser,
@@ -45,10 +48,30 @@ def map_lss_to_megatron_args(args: argparse.Namespace) -> argparse.Namespace:
     if not getattr(args, "lss_sequence_parallel", False):
         return validate_lss_args(args)
     validate_lss_args(args)  # world size from WORLD_SIZE, as Megatron-LM reads it
-    args.context_parallel_size = args.lss_sequence_parallel_size
-    args.calculate_per_token_loss = True
-    args.transformer_impl = "local"
+    cp_comm_type = getattr(args, "cp_comm_type", None)
+    if cp_comm_type is not None and list(cp_comm_type) not in (["p2p"], ["lss"]):  # p2p: Megatron-LM's default
+        raise ValueError(
+            f"--cp-comm-type {' '.join(cp_comm_type)} selects the communication of Megatron's context-parallel "
+            "attention, which --lss-sequence-parallel replaces (one K/V all-gather per layer): drop --cp-comm-type"
+        )
+    changes = []
+    for flag, value, why in (
+        ("context_parallel_size", args.lss_sequence_parallel_size, "LSS runs as the context-parallel group"),
+        ("calculate_per_token_loss", True, "exact loss normalisation when ranks hold different token counts"),
+        ("transformer_impl", "local", "the LSS layer spec is megatron-core's local spec with LSS core attention"),
+        ("cp_comm_type", ["lss"] if cp_comm_type is not None else None, "LSS does its own communication"),
+    ):
+        old = getattr(args, flag, None)
+        if value is not None and old != value:
+            setattr(args, flag, value)
+            changes.append(f"--{flag.replace('_', '-')} {_spell(old)} -> {_spell(value)} ({why})")
+    if changes and os.environ.get("RANK", "0") == "0":
+        print("lss_plugin: --lss-sequence-parallel changed " + "; ".join(changes), flush=True)
     return args
+
+
+def _spell(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def lss_layer_spec(args):
