@@ -192,6 +192,27 @@ def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions) -> No
         )
 
 
+# Keyword arguments transformers passes that do not change the attention LSS computes (position_ids
+# is checked separately). Any other keyword with a value - attention sinks (``s_aux``, gpt-oss),
+# packed-sequence boundaries (``cu_seq_lens_*``), KV-cache tables - would be silently ignored:
+# refused by name instead.
+_NEUTRAL_KWARGS = frozenset({
+    "position_ids", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+    "use_cache", "cache_position", "past_key_values", "past_key_value", "layer_idx", "return_dict",
+})
+
+
+def _refuse_unknown_kwargs(kwargs: dict, model: str) -> None:
+    active = sorted(name for name, value in kwargs.items()
+                    if name not in _NEUTRAL_KWARGS and value is not None and value is not False)
+    if active:
+        raise ValueError(
+            f"attn_implementation='lss' got attention arguments it does not implement from {model}: {active} "
+            "(e.g. s_aux = attention sinks, cu_seq_lens_* = packed sequences); it would ignore them and compute "
+            "a different attention, so it refuses instead"
+        )
+
+
 def lss_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -229,6 +250,7 @@ def lss_attention_forward(
         raise ValueError(f"attn_implementation='lss' does not support attention logit softcapping ({model}: softcap={softcap})")
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"attn_implementation='lss' does not support additive position biases ({model})")
+    _refuse_unknown_kwargs(kwargs, model)
     sp_size = _sp_size(options)
     seq_len = query.shape[2] * sp_size
     _check_sliding_window(sliding_window, seq_len, config)
