@@ -17,6 +17,8 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
+from lss_plugin.signature import SIGNATURE_BYTES
+
 METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring")
 _WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
@@ -174,7 +176,8 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
         if s.method == "lss":
             gathers = 2 if s.kv_backward == "regather" else 1
             chunks = spec.hkv // (s.kv_head_chunk or spec.hkv)  # one collective per head chunk
-            out.append(Collective("all_gather", kv_full // chunks, n, gathers * layers * chunks,
+            signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
+            out.append(Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
                                   "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
             out.append(Collective("reduce_scatter", kv_full // chunks, n, layers * chunks, "packed dK,dV (bwd)"))
         elif s.method == "ulysses":
