@@ -271,9 +271,10 @@ def lss_attention(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
-        causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or 0, softmax_scale=scale,
+        causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or hkv, softmax_scale=scale,
     )
-    signature.to_bytes()  # a value too wide for its field fails here, before any collective
+    if sp_size > 1:
+        signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
         group=group,
         sp_size=sp_size,

@@ -51,7 +51,7 @@ _LAYOUT = (
     ("heads", "H"),
     ("kv_heads", "H"),
     ("head_dim", "H"),
-    ("kv_head_chunk", "H"),  # 0: all KV heads in one gather
+    ("kv_head_chunk", "H"),
     ("head_chunk_index", "H"),
     ("batch", "I"),
     ("s_local", "I"),
@@ -77,7 +77,7 @@ class CallSignature:
     layout: str
     causal: bool
     kv_backward: str
-    kv_head_chunk: int  # as passed; 0 for None (all KV heads at once)
+    kv_head_chunk: int  # KV heads per gather, as run (None and kv_heads are the same call)
     softmax_scale: float
     documents: int = 0
     gather: str = "forward"
@@ -115,7 +115,7 @@ class CallSignature:
 
 def _code(choices, value, name) -> int:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} has no code in the lss_attention call signature")
+        raise ValueError(f"lss_attention supports {name} in {tuple(map(str, choices))}, got {value!r}")
     return choices.index(value) + 1  # 0 never appears in a real row
 
 
@@ -139,11 +139,12 @@ def decode(row: torch.Tensor) -> dict:
     return values
 
 
-def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss_attention call") -> None:
+def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss_attention call",
+               group=None) -> None:
     """Raise RuntimeError naming every field on which the rows ``[N, n]`` differ, per rank.
 
-    ``ranks`` (global rank of each row) only labels the message. Deterministic in the rows, so
-    every rank holding the same rows reaches the same verdict.
+    ``ranks`` (global rank of each row; else those of ``group``, else 0..N-1) only label the
+    message. Deterministic in the rows: every rank holding the same rows reaches the same verdict.
     """
     raw = rows.detach().contiguous().view(torch.uint8).cpu()  # [N, SIGNATURE_BYTES]
     if bool((raw == raw[0]).all()):
@@ -154,7 +155,9 @@ def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss
              if len({repr(d[name]) for d in decoded}) > 1}
     if not diffs:  # the rows differ only in fields this guard does not own
         return
-    ranks = list(ranks) if ranks is not None else list(range(len(decoded)))
+    if ranks is None:
+        ranks = torch.distributed.get_process_group_ranks(group) if group is not None else range(len(decoded))
+    ranks = list(ranks)
     detail = "; ".join(f"{name}: " + ", ".join(f"rank {r}={v!r}" for r, v in zip(ranks, values))
                        for name, values in diffs.items())
     first = decoded[0]
@@ -194,15 +197,14 @@ def precheck_sizes(group, signature: CallSignature, device) -> None:
         mine = signature.encode(torch.uint8, device)  # [SIGNATURE_BYTES]
         everyone = mine.new_empty((size * SIGNATURE_BYTES,))
         all_gather_flat(everyone, mine, group, name="consistency_check")
-        check_rows(everyone.view(size, SIGNATURE_BYTES), SIZE_FIELDS,
-                   ranks=torch.distributed.get_process_group_ranks(group),
+        check_rows(everyone.view(size, SIGNATURE_BYTES), SIZE_FIELDS, group=group,
                    what="lss_attention call's buffer sizes (LSS_CHECK_CONSISTENCY pre-check)")
     _VERIFIED_SIZES.add(key)
 
 
 def check_gathered(rows: torch.Tensor, group) -> None:
     """Guard 1: compare the signature rows ``[N, header_numel]`` that arrived with a K/V gather."""
-    check_rows(rows, ranks=torch.distributed.get_process_group_ranks(group))
+    check_rows(rows, group=group)
 
 
 __all__ = ["CallSignature", "SIGNATURE_BYTES", "SIZE_FIELDS", "check_gathered", "check_rows", "decode",

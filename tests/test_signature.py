@@ -216,7 +216,7 @@ SIG = CallSignature(batch=2, s_local=8, heads=4, kv_heads=2, head_dim=16, dtype=
 VARIANTS = {
     "batch": {"batch": 3}, "s_local": {"s_local": 6}, "heads": {"heads": 8}, "kv_heads": {"kv_heads": 1},
     "head_dim": {"head_dim": 8}, "dtype": {"dtype": torch.float16}, "layout": {"layout": "contiguous"},
-    "causal": {"causal": False}, "kv_backward": {"kv_backward": "keep"}, "kv_head_chunk": {"kv_head_chunk": 0},
+    "causal": {"causal": False}, "kv_backward": {"kv_backward": "keep"}, "kv_head_chunk": {"kv_head_chunk": 2},
     "softmax_scale": {"softmax_scale": 0.125000001}, "documents": {"documents": 7}, "gather": {"gather": "forward"},
     "head_chunk_index": {"head_chunk_index": 0},
 }
