@@ -234,3 +234,25 @@ def test_megatron_lm_mapping_says_what_it_changed_and_refuses_other_cp_comm_type
     monkeypatch.setenv("RANK", "1")
     parser.parse_args(["--lss-sequence-parallel", "--transformer-impl", "local"])
     assert capsys.readouterr().out == ""  # only rank 0 prints
+
+
+@pytest.mark.parametrize("flag,value,extra", [
+    ("--spec", "my.module", ["--spec", "my.module"]),
+    ("--multi-latent-attention", "True", ["--multi-latent-attention"]),
+    ("--use-legacy-models", "True", ["--use-legacy-models"]),
+    ("--moe-layer-freq", "2", ["--num-experts", "4", "--moe-layer-freq", "2"]),
+])
+def test_megatron_lm_flags_the_lss_spec_would_bypass_are_refused(monkeypatch, flag, value, extra):
+    from lss_plugin.megatron.megatron_lm import lss_extra_args_provider
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    p = _megatron_lm_parser()
+    p.add_argument("--spec", default=None)
+    p.add_argument("--multi-latent-attention", action="store_true")
+    p.add_argument("--use-legacy-models", action="store_true")
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--moe-layer-freq", type=int, default=1)
+    parser = lss_extra_args_provider(p)
+    with pytest.raises(ValueError, match=f"cannot honour {flag} {value}"):
+        parser.parse_args(["--lss-sequence-parallel", *extra])
+    parser.parse_args(extra)  # without LSS they are Megatron-LM's business

@@ -48,6 +48,7 @@ def map_lss_to_megatron_args(args: argparse.Namespace) -> argparse.Namespace:
     if not getattr(args, "lss_sequence_parallel", False):
         return validate_lss_args(args)
     validate_lss_args(args)  # world size from WORLD_SIZE, as Megatron-LM reads it
+    _refuse_bypassed_model_flags(args)
     cp_comm_type = getattr(args, "cp_comm_type", None)
     if cp_comm_type is not None and list(cp_comm_type) not in (["p2p"], ["lss"]):  # p2p: Megatron-LM's default
         raise ValueError(
@@ -68,6 +69,28 @@ def map_lss_to_megatron_args(args: argparse.Namespace) -> argparse.Namespace:
     if changes and os.environ.get("RANK", "0") == "0":
         print("lss_plugin: --lss-sequence-parallel changed " + "; ".join(changes), flush=True)
     return args
+
+
+# Megatron-LM flags whose effect the patched gpt_builder skips when it takes the LSS layer spec (or
+# that need another attention module): accepted silently, they would train a different model.
+_BYPASSED_MODEL_FLAGS = (
+    ("use_legacy_models", "--use-legacy-models", "LSS plugs into megatron-core models only"),
+    ("spec", "--spec", "the LSS layer spec replaces the spec module"),
+    ("experimental_attention_variant", "--experimental-attention-variant", "its block spec is not built under LSS"),
+    ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path", "its layer specs are not built under LSS"),
+    ("multi_latent_attention", "--multi-latent-attention", "MLA's attention module is not LSS's (and RoPE would be dropped)"),
+)
+
+
+def _refuse_bypassed_model_flags(args) -> None:
+    problems = [f"{flag} {_spell(getattr(args, name))} ({why})" for name, flag, why in _BYPASSED_MODEL_FLAGS
+                if getattr(args, name, None) not in (None, False)]
+    moe_layer_freq = getattr(args, "moe_layer_freq", 1)
+    if getattr(args, "num_experts", None) and moe_layer_freq != 1:
+        problems.append(f"--moe-layer-freq {_spell(moe_layer_freq)} with --num-experts (the LSS spec puts experts "
+                        "in every layer; Megatron's decoder block spec is not built under LSS)")
+    if problems:
+        raise ValueError("--lss-sequence-parallel cannot honour " + "; ".join(problems))
 
 
 def _spell(value) -> str:
