@@ -121,7 +121,8 @@ def _overhead():
             lss_plugin.lss_attention(q, q, q, causal=True, kv_head_chunk=1)
         gathered = rec.bytes["all_gather_into_tensor"]
         payload = h * 2 * b * L * 1 * d * q.element_size()  # packed K, V of all heads, all L positions
-        figures[str(dtype)] = {"gathered": gathered, "payload": payload, "calls": rec.calls["all_gather_into_tensor"]}
+        figures[str(dtype)] = {"gathered": gathered, "payload": payload, "calls": rec.calls["all_gather_into_tensor"],
+                               "L": L}
     return figures
 
 
@@ -194,14 +195,14 @@ def test_in_band_check_needs_no_pre_check(sweep):
         _assert_names(result["first_call"], ("layout", "causal"), world)
 
 
-def test_signature_overhead_under_half_a_percent_at_L_1024(sweep):
+def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
     """Exact overhead: N x 40 bytes per gather; printed for the README."""
     world, per_rank = sweep
     for dtype, f in per_rank[0]["overhead"].items():
         assert f["calls"] == 8
         assert f["gathered"] - f["payload"] == f["calls"] * world * SIGNATURE_BYTES
         fraction = (f["gathered"] - f["payload"]) / f["gathered"]
-        print(f"signature overhead, N={world}, {dtype}, L=1024, d=8, one KV head per gather: "
+        print(f"signature overhead, N={world}, {dtype}, L={f['L']}, d=8, one KV head per gather: "
               f"{f['gathered'] - f['payload']} of {f['gathered']} gathered bytes = {100 * fraction:.3f}%")
         assert fraction < 0.005
 
