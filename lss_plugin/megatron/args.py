@@ -20,7 +20,7 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "with LSS attention (registered as Megatron's context-parallel group).")
     group.add_argument("--lss-sequence-parallel-size", type=int, default=None,
                        help="Ranks per sequence (N). Default: the whole world divided by the "
-                            "tensor-parallel size, i.e. no data parallelism.")
+                            "tensor- and pipeline-parallel sizes, i.e. no data parallelism.")
     group.add_argument("--lss-layout", choices=LAYOUTS, default="contiguous",
                        help="contiguous: rank s holds tokens [s*L/N, (s+1)*L/N); balanced: 2N "
                             "chunks, rank s holds chunks s and 2N-1-s (even causal work).")
@@ -53,18 +53,12 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     cp = int(getattr(args, "context_parallel_size", 1) or 1)
     problems = []
-    if tp != 1:
-        problems.append(f"--tensor-model-parallel-size {tp} with --lss-sequence-parallel is not "
-                        "supported yet (LSS replaces tensor/sequence parallelism; use TP=1)")
     if pp != 1:
         problems.append(f"--pipeline-model-parallel-size {pp} with --lss-sequence-parallel is not "
                         "supported yet")
     if cp != 1:
         problems.append(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
                         "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
-    if getattr(args, "sequence_parallel", False) and tp > 1:
-        problems.append("--sequence-parallel (Megatron's TP sequence parallelism) and "
-                        "--lss-sequence-parallel cannot be combined")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -89,6 +83,13 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             f"--seq-length {seq_length} is not divisible by {chunks} "
             f"({'N' if layout == 'contiguous' else '2N'} for the {layout} layout with "
             f"--lss-sequence-parallel-size {sp})"
+        )
+    if getattr(args, "sequence_parallel", False) and tp > 1 and seq_length is not None \
+            and (seq_length // sp) % tp != 0:
+        raise ValueError(
+            f"--seq-length {seq_length} / --lss-sequence-parallel-size {sp} = {seq_length // sp} "
+            f"local tokens are not divisible by --tensor-model-parallel-size {tp} (Megatron's "
+            "--sequence-parallel splits each rank's tokens over the TP group)"
         )
     if args.lss_kv_backward not in KV_BACKWARD_MODES:
         raise ValueError(f"--lss-kv-backward {args.lss_kv_backward!r} is not one of {KV_BACKWARD_MODES}")

@@ -149,7 +149,8 @@ def setup_parallel(args):
     if args.lss_sequence_parallel:
         from lss_plugin.megatron.parallel import initialize_lss_model_parallel
 
-        initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s)
+        initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s,
+                                      tensor_model_parallel_size=args.tensor_model_parallel_size)
     else:
         kwargs = {"create_gloo_process_groups": dist.get_backend() != "gloo"}
         if args.timeout_s is not None:
@@ -230,20 +231,29 @@ def global_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
-    """Global L2 norm of the reduced grads (TP-aware), clipped to ``max_norm`` if > 0."""
+    """Global L2 norm of the reduced grads, clipped to ``max_norm`` if > 0 (Megatron's rule).
+
+    As megatron-core's optimizer computes it (``get_main_grads_for_grad_norm`` and
+    ``get_grad_norm_fp32``, which need CUDA): each rank sums the squares of the grads that are
+    neither TP duplicates (replicated params count on TP rank 0 only) nor shared copies (a tied
+    output weight on the last stage), then the sum is all-reduced over the model-parallel
+    (TP x PP) group. LSS/DP replicas hold identical reduced grads, so no SP/DP reduction is needed.
+    """
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     from lss_plugin.megatron.model import named_trainable
+    from lss_plugin.runtime import default_device
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    grads, sq = [], torch.zeros((), dtype=torch.float32)
+    grads, sq = [], torch.zeros((), dtype=torch.float32, device=default_device())
     for _, p in named_trainable(model):
         grads.append(p.main_grad)
-        # TP-sharded grads are disjoint; replicated ones are counted once (on TP rank 0).
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            sq = sq + p.main_grad.detach().float().pow(2).sum().cpu()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+            sq = sq + p.main_grad.detach().float().pow(2).sum()
+    model_parallel = parallel_state.get_model_parallel_group()
+    if model_parallel.size() > 1:
+        dist.all_reduce(sq, group=model_parallel)
     norm = float(sq.sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
@@ -368,11 +378,12 @@ def _log(msg: str) -> None:
 
 
 def describe(args) -> str:
-    if args.lss_sequence_parallel:
-        return (f"LSS sp={args.lss_sequence_parallel_size} x dp={args.data_parallel_size} "
-                f"layout={args.lss_layout} kv_backward={args.lss_kv_backward}")
     tp = args.tensor_model_parallel_size
-    return f"Megatron tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''} x dp={args.data_parallel_size}"
+    tp_part = f"tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''}"
+    if args.lss_sequence_parallel:
+        return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={args.lss_sequence_parallel_size} x "
+                f"dp={args.data_parallel_size} layout={args.lss_layout} kv_backward={args.lss_kv_backward}")
+    return f"Megatron {tp_part} x dp={args.data_parallel_size}"
 
 
 def train(args, loss_mask_fn: Optional[Callable] = None, probe_params=(), splits=None) -> list[dict]:
