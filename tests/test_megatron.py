@@ -157,6 +157,11 @@ def cases_4(ckpt):
         "tp2xsp2_balanced_mha_rope_masked": case("rope", True, *TP2_LSS2, *MHA, "--lss-layout", "balanced"),
         "tp2sp_xsp2_contiguous_mha_learned": case("learned_absolute", False, *TP2_LSS2, *MHA,
                                                   "--sequence-parallel"),
+        # PP=2 x LSS=2 through megatron-core's 1F1B schedule (untied embeddings: see pretrain.py).
+        "pp2xsp2_balanced_swiglu_rmsnorm_untied": case(
+            "learned_absolute", True, *VARIANT, "--pipeline-model-parallel-size", "2",
+            "--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--lss-layout", "balanced",
+            "--save", ckpt["pp2xsp2"], "--save-interval", str(ITERS)),
         # (T, N, D) = (1, 4, 1) checkpoint resumed on (2, 2, 1) with Megatron SP.
         "resume_sp4_on_tp2sp_xsp2": case("learned_absolute", False, *TP2_LSS2, "--sequence-parallel",
                                          "--load", ckpt["sp4"], iters=RESUME_ITERS),
@@ -189,19 +194,24 @@ def cases_1(ckpt):
         "ref_learned_masked": case("learned_absolute", True),
         "ref_rope": case("rope", False, iters=RESUME_ITERS),
         "ref_rope_masked": case("rope", True),
-        "ref_swiglu_rmsnorm_untied_masked": case("learned_absolute", True, *VARIANT),
+        "ref_swiglu_rmsnorm_untied_masked": case("learned_absolute", True, *VARIANT, iters=RESUME_ITERS),
         "resume_sp4_on_1": case("learned_absolute", False, "--load", ckpt["sp4"], iters=RESUME_ITERS),
         "resume_tp2_on_1": case("rope", False, "--load", ckpt["tp2"], iters=RESUME_ITERS),
         "resume_tp2xsp2_on_1": case("rope", False, "--load", ckpt["tp2xsp2"], iters=RESUME_ITERS),
+        "resume_pp2xsp2_on_1": case("learned_absolute", True, *VARIANT, "--load", ckpt["pp2xsp2"],
+                                    iters=RESUME_ITERS),
         "ref_mha_rope_masked": case("rope", True, *MHA),
         "ref_mha_learned": case("learned_absolute", False, *MHA),
     }
 
 
+CKPTS = ("sp4", "tp2", "tp2xsp2", "pp2xsp2")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_ckpt")
-    return {name: str(root / name) for name in ("sp4", "tp2", "tp2xsp2")}
+    return {name: str(root / name) for name in CKPTS}
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +245,7 @@ REFERENCE = {  # parallel case -> 1-rank reference case
     "tp2sp_xsp2_balanced_gqa_rope": "ref_rope",
     "tp2xsp2_balanced_mha_rope_masked": "ref_mha_rope_masked",
     "tp2sp_xsp2_contiguous_mha_learned": "ref_mha_learned",
+    "pp2xsp2_balanced_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
 }
 
 
@@ -248,7 +259,7 @@ def _assert_losses_match(got, ref, iterations):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_losses_and_gradients_match_one_rank(name, runs4, runs2, runs1):
-    per_rank = runs4 if name in cases_4({"sp4": "", "tp2": "", "tp2xsp2": ""}) else runs2
+    per_rank = runs4 if name in cases_4(dict.fromkeys(CKPTS, "")) else runs2
     ref = runs1[REFERENCE[name]]
     for rank, results in enumerate(per_rank):
         got = results[name]
@@ -258,11 +269,14 @@ def test_losses_and_gradients_match_one_rank(name, runs4, runs2, runs1):
             assert abs(norm - ref_norm) <= LOSS_RTOL * ref_norm, (rank, norm, ref_norm)
         assert got["tokens"] == ref["tokens"][:ITERS]
         # Gradient after DDP's reduction (iteration 1, before any update), on every rank:
-        # LSS replicas must all hold the full, 1-rank gradient; TP ranks the gathered one.
-        for param, ref_grad in ref["probes"].items():
-            grad = got["probes"][param]
+        # LSS replicas must all hold the full, 1-rank gradient; TP ranks the gathered one;
+        # a pipeline stage the gradients of its own layers.
+        for param, grad in got["probes"].items():
+            ref_grad = ref["probes"][param]
             scale = np.abs(ref_grad).max()
             assert np.abs(grad - ref_grad).max() <= GRAD_RTOL * scale, (rank, param)
+    held = {param for results in per_rank for param in results[name]["probes"]}
+    assert held == set(ref["probes"]), (held, set(ref["probes"]))
 
 
 @pytest.mark.slow
@@ -328,7 +342,8 @@ def test_validation_bits_per_character_match_one_rank(runs4, runs1):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,ref", [("resume_sp4_on_1", "ref_learned"),
                                       ("resume_tp2_on_1", "ref_rope"),
-                                      ("resume_tp2xsp2_on_1", "ref_rope")])
+                                      ("resume_tp2xsp2_on_1", "ref_rope"),
+                                      ("resume_pp2xsp2_on_1", "ref_swiglu_rmsnorm_untied_masked")])
 def test_checkpoint_resumes_on_one_rank(name, ref, runs1):
     _assert_losses_match(runs1[name], runs1[ref], range(ITERS + 1, RESUME_ITERS + 1))
 
@@ -378,6 +393,14 @@ def _parse(argv, world_size):
      r"--tensor-model-parallel-size 2"),
     (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2", "--num-query-groups", "1"], 4,
      r"--num-query-groups 1 must divide --num-attention-heads 4 and be divisible by TP 2"),
+    (["--lss-sequence-parallel", "--pipeline-model-parallel-size", "2"], 4,
+     r"--pipeline-model-parallel-size 2 needs --untie-embeddings-and-output-weights"),
+    (["--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights"], 4,
+     r"--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"),
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+      "--lss-sequence-parallel", "--lss-sequence-parallel-size", "2"], 4,
+     r"--lss-sequence-parallel-size 2 does not divide the world: world_size\(4\) % "
+     r"\(sp\(2\) \* tp\(2\) \* pp\(2\)\) = 4"),
     (["--lss-sequence-parallel", "--tensor-model-parallel-size", "3"], 6,
      r"--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
     (["--lss-sequence-parallel", "--lss-grad-averaging", "two_stage"], 2,

@@ -52,15 +52,13 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     cp = int(getattr(args, "context_parallel_size", 1) or 1)
-    problems = []
-    if pp != 1:
-        problems.append(f"--pipeline-model-parallel-size {pp} with --lss-sequence-parallel is not "
-                        "supported yet")
     if cp != 1:
-        problems.append(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
-                        "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
-    if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
+                         "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    if vpp not in (None, 1) or getattr(args, "num_layers_per_virtual_pipeline_stage", None):
+        raise ValueError("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) with "
+                         "--lss-sequence-parallel are not supported yet")
 
     sp = args.lss_sequence_parallel_size
     if sp is None:
