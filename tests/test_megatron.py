@@ -277,6 +277,12 @@ def test_losses_and_gradients_match_one_rank(name, runs4, runs2, runs1):
             assert np.abs(grad - ref_grad).max() <= GRAD_RTOL * scale, (rank, param)
     held = {param for results in per_rank for param in results[name]["probes"]}
     assert held == set(ref["probes"]), (held, set(ref["probes"]))
+    ref_by_iter = dict(zip(ref["iterations"], ref["losses"]))
+    worst_loss = max(abs(loss - ref_by_iter[it]) / abs(ref_by_iter[it]) for results in per_rank
+                     for it, loss in zip(results[name]["iterations"], results[name]["losses"]))
+    worst_grad = max(float(np.abs(g - ref["probes"][p]).max() / np.abs(ref["probes"][p]).max())
+                     for results in per_rank for p, g in results[name]["probes"].items())
+    print(f"\n{name}: worst loss deviation {worst_loss:.2e} (relative), worst gradient {worst_grad:.2e}")
 
 
 @pytest.mark.slow

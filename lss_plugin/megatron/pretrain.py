@@ -1,10 +1,12 @@
-"""Byte-level GPT pre-training with megatron-core: LSS sequence parallelism or Megatron's TP+SP.
+"""Byte-level GPT pre-training with megatron-core: LSS sequence parallelism, Megatron's TP(+SP) and
+pipeline stages, alone or combined (TP x LSS x DP x PP on Megatron's grid).
 
 The engine of ``examples/pretrain_gpt_lss.py``: Megatron-LM flag names, a megatron-core
 ``GPTModel`` in megatron-core ``DistributedDataParallel``, and a torch AdamW on
 ``param.main_grad`` (``get_megatron_optimizer`` needs CUDA). Every rank draws the same global
 batch from ``(seed, iteration)`` and keeps its rows (DP) and tokens (LSS), so a run is a function
-of its flags, whatever the parallel layout: an LSS or TP run reproduces the 1-rank losses.
+of its flags, whatever the parallel layout: an LSS, TP or PP run reproduces the 1-rank losses.
+Each iteration runs megatron-core's forward/backward schedule (``lss_plugin.megatron.pipeline``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class _ArgFileParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgFileParser(
-        description="Byte-level GPT pre-training on megatron-core, with LSS or Megatron TP+SP.",
+        description="Byte-level GPT pre-training on megatron-core, with LSS, Megatron TP(+SP), PP, or a mix.",
         fromfile_prefix_chars="@",
     )
     g = p.add_argument_group("model (Megatron-LM names)")
@@ -211,8 +213,8 @@ def _rank_rows(global_batch: torch.Tensor, args) -> torch.Tensor:
 def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
     """tokens/labels/loss_mask/position_ids for this rank from windows ``[b, L+1]``.
 
-    Under LSS each tensor keeps this rank's ``L/N`` tokens in the chosen layout; with Megatron's
-    TP+SP every TP rank keeps the whole sequence (its embedding scatters it).
+    Under LSS each tensor keeps this rank's ``L/N`` tokens in the chosen layout; every TP rank
+    keeps the same tokens (with Megatron SP its embedding scatters them over the TP group).
     """
     from lss_plugin.megatron.batch import get_batch_on_this_lss_rank
     from lss_plugin.runtime import default_device
