@@ -55,10 +55,12 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     if cp != 1:
         raise ValueError(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
                          "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
-    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    if vpp not in (None, 1) or getattr(args, "num_layers_per_virtual_pipeline_stage", None):
-        raise ValueError("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) with "
-                         "--lss-sequence-parallel are not supported yet")
+    virtual = {name: getattr(args, name, None) for name in (
+        "virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+        "num_virtual_stages_per_pipeline_rank")}
+    if any(value not in (None, 1) for value in virtual.values()):
+        raise ValueError(f"virtual pipeline stages ({', '.join(f'{k}={v}' for k, v in virtual.items() if v)}) "
+                         "with --lss-sequence-parallel are not supported yet")
 
     sp = args.lss_sequence_parallel_size
     if sp is None:
