@@ -156,7 +156,8 @@ def cases_4(ckpt):
         "tp2sp_xsp2_balanced_gqa_rope": case(
             "rope", False, *TP2_LSS2, "--sequence-parallel", "--lss-layout", "balanced",
             "--save", ckpt["tp2xsp2"], "--save-interval", str(ITERS)),
-        "tp2xsp2_balanced_mha_rope_masked": case("rope", True, *TP2_LSS2, *MHA, "--lss-layout", "balanced"),
+        "tp2xsp2_balanced_mha_rope_masked": case("rope", True, *TP2_LSS2, *MHA, "--lss-layout", "balanced",
+                                                 "--lss-kv-backward", "regather"),
         "tp2sp_xsp2_contiguous_mha_learned": case("learned_absolute", False, *TP2_LSS2, *MHA,
                                                   "--sequence-parallel"),
         # PP=2 x LSS=2 through megatron-core's 1F1B schedule (untied embeddings: see pretrain.py).
