@@ -61,23 +61,21 @@ class GPTShape:
 def build_gpt_model(args, shape: GPTShape):
     """A megatron-core GPTModel wrapped in megatron-core DDP, on the default device.
 
-    Call after ``parallel_state`` is initialised and ``model_parallel_cuda_manual_seed(seed)``:
-    weights are initialised on the CPU from one full master tensor each
-    (``use_cpu_initialization``), so every TP/SP/DP layout starts from the same numbers.
+    Call after ``parallel_state`` is initialised. This pipeline stage's part of the model (all of
+    it with one stage); random weights redrawn from ``(args.seed, global name)`` on their full
+    shape (``_init_from_names``), so every TP/SP/DP/PP layout starts from the same numbers.
     """
     import torch.nn.functional as F
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from lss_plugin.megatron.parallel import lss_transformer_config_kwargs
+    from lss_plugin.megatron.pipeline import configure_schedule
     from lss_plugin.megatron.rope import use_lss_rotary_embedding
     from lss_plugin.megatron.spec import get_gpt_layer_lss_spec_from_args
-
-    from megatron.core import parallel_state
-
-    from lss_plugin.megatron.pipeline import configure_schedule
 
     lss = bool(args.lss_sequence_parallel)
     tp = args.tensor_model_parallel_size
