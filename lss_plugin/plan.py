@@ -293,15 +293,16 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
 
 
 def persistent_buffer_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
-    """Megatron's global memory buffer: a [b * a, L, L] tensor for its local attention's score
-    matmul, and with TP + SP an [s, b, h] tensor ("mpu") its linear layers all-gather into."""
-    total = 0
+    """Megatron's global memory buffer "mpu": one tensor, grown to the largest request, shared by
+    its local attention's score matmul ([b * a, L, L]) and, with TP + SP, the all-gathered input
+    of its linear layers ([s, b, h])."""
+    scores = gathered = 0
     if s.method in ("megatron_tp_sp", "single"):
-        total += s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
+        scores = s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
     if s.tp > 1:
         tokens = seq_len // s.sp if s.method == "lss" else seq_len
-        total += s.batch_size * tokens * spec.hidden_size * s.dtype_bytes
-    return total
+        gathered = s.batch_size * tokens * spec.hidden_size * s.dtype_bytes
+    return max(scores, gathered)
 
 
 def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
