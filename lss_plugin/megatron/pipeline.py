@@ -12,8 +12,10 @@ the token count and both for logging); the schedule adds the counts and hands th
 by the global count.
 
 CPU: megatron-core 0.16's schedules allocate their token counter with ``device="cuda"``;
-``_cpu_schedules`` redirects that one allocation when CUDA is absent (p2p send/recv run on gloo,
-one op at a time: ``batch_p2p_comm`` off).
+``_cpu_schedules`` redirects that one allocation when CUDA is absent (kept here rather than in
+``cpu_shim`` because only the schedules need it). On gloo, p2p send/recv run one op at a time:
+``build_gpt_model`` turns ``batch_p2p_comm`` off (gloo has no coalesced p2p, and the batched path
+calls ``torch.cuda.synchronize()``).
 """
 from __future__ import annotations
 
