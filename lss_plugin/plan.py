@@ -50,7 +50,11 @@ class GPTSpec:
 
 @dataclass(frozen=True)
 class Setup:
-    """How the model is spread: method, SP/DP/TP sizes, K/V backward mode, dtype, batch."""
+    """How the model is spread: method, SP/DP/TP sizes, K/V backward mode, dtype, batch.
+
+    ``lss`` with ``tp > 1`` is LSS over ``sp`` ranks x Megatron TP + SP over ``tp`` ranks (the
+    benchmark's ``lss_tp``): each TP rank gathers its ``hkv / tp`` KV heads over its SP group.
+    """
 
     method: str
     sp: int = 1
@@ -68,7 +72,7 @@ class Setup:
             raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
         if self.kv_head_chunk is not None and (self.method != "lss" or self.kv_head_chunk < 1):
             raise ValueError(f"kv_head_chunk applies to lss only and must be >= 1, got {self.kv_head_chunk}")
-        if self.method in ("lss", "ulysses", "ring") and self.tp != 1:
+        if self.method in ("ulysses", "ring") and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
         if self.method == "single" and (self.sp, self.tp) != (1, 1):
             raise ValueError(f"single runs on one rank per replica: sp=tp=1, got sp={self.sp}, tp={self.tp}")
@@ -172,10 +176,10 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
     if s.method in ("lss", "ulysses", "ring"):
         n = s.sp
         s_local = seq_len // n
-        kv_full = 2 * b * seq_len * spec.hkv * dh * dt  # packed K and V of the whole sequence
+        kv_full = 2 * b * seq_len * (spec.hkv // s.tp) * dh * dt  # packed K and V, this TP rank's heads
         if s.method == "lss":
             gathers = 2 if s.kv_backward == "regather" else 1
-            chunks = spec.hkv // (s.kv_head_chunk or spec.hkv)  # one collective per head chunk
+            chunks = (spec.hkv // s.tp) // (s.kv_head_chunk or spec.hkv // s.tp)  # one collective per head chunk
             signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
             out.append(Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
                                   "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
@@ -189,25 +193,34 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
             hops = (n - 1) + (n - 1) + n if n > 1 else 0  # fwd K/V, bwd K/V, bwd dK/dV
             out.append(Collective("send", block, n, hops * layers, "K,V and dK,dV blocks"))
             out.append(Collective("recv", block, n, hops * layers, "K,V and dK,dV blocks"))
+        out += _tp_sp_collectives(spec, s_local, s, params)
         # megatron DDP: one all-reduce of the fp32 grad buffer over DP x SP; token count
         out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)"))
         out.append(Collective("all_reduce", 4, n * s.dp, 1, "loss token count"))
     else:
-        t = s.tp
-        if t > 1:
-            unit = b * seq_len * h * dt  # [L, b, h]: what each Megatron SP collective assembles
-            out.append(Collective("all_gather", unit, t, 6 * layers + 3,
-                                  "per layer: fwd QKV/FC1 inputs, bwd re-gather of both inputs and "
-                                  "proj/FC2 output grads; output layer fwd+bwd, embedding bwd"))
-            out.append(Collective("reduce_scatter", unit, t, 4 * layers + 1,
-                                  "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd"))
-            out.append(Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)"))
-            out.append(Collective("all_reduce", b * seq_len * 4, t, 3, "vocab-parallel cross entropy"))
-            out.append(Collective("all_reduce", params["sequence_parallel"] * grad_bytes, t, 1,
-                                  "sequence-parallel norm/bias grads (TP)"))
+        out += _tp_sp_collectives(spec, seq_len, s, params)
         out.append(Collective("all_reduce", params["total"] * grad_bytes, s.dp, 1, "grads (DP)"))
         out.append(Collective("all_reduce", 4, s.dp, 1, "loss token count"))
     return out
+
+
+def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> list[Collective]:
+    """Megatron TP + SP over ``s.tp`` ranks on a sequence of ``tokens`` (L, or L / N under LSS)."""
+    t, b, dt, layers = s.tp, s.batch_size, s.dtype_bytes, spec.num_layers
+    if t == 1:
+        return []
+    unit = b * tokens * spec.hidden_size * dt  # [s, b, h]: what each Megatron SP collective assembles
+    return [
+        Collective("all_gather", unit, t, 6 * layers + 3,
+                   "per layer: fwd QKV/FC1 inputs, bwd re-gather of both inputs and "
+                   "proj/FC2 output grads; output layer fwd+bwd, embedding bwd"),
+        Collective("reduce_scatter", unit, t, 4 * layers + 1,
+                   "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd"),
+        Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)"),
+        Collective("all_reduce", b * tokens * 4, t, 3, "vocab-parallel cross entropy"),
+        Collective("all_reduce", params["sequence_parallel"] * 4, t, 1,
+                   "sequence-parallel norm/bias grads (TP)"),
+    ]
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -242,20 +255,22 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
         head = b * L * (V // t) * dt
         cross_entropy = b * L * 9 * (2 if t > 1 else 1) + 8
     else:
-        n = s.sp
-        sl = L // n
-        common = b * sl * (4 * h + 2 * ffn) * dt
-        lse = b * H * sl * fp32
+        n, t = s.sp, s.tp
+        sq = L // n  # this rank's sequence part (what attention and the MLP see)
+        sl = sq // t  # residual stream / LayerNorm tokens (Megatron SP inside the TP group)
+        a, g = H // t, G // t
+        common = b * sl * 4 * h * dt + b * sq * 2 * (ffn // t) * dt
+        lse = b * a * sq * fp32
         if s.method == "lss":
-            kept = 2 * b * L * G * dh * dt if s.kv_backward == "keep" else 0
-            attention = b * sl * ((H + 2 * G) * dh + H * dh) * dt + lse + kept
+            kept = 2 * b * L * g * dh * dt if s.kv_backward == "keep" else 0
+            attention = b * sq * ((a + 2 * g) * dh + a * dh) * dt + lse + kept
         elif s.method == "ring":
             attention = b * sl * ((H + 2 * G) * dh + H * dh + 2 * G * dh) * dt + lse
         else:  # ulysses
             attention = b * sl * 5 * H * dh * dt + b * (H // n) * L * fp32
         per_layer = common + attention
-        head = b * sl * V * dt
-        cross_entropy = b * sl * 9 + 8
+        head = b * sq * (V // t) * dt
+        cross_entropy = b * sq * 9 * (2 if t > 1 else 1) + 8
     stats = n_norms * 2 * b * sl * fp32
     around = 2 * b * sl * h * dt + head + cross_entropy + stats
     return {"per_layer": per_layer, "layers": spec.num_layers * per_layer,
@@ -271,7 +286,7 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     """
     b, dh, dt, L = s.batch_size, spec.head_dim, s.dtype_bytes, seq_len
     if s.method == "lss":
-        return 2 * (2 * b * L * (s.kv_head_chunk or spec.hkv) * dh * dt)
+        return 2 * (2 * b * L * (s.kv_head_chunk or spec.hkv // s.tp) * dh * dt)
     if s.method == "ring":
         sl = L // s.sp
         return 3 * b * spec.num_heads * sl * sl * dt
@@ -281,10 +296,16 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
 
 
 def persistent_buffer_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
-    """Megatron's local attention keeps a global [b * a, L, L] buffer for its score matmul."""
+    """Megatron's global memory buffer "mpu": one tensor, grown to the largest request, shared by
+    its local attention's score matmul ([b * a, L, L]) and, with TP + SP, the all-gathered input
+    of its linear layers ([s, b, h])."""
+    scores = gathered = 0
     if s.method in ("megatron_tp_sp", "single"):
-        return s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
-    return 0
+        scores = s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
+    if s.tp > 1:
+        tokens = seq_len // s.sp if s.method == "lss" else seq_len
+        gathered = s.batch_size * tokens * spec.hidden_size * s.dtype_bytes
+    return max(scores, gathered)
 
 
 def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
@@ -292,7 +313,9 @@ def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
     parts = setup.sp * setup.tp * (2 if setup.method == "lss" else 1)
     if seq_len % max(setup.sp, setup.tp) != 0:
         raise ValueError(f"sequence length {seq_len} is not divisible by sp({setup.sp}) x tp({setup.tp})")
-    if setup.method == "megatron_tp_sp" and (spec.num_heads % setup.tp or spec.hkv % setup.tp):
+    if setup.method == "lss" and (seq_len // setup.sp) % setup.tp:
+        raise ValueError(f"the {seq_len // setup.sp} tokens per LSS rank are not divisible by tp({setup.tp})")
+    if setup.method in ("megatron_tp_sp", "lss") and (spec.num_heads % setup.tp or spec.hkv % setup.tp):
         raise ValueError(f"tp({setup.tp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
     if setup.method == "ulysses" and (spec.num_heads % setup.sp or spec.hkv % setup.sp):
         raise ValueError(f"Ulysses sp({setup.sp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
@@ -342,12 +365,50 @@ def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup]) -> str:
 def _label(s: Setup) -> str:
     if s.method == "lss":
         chunk = f",chunk{s.kv_head_chunk}" if s.kv_head_chunk else ""
-        return f"lss[{s.kv_backward}{chunk}] sp{s.sp} dp{s.dp}"
+        return f"lss[{s.kv_backward}{chunk}] {f'tp{s.tp} ' if s.tp > 1 else ''}sp{s.sp} dp{s.dp}"
     if s.method == "megatron_tp_sp":
         return f"megatron_tp_sp tp{s.tp} dp{s.dp}"
     if s.method == "single":
         return f"single dp{s.dp}"
     return f"{s.method} sp{s.sp} dp{s.dp}"
+
+
+def tp_lss_splits(spec: GPTSpec, seq_len: int, ranks: int, dtype_bytes: int = 2,
+                  kv_backward: str = "keep") -> list[Setup]:
+    """Every TP = T x LSS = N split of ``ranks`` the model allows (T divides heads and KV heads).
+
+    T = 1 is LSS alone; T = ranks is Megatron TP + SP alone (``megatron_tp_sp``).
+    """
+    out = []
+    for t in range(1, ranks + 1):
+        if ranks % t or spec.num_heads % t or spec.hkv % t or (seq_len // (ranks // t)) % t:
+            continue
+        n = ranks // t
+        if n == 1:
+            out.append(Setup("megatron_tp_sp", tp=t, dtype_bytes=dtype_bytes))
+        else:
+            out.append(Setup("lss", sp=n, tp=t, kv_backward=kv_backward, dtype_bytes=dtype_bytes))
+    return out
+
+
+def tp_x_lss_view(spec: GPTSpec, seq_len: int, ranks: int, dtype_bytes: int = 2) -> str:
+    """When does T x N beat either alone? The table of every split, and the verdict per measure.
+
+    Per rank and layer (sent bytes, bandwidth-optimal): LSS moves ~4 b L (Hkv/T) dh (N-1)/N
+    (gather + reduce-scatter of this TP rank's K,V heads); Megatron TP + SP moves ~10 b (L/N) h
+    (T-1)/T. Memory: parameters, grads and optimizer state shrink by T; LSS's kept K,V
+    (2 b L Hkv/T dh per layer) by T; activations by N x T. A split wins on memory when the model
+    state or the kept K,V dominate (large models, long L with many KV heads), and loses on traffic
+    only by TP's in-node collectives, which shrink by N.
+    """
+    setups = tp_lss_splits(spec, seq_len, ranks, dtype_bytes)
+    lines = [_table(f"TP x LSS on {ranks} ranks (one node)", spec, seq_len, setups)]
+    plans = [plan(spec, seq_len, s) for s in setups]
+    for measure, key in (("peak memory", lambda p: p.memory["peak"]), ("bytes sent", lambda p: p.sent_bytes)):
+        best = min(plans, key=key).setup
+        split = best.method == "lss" and best.tp > 1
+        lines.append(f"  lowest {measure}: {_label(best)} ({'a T x N split' if split else 'one scheme alone'})")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -400,6 +461,10 @@ def main(argv=None) -> int:
                      Setup("ring", sp=1024, dtype_bytes=2),
                      Setup("ulysses", sp=8, dp=128, dtype_bytes=2),
                      Setup("megatron_tp_sp", tp=8, dp=128, dtype_bytes=2)]))
+    print()
+    print(tp_x_lss_view(modern, 131_072, 8))
+    print()
+    print(tp_x_lss_view(paper, 16_384, 8, dtype_bytes=4))
     print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
           "recomputation, dense attention memory for Megatron's local attention).")
     return 0

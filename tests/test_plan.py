@@ -24,9 +24,14 @@ SEQ_LEN = 128
 
 
 def _cases(world):
-    variants = [Variant("single")] if world == 1 else [
-        Variant("lss"), Variant("lss", "balanced", "regather"), Variant("lss", "contiguous", "regather", 1),
-        Variant("megatron_tp_sp"), Variant("ulysses"), Variant("ring")]
+    if world == 1:
+        variants = [Variant("single")]
+    elif world == 4:  # TP = 2 x LSS = 2 needs 4 ranks; every other method is checked at 2
+        variants = [Variant("lss_tp")]
+    else:
+        variants = [Variant("lss"), Variant("lss", "balanced", "regather"),
+                    Variant("lss", "contiguous", "regather", 1), Variant("megatron_tp_sp"),
+                    Variant("ulysses"), Variant("ring")]
     return [Case(v, DIMS[att], SEQ_LEN, warmup=1, steps=0, attention=att)
             for att in ("mha", "gqa") for v in variants]
 
@@ -36,6 +41,8 @@ def _setup(variant: Variant, world: int) -> Setup:
         return Setup("megatron_tp_sp", tp=world)
     if variant.method == "single":
         return Setup("single")
+    if variant.method == "lss_tp":
+        return Setup("lss", sp=world // 2, tp=2, kv_backward=variant.kv_backward)
     return Setup(variant.method, sp=world, kv_backward=variant.kv_backward,
                  kv_head_chunk=variant.kv_head_chunk)
 
@@ -52,7 +59,7 @@ def _measure(world):
 
 @pytest.fixture(scope="module")
 def measured():
-    return _measure(1) + _measure(2)
+    return _measure(1) + _measure(2) + _measure(4)
 
 
 def _pairs(measured):
@@ -86,3 +93,25 @@ def test_memory_within_ten_percent(measured):
         assert abs(act - p.memory["activations"]) <= MEMORY_RTOL * act, (name, act, p.memory)
         peak = mem["peak_bytes"]
         assert abs(peak - p.memory["peak"]) <= MEMORY_RTOL * peak, (name, peak, p.memory)
+
+
+def test_tp_x_lss_splits_the_kv_heads_and_the_model_state():
+    """Pure cost-model checks of LSS x TP (the measured 4-rank case above checks the numbers)."""
+    from lss_plugin.plan import tp_lss_splits
+
+    spec = GPTSpec(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4, vocab_size=256)
+    lss = plan(spec, 1024, Setup("lss", sp=4))
+    lss_tp = plan(spec, 1024, Setup("lss", sp=4, tp=2))
+    assert lss_tp.bytes_by_type()["reduce_scatter"] > 0
+    kv, kv_tp = (next(c for c in p.collectives if c.type == "all_gather") for p in (lss, lss_tp))
+    assert kv_tp.payload_bytes * 2 == kv.payload_bytes  # Hkv / T heads per TP rank
+    assert lss_tp.memory["optimizer"] < lss.memory["optimizer"]
+    # T must divide the 4 KV heads: TP = 8 alone is not a split this model allows
+    assert [(s.method, s.tp, s.sp) for s in tp_lss_splits(spec, 1024, 8)] == [
+        ("lss", 1, 8), ("lss", 2, 4), ("lss", 4, 2)]
+    mha = GPTSpec(num_layers=2, hidden_size=64, num_heads=8, vocab_size=256)
+    assert [(s.method, s.tp) for s in tp_lss_splits(mha, 1024, 8)][-1] == ("megatron_tp_sp", 8)
+    with pytest.raises(ValueError, match=r"the 5 tokens per LSS rank are not divisible by tp\(2\)"):
+        plan(spec, 20, Setup("lss", sp=4, tp=2))
+    with pytest.raises(ValueError, match="ring with tp=2 is not modelled"):
+        Setup("ring", sp=2, tp=2)

@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiny sizes, few steps (CI: under two minutes)")
     p.add_argument("--ranks", default=None, help="comma-separated world sizes (default 1,2,4)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of lss,megatron_tp_sp,ulysses,ring,single")
+                   help="comma-separated subset of lss,megatron_tp_sp,ulysses,ring,single,lss_tp")
     p.add_argument("--num-layers", type=int, default=None)
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--num-heads", type=int, default=None)
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tokens_per_rank is None:
         args.tokens_per_rank = 64 if q else 512
     args.ranks = [int(r) for r in (args.ranks or "1,2,4").split(",")]
-    args.methods = (args.methods or "single,megatron_tp_sp,lss,ulysses,ring").split(",")
+    args.methods = (args.methods or "single,megatron_tp_sp,lss,ulysses,ring,lss_tp").split(",")
     return args
 
 
@@ -78,6 +78,9 @@ def variants_for(methods, world_size: int, quick: bool = False) -> list[Variant]
                 out.append(Variant("lss", "contiguous", "regather", kv_head_chunk=1))
         elif m in ("megatron_tp_sp", "ulysses", "ring"):
             out.append(Variant(m))
+        elif m == "lss_tp":
+            if world_size >= 4 and world_size % 2 == 0:  # TP = 2 x LSS = world / 2 >= 2
+                out.append(Variant("lss_tp"))
         else:
             raise ValueError(f"unknown method {m!r}")
     return out

@@ -8,7 +8,9 @@ LayerNorm, GELU MLP, tied embeddings, fp32, no dropout) in megatron-core DDP, wi
 - ``megatron_tp_sp``  tensor parallel over N ranks + Megatron sequence parallelism, local spec;
 - ``lss``             the plugin's Megatron spec (``LSSDotProductAttention``) over the CP group;
 - ``ulysses``         the same CP group, core attention = DeepSpeed ``DistributedAttention``;
-- ``ring``            the same CP group, core attention = ring attention (``lss_plugin.baselines``).
+- ``ring``            the same CP group, core attention = ring attention (``lss_plugin.baselines``);
+- ``lss_tp``          TP = 2 with Megatron SP inside each TP pair, LSS over the other N/2 ranks
+                      (each TP rank gathers its own KV heads over its CP group).
 
 The sequence-parallel methods all register their group where Megatron keeps context parallelism,
 so megatron DDP averages their gradients over DP x SP the same way.
@@ -21,8 +23,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring")
-SP_METHODS = ("lss", "ulysses", "ring")
+METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "lss_tp")
+SP_METHODS = ("lss", "ulysses", "ring", "lss_tp")
+LSS_TP_SIZE = 2  # lss_tp: tensor-parallel size; LSS takes the remaining N / 2 ranks
+
+
+def parallel_sizes(method: str, world_size: int) -> tuple[int, int]:
+    """``(tp, cp)`` of a method on ``world_size`` ranks (cp = the sequence-parallel group)."""
+    if method == "lss_tp":
+        if world_size % LSS_TP_SIZE:
+            raise ValueError(f"lss_tp needs a world size divisible by tp({LSS_TP_SIZE}), got {world_size}")
+        return LSS_TP_SIZE, world_size // LSS_TP_SIZE
+    if method == "megatron_tp_sp":
+        return world_size, 1
+    return 1, world_size if method in SP_METHODS else 1
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,10 @@ class Variant:
 
     @property
     def name(self) -> str:
+        if self.method == "lss_tp":
+            default = (self.layout, self.kv_backward, self.kv_head_chunk) == ("contiguous", "keep", None)
+            return "lss_tp" if default else "lss_tp" + Variant("lss", self.layout, self.kv_backward,
+                                                               self.kv_head_chunk).name[3:]
         if self.method == "lss":
             chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
             return f"lss[{self.kv_backward},{self.layout}{chunk}]"
@@ -103,12 +121,12 @@ def setup_parallel(variant: Variant, world_size: int, timeout_s: float = 120.0) 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     minutes = max(1, math.ceil(timeout_s / 60))
+    tp, cp = parallel_sizes(variant.method, world_size)
     if variant.method in SP_METHODS:
         from lss_plugin.megatron.parallel import initialize_lss_model_parallel
 
-        initialize_lss_model_parallel(world_size, timeout_s=timeout_s)
+        initialize_lss_model_parallel(cp, timeout_s=timeout_s, tensor_model_parallel_size=tp)
     else:
-        tp = world_size if variant.method == "megatron_tp_sp" else 1
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, distributed_timeout_minutes=minutes,
             create_gloo_process_groups=dist.get_backend() != "gloo")
@@ -127,7 +145,7 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int):
     from lss_plugin.runtime import default_device
 
     method = variant.method
-    tp = world_size if method == "megatron_tp_sp" else 1
+    tp, cp = parallel_sizes(method, world_size)
     kwargs = dict(
         num_layers=dims.num_layers, hidden_size=dims.hidden_size,
         num_attention_heads=dims.num_heads, num_query_groups=dims.num_kv_heads,
@@ -137,9 +155,9 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int):
         use_cpu_initialization=True, params_dtype=torch.float32, calculate_per_token_loss=True,
     )
     if method in SP_METHODS:
-        kwargs["context_parallel_size"] = world_size
+        kwargs["context_parallel_size"] = cp
     config = TransformerConfig(**kwargs)
-    if method == "lss":
+    if method in ("lss", "lss_tp"):
         from lss_plugin.megatron.spec import get_gpt_layer_lss_spec
 
         spec = get_gpt_layer_lss_spec(normalization="LayerNorm", layout=variant.layout,
@@ -181,9 +199,10 @@ def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int,
     positions = torch.arange(seq_len).unsqueeze(0).expand_as(tokens)
     if variant.method in SP_METHODS:
         rank = parallel_state.get_context_parallel_rank()
-        idx = local_token_indices(seq_len, rank, world_size, variant.layout)
+        idx = local_token_indices(seq_len, rank, parallel_state.get_context_parallel_world_size(),
+                                  variant.layout)
         tokens, labels, positions = tokens[:, idx], labels[:, idx], positions[:, idx]  # [b, L/N]
-    # Megatron TP+SP: every TP rank holds the whole sequence (its embedding scatters it).
+    # Megatron TP+SP: every TP rank holds the whole sequence, or its CP part (the embedding scatters it).
     device = default_device()
     return {"tokens": tokens.contiguous().to(device), "labels": labels.contiguous().to(device),
             "position_ids": positions.contiguous().to(device)}
