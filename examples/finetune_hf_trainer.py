@@ -101,8 +101,8 @@ def parse_args(argv=None) -> tuple[ExampleArguments, TrainingArguments]:
     return example, training
 
 
-def run(example: ExampleArguments, training: TrainingArguments) -> list[dict]:
-    """Train (and evaluate when asked); returns the Trainer's log history."""
+def run(example: ExampleArguments, training: TrainingArguments):
+    """Train (and evaluate when asked); returns the (closed) trainer: ``trainer.state.log_history`` has the logs."""
     import lss_plugin.hf as hf
     from lss_plugin.data import load_byte_splits
 
@@ -132,12 +132,12 @@ def run(example: ExampleArguments, training: TrainingArguments) -> list[dict]:
         trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
         if training.do_eval:
             trainer.evaluate()  # logs eval_loss itself
-        return trainer.state.log_history
+        return trainer
     finally:
         trainer.close()
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None):
     return run(*parse_args(argv))
 
 

@@ -110,7 +110,7 @@ class LSSTrainer(Trainer):
         if not self.lss_enabled:
             return loader
         if not self.args.dataloader_drop_last:
-            _refuse_uneven_eval(loader, self.args.eval_batch_size, self.lss_dims.dp)
+            _refuse_uneven_eval(loader.dataset, self.args.eval_batch_size, self.lss_dims.dp)
         return self._shard_over_data_parallel(loader)
 
     def _shard_over_data_parallel(self, loader):
@@ -198,18 +198,20 @@ class LSSTrainer(Trainer):
 
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Destroy the LSS process groups of this run (only needed to start another run in this process)."""
-        if not self.lss_enabled:
-            return
-        from lss_plugin.topology import destroy_topology
+        """Release this run's DeepSpeed engine, LSS process groups and accelerate's state (only needed to
+        start another Trainer in this process; the default process group stays)."""
+        from accelerate.state import AcceleratorState
 
-        engine = self.model_wrapped
-        mpu = getattr(engine, "lss_mpu", None)
+        mpu = getattr(self.model_wrapped, "lss_mpu", None)
+        self.accelerator.free_memory()  # destroys the DeepSpeed engine
         if mpu is not None:
             mpu.destroy()
-        if hasattr(engine, "destroy"):
-            engine.destroy()
-        destroy_topology()
+        if self.lss_enabled:
+            from lss_plugin.topology import destroy_topology, is_topology_initialized
+
+            if is_topology_initialized():
+                destroy_topology()
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def configure_accelerate_for_deepspeed(timeout_s: float | None = None):
@@ -306,6 +308,10 @@ def _refuse_unsupported(trainer) -> None:
     if args.train_sampling_strategy == "batch_rebalance":
         problems.append("train_sampling_strategy='batch_rebalance': its sampler deals rows to every rank, "
                         "not to data-parallel ranks")
+    if trainer.eval_dataset is not None and not args.dataloader_drop_last:  # checked again in get_eval_dataloader
+        datasets = trainer.eval_dataset.values() if isinstance(trainer.eval_dataset, dict) else [trainer.eval_dataset]
+        for dataset in datasets:
+            _refuse_uneven_eval(dataset, args.eval_batch_size, trainer.lss_dims.dp)
     if args.include_num_input_tokens_seen == "non_padding":
         problems.append("include_num_input_tokens_seen='non_padding': sharded batches carry no padding mask "
                         "(use 'all')")
@@ -336,12 +342,12 @@ def _resolve_train_batch_size(args, dp: int) -> None:
     hf_config.mismatches = [m for m in hf_config.mismatches if not m.startswith("- ds train_batch_size=")]
 
 
-def _refuse_uneven_eval(loader, eval_batch_size: int, dp: int) -> None:
+def _refuse_uneven_eval(dataset, eval_batch_size: int, dp: int) -> None:
     """accelerate completes a last partial eval batch with repeated rows and cuts the gathered losses
     by rank order, which under LSS (SP ranks repeat each DP shard) would keep the wrong ones."""
-    if not hasattr(loader.dataset, "__len__"):
+    if not hasattr(dataset, "__len__"):
         return
-    rows, step = len(loader.dataset), eval_batch_size * dp
+    rows, step = len(dataset), eval_batch_size * dp
     if rows % step:
         raise ValueError(
             f"LSSTrainer evaluation needs the eval dataset length ({rows}) to be a multiple of "
