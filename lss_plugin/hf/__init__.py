@@ -2,6 +2,8 @@
 
 Importing this package registers the ``"lss"`` attention (contiguous layout); call
 ``register_lss_attention("lss", layout="balanced", ...)`` to change its options.
+``LSSTrainer`` (``transformers.Trainer`` switched to LSS by the DeepSpeed config) is imported on
+first use, so the attention alone does not need accelerate.
 """
 from lss_plugin.hf.attention import (
     LSSHFOptions,
@@ -34,6 +36,7 @@ def __getattr__(name):
 
         return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IGNORE_INDEX", "LSSBatchLoader", "LSSTrainer", "LSSCausalLMCollator", "LSSHFOptions", "ShardedBatch", "build_causal_lm",
