@@ -12,7 +12,8 @@ baseline itself is off by (L-1)/L; LSSTrainer reports the true token mean. GPT-2
 covered against a one-process reference in tests/test_hf.py.)
 
 Three spawns, several runs each (CI budget): 1 rank (the baselines), 2 ranks (SP=2), 4 ranks
-(SP=2 x DP=2, then a resume from the step-2 checkpoint, then the refusals on every rank).
+(SP=2 x DP=2 - GPT-NeoX with gradient accumulation 2 x 1 row - then a resume from the step-2
+checkpoint, then the refusals on every rank). DeepSpeed "auto" batch sizes throughout.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ EXAMPLE = os.path.join(ROOT, "examples", "finetune_hf_trainer.py")
 RTOL = 1e-5
 STEPS = 3
 GLOBAL_BATCH = 4
-MODELS = {"llama": ["--model-type", "llama", "--num-heads", "4", "--num-kv-heads", "2"],
-          "gpt_neox": ["--model-type", "gpt_neox", "--num-heads", "4"]}
+# GPT-NeoX sequences of 30 bytes: the trainer right-pads them to 32 (a multiple of 2N = 4 for the
+# balanced layout), which must change nothing.
+MODELS = {"llama": ["--model-type", "llama", "--num-heads", "4", "--num-kv-heads", "2", "--seq-length", "32"],
+          "gpt_neox": ["--model-type", "gpt_neox", "--num-heads", "4", "--seq-length", "30"]}
 
 
 def _example():
@@ -54,9 +57,9 @@ def _ds_config(path, sp: int | None, **overrides) -> str:
 
 
 def _argv(model: str, config: str, out: str, per_device: int, *extra: str) -> list[str]:
-    return [*MODELS[model], "--deepspeed", config, "--output_dir", out, "--max_steps", str(STEPS),
+    return ["--deepspeed", config, "--output_dir", out, "--max_steps", str(STEPS), *MODELS[model],
             "--per_device_train_batch_size", str(per_device), "--per-device-eval-batch-size", str(per_device),
-            "--seq-length", "32", "--hidden-size", "32", "--learning_rate", "2e-3", "--seed", "7",
+            "--hidden-size", "32", "--learning_rate", "2e-3", "--seed", "7",
             "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--do_eval", "--eval-windows", "8",
             "--disable_tqdm", "true", *extra]
 
@@ -135,8 +138,11 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
 
     config = _ds_config(str(tmp_path / "sp2dp2.json"), sp=2)
     per_device = GLOBAL_BATCH // 2
-    runs = [(m, _argv(m, config, str(tmp_path / m), per_device, "--save_steps", "2", "--save_strategy", "steps"))
-            for m in MODELS]
+    runs = [("llama", _argv("llama", config, str(tmp_path / "llama"), per_device,
+                            "--save_steps", "2", "--save_strategy", "steps")),
+            # Gradient accumulation: micro-batches of 1 row, 2 per step (global batch still 4).
+            ("gpt_neox", _argv("gpt_neox", config, str(tmp_path / "gpt_neox"), 1, "--gradient_accumulation_steps", "2",
+                               "--per-device-eval-batch-size", str(per_device)))]
     # A new process state resuming the llama run from its step-2 checkpoint (DeepSpeed ZeRO partitions,
     # scheduler, RNG and data position): step 3 must be the uninterrupted step 3.
     # Its --metrics-file holds what this run logged (the log history also has steps 1-2 from the checkpoint).
