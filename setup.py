@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "megatron": ["megatron-core==0.16.1"],
     "deepspeed": ["deepspeed==0.19.8"],
-    "hf": ["transformers>=5,<6", "deepspeed==0.19.8"],
+    # Tested: transformers 5.24.0, accelerate 1.15.0 (LSSTrainer hooks Accelerator._prepare_deepspeed).
+    "hf": ["transformers>=5,<6", "accelerate>=1.15,<2", "deepspeed==0.19.8"],
     "bench": ["matplotlib>=3.7", "megatron-core==0.16.1", "deepspeed==0.19.8", "einops"],
     "demo": ["matplotlib>=3.7", "megatron-core==0.16.1"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
