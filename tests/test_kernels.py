@@ -353,3 +353,13 @@ def test_lss_attention_exact_through_the_tiled_kernel():
     for rank_results in run_ranks(_attention_sweep_on_small_tiles, 2, env={kernels.ENV_VAR: "tiled"}):
         for case, (errors, _, _) in rank_results:
             assert max(errors.values()) < 1e-10, (case, errors)
+
+
+def test_gpu_check_timing_table_rows():
+    """The gpu-check table's code path, run on CPU at a toy size: one row per kernel that takes the
+    inputs beside SDPA (timings are printed on a GPU, never asserted)."""
+    from lss_plugin.bench.gpu_check import timing_table
+
+    rows = timing_table([(1, 2, 64, 8, torch.float32)], repeats=1, device="cpu")
+    names = [row.split("|")[1].strip() for row in rows[2:]]
+    assert names == ["SDPA (single device)", "cpu_flash", "tiled"]
