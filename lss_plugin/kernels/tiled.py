@@ -49,9 +49,8 @@ def plan_tiles(batch_heads: int, sq: int, sk: int, causal: bool) -> list[list[Ti
     return plan
 
 
-def _tile_scores(q_t, k, tile: Tile, scale, offset, ct):
-    """[b, h, rows, cols] scores of one tile in the compute dtype, hidden entries -inf."""
-    k_t = k[:, :, tile.cols.start:tile.cols.stop].to(ct)
+def _tile_scores(q_t, k_t, tile: Tile, scale, offset):
+    """[b, h, rows, cols] scores of one tile (q_t, k_t in the compute dtype), hidden entries -inf."""
     s = torch.matmul(q_t, k_t.transpose(-1, -2)).mul_(scale)
     if tile.masked:
         s.masked_fill_(causal_hidden(tile.rows, tile.cols, offset, s.device), float("-inf"))
@@ -71,13 +70,14 @@ def forward(q, k, v, scale: float, causal: bool):
         row_max = torch.full((b, h, q_t.shape[2]), float("-inf"), dtype=ct, device=q.device)
         row_sum = torch.zeros_like(row_max)
         for tile in row_tiles:
-            s = _tile_scores(q_t, k, tile, scale, sk - sq, ct)
+            cols = slice(tile.cols.start, tile.cols.stop)
+            s = _tile_scores(q_t, k[:, :, cols].to(ct), tile, scale, sk - sq)
             new_max = torch.maximum(row_max, s.amax(-1))
             shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with nothing visible yet
             p = s.sub_(shift.unsqueeze(-1)).exp_()
             rescale = torch.exp(row_max - shift)
             row_sum.mul_(rescale).add_(p.sum(-1))
-            acc.mul_(rescale.unsqueeze(-1)).add_(torch.matmul(p, v[:, :, tile.cols.start:tile.cols.stop].to(ct)))
+            acc.mul_(rescale.unsqueeze(-1)).add_(torch.matmul(p, v[:, :, cols].to(ct)))
             row_max = new_max
             del s, p
         out[:, :, rows] = (acc / row_sum.unsqueeze(-1)).to(q.dtype)
@@ -101,7 +101,7 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
         for tile in row_tiles:
             cols = slice(tile.cols.start, tile.cols.stop)
             k_t, v_t = k[:, :, cols].to(ct), v[:, :, cols].to(ct)
-            p = _tile_scores(q_t, k, tile, scale, sk - sq, ct).sub_(lse_t).exp_()  # [b, h, rows, cols]
+            p = _tile_scores(q_t, k_t, tile, scale, sk - sq).sub_(lse_t).exp_()  # [b, h, rows, cols]
             dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), do_t)
             ds = torch.matmul(do_t, v_t.transpose(-1, -2)).sub_(delta).mul_(p).mul_(scale)
             del p
