@@ -350,7 +350,9 @@ def _attention_sweep_on_small_tiles():
 
 
 def test_lss_attention_exact_through_the_tiled_kernel():
-    for rank_results in run_ranks(_attention_sweep_on_small_tiles, 2, env={kernels.ENV_VAR: "tiled"}):
+    # The sweep's tensors are CPU tensors: gloo even where NCCL would be the default (make gpu-check).
+    env = {kernels.ENV_VAR: "tiled", "LSS_BACKEND": "gloo"}
+    for rank_results in run_ranks(_attention_sweep_on_small_tiles, 2, env=env):
         for case, (errors, _, _) in rank_results:
             assert max(errors.values()) < 1e-10, (case, errors)
 
