@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: setup test demo bench bench-quick plan clean
+.PHONY: setup test demo bench bench-quick plan gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench-quick: setup
 
 plan: setup
 	$(BIN)/python -m lss_plugin.plan $(ARGS)
+
+# On a CUDA machine: GPU exactness tests and a kernel timing table (a few minutes); elsewhere exits 0.
+gpu-check: setup
+	$(BIN)/python -m lss_plugin.bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info
