@@ -13,7 +13,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed==0.19.8"],
     "hf": ["transformers>=5,<6", "deepspeed==0.19.8"],
     "bench": ["matplotlib>=3.7", *MEGATRON_CORE, "deepspeed==0.19.8", "einops"],
-    "demo": ["matplotlib>=3.7", *MEGATRON_CORE],
+    "demo": ["matplotlib>=3.7", "psutil", *MEGATRON_CORE],  # psutil: the demo's per-rank peak RSS
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
