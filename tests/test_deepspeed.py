@@ -46,7 +46,7 @@ def _ds(block=None, **extra):
 def test_block_parsed_with_defaults():
     lss = LSSConfig.from_ds_config(_ds({"size": 4}))
     assert lss == LSSConfig(enabled=True, size=4, layout="balanced", kv_backward="keep",
-                            grad_averaging="two_stage", kv_head_chunk=None, timeout_s=None)
+                            grad_averaging="auto", kv_head_chunk=None, timeout_s=None)
     assert LSSConfig.from_ds_config(_ds()).enabled is False
     assert LSSConfig.from_ds_config(_ds({"enabled": False, "size": 2})).enabled is False
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",
@@ -149,7 +149,7 @@ def _local_loss(engine, inputs, targets, positions):
 # ---------------------------------------------------------------------------------------------
 # Real engines
 
-def _ds_config(sp: int | None, stage: int, world: int, grad_averaging="two_stage") -> dict:
+def _ds_config(sp: int | None, stage: int, world: int, grad_averaging="auto") -> dict:
     dp = world // (sp or 1)
     config = {
         "train_batch_size": GLOBAL_BATCH,
@@ -166,7 +166,7 @@ def _ds_config(sp: int | None, stage: int, world: int, grad_averaging="two_stage
     return config
 
 
-def _build(sp, stage, world, seed=1234, grad_averaging="two_stage", extra=None):
+def _build(sp, stage, world, seed=1234, grad_averaging="auto", extra=None):
     """A fresh model and engine: LSS (sp given) or plain DeepSpeed (sp None, the reference)."""
     import lss_plugin.deepspeed as lds
     torch.manual_seed(seed)

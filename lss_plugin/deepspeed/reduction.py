@@ -36,19 +36,39 @@ from lss_plugin.topology import LSSTopology
 
 
 def install_lss_gradient_averaging(engine, topology: LSSTopology, grad_averaging: str) -> str:
-    """Make ``engine`` average gradients over SP and DP; returns a one-line description."""
+    """Make ``engine`` average gradients over SP and DP; returns a one-line description.
+
+    ``grad_averaging`` is the block's setting ("auto", "two_stage" or "fused"); a mode this
+    engine's reduction path cannot honour is refused by name (``LSSConfigError``) on every rank.
+    """
+    from lss_plugin.deepspeed.config import resolve_grad_averaging
+
     if not getattr(engine, "gradient_average", True):
         raise ValueError(
             'LSS needs gradients averaged, but the DeepSpeed config sets "gradient_allreduce_op" '
             "to a sum: remove it"
         )
     stage = int(engine.zero_optimization_stage())
-    if stage == 0:
-        return _install_zero0(engine, topology, grad_averaging)
-    return _install_zero_partitioned(engine, topology, stage)
+    if stage != 0 and not hasattr(engine.optimizer, "get_grads_for_reduction"):
+        resolve_grad_averaging(grad_averaging, stage)  # refuses "two_stage"
+        return _install_zero_partitioned(engine, topology, stage)
+    # ZeRO 0, and the bf16 optimizer of ZeRO 1 (bf16 + fp32 accumulation): the engine's all-reduce.
+    mode = resolve_grad_averaging(grad_averaging, stage, _two_stage_blocker(engine))
+    return _install_allreduce(engine, topology, mode)
 
 
-def _install_zero0(engine, topology: LSSTopology, grad_averaging: str) -> str:
+def _two_stage_blocker(engine) -> str | None:
+    """Why the engine's gradients cannot be averaged in two stages by LSS itself (None: they can)."""
+    if engine.has_moe_layers:
+        return "MoE layers"
+    if hasattr(engine.optimizer, "get_grads_for_reduction"):
+        return f"{type(engine.optimizer).__name__} reduces its own fp32 gradient copies"
+    if engine.sparse_gradients_enabled():
+        return "sparse gradients"
+    return None
+
+
+def _install_allreduce(engine, topology: LSSTopology, grad_averaging: str) -> str:
     grid_group = engine.seq_data_parallel_group
     grid_size = dist.get_world_size(grid_group)
 
@@ -72,33 +92,27 @@ def _install_zero0(engine, topology: LSSTopology, grad_averaging: str) -> str:
     engine.allreduce_bucket = lss_allreduce_bucket
     engine.sparse_allreduce = lss_sparse_allreduce
     if grad_averaging == "fused":
-        return f"ZeRO 0: DeepSpeed all-reduce over SP x DP ({grid_size} ranks), divided by {grid_size}"
+        return f"DeepSpeed all-reduce over SP x DP ({grid_size} ranks), divided by {grid_size}"
 
     fallback = engine.buffered_allreduce_fallback
 
     @functools.wraps(fallback)
     def lss_buffered_allreduce_fallback(grads=None, elements_per_buffer=500000000):
-        params = _two_stage_params(engine, grads)
-        if params is None:  # a case only DeepSpeed's own path handles; still corrected above
-            return fallback(grads=grads, elements_per_buffer=elements_per_buffer)
+        if grads is not None:  # DeepSpeed never passes them in 0.19.8 ZeRO 0; refuse rather than guess
+            raise RuntimeError("lss_plugin two-stage averaging: DeepSpeed passed explicit gradients to "
+                               "buffered_allreduce_fallback, a path this DeepSpeed version was not checked for")
         from lss_plugin.grads import average_gradients
 
-        average_gradients(params, topology=topology, mode="two_stage")
+        average_gradients(_params_with_grads(engine), topology=topology, mode="two_stage")
 
     engine.buffered_allreduce_fallback = lss_buffered_allreduce_fallback
-    return (f"ZeRO 0: two-stage averaging, SP ({topology.sp_size} ranks) then DP ({topology.dp_size} ranks)")
+    return f"two-stage averaging, SP ({topology.sp_size} ranks) then DP ({topology.dp_size} ranks)"
 
 
-def _two_stage_params(engine, grads):
-    """The parameters whose ``.grad`` LSS averages itself, or None to leave it to DeepSpeed."""
-    if grads is not None or engine.has_moe_layers or hasattr(engine.optimizer, "get_grads_for_reduction"):
-        return None
+def _params_with_grads(engine):
+    """Every trainable parameter; as DeepSpeed does, one without a gradient on this rank counts as zeros."""
     params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
     for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            return None
-    for p in params:
-        # As DeepSpeed does: a parameter without a gradient on this rank still takes part.
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return params
