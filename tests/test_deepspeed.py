@@ -5,8 +5,8 @@ batch, plain attention). LSS runs as SP=2 (2 ranks) and SP=2 x DP=2 (4 ranks) wi
 and 3, gradient accumulation 2 and gradient clipping on (active at step 0 only).
 Tolerances: float32 per-step global losses and gradient norms within 1e-5 relative; parameters
 after 3 steps within 1e-5 relative (norm of the difference over norm of the reference, per
-tensor). bf16 (ZeRO 2 and 3): within 4x the noise of bf16 itself, measured in the same run as the
-1-rank bf16 engine against itself with the batch rows reordered (see the bf16 test). Every rank
+tensor). bf16 (ZeRO 2 and 3): within 2x the rounding error of bf16 itself, measured in the same
+run as the 1-rank bf16 engine against the 1-rank fp32 engine (see the bf16 test). Every rank
 holds bit-identical parameters.
 
 Spawns are few and batched (DeepSpeed engines are slow to start): one 4-rank, one 2-rank and
@@ -38,9 +38,8 @@ RTOL = 1e-5
 STAGES = (0, 1, 2, 3)
 PRECISION_STAGES = {"fp32": STAGES, "bf16": (2, 3)}
 CKPT_STEP = 2  # checkpoints are saved after this many steps
-REORDER = (3, 2, 1, 0)  # the global batch's rows in another order: the bf16 noise measurement
-BF16_NOISE_FACTOR = 4.0
-BF16_CAP = 0.05  # never looser than this, whatever the measured noise
+BF16_FACTOR = 2.0  # LSS bf16 vs 1-rank bf16 may differ by 2x the 1-rank bf16 engine's own error vs fp32
+BF16_CAP = 0.05  # never looser than this, whatever the measured error
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -92,10 +91,10 @@ def test_grad_averaging_resolved_per_stage_or_refused_by_name():
     from lss_plugin.deepspeed.config import resolve_grad_averaging
 
     assert resolve_grad_averaging("auto", 0) == "two_stage"
-    assert resolve_grad_averaging("auto", 0, "sparse gradients") == "fused"
+    assert resolve_grad_averaging("auto", 0, "sparse embedding gradients") == "fused"
     assert [resolve_grad_averaging("auto", stage) for stage in (1, 2, 3)] == ["fused"] * 3
     assert resolve_grad_averaging("fused", 0) == "fused" and resolve_grad_averaging("two_stage", 0) == "two_stage"
-    for stage, blocker, reason in ((2, None, "ZeRO stage 2 reduces"), (0, "sparse gradients", "sparse gradients")):
+    for stage, blocker, reason in ((2, None, "ZeRO stage 2 reduces"), (0, "sparse embedding gradients", "sparse embedding gradients")):
         with pytest.raises(LSSConfigError, match=f'"two_stage" cannot be honoured: {reason}'):
             resolve_grad_averaging("two_stage", stage, blocker)
     with pytest.raises(LSSConfigError, match="ZeRO stage 3"):  # before any process group exists
@@ -210,17 +209,15 @@ def _global_batch(step: int, seed: int = 7):
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN + 1), generator=gen)  # [B, L+1]
 
 
-def _local_batch(engine, step, micro_step, row_order=None):
+def _local_batch(engine, step, micro_step):
     """This rank's rows (DP, micro-batch) and tokens (SP) of the global batch, with their positions.
 
     Micro-step k of DP rank d holds rows [(k * dp + d) * micro, ... + micro), as DeepSpeed's
-    sampler orders them. ``row_order`` permutes the global batch first (the noise measurement).
+    sampler orders them.
     """
     from lss_plugin.sharding import local_token_indices
 
     tokens = _global_batch(step)
-    if row_order is not None:
-        tokens = tokens[list(row_order)]
     topo = getattr(engine, "lss_topology", None)
     dp, dp_rank = (topo.dp_size, topo.dp_rank) if topo is not None else (1, 0)
     micro = engine.train_micro_batch_size_per_gpu()
@@ -247,11 +244,11 @@ def _grad_norm_zero0(engine) -> float:
     return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in engine.module.parameters())))
 
 
-def _train_step(engine, step, row_order=None):
+def _train_step(engine, step):
     """One optimizer step of GAS micro-steps -> (loss of the global batch, gradient norm)."""
     losses, norm = [], None
     for micro_step in range(GAS):
-        inputs, targets, positions = _local_batch(engine, step, micro_step, row_order)
+        inputs, targets, positions = _local_batch(engine, step, micro_step)
         loss = _local_loss(engine, inputs, targets, positions)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 \
@@ -276,8 +273,8 @@ def _params(engine):
     return out
 
 
-def _run(engine, steps=STEPS, row_order=None):
-    return {"steps": [_train_step(engine, step, row_order) for step in range(steps)], "params": _params(engine)}
+def _run(engine, steps=STEPS):
+    return {"steps": [_train_step(engine, step) for step in range(steps)], "params": _params(engine)}
 
 
 def _teardown(engine):
@@ -385,18 +382,12 @@ def _two_rank_cases(ckpt_dir):
 
 
 def _one_rank_references(ckpt_dir):
-    out = {"runs": {}, "reordered": {}}
+    out = {"runs": {}}
     for precision, stages in PRECISION_STAGES.items():
         for stage in stages:
             engine = _build(None, stage, 1, precision=precision)
             out["runs"][(precision, stage)] = _run(engine)
             engine.destroy()
-    # The noise floor of bf16 training: the same 1-rank run with the rows of every global batch in
-    # another order (the same sums, rounded differently).
-    for stage in PRECISION_STAGES["bf16"]:
-        engine = _build(None, stage, 1, precision="bf16")
-        out["reordered"][stage] = _run(engine, row_order=REORDER)
-        engine.destroy()
     # SP=1 on one rank: the LSS engine loads the SP=2 x DP=2 ZeRO-0 checkpoint and resumes.
     engine = _build(1, 0, 1, seed=999)
     engine.load_checkpoint(os.path.join(ckpt_dir, "zero0"), tag="step2")
@@ -582,29 +573,34 @@ def test_fp32_engine_matches_one_rank_engine(engines, stage):
                 assert np.array_equal(value, results[0]["runs"][("fp32", stage)]["params"][name]), (grid, rank, name)
 
 
-@pytest.mark.parametrize("stage", PRECISION_STAGES["bf16"])
-def test_bf16_engine_matches_one_rank_engine_within_its_noise(engines, stage):
-    """bf16 (DeepSpeed's bf16 path at ZeRO 2 and 3): LSS vs the 1-rank bf16 engine, against the noise
-    of bf16 itself, measured as the 1-rank bf16 engine against itself with the batch rows reordered.
+def _step_errors(run, reference) -> tuple[float, float, float]:
+    """Worst relative error over the steps of the loss and the grad norm, and over the parameter tensors."""
+    loss = max(_rel(a[0], b[0]) for a, b in zip(run["steps"], reference["steps"]))
+    norm = max(_rel(a[1], b[1]) for a, b in zip(run["steps"], reference["steps"]))
+    return loss, norm, max(_param_errors(run["params"], reference["params"]).values())
 
-    Allowed: BF16_NOISE_FACTOR x that noise (per-step loss, per-step grad norm, worst parameter
-    tensor), never below the fp32 tolerance, and at most BF16_CAP whatever the noise.
+
+@pytest.mark.parametrize("stage", PRECISION_STAGES["bf16"])
+def test_bf16_engine_matches_one_rank_engine_within_bf16_error(engines, stage):
+    """bf16 (DeepSpeed's bf16 path, fp32 master weights) at ZeRO 2 and 3, accumulation 2.
+
+    LSS rounds differently from one rank (attention over segments, reductions over ranks), so bf16
+    runs cannot agree to fp32 precision. The yardstick is the rounding error of bf16 itself, measured
+    in the same run: the 1-rank bf16 engine against the 1-rank fp32 engine on the same data. LSS bf16
+    against 1-rank bf16 may differ by BF16_FACTOR x that (per quantity: loss and grad norm over the
+    steps, parameters over the tensors), never by more than BF16_CAP, never required below RTOL.
     """
-    one = engines["one"]
-    reference, reordered = one["runs"][("bf16", stage)], one["reordered"][stage]
-    noise_loss = max(_rel(a[0], b[0]) for a, b in zip(reordered["steps"], reference["steps"]))
-    noise_norm = max(_rel(a[1], b[1]) for a, b in zip(reordered["steps"], reference["steps"]))
-    noise_param = max(_param_errors(reordered["params"], reference["params"]).values())
-    tol = {what: min(BF16_CAP, max(RTOL, BF16_NOISE_FACTOR * noise))
-           for what, noise in (("loss", noise_loss), ("norm", noise_norm), ("param", noise_param))}
-    print(f"\nbf16 zero={stage}: reorder noise loss {noise_loss:.3g} norm {noise_norm:.3g} param {noise_param:.3g}")
+    runs = engines["one"]["runs"]
+    reference = runs[("bf16", stage)]
+    yardstick = _step_errors(reference, runs[("fp32", stage)])
+    tol = [min(BF16_CAP, max(RTOL, BF16_FACTOR * e)) for e in yardstick]
+    print(f"\nbf16 zero={stage}: 1-rank bf16 vs fp32 (loss, norm, params) {[f'{e:.3g}' for e in yardstick]}")
     for grid, results in _world_runs(engines):
         run = results[0]["runs"][("bf16", stage)]
-        err_loss = max(_rel(a[0], b[0]) for a, b in zip(run["steps"], reference["steps"]))
-        err_norm = max(_rel(a[1], b[1]) for a, b in zip(run["steps"], reference["steps"]))
-        err_param = max(_param_errors(run["params"], reference["params"]).values())
-        print(f"  {grid}: loss {err_loss:.3g} norm {err_norm:.3g} param {err_param:.3g} (allowed {tol})")
-        assert err_loss <= tol["loss"] and err_norm <= tol["norm"] and err_param <= tol["param"], (grid, stage)
+        errors = _step_errors(run, reference)
+        print(f"  LSS {grid} vs 1-rank bf16: {[f'{e:.3g}' for e in errors]} (allowed {[f'{t:.3g}' for t in tol]})")
+        for what, err, allowed in zip(("loss", "grad norm", "parameters"), errors, tol):
+            assert err <= allowed, f"{grid} bf16 zero={stage}: {what} differs by {err:.3g} > {allowed:.3g}"
         for rank, result in enumerate(results):
             for name, value in result["runs"][("bf16", stage)]["params"].items():
                 assert np.array_equal(value, run["params"][name]), (grid, rank, name)

@@ -63,8 +63,8 @@ def _two_stage_blocker(engine) -> str | None:
         return "MoE layers"
     if hasattr(engine.optimizer, "get_grads_for_reduction"):
         return f"{type(engine.optimizer).__name__} reduces its own fp32 gradient copies"
-    if engine.sparse_gradients_enabled():
-        return "sparse gradients"
+    if any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse for m in engine.module.modules()):
+        return "sparse embedding gradients"
     return None
 
 

@@ -30,13 +30,23 @@ def partition_over_grid(model, mpu, ds_config: dict) -> None:
     Collective over the grid (every rank converts the same model). Parameters that are already
     ZeRO-3 parameters are left alone (``check_partition_groups`` judges them after initialize).
     """
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
 
     if model is None or any(is_zero_param(p) for p in model.parameters()):
         return  # built under zero.Init: DeepSpeed converts any rest with the group of the converted ones
     # mpu: DeepSpeedConfig checks train_batch_size against the mpu's DP size, as the engine does.
+    parsed = DeepSpeedConfig(copy.deepcopy(ds_config), mpu)
+    # The engine casts parameters to the training dtype before its own conversion; partitions made
+    # here keep the dtype they are made in, so cast first (as engine._cast_module_mixed_precision).
+    dtype = torch.bfloat16 if parsed.bfloat16_config.enabled else torch.half if parsed.float16_config.enabled else None
+    if dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     Init(module=model, data_parallel_group=mpu.get_sequence_data_parallel_group(),
-         config_dict_or_path=copy.deepcopy(ds_config), mpu=mpu)
+         config_dict_or_path=copy.deepcopy(ds_config), mpu=mpu, dtype=dtype)
 
 
 def check_partition_groups(engine, grid_size: int) -> None:
