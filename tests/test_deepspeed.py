@@ -176,10 +176,11 @@ def _local_loss(engine, inputs, targets, positions):
 
 def _ds_config(sp: int | None, stage: int, world: int, grad_averaging="auto", precision="fp32") -> dict:
     dp = world // (sp or 1)
+    gas = min(GAS, GLOBAL_BATCH // dp)  # 1 at DP=4 (checkpoint resumes), else GAS
     config = {
         "train_batch_size": GLOBAL_BATCH,
-        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (dp * GAS),
-        "gradient_accumulation_steps": GAS,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // (dp * gas),
+        "gradient_accumulation_steps": gas,
         "gradient_clipping": CLIP,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
@@ -193,12 +194,19 @@ def _ds_config(sp: int | None, stage: int, world: int, grad_averaging="auto", pr
     return config
 
 
-def _build(sp, stage, world, seed=1234, grad_averaging="auto", precision="fp32", extra=None):
-    """A fresh model and engine: LSS (sp given) or plain DeepSpeed (sp None, the reference)."""
+def _build(sp, stage, world, seed=1234, grad_averaging="auto", precision="fp32", extra=None, adam=False):
+    """A fresh model and engine: LSS (sp given) or plain DeepSpeed (sp None, the reference).
+
+    SGD with momentum by default; ``adam``: AdamW, whose state (exp_avg, exp_avg_sq) DeepSpeed's
+    universal checkpoint converter requires (it fails with KeyError 'exp_avg' on SGD's state).
+    """
     import lss_plugin.deepspeed as lds
     torch.manual_seed(seed)
     model = _gpt(sp)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    if adam:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     config = {**_ds_config(sp, stage, world, grad_averaging, precision), **(extra or {})}
     engine, *_ = lds.initialize(model=model, optimizer=optimizer, config=config)
     return engine
@@ -245,9 +253,9 @@ def _grad_norm_zero0(engine) -> float:
 
 
 def _train_step(engine, step):
-    """One optimizer step of GAS micro-steps -> (loss of the global batch, gradient norm)."""
-    losses, norm = [], None
-    for micro_step in range(GAS):
+    """One optimizer step (its micro-steps) -> (loss of the global batch, gradient norm)."""
+    losses, norm, gas = [], None, engine.gradient_accumulation_steps()
+    for micro_step in range(gas):
         inputs, targets, positions = _local_batch(engine, step, micro_step)
         loss = _local_loss(engine, inputs, targets, positions)
         engine.backward(loss)
@@ -258,7 +266,7 @@ def _train_step(engine, step):
         losses.append(_global_loss(engine, loss))
     if norm is None:
         norm = float(engine.get_global_grad_norm())
-    return sum(losses) / GAS, norm
+    return sum(losses) / gas, norm
 
 
 def _params(engine):
@@ -338,7 +346,7 @@ def _four_rank_cases(ckpt_dir):
     #    world: DeepSpeed's ZeRO shards load); the universal conversion of the same checkpoint is
     #    resumed on 2 ranks. A ZeRO-0 one is loaded by the 1-rank spawn.
     for stage in (2, 0):
-        engine = _build(2, stage, 4)
+        engine = _build(2, stage, 4, adam=True)
         for step in range(CKPT_STEP):
             _train_step(engine, step)
         engine.save_checkpoint(os.path.join(ckpt_dir, f"zero{stage}"), tag="step2")
@@ -347,7 +355,7 @@ def _four_rank_cases(ckpt_dir):
         _teardown(engine)
     out["resumed"] = {}
     for sp in (4, 1):
-        engine = _build(sp, 2, 4, seed=999)  # a different init: the load must overwrite it
+        engine = _build(sp, 2, 4, seed=999, adam=True)  # a different init: the load must overwrite it
         engine.load_checkpoint(os.path.join(ckpt_dir, "zero2"), tag="step2")
         out["resumed"][sp] = _train_step(engine, CKPT_STEP)
         _teardown(engine)
@@ -374,7 +382,7 @@ def _four_rank_cases(ckpt_dir):
 def _two_rank_cases(ckpt_dir):
     """SP=2 on 2 ranks: every case, and the universal checkpoint of the 4-rank run resumed."""
     out = {"runs": _lss_runs(2)}
-    engine = _build(2, 2, 2, seed=999, extra={"checkpoint": {"load_universal": True}})
+    engine = _build(2, 2, 2, seed=999, extra={"checkpoint": {"load_universal": True}}, adam=True)
     engine.load_checkpoint(os.path.join(ckpt_dir, "zero2_universal"), tag="step2")
     out["universal"] = _run(engine, steps=0) | {"next": _train_step(engine, CKPT_STEP)}
     _teardown(engine)
@@ -389,11 +397,11 @@ def _one_rank_references(ckpt_dir):
             out["runs"][(precision, stage)] = _run(engine)
             engine.destroy()
     # SP=1 on one rank: the LSS engine loads the SP=2 x DP=2 ZeRO-0 checkpoint and resumes.
-    engine = _build(1, 0, 1, seed=999)
+    engine = _build(1, 0, 1, seed=999, adam=True)
     engine.load_checkpoint(os.path.join(ckpt_dir, "zero0"), tag="step2")
     out["resumed_zero0_one_rank"] = _train_step(engine, CKPT_STEP)
     _teardown(engine)
-    reference = _build(None, 0, 1)
+    reference = _build(None, 0, 1, adam=True)
     for step in range(CKPT_STEP):
         _train_step(reference, step)
     out["uninterrupted_zero0"] = _train_step(reference, CKPT_STEP)
