@@ -379,9 +379,40 @@ def _four_rank_cases(ckpt_dir):
     return out
 
 
+def _zero_init_cases():
+    """A model the user built under deepspeed.zero.Init() (partitioned over the world, the default)
+    trains as the one initialize converts (first step). A narrower partition group is refused;
+    DeepSpeed's zero.Init itself fails with a one-rank group on rank 1, so the refusal is checked on
+    this engine against a grid it does not span."""
+    import deepspeed
+
+    import lss_plugin.deepspeed as lds
+    from lss_plugin.deepspeed.zero3 import check_partition_groups
+
+    torch.manual_seed(1234)
+    initial = _gpt(2)  # zero.Init draws its own initial values: the reference's are copied in
+    # A config, for the dtype: without one, zero.Init (0.19.8) makes bf16 parameters on an accelerator
+    # without fp16 even when given dtype=torch.float32 (operator precedence in Init._set_dtype).
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2}):
+        model = _gpt(2)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0), torch.no_grad():
+        for p, value in zip(model.parameters(), initial.parameters()):
+            p.copy_(value)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    engine, *_ = lds.initialize(model=model, optimizer=optimizer, config=_ds_config(2, 3, 2))
+    out = {"first_step": _train_step(engine, 0)}
+    try:
+        check_partition_groups(engine, 4)
+        out["narrow"] = None
+    except RuntimeError as err:
+        out["narrow"] = str(err)
+    _teardown(engine)
+    return out
+
+
 def _two_rank_cases(ckpt_dir):
     """SP=2 on 2 ranks: every case, and the universal checkpoint of the 4-rank run resumed."""
-    out = {"runs": _lss_runs(2)}
+    out = {"runs": _lss_runs(2), "zero_init": _zero_init_cases()}
     engine = _build(2, 2, 2, seed=999, extra={"checkpoint": {"load_universal": True}}, adam=True)
     engine.load_checkpoint(os.path.join(ckpt_dir, "zero2_universal"), tag="step2")
     out["universal"] = _run(engine, steps=0) | {"next": _train_step(engine, CKPT_STEP)}
@@ -612,6 +643,15 @@ def test_bf16_engine_matches_one_rank_engine_within_bf16_error(engines, stage):
         for rank, result in enumerate(results):
             for name, value in result["runs"][("bf16", stage)]["params"].items():
                 assert np.array_equal(value, run["params"][name]), (grid, rank, name)
+
+
+def test_zero3_model_built_under_zero_init(engines):
+    reference = engines["one"]["runs"][("fp32", 3)]["steps"][0]
+    for result in engines["two"]:
+        loss, norm = result["zero_init"]["first_step"]
+        assert _rel(loss, reference[0]) <= RTOL and _rel(norm, reference[1]) <= RTOL, (loss, norm, reference)
+        narrow = result["zero_init"]["narrow"]
+        assert narrow and "is partitioned over 2 ranks, not the whole SP x DP grid of 4" in narrow, narrow
 
 
 def test_fused_averaging_matches(engines):
