@@ -595,6 +595,13 @@ def _world_runs(engines):
     return (("sp=2", engines["two"]), ("sp=2 x dp=2", engines["four"]))
 
 
+def _step_errors(run, reference) -> tuple[float, float, float]:
+    """Worst relative error over the steps of the loss and the grad norm, and over the parameter tensors."""
+    loss = max(_rel(a[0], b[0]) for a, b in zip(run["steps"], reference["steps"]))
+    norm = max(_rel(a[1], b[1]) for a, b in zip(run["steps"], reference["steps"]))
+    return loss, norm, max(_param_errors(run["params"], reference["params"]).values())
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_fp32_engine_matches_one_rank_engine(engines, stage):
     """ZeRO 0-3, accumulation 2: per-step losses and grad norms within 1e-5, parameters within 1e-5."""
@@ -602,6 +609,8 @@ def test_fp32_engine_matches_one_rank_engine(engines, stage):
     norms = [norm for _, norm in reference["steps"]]
     assert max(norms) > CLIP > min(norms), norms  # clipped and unclipped steps both exercised
     for grid, results in _world_runs(engines):
+        print(f"\nfp32 zero={stage} {grid} vs 1-rank (loss, norm, params): "
+              f"{[f'{e:.3g}' for e in _step_errors(results[0]['runs'][('fp32', stage)], reference)]}")
         for rank, result in enumerate(results):
             run = result["runs"][("fp32", stage)]
             for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(run["steps"], reference["steps"])):
@@ -610,13 +619,6 @@ def test_fp32_engine_matches_one_rank_engine(engines, stage):
             _assert_params_close(run["params"], reference["params"], f"{grid} zero={stage} rank {rank}")
             for name, value in run["params"].items():  # every replica identical, bit for bit
                 assert np.array_equal(value, results[0]["runs"][("fp32", stage)]["params"][name]), (grid, rank, name)
-
-
-def _step_errors(run, reference) -> tuple[float, float, float]:
-    """Worst relative error over the steps of the loss and the grad norm, and over the parameter tensors."""
-    loss = max(_rel(a[0], b[0]) for a, b in zip(run["steps"], reference["steps"]))
-    norm = max(_rel(a[1], b[1]) for a, b in zip(run["steps"], reference["steps"]))
-    return loss, norm, max(_param_errors(run["params"], reference["params"]).values())
 
 
 @pytest.mark.parametrize("stage", PRECISION_STAGES["bf16"])

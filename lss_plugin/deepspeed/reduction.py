@@ -9,20 +9,19 @@ over the SP ranks, right for Ulysses, whose loss is normalised over the whole se
 loss is the mean over each rank's own tokens, so that sum is N times the gradient of the global
 mean loss (measured: tests/test_deepspeed.py::test_deepspeed_alone_sums_over_sp, ratio N).
 
-The correction, per ZeRO stage, without touching the user's loss:
+The correction, per reduction path, without touching the user's loss:
 
-- ZeRO 0, ``grad_averaging="two_stage"``: the engine's ``buffered_allreduce_fallback`` is
-  replaced by ``lss_plugin.average_gradients`` (average over SP, then over DP).
-- ZeRO 0 otherwise (``"fused"``, optimizers that keep their own reduction copies such as the
-  bf16 one, sparse gradients): DeepSpeed's bucketed all-reduce over the grid stays, and the
-  divisor it is handed becomes the grid size N x D (``allreduce_bucket`` / ``sparse_allreduce``
-  wrapped). One all-reduce over SP x DP is the fused variant.
-- ZeRO 1, 2: the partitioned reduction must run over the whole grid (that is where the
-  optimizer state lives), so it is inherently fused; the ZeRO optimizer's divisor
+- ZeRO 0, ``grad_averaging`` "two_stage" (or "auto"): the engine's ``buffered_allreduce_fallback``
+  is replaced by ``lss_plugin.average_gradients`` (average over SP, then over DP).
+- ZeRO 0 "fused", and engines whose gradients LSS cannot average itself (the bf16 optimizer's fp32
+  copies, MoE, sparse embeddings; "two_stage" is refused there by name): DeepSpeed's bucketed
+  all-reduce over the grid stays, and the divisor it is handed becomes the grid size N x D
+  (``allreduce_bucket`` / ``sparse_allreduce`` wrapped).
+- ZeRO 1, 2, 3: the partitioned reduction runs over the whole grid (where the optimizer state
+  lives), one collective ("fused"; "two_stage" refused). The ZeRO optimizer's divisor
   ``world(grid) / sequence_parallel_size`` becomes ``world(grid)`` by setting its
-  ``sequence_parallel_size`` attribute to 1. It appears in exactly the division sites above
-  (and in a forced-fp32 communication dtype that only matters for a sum). ZeRO 3 is refused in
-  ``initialize``: the same correction does not make it match a 1-rank engine.
+  ``sequence_parallel_size`` attribute to 1 (stage 3's default reduce-scatter path divides by the
+  group size already). ZeRO 3 also needs its parameters partitioned over the grid: ``zero3``.
 """
 from __future__ import annotations
 
