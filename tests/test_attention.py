@@ -65,18 +65,24 @@ def _sweep(dtype_name):
     return results
 
 
-def _expected_comm(world, heads, kv_backward, head_chunk, itemsize):
-    h, hkv = HEADS[heads]
+def _expected_comm(world, heads, kv_backward, head_chunk, itemsize, kv_grad_dtype="fp32", shape=(B, L, D)):
+    """Calls and payload bytes; dK,dV of half inputs are reduce-scattered as float32 by default.
+
+    ``heads``: a name of ``HEADS`` or (heads, kv_heads); ``shape``: (batch, L, head dim)."""
+    h, hkv = HEADS[heads] if isinstance(heads, str) else heads
+    b, seq, d = shape
+    grad_itemsize = 4 if itemsize < 4 and kv_grad_dtype == "fp32" else itemsize
     chunk = head_chunk or hkv
     n_chunks = -(-hkv // chunk)
     if world == 1:
         return {"all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}, {
             "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
     gathers = n_chunks * (2 if kv_backward == "regather" else 1)
-    per_call = 2 * B * L * chunk * D * itemsize  # packed [k; v] for all L positions
+    per_call = 2 * b * seq * chunk * d * itemsize  # packed [k; v] for all L positions
+    per_grad_call = 2 * b * seq * chunk * d * grad_itemsize  # packed [dk; dv]
     signatures = world * SIGNATURE_BYTES  # each rank's 40-byte call signature rides in the gather
     return ({"all_gather_into_tensor": gathers, "reduce_scatter_tensor": n_chunks},
-            {"all_gather_into_tensor": gathers * (per_call + signatures), "reduce_scatter_tensor": n_chunks * per_call})
+            {"all_gather_into_tensor": gathers * (per_call + signatures), "reduce_scatter_tensor": n_chunks * per_grad_call})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
