@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lss_plugin.comm import gather_kv, reduce_scatter_kv
-from lss_plugin.kernels import block_backward, block_forward
+from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout
 from lss_plugin.sharding import Chunk, rank_chunks
@@ -119,15 +119,26 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool):
-    """Key ranges a query chunk attends to: (start, end, is_diagonal). Masked blocks are skipped."""
+def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool, one_call: bool = False):
+    """Key ranges a query chunk attends to: (start, end, is_causal). Masked blocks are skipped.
+
+    ``one_call``: the kernel aligns a causal mask bottom-right, so the prefix and the diagonal
+    block are one causal range [0, end) (one call, no merge)."""
     if not causal:
         return [(0, seq_len, False)]
+    if one_call:
+        return [(0, chunk.global_start + chunk.length, True)]
     blocks = []
     if chunk.global_start > 0:
         blocks.append((0, chunk.global_start, False))  # every earlier position: fully visible
     blocks.append((chunk.global_start, chunk.global_start + chunk.length, True))
     return blocks
+
+
+def _one_call(qc, plan: _Plan) -> bool:
+    """Prefix and diagonal in one kernel call: without GQA (with it, the prefix's KV heads would have
+    to be repeated, which only the diagonal block does) and with a bottom-right causal kernel."""
+    return plan.causal and plan.groups_per_kv == 1 and causal_prefix_in_one_call(qc)
 
 
 def _attend_forward(qh, kv, plan: _Plan):
@@ -137,9 +148,9 @@ def _attend_forward(qh, kv, plan: _Plan):
     for chunk in plan.query_chunks:
         qc = qh[:, :, chunk.local_start:chunk.local_start + chunk.length]  # [b, hq, n, d]
         out = lse = None
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]  # [b, hkv, m, d]
-            if diagonal:  # causal block: expand the block's KV heads (local only, never sent)
+            if diagonal:  # causal range (diagonal, or prefix + diagonal): KV heads expanded locally, never sent
                 o, l = block_forward(qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), plan.scale, True)
             else:
                 o, l = block_forward(_fold(qc, g), k_blk, v_blk, plan.scale, False)
@@ -162,7 +173,7 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
     for chunk in plan.query_chunks:
         rows = slice(chunk.local_start, chunk.local_start + chunk.length)
         qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]
             if diagonal:
                 dq_b, dk_b, dv_b = block_backward(
