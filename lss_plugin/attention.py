@@ -9,6 +9,12 @@ Per call (per KV-head chunk): forward = 1 all-gather of packed (k, v); backward 
 of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``. Every all-gather
 carries the call's signature and every rank checks all of them before using K, V
 (``lss_plugin.signature``); there is no other collective except the size pre-check.
+
+Precision: for float16/bfloat16 inputs the block merges (running out and log-sum-exp of a query
+chunk), the dq and dK/dV accumulators and the GQA head-group sums are float32
+(``kernels.base.compute_dtype``); each result is rounded to the input dtype once. The dK/dV
+reduce-scatter sends those float32 sums (``kv_grad_dtype="fp32"``, default) or rounds them to the
+input dtype first (``"input"``: half the bytes, a little more error; see the README).
 """
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from lss_plugin.comm import gather_kv, reduce_scatter_kv
-from lss_plugin.kernels import block_backward, block_forward
-from lss_plugin.options import check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
+from lss_plugin.kernels.base import compute_dtype
+from lss_plugin.options import check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout
 from lss_plugin.sharding import Chunk, rank_chunks
 from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
 from lss_plugin.topology import resolve_sp_group
@@ -35,6 +42,7 @@ class _Plan:
     scale: float
     layout: str
     kv_backward: str
+    kv_grad_dtype: str  # "fp32" | "input": the dtype the dK/dV reduce-scatter sends
     head_chunk: int  # KV heads gathered and attended at a time
     groups_per_kv: int  # query heads per KV head (GQA factor g)
     query_chunks: tuple[Chunk, ...]
@@ -50,7 +58,7 @@ class _Plan:
 # Validation: everything checkable locally is checked before any collective.
 # ---------------------------------------------------------------------------------------------
 
-def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
+def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -75,6 +83,7 @@ def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     check_layout(layout)
     check_kv_backward(kv_backward)
+    check_kv_grad_dtype(kv_grad_dtype)
     check_kv_head_chunk(kv_head_chunk, hkv)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
@@ -100,23 +109,36 @@ def _unfold(x: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
-    """Combine two partial softmax results over disjoint key sets by log-sum-exp."""
+    """Combine two partial softmax results over disjoint key sets by log-sum-exp.
+
+    Computed in the dtype of ``lse_a`` (float32 for half inputs, as the kernels return lse), so a
+    half-precision running ``out`` is not rounded once per merged block."""
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1).to(out_a.dtype) + out_b * torch.exp(
-        lse_b - lse
-    ).unsqueeze(-1).to(out_b.dtype)
+    acc = lse.dtype
+    out = out_a.to(acc) * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.to(acc) * torch.exp(lse_b - lse).unsqueeze(-1)
     return out, lse
 
 
-def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool):
-    """Key ranges a query chunk attends to: (start, end, is_diagonal). Masked blocks are skipped."""
+def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool, one_call: bool = False):
+    """Key ranges a query chunk attends to: (start, end, is_causal). Masked blocks are skipped.
+
+    ``one_call``: the kernel aligns a causal mask bottom-right, so the prefix and the diagonal
+    block are one causal range [0, end) (one call, no merge)."""
     if not causal:
         return [(0, seq_len, False)]
+    if one_call:
+        return [(0, chunk.global_start + chunk.length, True)]
     blocks = []
     if chunk.global_start > 0:
         blocks.append((0, chunk.global_start, False))  # every earlier position: fully visible
     blocks.append((chunk.global_start, chunk.global_start + chunk.length, True))
     return blocks
+
+
+def _one_call(qc, plan: _Plan) -> bool:
+    """Prefix and diagonal in one kernel call: without GQA (with it, the prefix's KV heads would have
+    to be repeated, which only the diagonal block does) and with a bottom-right causal kernel."""
+    return plan.causal and plan.groups_per_kv == 1 and causal_prefix_in_one_call(qc)
 
 
 def _attend_forward(qh, kv, plan: _Plan):
@@ -126,34 +148,38 @@ def _attend_forward(qh, kv, plan: _Plan):
     for chunk in plan.query_chunks:
         qc = qh[:, :, chunk.local_start:chunk.local_start + chunk.length]  # [b, hq, n, d]
         out = lse = None
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]  # [b, hkv, m, d]
-            if diagonal:  # causal block: expand the block's KV heads (local only, never sent)
+            if diagonal:  # causal range (diagonal, or prefix + diagonal): KV heads expanded locally, never sent
                 o, l = block_forward(qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), plan.scale, True)
             else:
                 o, l = block_forward(_fold(qc, g), k_blk, v_blk, plan.scale, False)
                 o, l = _unfold(o, g), _unfold(l, g)
             out, lse = (o, l) if out is None else _merge(out, lse, o, l)
-        outs.append(out)
+        outs.append(out.to(qh.dtype))  # the one rounding of a merged (float32) out
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
-    """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys)."""
+    """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys).
+
+    Both accumulate in ``compute_dtype`` (float32 for half inputs): a key's gradient sums the
+    contributions of every query chunk and GQA group before it is rounded or sent."""
     g, seq_len = plan.groups_per_kv, kv.shape[3]
-    dq = torch.zeros_like(qh)
-    dkv = torch.zeros_like(kv)
+    acc = compute_dtype(qh.dtype)
+    dq = torch.zeros_like(qh, dtype=acc)
+    dkv = torch.zeros_like(kv, dtype=acc)
     for chunk in plan.query_chunks:
         rows = slice(chunk.local_start, chunk.local_start + chunk.length)
         qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]
             if diagonal:
                 dq_b, dk_b, dv_b = block_backward(
                     doc, qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), oc, lc, plan.scale, True
                 )
-                dk_b, dv_b = _sum_head_groups(dk_b, g), _sum_head_groups(dv_b, g)
+                dk_b, dv_b = _sum_head_groups(dk_b.to(acc), g), _sum_head_groups(dv_b.to(acc), g)
             else:
                 dq_b, dk_b, dv_b = block_backward(
                     _fold(doc, g), _fold(qc, g), k_blk, v_blk, _fold(oc, g), _fold(lc, g), plan.scale, False
@@ -220,9 +246,10 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
             kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "regather", i)
         dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
                                      lse[:, q_heads], plan)
-        del kv
         dq_h[:, q_heads] = dq_c
-        local = reduce_scatter_kv(dkv, plan.group, plan.layout)  # [2, b, s, c, d]
+        send_dtype = dkv.dtype if plan.kv_grad_dtype == "fp32" else kv.dtype
+        del kv
+        local = reduce_scatter_kv(dkv, plan.group, plan.layout, send_dtype)  # [2, b, s, c, d]
         dk[:, :, kv_heads] = local[0]
         dv[:, :, kv_heads] = local[1]
     return dq, dk, dv
@@ -254,14 +281,17 @@ def lss_attention(
     layout: str = "contiguous",
     kv_backward: str = "keep",
     kv_head_chunk: int | None = None,
+    kv_grad_dtype: str = "fp32",
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
 
     q: [b, s_local, H, d]; k, v: [b, s_local, Hkv, d] with H % Hkv == 0 (GQA/MQA; KV heads are
     communicated un-repeated). Returns [b, s_local, H, d]. ``group`` defaults to the registered
     topology's SP group. ``causal`` masks by *global* position under ``layout``.
+    ``kv_grad_dtype``: "fp32" (default) reduce-scatters dK/dV of half inputs as float32, "input"
+    in the input dtype (half the backward bytes); float32/float64 inputs send their own dtype either way.
     """
-    _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale)
+    _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale)
     group = resolve_sp_group(group)
     sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
     if sp_rank < 0:
@@ -272,6 +302,7 @@ def lss_attention(
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or hkv, softmax_scale=scale,
+        kv_grad_dtype=kv_grad_dtype,
     )
     if sp_size > 1:
         signature.to_bytes()  # a value too wide for its field fails here, before any collective
@@ -283,6 +314,7 @@ def lss_attention(
         scale=scale,
         layout=layout,
         kv_backward=kv_backward,
+        kv_grad_dtype=kv_grad_dtype,
         head_chunk=kv_head_chunk or hkv,
         groups_per_kv=h // hkv,
         query_chunks=tuple(rank_chunks(s, sp_rank, sp_size, layout)),
@@ -296,16 +328,20 @@ class LSSAttention(torch.nn.Module):
     """``lss_attention`` with its settings fixed at construction (no parameters)."""
 
     def __init__(self, *, group=None, causal=True, softmax_scale=None, layout="contiguous",
-                 kv_backward="keep", kv_head_chunk=None):
+                 kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32"):
         super().__init__()
         check_layout(layout)
         check_kv_backward(kv_backward)
+        check_kv_grad_dtype(kv_grad_dtype)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
+        self.kv_grad_dtype = kv_grad_dtype
 
     def forward(self, q, k, v):
         return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
-                             layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk)
+                             layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk,
+                             kv_grad_dtype=self.kv_grad_dtype)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, kv_head_chunk={self.kv_head_chunk}"
+        return (f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, "
+                f"kv_head_chunk={self.kv_head_chunk}, kv_grad_dtype={self.kv_grad_dtype}")

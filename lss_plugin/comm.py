@@ -7,8 +7,9 @@ un-repeated (GQA/MQA); the caller expands them locally, after communication.
 
 Payload bytes recorded per call = bytes of the assembled buffer (N x the packed local k, v):
 ``2 * b * L * hkv * d * itemsize`` for both collectives, plus, for the all-gather, N x the
-40-byte call signature each rank appends (``lss_plugin.signature``). With sp_size 1 nothing is
-sent and nothing is recorded.
+40-byte call signature each rank appends (``lss_plugin.signature``). The reduce-scatter's itemsize
+is that of the dtype it sends (float32 for half inputs by default: ``kv_grad_dtype``). With
+sp_size 1 nothing is sent and nothing is recorded.
 """
 from __future__ import annotations
 
@@ -140,17 +141,20 @@ def gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str,
     return kv, headers
 
 
-def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str) -> torch.Tensor:
-    """One reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d] -> this rank's [2, b, s_local, hkv, d]."""
+def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str, send_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d] -> this rank's [2, b, s_local, hkv, d].
+
+    Sent, summed and returned in ``send_dtype`` (default ``dkv``'s); the cast happens in the
+    staging copy the reorder makes anyway."""
     sp_size = dist.get_world_size(group)
     two, b, hkv, seq_len, d = dkv.shape
     s_local = seq_len // sp_size
-    staged = dkv.new_empty((sp_size, 2, b, s_local, hkv, d))  # owner-major, as the gather laid it out
+    staged = dkv.new_empty((sp_size, 2, b, s_local, hkv, d), dtype=send_dtype or dkv.dtype)  # owner-major
     for rank, local_start, global_start, length in _chunk_moves(s_local, sp_size, layout):
         src = dkv[:, :, :, global_start:global_start + length]  # [2, b, hkv, n, d]
         staged[rank, :, :, local_start:local_start + length] = src.transpose(2, 3)
     if sp_size == 1:
         return staged[0]
-    out = dkv.new_empty((2, b, s_local, hkv, d))
+    out = staged.new_empty((2, b, s_local, hkv, d))
     reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
     return out

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 LAYOUTS = ("contiguous", "balanced")
 KV_BACKWARD_MODES = ("keep", "regather")
+# dK/dV reduce-scatter: "fp32" sends the float32 accumulators of half-precision inputs (exact sum
+# of the ranks' fp32 partials, 2x the bytes); "input" rounds them to the input dtype first.
+KV_GRAD_DTYPES = ("fp32", "input")
 
 
 def check_choice(setting: str, value, allowed: tuple) -> None:
@@ -21,6 +24,10 @@ def check_layout(layout: str, setting: str = "layout") -> None:
 
 def check_kv_backward(kv_backward: str, setting: str = "kv_backward") -> None:
     check_choice(setting, kv_backward, KV_BACKWARD_MODES)
+
+
+def check_kv_grad_dtype(kv_grad_dtype: str, setting: str = "kv_grad_dtype") -> None:
+    check_choice(setting, kv_grad_dtype, KV_GRAD_DTYPES)
 
 
 def check_kv_head_chunk(kv_head_chunk, kv_heads: int | None = None, setting: str = "kv_head_chunk") -> None:

@@ -17,6 +17,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
+from lss_plugin.options import check_kv_grad_dtype
 from lss_plugin.signature import SIGNATURE_BYTES
 
 METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring")
@@ -62,6 +63,7 @@ class Setup:
     tp: int = 1
     kv_backward: str = "keep"  # lss only: keep | regather
     kv_head_chunk: int | None = None  # lss only: KV heads gathered per collective (None: all)
+    kv_grad_dtype: str = "fp32"  # lss only: dK,dV reduce-scatter of half inputs in fp32 | input dtype
     dtype_bytes: int = 4  # parameters and activations (fp32 4, bf16 2)
     batch_size: int = 1  # sequences per rank (micro-batch)
 
@@ -72,6 +74,7 @@ class Setup:
             raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
         if self.kv_head_chunk is not None and (self.method != "lss" or self.kv_head_chunk < 1):
             raise ValueError(f"kv_head_chunk applies to lss only and must be >= 1, got {self.kv_head_chunk}")
+        check_kv_grad_dtype(self.kv_grad_dtype)
         if self.method in ("ulysses", "ring") and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
         if self.method == "single" and (self.sp, self.tp) != (1, 1):
@@ -183,7 +186,10 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
             signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
             out.append(Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
                                   "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
-            out.append(Collective("reduce_scatter", kv_full // chunks, n, layers * chunks, "packed dK,dV (bwd)"))
+            # half inputs send their float32 dK,dV accumulators unless kv_grad_dtype="input"
+            grad_dt = 4 if dt < 4 and s.kv_grad_dtype == "fp32" else dt
+            out.append(Collective("reduce_scatter", kv_full // chunks // dt * grad_dt, n, layers * chunks,
+                                  "packed dK,dV (bwd)"))
         elif s.method == "ulysses":
             for what, heads in (("q", spec.num_heads), ("k", spec.hkv), ("v", spec.hkv), ("out", spec.num_heads)):
                 out.append(Collective("all_to_all", b * s_local * heads * dh * dt, n, 2 * layers,
@@ -280,13 +286,17 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
 def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     """Largest short-lived buffers on top of the saved activations (during forward or backward).
 
-    LSS: the gathered packed K,V and its unpacked copy (what ``kv_head_chunk`` bounds); ring: one
+    LSS: the gathered packed K,V and its unpacked copy, or in backward the dK,dV accumulator and
+    its staged copy for the reduce-scatter (what ``kv_head_chunk`` bounds); ring: one
     block's scores, probabilities and their gradient; Ulysses: the all-to-all buffers; Megatron's
     local attention: the gradient of the scores and probabilities [b, a, L, L].
     """
     b, dh, dt, L = s.batch_size, spec.head_dim, s.dtype_bytes, seq_len
     if s.method == "lss":
-        return 2 * (2 * b * L * (s.kv_head_chunk or spec.hkv // s.tp) * dh * dt)
+        kv_elements = 2 * b * L * (s.kv_head_chunk or spec.hkv // s.tp) * dh
+        acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
+        grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
+        return max(2 * kv_elements * dt, kv_elements * (acc_dt + grad_dt))
     if s.method == "ring":
         sl = L // s.sp
         return 3 * b * spec.num_heads * sl * sl * dt

@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from lss_plugin.comm import all_gather_flat
-from lss_plugin.options import KV_BACKWARD_MODES, LAYOUTS
+from lss_plugin.options import KV_BACKWARD_MODES, KV_GRAD_DTYPES, LAYOUTS
 
 SIGNATURE_FORMAT = 1  # first byte of every row; a row from a foreign collective fails on it
 GATHERS = ("forward", "regather")  # which gather of a call carries the row
@@ -46,7 +46,7 @@ _LAYOUT = (
     ("dtype", "B"),
     ("layout", "B"),
     ("causal", "B"),
-    ("kv_backward", "B"),
+    ("kv_modes", "B"),  # kv_backward code | kv_grad_dtype code << 4 (two settings, one byte)
     ("gather", "B"),
     ("heads", "H"),
     ("kv_heads", "H"),
@@ -60,6 +60,10 @@ _LAYOUT = (
 )
 _STRUCT = struct.Struct("<" + "".join(code for _, code in _LAYOUT))
 SIGNATURE_BYTES = _STRUCT.size  # 40: a multiple of every float itemsize
+# Settings that share one byte: (name, choices, bit shift); each code is 1..15.
+_KV_MODES = (("kv_backward", KV_BACKWARD_MODES, 0), ("kv_grad_dtype", KV_GRAD_DTYPES, 4))
+# kv_grad_dtype sets the reduce-scatter's size but not the gathers': the forward gather, which
+# carries it in band, always runs before that reduce-scatter, so it need not be a size field.
 SIZE_FIELDS = ("batch", "s_local", "kv_heads", "head_dim", "dtype", "kv_head_chunk")
 CHECK_MODES = ("first", "always", "never")
 
@@ -79,6 +83,7 @@ class CallSignature:
     kv_backward: str
     kv_head_chunk: int  # KV heads per gather, as run (None and kv_heads are the same call)
     softmax_scale: float
+    kv_grad_dtype: str = "fp32"
     documents: int = 0
     gather: str = "forward"
     head_chunk_index: int = 0
@@ -96,10 +101,10 @@ class CallSignature:
             "dtype": _code(_DTYPES, self.dtype, "dtype"),
             "layout": _code(LAYOUTS, self.layout, "layout"),
             "causal": int(bool(self.causal)),
-            "kv_backward": _code(KV_BACKWARD_MODES, self.kv_backward, "kv_backward"),
+            "kv_modes": sum(_code(choices, getattr(self, name), name) << shift for name, choices, shift in _KV_MODES),
             "gather": _code(GATHERS, self.gather, "gather"),
             **{f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("dtype", "layout", "causal", "kv_backward", "gather")},
+               if f.name not in ("dtype", "layout", "causal", "kv_backward", "kv_grad_dtype", "gather")},
         }
         for name, code in _LAYOUT:
             if code != "d" and not 0 <= values[name] < 2 ** (8 * struct.calcsize(code)):
@@ -130,9 +135,14 @@ def decode(row: torch.Tensor) -> dict:
     raw = row.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
     if len(raw) != SIGNATURE_BYTES:
         raise ValueError(f"a signature row has {SIGNATURE_BYTES} bytes, got {len(raw)}")
-    values = dict(zip((name for name, _ in _LAYOUT), _STRUCT.unpack(raw)))
-    for name, choices in (("dtype", _DTYPES), ("layout", LAYOUTS), ("kv_backward", KV_BACKWARD_MODES),
-                          ("gather", GATHERS)):
+    values = {}
+    for (name, _), value in zip(_LAYOUT, _STRUCT.unpack(raw)):
+        if name == "kv_modes":
+            values.update({mode: (value >> shift) & 0xF for mode, _, shift in _KV_MODES})
+        else:
+            values[name] = value
+    for name, choices in (("dtype", _DTYPES), ("layout", LAYOUTS), ("gather", GATHERS),
+                          *((mode, choices) for mode, choices, _ in _KV_MODES)):
         code = values[name]
         values[name] = choices[code - 1] if 1 <= code <= len(choices) else f"<code {code}>"
     values["causal"] = bool(values["causal"]) if values["causal"] in (0, 1) else f"<code {values['causal']}>"
@@ -150,7 +160,7 @@ def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss
     if bool((raw == raw[0]).all()):
         return
     decoded = [decode(r) for r in raw]
-    names = fields_to_compare or [name for name, _ in _LAYOUT]
+    names = fields_to_compare or list(decoded[0])
     diffs = {name: [d[name] for d in decoded] for name in names
              if len({repr(d[name]) for d in decoded}) > 1}
     if not diffs:  # the rows differ only in fields this guard does not own

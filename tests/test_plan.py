@@ -117,3 +117,20 @@ def test_tp_x_lss_splits_the_kv_heads_and_the_model_state():
         plan(spec, 20, Setup("lss", sp=4, tp=2))
     with pytest.raises(ValueError, match="ring with tp=2 is not modelled"):
         Setup("ring", sp=2, tp=2)
+
+
+def test_kv_grad_dtype_sets_the_reduce_scatter_item_size():
+    """Half inputs reduce-scatter dK,dV in fp32 by default (4-byte items; test_precision measures the
+    same bytes on real ranks), in the input dtype with kv_grad_dtype="input"; fp32 inputs either way."""
+    spec = GPTSpec(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4, vocab_size=256)
+    kv_elements = 2 * 1024 * 4 * spec.head_dim  # packed dK,dV of all L = 1024 positions, 4 KV heads
+
+    def payload(**setting):
+        p = plan(spec, 1024, Setup("lss", sp=4, **setting))
+        return next(c.payload_bytes for c in p.collectives if c.type == "reduce_scatter")
+
+    assert payload(dtype_bytes=2) == kv_elements * 4
+    assert payload(dtype_bytes=2, kv_grad_dtype="input") == kv_elements * 2
+    assert payload(dtype_bytes=4) == payload(dtype_bytes=4, kv_grad_dtype="input") == kv_elements * 4
+    with pytest.raises(ValueError, match="kv_grad_dtype must be one of"):
+        Setup("lss", sp=4, kv_grad_dtype="bf16")

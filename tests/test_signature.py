@@ -32,7 +32,7 @@ from tests.distributed import run_ranks
 from tests.reference import reference_attention
 
 BASE = dict(b=1, s=4, h=4, hkv=2, d=8, dtype=torch.float32, layout="contiguous", causal=True,
-            kv_backward="keep", chunk=None, scale=None)
+            kv_backward="keep", chunk=None, scale=None, kv_grad_dtype="fp32")
 
 # case -> (fields the error must name, settings of every rank, settings of the LAST rank).
 # Each pair keeps every rank's K/V buffer the same size, so the in-band signature must catch it.
@@ -42,6 +42,8 @@ IN_BAND = {
     "heads": (("heads",), {}, {"h": 2}),
     "dtype": (("dtype",), {"dtype": torch.float16}, {"dtype": torch.bfloat16}),
     "kv_backward": (("kv_backward",), {}, {"kv_backward": "regather"}),
+    # same gathers, different reduce-scatter sizes: the forward gather raises before backward
+    "kv_grad_dtype": (("kv_grad_dtype",), {"dtype": torch.bfloat16}, {"kv_grad_dtype": "input"}),
     "softmax_scale": (("softmax_scale",), {}, {"scale": 0.25}),
     "batch_and_s_local": (("batch", "s_local"), {}, {"b": 2, "s": 2}),
     "kv_heads_and_head_dim": (("kv_heads", "head_dim"), {}, {"hkv": 4, "d": 4}),
@@ -69,7 +71,7 @@ def _call(settings, grad=False, seed=0):
     idx = local_token_indices(seq, rank, world, c["layout"])
     local = [t[:, idx].to(c["dtype"]).requires_grad_(grad) for t in (q, k, v)]
     out = lss_plugin.lss_attention(*local, causal=c["causal"], layout=c["layout"], kv_backward=c["kv_backward"],
-                                   kv_head_chunk=c["chunk"], softmax_scale=c["scale"])
+                                   kv_head_chunk=c["chunk"], softmax_scale=c["scale"], kv_grad_dtype=c["kv_grad_dtype"])
     ref = reference_attention(q, k, v, causal=c["causal"], scale=c["scale"])[:, idx]
     return out, local, ref
 
@@ -212,14 +214,15 @@ def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
 
 SIG = CallSignature(batch=2, s_local=8, heads=4, kv_heads=2, head_dim=16, dtype=torch.bfloat16,
                     layout="balanced", causal=True, kv_backward="regather", kv_head_chunk=1,
-                    softmax_scale=0.125, documents=0xDEADBEEF12345678, gather="regather", head_chunk_index=1)
+                    softmax_scale=0.125, documents=0xDEADBEEF12345678, gather="regather", head_chunk_index=1,
+                    kv_grad_dtype="input")
 
 VARIANTS = {
     "batch": {"batch": 3}, "s_local": {"s_local": 6}, "heads": {"heads": 8}, "kv_heads": {"kv_heads": 1},
     "head_dim": {"head_dim": 8}, "dtype": {"dtype": torch.float16}, "layout": {"layout": "contiguous"},
     "causal": {"causal": False}, "kv_backward": {"kv_backward": "keep"}, "kv_head_chunk": {"kv_head_chunk": 2},
     "softmax_scale": {"softmax_scale": 0.125000001}, "documents": {"documents": 7}, "gather": {"gather": "forward"},
-    "head_chunk_index": {"head_chunk_index": 0},
+    "head_chunk_index": {"head_chunk_index": 0}, "kv_grad_dtype": {"kv_grad_dtype": "fp32"},
 }
 
 

@@ -12,7 +12,8 @@ Tensors are ``[b, h, s, d]``; ``lse`` is float32 for float32/half inputs, float6
 bottom-right aligned (query i sees keys j <= i + sk - sq): a query chunk at global positions
 ``[p, p+n)`` against keys ``[0, p+n)`` is its prefix and its diagonal block in ONE call. Only kernels
 with ``bottom_right_causal`` accept that; ``causal_prefix_in_one_call(q)`` says whether the kernel
-chosen for ``q`` does (else: two calls and a log-sum-exp merge, as attention.py does today).
+chosen for ``q`` does; attention.py then makes one call per query chunk when there is no GQA (else: two
+calls and a log-sum-exp merge).
 
 Backends (one module each, PyTorch ``_AttentionOp`` style; the registry below never branches on a
 backend): ``flash_attn``, ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_cudnn`` (``cuda_fused.py``),
