@@ -5,14 +5,16 @@ Trainer + DeepSpeed run, the baseline a transformers user has today. Against it,
 step: the logged loss (the global batch's token mean), the gradient norm DeepSpeed reports (it
 clips at 1.0, the Trainer default, so the norm also steers the update) and, after training,
 eval_loss; float32, within 1e-5 relative. Models: Llama with GQA (4 query / 2 KV heads) and GPT-NeoX
-(parallel attention/MLP, partial rotary, LayerNorm), byte-level text, ZeRO-2, AdamW.
+(parallel attention/MLP, partial rotary, LayerNorm), byte-level text, ZeRO-2, AdamW; and Llama with
+ZeRO-3 (built under deepspeed.zero.Init, as transformers does when the config says stage 3) against
+the one-rank ZeRO-3 Trainer.
 (GPT-2 is not a fair second family here: transformers 5.24's plain Trainer divides GPT-2's loss by
 all L labels of a row instead of the L-1 it predicts - GPT2LMHeadModel has no loss_type - so the
 baseline itself is off by (L-1)/L; LSSTrainer reports the true token mean. GPT-2 with LSS is
 covered against a one-process reference in tests/test_hf.py.)
 
 Three spawns, several runs each (CI budget): 1 rank (the baselines), 2 ranks (SP=2), 4 ranks
-(SP=2 x DP=2 - GPT-NeoX with gradient accumulation 2 x 1 row - then a resume from the step-2
+(SP=2 x DP=2 - GPT-NeoX with gradient accumulation 2 x 1 row, Llama with ZeRO-3 - then a resume from the step-2
 checkpoint, then the refusals on every rank). DeepSpeed "auto" batch sizes throughout.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ STEPS = 3
 GLOBAL_BATCH = 4
 # GPT-NeoX sequences of 30 bytes: the trainer right-pads them to 32 (a multiple of 2N = 4 for the
 # balanced layout), which must change nothing.
+ZERO3 = "llama_zero3"  # the llama run with ZeRO stage 3 in place of the shipped config's stage 2
+ZERO3_CONFIG = {"zero_optimization": {"stage": 3}}
 MODELS = {"llama": ["--model-type", "llama", "--num-heads", "4", "--num-kv-heads", "2", "--seq-length", "32"],
           "gpt_neox": ["--model-type", "gpt_neox", "--num-heads", "4", "--seq-length", "30"]}
 
@@ -115,6 +119,9 @@ def baselines(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_trainer_base")
     config = _ds_config(str(tmp / "base.json"), sp=None)
     runs = [(m, _argv(m, config, str(tmp / m), GLOBAL_BATCH)) for m in MODELS]
+    # ZeRO 3: the plain Trainer builds the model under deepspeed.zero.Init (HfDeepSpeedConfig), as LSSTrainer's run does.
+    runs.append((ZERO3, _argv("llama", _ds_config(str(tmp / "base_z3.json"), sp=None, **ZERO3_CONFIG),
+                              str(tmp / ZERO3), GLOBAL_BATCH)))
     return run_ranks(_rank_runs, 1, runs, timeout_s=900)[0]
 
 
@@ -142,7 +149,10 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
                             "--save_steps", "2", "--save_strategy", "steps")),
             # Gradient accumulation: micro-batches of 1 row, 2 per step (global batch still 4).
             ("gpt_neox", _argv("gpt_neox", config, str(tmp_path / "gpt_neox"), 1, "--gradient_accumulation_steps", "2",
-                               "--per-device-eval-batch-size", str(per_device)))]
+                               "--per-device-eval-batch-size", str(per_device))),
+            # ZeRO 3: parameters partitioned over the whole SP x DP grid (the model is built under zero.Init).
+            (ZERO3, _argv("llama", _ds_config(str(tmp_path / "z3.json"), sp=2, **ZERO3_CONFIG),
+                          str(tmp_path / ZERO3), per_device))]
     # A new process state resuming the llama run from its step-2 checkpoint (DeepSpeed ZeRO partitions,
     # scheduler, RNG and data position): step 3 must be the uninterrupted step 3.
     # Its --metrics-file holds what this run logged (the log history also has steps 1-2 from the checkpoint).
@@ -158,11 +168,13 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
     }
     runs += list(refusals.items())
     results = run_ranks(_rank_runs, 4, runs, timeout_s=1200)
-    worst = 0.0
+    worst = worst_zero3 = 0.0
     for rank, result in enumerate(results):
         for m in MODELS:
             assert result[m]["attn"] == "lss" and result[m]["dp"] == 2, (rank, m, result[m])
             worst = max(worst, _assert_matches(result[m], baselines[m], f"SP=2 x DP=2 {m} rank {rank}"))
+        assert result[ZERO3]["attn"] == "lss" and result[ZERO3]["dp"] == 2, (rank, result[ZERO3])
+        worst_zero3 = max(worst_zero3, _assert_matches(result[ZERO3], baselines[ZERO3], f"SP=2 x DP=2 ZeRO 3 rank {rank}"))
         resumed = result["resume"]["steps"]
         assert _rel(resumed[STEPS][0], result["llama"]["steps"][STEPS][0]) < RTOL, (resumed, result["llama"])
         assert _rel(resumed[STEPS][0], baselines["llama"]["steps"][STEPS][0]) < RTOL
@@ -181,5 +193,5 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
     trained = [line for line in lines if "loss" in line]
     assert [line["iteration"] for line in trained] == [STEPS], lines  # only step 3 was trained again
     assert _rel(trained[0]["loss"], results[0]["llama"]["steps"][STEPS][0]) < RTOL
-    print(f"SP=2 x DP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}; resume step {STEPS} "
+    print(f"SP=2 x DP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}, ZeRO 3 {worst_zero3:.2e}; resume step {STEPS} "
           f"loss {results[0]['resume']['steps'][STEPS][0]:.7f} vs {results[0]['llama']['steps'][STEPS][0]:.7f}")
