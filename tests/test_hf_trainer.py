@@ -91,7 +91,7 @@ def _summary(trainer) -> dict:
     steps = {log["step"]: (log["loss"], log["grad_norm"]) for log in trainer.state.log_history if "loss" in log}
     evals = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
     return {"steps": steps, "eval_loss": evals[-1] if evals else None,
-            "attn": trainer.model.config._attn_implementation,
+            "attn": trainer.model.config._attn_implementation, "deepspeed": trainer.is_deepspeed_enabled,
             "dp": trainer.lss_dims.dp if trainer.lss_enabled else None}
 
 
@@ -161,6 +161,8 @@ def test_sp2_trainer_equals_one_rank_trainer(baselines, tmp_path):
             assert result[m]["attn"] == "lss" and result[m]["dp"] == 1, (rank, m, result[m])
             assert baselines[m]["attn"] == "sdpa"
             worst = max(worst, _assert_matches(result[m], baselines[m], f"SP=2 {m} rank {rank}"))
+        # --use_cpu must not have dropped DeepSpeed (its bf16 path and the LSS gradient averaging).
+        assert result[BF16]["deepspeed"] and baselines[BF16]["deepspeed"], (result[BF16], baselines[BF16])
         assert result[BF16]["attn"] == "lss" and sorted(result[BF16]["steps"]) == list(range(1, STEPS + 1)), result[BF16]
         bf16_errors = _errors(result[BF16], baselines[BF16])
         assert all(e < t for e, t in zip(bf16_errors, tol)), (rank, bf16_errors, tol)
