@@ -5,14 +5,17 @@ Trainer + DeepSpeed run, the baseline a transformers user has today. Against it,
 step: the logged loss (the global batch's token mean), the gradient norm DeepSpeed reports (it
 clips at 1.0, the Trainer default, so the norm also steers the update) and, after training,
 eval_loss; float32, within 1e-5 relative. Models: Llama with GQA (4 query / 2 KV heads) and GPT-NeoX
-(parallel attention/MLP, partial rotary, LayerNorm), byte-level text, ZeRO-2, AdamW.
+(parallel attention/MLP, partial rotary, LayerNorm), byte-level text, ZeRO-2, AdamW; and Llama with
+ZeRO-3 (built under deepspeed.zero.Init, as transformers does when the config says stage 3) against
+the one-rank ZeRO-3 Trainer. bf16 (ZeRO-2, Llama, SP=2) against the one-rank bf16 Trainer within
+BF16_FACTOR x the one-rank bf16 run's own error against the fp32 run (as tests/test_deepspeed.py).
 (GPT-2 is not a fair second family here: transformers 5.24's plain Trainer divides GPT-2's loss by
 all L labels of a row instead of the L-1 it predicts - GPT2LMHeadModel has no loss_type - so the
 baseline itself is off by (L-1)/L; LSSTrainer reports the true token mean. GPT-2 with LSS is
 covered against a one-process reference in tests/test_hf.py.)
 
 Three spawns, several runs each (CI budget): 1 rank (the baselines), 2 ranks (SP=2), 4 ranks
-(SP=2 x DP=2 - GPT-NeoX with gradient accumulation 2 x 1 row - then a resume from the step-2
+(SP=2 x DP=2 - GPT-NeoX with gradient accumulation 2 x 1 row, Llama with ZeRO-3 - then a resume from the step-2
 checkpoint, then the refusals on every rank). DeepSpeed "auto" batch sizes throughout.
 """
 from __future__ import annotations
@@ -32,6 +35,11 @@ STEPS = 3
 GLOBAL_BATCH = 4
 # GPT-NeoX sequences of 30 bytes: the trainer right-pads them to 32 (a multiple of 2N = 4 for the
 # balanced layout), which must change nothing.
+ZERO3 = "llama_zero3"  # the llama run with ZeRO stage 3 in place of the shipped config's stage 2
+ZERO3_CONFIG = {"zero_optimization": {"stage": 3}}
+BF16 = "llama_bf16"  # the llama run with --bf16 (DeepSpeed bf16, fp32 master weights)
+BF16_FACTOR = 2.0  # as tests/test_deepspeed.py: LSS bf16 vs 1-rank bf16 within 2x the 1-rank bf16 run's error vs fp32
+BF16_CAP = 0.05  # never looser than this, whatever the measured error
 MODELS = {"llama": ["--model-type", "llama", "--num-heads", "4", "--num-kv-heads", "2", "--seq-length", "32"],
           "gpt_neox": ["--model-type", "gpt_neox", "--num-heads", "4", "--seq-length", "30"]}
 
@@ -64,12 +72,26 @@ def _argv(model: str, config: str, out: str, per_device: int, *extra: str) -> li
             "--disable_tqdm", "true", *extra]
 
 
+def _bf16_flags() -> list[str]:
+    """--bf16; TrainingArguments refuses bf16 without a GPU unless told to train on the CPU."""
+    import torch
+
+    return ["--bf16", "true"] + ([] if torch.cuda.is_available() else ["--use_cpu", "true"])
+
+
+def _errors(run: dict, ref: dict) -> tuple[float, float, float]:
+    """Worst relative (loss, grad norm) over the steps and eval_loss relative error of ``run`` against ``ref``."""
+    return (max(_rel(run["steps"][s][0], ref["steps"][s][0]) for s in ref["steps"]),
+            max(_rel(run["steps"][s][1], ref["steps"][s][1]) for s in ref["steps"]),
+            _rel(run["eval_loss"], ref["eval_loss"]))
+
+
 def _summary(trainer) -> dict:
     """Per step (loss, grad_norm), eval_loss, and what the run really used."""
     steps = {log["step"]: (log["loss"], log["grad_norm"]) for log in trainer.state.log_history if "loss" in log}
     evals = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
     return {"steps": steps, "eval_loss": evals[-1] if evals else None,
-            "attn": trainer.model.config._attn_implementation,
+            "attn": trainer.model.config._attn_implementation, "deepspeed": trainer.is_deepspeed_enabled,
             "dp": trainer.lss_dims.dp if trainer.lss_enabled else None}
 
 
@@ -115,6 +137,10 @@ def baselines(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_trainer_base")
     config = _ds_config(str(tmp / "base.json"), sp=None)
     runs = [(m, _argv(m, config, str(tmp / m), GLOBAL_BATCH)) for m in MODELS]
+    # ZeRO 3: the plain Trainer builds the model under deepspeed.zero.Init (HfDeepSpeedConfig), as LSSTrainer's run does.
+    runs.append((ZERO3, _argv("llama", _ds_config(str(tmp / "base_z3.json"), sp=None, **ZERO3_CONFIG),
+                              str(tmp / ZERO3), GLOBAL_BATCH)))
+    runs.append((BF16, _argv("llama", config, str(tmp / BF16), GLOBAL_BATCH, *_bf16_flags())))
     return run_ranks(_rank_runs, 1, runs, timeout_s=900)[0]
 
 
@@ -123,14 +149,26 @@ def test_sp2_trainer_equals_one_rank_trainer(baselines, tmp_path):
 
     config = _ds_config(str(tmp_path / "sp2.json"), sp=2)
     runs = [(m, _argv(m, config, str(tmp_path / m), GLOBAL_BATCH)) for m in MODELS]
+    runs.append((BF16, _argv("llama", config, str(tmp_path / BF16), GLOBAL_BATCH, *_bf16_flags())))
     results = run_ranks(_rank_runs, 2, runs, timeout_s=900)
     worst = 0.0
+    # bf16 cannot agree to fp32 precision (LSS rounds in another order): the yardstick is the one-rank
+    # bf16 run's own error against the one-rank fp32 run on the same data, per quantity.
+    yardstick = _errors(baselines[BF16], baselines["llama"])
+    tol = [min(BF16_CAP, max(RTOL, BF16_FACTOR * e)) for e in yardstick]
     for rank, result in enumerate(results):
         for m in MODELS:
             assert result[m]["attn"] == "lss" and result[m]["dp"] == 1, (rank, m, result[m])
             assert baselines[m]["attn"] == "sdpa"
             worst = max(worst, _assert_matches(result[m], baselines[m], f"SP=2 {m} rank {rank}"))
-    print(f"SP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}")
+        # --use_cpu must not have dropped DeepSpeed (its bf16 path and the LSS gradient averaging).
+        assert result[BF16]["deepspeed"] and baselines[BF16]["deepspeed"], (result[BF16], baselines[BF16])
+        assert result[BF16]["attn"] == "lss" and sorted(result[BF16]["steps"]) == list(range(1, STEPS + 1)), result[BF16]
+        bf16_errors = _errors(result[BF16], baselines[BF16])
+        assert all(e < t for e, t in zip(bf16_errors, tol)), (rank, bf16_errors, tol)
+    print(f"SP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}; bf16 (loss, grad norm, eval_loss) "
+          f"{[f'{e:.2g}' for e in bf16_errors]} vs one-rank bf16, tolerance {[f'{t:.2g}' for t in tol]} "
+          f"(one-rank bf16 vs fp32 {[f'{e:.2g}' for e in yardstick]})")
 
 
 def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, tmp_path):
@@ -142,7 +180,10 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
                             "--save_steps", "2", "--save_strategy", "steps")),
             # Gradient accumulation: micro-batches of 1 row, 2 per step (global batch still 4).
             ("gpt_neox", _argv("gpt_neox", config, str(tmp_path / "gpt_neox"), 1, "--gradient_accumulation_steps", "2",
-                               "--per-device-eval-batch-size", str(per_device)))]
+                               "--per-device-eval-batch-size", str(per_device))),
+            # ZeRO 3: parameters partitioned over the whole SP x DP grid (the model is built under zero.Init).
+            (ZERO3, _argv("llama", _ds_config(str(tmp_path / "z3.json"), sp=2, **ZERO3_CONFIG),
+                          str(tmp_path / ZERO3), per_device))]
     # A new process state resuming the llama run from its step-2 checkpoint (DeepSpeed ZeRO partitions,
     # scheduler, RNG and data position): step 3 must be the uninterrupted step 3.
     # Its --metrics-file holds what this run logged (the log history also has steps 1-2 from the checkpoint).
@@ -158,11 +199,13 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
     }
     runs += list(refusals.items())
     results = run_ranks(_rank_runs, 4, runs, timeout_s=1200)
-    worst = 0.0
+    worst = worst_zero3 = 0.0
     for rank, result in enumerate(results):
         for m in MODELS:
             assert result[m]["attn"] == "lss" and result[m]["dp"] == 2, (rank, m, result[m])
             worst = max(worst, _assert_matches(result[m], baselines[m], f"SP=2 x DP=2 {m} rank {rank}"))
+        assert result[ZERO3]["attn"] == "lss" and result[ZERO3]["dp"] == 2, (rank, result[ZERO3])
+        worst_zero3 = max(worst_zero3, _assert_matches(result[ZERO3], baselines[ZERO3], f"SP=2 x DP=2 ZeRO 3 rank {rank}"))
         resumed = result["resume"]["steps"]
         assert _rel(resumed[STEPS][0], result["llama"]["steps"][STEPS][0]) < RTOL, (resumed, result["llama"])
         assert _rel(resumed[STEPS][0], baselines["llama"]["steps"][STEPS][0]) < RTOL
@@ -181,5 +224,5 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
     trained = [line for line in lines if "loss" in line]
     assert [line["iteration"] for line in trained] == [STEPS], lines  # only step 3 was trained again
     assert _rel(trained[0]["loss"], results[0]["llama"]["steps"][STEPS][0]) < RTOL
-    print(f"SP=2 x DP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}; resume step {STEPS} "
+    print(f"SP=2 x DP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}, ZeRO 3 {worst_zero3:.2e}; resume step {STEPS} "
           f"loss {results[0]['resume']['steps'][STEPS][0]:.7f} vs {results[0]['llama']['steps'][STEPS][0]:.7f}")

@@ -74,7 +74,8 @@ class LSSTrainer(Trainer):
         world = self.args.world_size
         dp = self.lss_config.check_world(world)
         self.lss_dims = ParallelDims(sp=self.lss_config.size, dp=dp, world_size=world)
-        self.lss_dp_rank, self.lss_sp_rank = self.lss_dims.coords(self.args.process_index)
+        coords = self.lss_dims.coords(self.args.process_index)
+        self.lss_dp_rank, self.lss_sp_rank = coords.dp, coords.sp
         _refuse_unsupported(self)
         _resolve_train_batch_size(self.args, dp)
         self.lss_attn_implementation = use_lss_attention(self.model, self.lss_config)
