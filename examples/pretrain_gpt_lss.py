@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Pre-train a byte-level megatron-core GPT with LSS sequence parallelism or Megatron's TP+SP.
+"""Pre-train a byte-level megatron-core GPT with LSS sequence parallelism, Megatron's TP+SP, or both.
 
     # LSS: every sequence split across 4 ranks
     torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss.args
     # the same model with Megatron's tensor + sequence parallelism
     torchrun --nproc-per-node 2 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_tp_sp.args
+    # both: TP = 2 (+ Megatron SP) x LSS = 2; add --pipeline-model-parallel-size P for stages
+    torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss_tp.args
 
-Flags follow Megatron-LM (--num-layers, --seq-length, --tensor-model-parallel-size, ...) plus
+Flags follow Megatron-LM (--num-layers, --seq-length, --tensor-model-parallel-size,
+--pipeline-model-parallel-size, ...) plus
 --lss-* (see lss_plugin/megatron/args.py), --metrics-file, --timeout-s. Runs on GPUs (NCCL) or
 CPUs (gloo, with the megatron-core CPU shim). `--help` lists everything.
 """

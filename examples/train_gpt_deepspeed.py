@@ -9,8 +9,12 @@
 The one LSS-specific line is ``lss_plugin.deepspeed.initialize`` in place of
 ``deepspeed.initialize``. Batch sizes come from the DeepSpeed config (``train_batch_size``
 sequences per iteration, split over DP ranks and micro-batches); every sequence is split over the
-SP ranks. ``--metrics-file`` gets one JSON line per iteration (rank 0): iteration, loss,
-tokens_per_s, ms_per_iter, grad_norm, lr.
+SP ranks. ``--metrics-file`` gets one JSON line per iteration (rank 0): iteration, loss (the
+token mean over the whole global batch of the step), loss_tokens, tokens_per_s, ms_per_iter,
+grad_norm, lr. With ``"enabled": false`` in the block (or no block) the same script is plain
+DeepSpeed data parallelism: the baseline. Without a launcher it runs as one plain process:
+
+    python examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_baseline.json
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-kv-heads", type=int, default=None)
     p.add_argument("--position-embedding", choices=("learned", "rope"), default="learned")
+    p.add_argument("--ignore-byte", type=int, default=None,
+                   help="leave targets equal to this byte out of the loss (e.g. 10: newlines); ranks then hold "
+                        "different numbers of loss tokens and the loss stays the global token mean")
     p.add_argument("--log-interval", type=int, default=1)
     p.add_argument("--save", default=None, help="checkpoint directory (engine.save_checkpoint)")
     p.add_argument("--save-interval", type=int, default=0)
@@ -48,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.ignore_byte is not None and not 0 <= args.ignore_byte <= 255:
+        raise ValueError(f"--ignore-byte must be a byte value 0-255, got {args.ignore_byte}")
     return args
 
 
@@ -80,6 +89,13 @@ class Sharder:
         return rows[:, :-1][:, self.positions], rows[:, 1:][:, self.positions], self.positions
 
 
+def mask_labels(labels, ignore_byte):
+    """Targets equal to ``ignore_byte`` -> IGNORE_INDEX (left out of the loss)."""
+    from lss_plugin.loss import IGNORE_INDEX
+
+    return labels if ignore_byte is None else labels.masked_fill(labels == ignore_byte, IGNORE_INDEX)
+
+
 def build_model(args, lss):
     from lss_plugin.models.gpt import GPT, GPTConfig, LSSAttentionOptions
 
@@ -95,7 +111,7 @@ def train(args) -> list[dict]:
 
     import lss_plugin.deepspeed as lds
     from lss_plugin.data import load_byte_splits, sample_batch
-    from lss_plugin.grads import reduce_loss
+    from lss_plugin.deepspeed.metrics import StepLoss
     from lss_plugin.loss import sharded_cross_entropy
 
     lss = lds.LSSConfig.from_ds_config(args.deepspeed_config)
@@ -113,7 +129,10 @@ def train(args) -> list[dict]:
         _, client = engine.load_checkpoint(args.load)
         start = int((client or {}).get("iteration", 0))
     topology = getattr(engine, "lss_topology", None)
-    sp_group = topology.sp_group if topology is not None else None
+    # The loss is normalised by the loss tokens of every rank (the SP x DP grid = the world), so
+    # DeepSpeed's average over SP x DP is the global token mean even when ranks hold different
+    # numbers of loss tokens (--ignore-byte). Accumulated micro-steps weigh equally, as in DeepSpeed.
+    loss_group = dist.group.WORLD if dist.get_world_size() > 1 else None
     if rank0:
         grid = f"sp={topology.sp_size} x dp={topology.dp_size}" if topology else f"dp={dist.get_world_size()} (no LSS)"
         print(f"train_gpt_deepspeed: {grid}, ZeRO {engine.zero_optimization_stage()}, {args.num_layers} layers, "
@@ -125,19 +144,19 @@ def train(args) -> list[dict]:
         for iteration in range(start + 1, args.train_iters + 1):
             t0 = time.perf_counter()
             batch = sample_batch(splits.train, global_batch, args.seq_length, step=iteration, seed=args.seed)
-            losses = []
+            step_loss = StepLoss()  # this rank's loss sum and tokens over the micro-steps
             for micro_step in range(gas):
                 inputs, labels, positions = sharder.micro_batch(batch, micro_step)
+                labels = mask_labels(labels, args.ignore_byte)
                 logits = engine(inputs.to(engine.device), positions.to(engine.device))  # [b, s_local, 256]
-                out = sharded_cross_entropy(logits, labels.to(engine.device), group=sp_group)
+                out = sharded_cross_entropy(logits, labels.to(engine.device), group=loss_group)
                 engine.backward(out.loss)
                 engine.step()
-                losses.append(out.local_mean)
-            local = torch.stack(losses).mean()
-            loss = float(reduce_loss(local, topology)) if topology is not None else _mean_over_world(local)
+                step_loss.add(out)
+            loss, step_tokens = step_loss.reduce()  # the global batch's token-mean loss
             elapsed = time.perf_counter() - t0
             norm = engine.get_global_grad_norm()
-            record = {"iteration": iteration, "loss": loss,
+            record = {"iteration": iteration, "loss": loss, "loss_tokens": step_tokens,
                       "tokens_per_s": global_batch * args.seq_length / elapsed, "ms_per_iter": 1000.0 * elapsed,
                       "grad_norm": None if norm is None else float(norm), "lr": engine.get_lr()[0]}
             if not math.isfinite(loss):
@@ -155,14 +174,6 @@ def train(args) -> list[dict]:
         if metrics:
             metrics.close()
     return records
-
-
-def _mean_over_world(local) -> float:
-    import torch.distributed as dist
-
-    value = local.detach().double().clone()
-    dist.all_reduce(value)
-    return float(value) / dist.get_world_size()
 
 
 def main(argv=None) -> int:

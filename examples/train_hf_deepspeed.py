@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-type", required=True, help="a transformers causal-LM model_type (llama, gpt2, mistral, ...)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", required=True,
-                   help="DeepSpeed JSON config with an \"lss_sequence_parallel\" block")
+                   help="DeepSpeed JSON config; an \"lss_sequence_parallel\" block with \"enabled\": false (or none) "
+                        "trains the same model as plain DeepSpeed with sdpa attention (the baseline)")
     p.add_argument("--train-iters", type=int, default=20)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=1234)
@@ -55,45 +56,53 @@ def train(args) -> list[dict]:
     import lss_plugin.hf as hf
     from lss_plugin.data import load_byte_splits, sample_batch
     from lss_plugin.deepspeed import LSSConfig
-    from lss_plugin.grads import reduce_loss
+    from lss_plugin.deepspeed.metrics import StepLoss
 
-    if not LSSConfig.from_ds_config(args.deepspeed_config).enabled:
-        raise ValueError(f"{args.deepspeed_config} has no enabled \"lss_sequence_parallel\" block")
+    # A disabled (or absent) block: the same script as plain DeepSpeed data parallelism, the baseline.
+    enabled = LSSConfig.from_ds_config(args.deepspeed_config).enabled
     config = hf.small_causal_lm_config(
         args.model_type, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads, max_positions=args.seq_length,
     )
-    model = hf.build_causal_lm(config, attn_implementation="lss", seed=args.seed)
+    model = hf.build_causal_lm(config, attn_implementation="lss" if enabled else "sdpa", seed=args.seed)
     engine, _, _, _ = hf.deepspeed_initialize(args=args, model=model, model_parameters=model.parameters())
-    topology = engine.lss_topology
+    topology = getattr(engine, "lss_topology", None)
+    dp_size, dp_rank = (topology.dp_size, topology.dp_rank) if enabled else (dist.get_world_size(), dist.get_rank())
     rank0 = dist.get_rank() == 0
     splits = load_byte_splits(args.data_path)
     gas, micro = engine.gradient_accumulation_steps(), engine.train_micro_batch_size_per_gpu()
     global_batch = engine.train_batch_size()
     if rank0:
         params = sum(p.numel() for p in model.parameters())
-        print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), sp={topology.sp_size} x "
-              f"dp={topology.dp_size}, layout={engine.lss_config.layout}, ZeRO {engine.zero_optimization_stage()}, "
-              f"seq {args.seq_length}, global batch {global_batch} | data {splits.source}", flush=True)
+        grid = (f"sp={topology.sp_size} x dp={dp_size}, layout={engine.lss_config.layout}" if enabled
+                else f"dp={dp_size} (no LSS)")
+        print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), {grid}, "
+              f"ZeRO {engine.zero_optimization_stage()}, seq {args.seq_length}, global batch {global_batch} | "
+              f"data {splits.source}", flush=True)
     metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
     records = []
     try:
         for iteration in range(1, args.train_iters + 1):
             t0 = time.perf_counter()
             window = sample_batch(splits.train, global_batch, args.seq_length, step=iteration, seed=args.seed)
-            losses = []
+            step_loss = StepLoss()  # this rank's loss sum and tokens over the micro-steps
             for micro_step in range(gas):
-                first = (micro_step * topology.dp_size + topology.dp_rank) * micro
-                rows = window[first:first + micro]  # [micro, L + 1]: this DP rank's sequences
-                # Every position predicts the next byte; the labels are the window shifted by one,
-                # taken before the sequence is split, so segment boundaries are predicted too.
-                batch = hf.shard_causal_lm_batch(rows[:, :-1], shift_labels=rows[:, 1:]).to(engine.device)
-                logits = engine(**batch.model_inputs()).logits  # [micro, L/N, 256]
-                loss = hf.causal_lm_loss(logits, batch.shift_labels)
+                first = (micro_step * dp_size + dp_rank) * micro
+                rows = window[first:first + micro].to(engine.device)  # [micro, L + 1]: this DP rank's sequences
+                if enabled:
+                    # Every position predicts the next byte; the labels are the window shifted by one,
+                    # taken before the sequence is split, so segment boundaries are predicted too.
+                    batch = hf.shard_causal_lm_batch(rows[:, :-1], shift_labels=rows[:, 1:]).to(engine.device)
+                    inputs, labels = batch.model_inputs(), batch.shift_labels
+                else:
+                    inputs, labels = {"input_ids": rows[:, :-1]}, rows[:, 1:]
+                logits = engine(**inputs).logits  # [micro, L/N, 256]
+                # Normalised by the loss tokens of every rank: DeepSpeed's average is the global token mean.
+                loss = hf.causal_lm_loss(logits, labels)
                 engine.backward(loss.loss)
                 engine.step()
-                losses.append(float(reduce_loss(loss.local_mean, topology, num_tokens=loss.num_tokens)))
-            value = sum(losses) / len(losses)
+                step_loss.add(loss)
+            value, _ = step_loss.reduce()  # the global batch's token-mean loss
             elapsed = time.perf_counter() - t0
             norm = engine.get_global_grad_norm()
             record = {"iteration": iteration, "loss": value,

@@ -6,24 +6,31 @@ Three layers, as ring-flash-attention builds them:
   ``lss_attention``                     the public call, shaped like flash-attn / SDPA.
 
 Per call (per KV-head chunk): forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter
-of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``.
+of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``. Every all-gather
+carries the call's signature and every rank checks all of them before using K, V
+(``lss_plugin.signature``); there is no other collective except the size pre-check.
+
+Precision: for float16/bfloat16 inputs the block merges (running out and log-sum-exp of a query
+chunk), the dq and dK/dV accumulators and the GQA head-group sums are float32
+(``kernels.base.compute_dtype``); each result is rounded to the input dtype once. The dK/dV
+reduce-scatter sends those float32 sums (``kv_grad_dtype="fp32"``, default) or rounds them to the
+input dtype first (``"input"``: half the bytes, a little more error; see the README).
 """
 from __future__ import annotations
 
 import math
-import os
-import struct
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from lss_plugin.comm import all_gather_flat, gather_kv, reduce_scatter_kv
-from lss_plugin.kernels import block_backward, block_forward
-from lss_plugin.sharding import Chunk, check_layout, rank_chunks
+from lss_plugin.comm import gather_kv, reduce_scatter_kv
+from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
+from lss_plugin.kernels.base import compute_dtype
+from lss_plugin.options import check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout
+from lss_plugin.sharding import Chunk, rank_chunks
+from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
 from lss_plugin.topology import resolve_sp_group
-
-KV_BACKWARD_MODES = ("keep", "regather")
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,11 @@ class _Plan:
     scale: float
     layout: str
     kv_backward: str
+    kv_grad_dtype: str  # "fp32" | "input": the dtype the dK/dV reduce-scatter sends
     head_chunk: int  # KV heads gathered and attended at a time
     groups_per_kv: int  # query heads per KV head (GQA factor g)
     query_chunks: tuple[Chunk, ...]
+    signature: CallSignature  # what every rank's gathers carry and compare
 
     def head_slices(self, num_kv_heads: int):
         for h0 in range(0, num_kv_heads, self.head_chunk):
@@ -49,12 +58,7 @@ class _Plan:
 # Validation: everything checkable locally is checked before any collective.
 # ---------------------------------------------------------------------------------------------
 
-def check_kv_backward(kv_backward: str) -> None:
-    if kv_backward not in KV_BACKWARD_MODES:
-        raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {kv_backward!r}")
-
-
-def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
+def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -79,63 +83,10 @@ def _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     check_layout(layout)
     check_kv_backward(kv_backward)
-    if kv_head_chunk is not None and (
-        not isinstance(kv_head_chunk, int) or isinstance(kv_head_chunk, bool) or not 1 <= kv_head_chunk <= hkv
-    ):
-        raise ValueError(f"kv_head_chunk must be an integer in [1, {hkv}] (key/value heads), got {kv_head_chunk!r}")
+    check_kv_grad_dtype(kv_grad_dtype)
+    check_kv_head_chunk(kv_head_chunk, hkv)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-rank agreement: one small all-gather the first time a call signature is seen on a group,
-# so that ranks that disagree on shapes or settings fail together instead of hanging.
-# ---------------------------------------------------------------------------------------------
-
-_VERIFIED_SIGNATURES: set = set()
-_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
-_SIGNATURE_FIELDS = ("batch", "s_local", "heads", "kv_heads", "head_dim", "dtype", "layout",
-                     "causal", "kv_backward", "kv_head_chunk", "softmax_scale_bits")
-
-
-def _check_mode() -> str:
-    mode = os.environ.get("LSS_CHECK_CONSISTENCY", "first")
-    if mode not in ("first", "always", "never"):
-        raise ValueError(f"LSS_CHECK_CONSISTENCY must be first, always or never, got {mode!r}")
-    return mode
-
-
-def verify_agreement(group, signature: tuple[int, ...], device) -> None:
-    """Raise on every rank of ``group`` unless all ranks passed the same ``signature``."""
-    mode = _check_mode()
-    # The group's name, unlike id(group), is the same on every rank and never reused.
-    key = (dist._get_process_group_name(group), signature)
-    if mode == "never" or (mode == "first" and key in _VERIFIED_SIGNATURES):
-        return
-    size = dist.get_world_size(group)
-    if size > 1:
-        mine = torch.tensor(signature, dtype=torch.int64, device=device)
-        everyone = mine.new_empty((size * mine.numel(),))
-        all_gather_flat(everyone, mine, group, name="consistency_check")
-        rows = [tuple(r) for r in everyone.view(size, -1).tolist()]
-        if any(r != rows[0] for r in rows):
-            diffs = {
-                name: [r[i] for r in rows]
-                for i, name in enumerate(_SIGNATURE_FIELDS)
-                if len({r[i] for r in rows}) > 1
-            }
-            raise RuntimeError(
-                f"lss_attention called with different arguments on the ranks of the sequence-parallel "
-                f"group (values per rank): {diffs}"
-            )
-    _VERIFIED_SIGNATURES.add(key)
-
-
-def _signature(q, k, plan: _Plan, kv_head_chunk) -> tuple[int, ...]:
-    b, s, h, d = q.shape
-    scale_bits = struct.unpack("<q", struct.pack("<d", plan.scale))[0]
-    return (b, s, h, k.shape[2], d, _DTYPE_CODES.get(q.dtype, 0), int(plan.layout == "balanced"),
-            int(plan.causal), int(plan.kv_backward == "regather"), kv_head_chunk or 0, scale_bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,23 +109,36 @@ def _unfold(x: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
-    """Combine two partial softmax results over disjoint key sets by log-sum-exp."""
+    """Combine two partial softmax results over disjoint key sets by log-sum-exp.
+
+    Computed in the dtype of ``lse_a`` (float32 for half inputs, as the kernels return lse), so a
+    half-precision running ``out`` is not rounded once per merged block."""
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1).to(out_a.dtype) + out_b * torch.exp(
-        lse_b - lse
-    ).unsqueeze(-1).to(out_b.dtype)
+    acc = lse.dtype
+    out = out_a.to(acc) * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.to(acc) * torch.exp(lse_b - lse).unsqueeze(-1)
     return out, lse
 
 
-def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool):
-    """Key ranges a query chunk attends to: (start, end, is_diagonal). Masked blocks are skipped."""
+def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool, one_call: bool = False):
+    """Key ranges a query chunk attends to: (start, end, is_causal). Masked blocks are skipped.
+
+    ``one_call``: the kernel aligns a causal mask bottom-right, so the prefix and the diagonal
+    block are one causal range [0, end) (one call, no merge)."""
     if not causal:
         return [(0, seq_len, False)]
+    if one_call:
+        return [(0, chunk.global_start + chunk.length, True)]
     blocks = []
     if chunk.global_start > 0:
         blocks.append((0, chunk.global_start, False))  # every earlier position: fully visible
     blocks.append((chunk.global_start, chunk.global_start + chunk.length, True))
     return blocks
+
+
+def _one_call(qc, plan: _Plan) -> bool:
+    """Prefix and diagonal in one kernel call: without GQA (with it, the prefix's KV heads would have
+    to be repeated, which only the diagonal block does) and with a bottom-right causal kernel."""
+    return plan.causal and plan.groups_per_kv == 1 and causal_prefix_in_one_call(qc)
 
 
 def _attend_forward(qh, kv, plan: _Plan):
@@ -184,34 +148,38 @@ def _attend_forward(qh, kv, plan: _Plan):
     for chunk in plan.query_chunks:
         qc = qh[:, :, chunk.local_start:chunk.local_start + chunk.length]  # [b, hq, n, d]
         out = lse = None
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]  # [b, hkv, m, d]
-            if diagonal:  # causal block: expand the block's KV heads (local only, never sent)
+            if diagonal:  # causal range (diagonal, or prefix + diagonal): KV heads expanded locally, never sent
                 o, l = block_forward(qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), plan.scale, True)
             else:
                 o, l = block_forward(_fold(qc, g), k_blk, v_blk, plan.scale, False)
                 o, l = _unfold(o, g), _unfold(l, g)
             out, lse = (o, l) if out is None else _merge(out, lse, o, l)
-        outs.append(out)
+        outs.append(out.to(qh.dtype))  # the one rounding of a merged (float32) out
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
-    """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys)."""
+    """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys).
+
+    Both accumulate in ``compute_dtype`` (float32 for half inputs): a key's gradient sums the
+    contributions of every query chunk and GQA group before it is rounded or sent."""
     g, seq_len = plan.groups_per_kv, kv.shape[3]
-    dq = torch.zeros_like(qh)
-    dkv = torch.zeros_like(kv)
+    acc = compute_dtype(qh.dtype)
+    dq = torch.zeros_like(qh, dtype=acc)
+    dkv = torch.zeros_like(kv, dtype=acc)
     for chunk in plan.query_chunks:
         rows = slice(chunk.local_start, chunk.local_start + chunk.length)
         qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal):
+        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]
             if diagonal:
                 dq_b, dk_b, dv_b = block_backward(
                     doc, qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), oc, lc, plan.scale, True
                 )
-                dk_b, dv_b = _sum_head_groups(dk_b, g), _sum_head_groups(dv_b, g)
+                dk_b, dv_b = _sum_head_groups(dk_b.to(acc), g), _sum_head_groups(dv_b.to(acc), g)
             else:
                 dq_b, dk_b, dv_b = block_backward(
                     _fold(doc, g), _fold(qc, g), k_blk, v_blk, _fold(oc, g), _fold(lc, g), plan.scale, False
@@ -238,6 +206,15 @@ def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
 # Pure forward / backward with the communication.
 # ---------------------------------------------------------------------------------------------
 
+def _gather_checked(k, v, plan: _Plan, gather: str, head_chunk_index: int):
+    """gather_kv carrying this call's signature; raises on every rank if any rank's differs."""
+    header = plan.signature.at(gather, head_chunk_index).encode(k.dtype, k.device) if plan.sp_size > 1 else None
+    kv, headers = gather_kv(k, v, plan.group, plan.layout, header)
+    if headers is not None:
+        check_gathered(headers, plan.group)  # before anything uses kv
+    return kv
+
+
 def _lss_forward(q, k, v, plan: _Plan):
     """q [b, s, H, d], k/v [b, s, Hkv, d] -> out [b, s, H, d], lse [b, H, s], kept KV per head chunk."""
     b, s, h, d = q.shape
@@ -246,8 +223,8 @@ def _lss_forward(q, k, v, plan: _Plan):
     out_h = out.transpose(1, 2)
     lse = None
     kept = []
-    for kv_heads, q_heads in plan.head_slices(k.shape[2]):
-        kv = gather_kv(k[:, :, kv_heads], v[:, :, kv_heads], plan.group, plan.layout)  # [2, b, c, L, d]
+    for i, (kv_heads, q_heads) in enumerate(plan.head_slices(k.shape[2])):
+        kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "forward", i)  # [2, b, c, L, d]
         o, l = _attend_forward(qh[:, q_heads], kv, plan)
         out_h[:, q_heads] = o
         if lse is None:
@@ -266,12 +243,13 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
         if plan.kv_backward == "keep":
             kv = kept[i]
         else:  # regather: trade one more collective for not keeping L-sized K, V alive
-            kv = gather_kv(k[:, :, kv_heads], v[:, :, kv_heads], plan.group, plan.layout)
+            kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "regather", i)
         dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
                                      lse[:, q_heads], plan)
-        del kv
         dq_h[:, q_heads] = dq_c
-        local = reduce_scatter_kv(dkv, plan.group, plan.layout)  # [2, b, s, c, d]
+        send_dtype = dkv.dtype if plan.kv_grad_dtype == "fp32" else kv.dtype
+        del kv
+        local = reduce_scatter_kv(dkv, plan.group, plan.layout, send_dtype)  # [2, b, s, c, d]
         dk[:, :, kv_heads] = local[0]
         dv[:, :, kv_heads] = local[1]
     return dq, dk, dv
@@ -303,32 +281,46 @@ def lss_attention(
     layout: str = "contiguous",
     kv_backward: str = "keep",
     kv_head_chunk: int | None = None,
+    kv_grad_dtype: str = "fp32",
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
 
     q: [b, s_local, H, d]; k, v: [b, s_local, Hkv, d] with H % Hkv == 0 (GQA/MQA; KV heads are
     communicated un-repeated). Returns [b, s_local, H, d]. ``group`` defaults to the registered
     topology's SP group. ``causal`` masks by *global* position under ``layout``.
+    ``kv_grad_dtype``: "fp32" (default) reduce-scatters dK/dV of half inputs as float32, "input"
+    in the input dtype (half the backward bytes); float32/float64 inputs send their own dtype either way.
     """
-    _validate(q, k, v, layout, kv_backward, kv_head_chunk, softmax_scale)
+    _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale)
     group = resolve_sp_group(group)
     sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
     if sp_rank < 0:
         raise RuntimeError(f"this rank ({dist.get_rank()}) is not a member of the group given to lss_attention")
+    b, s, h, d = q.shape
     hkv = k.shape[2]
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    signature = CallSignature(
+        batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
+        causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or hkv, softmax_scale=scale,
+        kv_grad_dtype=kv_grad_dtype,
+    )
+    if sp_size > 1:
+        signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
         group=group,
         sp_size=sp_size,
         sp_rank=sp_rank,
         causal=bool(causal),
-        scale=float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+        scale=scale,
         layout=layout,
         kv_backward=kv_backward,
+        kv_grad_dtype=kv_grad_dtype,
         head_chunk=kv_head_chunk or hkv,
-        groups_per_kv=q.shape[2] // hkv,
-        query_chunks=tuple(rank_chunks(q.shape[1], sp_rank, sp_size, layout)),
+        groups_per_kv=h // hkv,
+        query_chunks=tuple(rank_chunks(s, sp_rank, sp_size, layout)),
+        signature=signature,
     )
-    verify_agreement(group, _signature(q, k, plan, kv_head_chunk), q.device)
+    precheck_sizes(group, signature, q.device)  # LSS_CHECK_CONSISTENCY: sizes, before the first gather
     return _LSSAttentionFunction.apply(q, k, v, plan)
 
 
@@ -336,16 +328,20 @@ class LSSAttention(torch.nn.Module):
     """``lss_attention`` with its settings fixed at construction (no parameters)."""
 
     def __init__(self, *, group=None, causal=True, softmax_scale=None, layout="contiguous",
-                 kv_backward="keep", kv_head_chunk=None):
+                 kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32"):
         super().__init__()
         check_layout(layout)
         check_kv_backward(kv_backward)
+        check_kv_grad_dtype(kv_grad_dtype)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
+        self.kv_grad_dtype = kv_grad_dtype
 
     def forward(self, q, k, v):
         return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
-                             layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk)
+                             layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk,
+                             kv_grad_dtype=self.kv_grad_dtype)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, kv_head_chunk={self.kv_head_chunk}"
+        return (f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, "
+                f"kv_head_chunk={self.kv_head_chunk}, kv_grad_dtype={self.kv_grad_dtype}")

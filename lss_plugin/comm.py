@@ -6,8 +6,10 @@ and handed back to their owners with ONE ``reduce_scatter_tensor`` (sum). KV hea
 un-repeated (GQA/MQA); the caller expands them locally, after communication.
 
 Payload bytes recorded per call = bytes of the assembled buffer (N x the packed local k, v):
-``2 * b * L * hkv * d * itemsize`` for both collectives. With sp_size 1 nothing is sent and
-nothing is recorded.
+``2 * b * L * hkv * d * itemsize`` for both collectives, plus, for the all-gather, N x the
+40-byte call signature each rank appends (``lss_plugin.signature``). The reduce-scatter's itemsize
+is that of the dtype it sends (float32 for half inputs by default: ``kv_grad_dtype``). With
+sp_size 1 nothing is sent and nothing is recorded.
 """
 from __future__ import annotations
 
@@ -106,38 +108,53 @@ def _chunk_moves(local_len: int, sp_size: int, layout: str):
             yield rank, c.local_start, c.global_start, c.length
 
 
-def gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str) -> torch.Tensor:
-    """One all-gather of packed (k, v) -> [2, b, hkv, L, d] in global position order.
+def gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str,
+              header: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One all-gather of packed (k, v) -> ([2, b, hkv, L, d] in global position order, headers).
 
-    k, v: [b, s_local, hkv, d]. The returned tensor is laid out for the attention kernels.
+    k, v: [b, s_local, hkv, d]. ``header`` ([n] in k's dtype, e.g. the call signature bit-cast)
+    rides at the end of this rank's slice of the same collective; every rank gets all of them
+    back as ``headers`` [N, n] (None without a header or with sp_size 1, where nothing is sent).
     """
     sp_size = dist.get_world_size(group)
-    packed = torch.stack((k, v))  # [2, b, s_local, hkv, d]
+    b, s_local, hkv, d = k.shape
+    payload = 2 * k.numel()
+    extra = 0 if header is None or sp_size == 1 else header.numel()
+    send = k.new_empty((payload + extra,))  # [k; v; header] of this rank, one contiguous buffer
+    packed = send[:payload].view(2, b, s_local, hkv, d)
+    packed[0] = k
+    packed[1] = v
+    headers = None
     if sp_size == 1:
         gathered = packed.unsqueeze(0)
     else:
-        flat = packed.new_empty((sp_size * 2,) + tuple(packed.shape[1:]))  # [N*2, b, s_local, hkv, d]
-        all_gather_flat(flat, packed, group)
-        gathered = flat.view((sp_size,) + tuple(packed.shape))  # [N, 2, b, s_local, hkv, d]
-    two, b, s_local, hkv, d = packed.shape
-    kv = packed.new_empty((2, b, hkv, s_local * sp_size, d))  # [2, b, hkv, L, d]
+        if extra:
+            send[payload:] = header
+        flat = send.new_empty((sp_size, payload + extra))  # rank-major: [N, 2*b*s_local*hkv*d + n]
+        all_gather_flat(flat.view(-1), send, group)
+        gathered = flat[:, :payload].view(sp_size, 2, b, s_local, hkv, d)  # [N, 2, b, s_local, hkv, d]
+        headers = flat[:, payload:] if extra else None  # [N, n]
+    kv = k.new_empty((2, b, hkv, s_local * sp_size, d))  # [2, b, hkv, L, d]
     for rank, local_start, global_start, length in _chunk_moves(s_local, sp_size, layout):
         src = gathered[rank, :, :, local_start:local_start + length]  # [2, b, n, hkv, d]
         kv[:, :, :, global_start:global_start + length] = src.transpose(2, 3)
-    return kv
+    return kv, headers
 
 
-def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str) -> torch.Tensor:
-    """One reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d] -> this rank's [2, b, s_local, hkv, d]."""
+def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str, send_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d] -> this rank's [2, b, s_local, hkv, d].
+
+    Sent, summed and returned in ``send_dtype`` (default ``dkv``'s); the cast happens in the
+    staging copy the reorder makes anyway."""
     sp_size = dist.get_world_size(group)
     two, b, hkv, seq_len, d = dkv.shape
     s_local = seq_len // sp_size
-    staged = dkv.new_empty((sp_size, 2, b, s_local, hkv, d))  # owner-major, as the gather laid it out
+    staged = dkv.new_empty((sp_size, 2, b, s_local, hkv, d), dtype=send_dtype or dkv.dtype)  # owner-major
     for rank, local_start, global_start, length in _chunk_moves(s_local, sp_size, layout):
         src = dkv[:, :, :, global_start:global_start + length]  # [2, b, hkv, n, d]
         staged[rank, :, :, local_start:local_start + length] = src.transpose(2, 3)
     if sp_size == 1:
         return staged[0]
-    out = dkv.new_empty((2, b, s_local, hkv, d))
+    out = staged.new_empty((2, b, s_local, hkv, d))
     reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
     return out

@@ -68,8 +68,8 @@ def average_gradients(
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if mode == "fused" and topology.world_size != dist.get_world_size():
-        raise RuntimeError("fused averaging needs the topology to span the whole world")
+    if mode == "fused":
+        _require_replicated_grid(topology, "fused gradient averaging")
     sp, weighted = topology.sp_size, num_tokens is not None
     shard_tokens = total_tokens = None  # loss tokens of this SP group / of the whole grid
     buckets = list(_buckets(params, bucket_bytes))
@@ -116,6 +116,18 @@ def average_gradients(
             offset += p.numel()
 
 
+def _require_replicated_grid(topology: LSSTopology, caller: str) -> None:
+    """Reductions over WORLD are right only when the world is the SP x DP grid alone."""
+    if topology.world_size != dist.get_world_size():
+        raise RuntimeError(f"{caller} needs the topology to span the whole world")
+    if not topology.replicates_parameters_over_whole_world:
+        raise ValueError(
+            f"{caller} reduces over the whole world, but the grid has tp({topology.tp_size}) and "
+            f"pp({topology.pp_size}) axes whose ranks hold different shards: reduce over the SP and "
+            "DP groups instead (average_gradients mode='two_stage', or Megatron's finalize_model_grads)"
+        )
+
+
 def _scale_or_zero(t: torch.Tensor, factor: float) -> None:
     """Multiply in place; a zero factor gives zeros even where ``t`` holds inf or NaN."""
     if factor == 0:
@@ -139,7 +151,6 @@ def reduce_loss(local_loss, topology: LSSTopology | None = None, num_tokens: int
         tokens = torch.tensor(float(num_tokens), dtype=torch.float64, device=loss.device)
         pair = torch.stack([loss * tokens if num_tokens > 0 else torch.zeros_like(loss), tokens])
     group = dist.group.WORLD
-    if topology.world_size != dist.get_world_size():
-        raise RuntimeError("reduce_loss needs the topology to span the whole world")
+    _require_replicated_grid(topology, "reduce_loss")
     all_reduce_sum(pair, group)
     return pair[0] / pair[1] if pair[1] > 0 else torch.zeros((), dtype=torch.float64)

@@ -29,6 +29,18 @@ class ShardedLoss:
     sequence_tokens: int  # loss tokens on the whole SP group
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """(sum of the cross entropy over counted labels, their count): logits [b, s, V], labels [b, s]. No communication."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    # Half-precision logits are upcast (a long sum in bf16 loses the loss); float64 stays float64.
+    compute = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    loss_sum = F.cross_entropy(
+        compute.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    return loss_sum, int((labels != ignore_index).sum())
+
+
 def sharded_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX
 ) -> ShardedLoss:
@@ -37,14 +49,7 @@ def sharded_cross_entropy(
     ``group`` is the SP group (None: one sequence shard, no communication). One scalar all-reduce
     of the token count over ``group``; never NaN, even for a rank or a group without loss tokens.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
-    # Half-precision logits are upcast (a long sum in bf16 loses the loss); float64 stays float64.
-    compute = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    loss_sum = F.cross_entropy(
-        compute.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
-    )
-    num_tokens = int((labels != ignore_index).sum())
+    loss_sum, num_tokens = cross_entropy_sum(logits, labels, ignore_index)
     sp_size = 1 if group is None else dist.get_world_size(group)
     sequence_tokens = num_tokens
     if sp_size > 1:

@@ -17,6 +17,9 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
+from lss_plugin.options import check_kv_grad_dtype
+from lss_plugin.signature import SIGNATURE_BYTES
+
 METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp")
 SP_METHODS = ("lss", "ulysses", "ring", "allgather_cp", "usp")
 _WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
@@ -49,7 +52,11 @@ class GPTSpec:
 
 @dataclass(frozen=True)
 class Setup:
-    """How the model is spread: method, SP/DP/TP sizes, K/V backward mode, dtype, batch."""
+    """How the model is spread: method, SP/DP/TP sizes, K/V backward mode, dtype, batch.
+
+    ``lss`` with ``tp > 1`` is LSS over ``sp`` ranks x Megatron TP + SP over ``tp`` ranks (the
+    benchmark's ``lss_tp``): each TP rank gathers its ``hkv / tp`` KV heads over its SP group.
+    """
 
     method: str
     sp: int = 1
@@ -57,6 +64,7 @@ class Setup:
     tp: int = 1
     kv_backward: str = "keep"  # lss only: keep | regather
     kv_head_chunk: int | None = None  # lss only: KV heads gathered per collective (None: all)
+    kv_grad_dtype: str = "fp32"  # lss only: dK,dV reduce-scatter of half inputs in fp32 | input dtype
     dtype_bytes: int = 4  # parameters and activations (fp32 4, bf16 2)
     batch_size: int = 1  # sequences per rank (micro-batch)
     kernel: str = "fused"  # single / megatron_tp_sp: fused (SDPA) | unfused (Megatron's dense local)
@@ -76,7 +84,8 @@ class Setup:
             raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
         if self.kv_head_chunk is not None and (self.method != "lss" or self.kv_head_chunk < 1):
             raise ValueError(f"kv_head_chunk applies to lss only and must be >= 1, got {self.kv_head_chunk}")
-        if self.method in SP_METHODS and self.tp != 1:
+        check_kv_grad_dtype(self.kv_grad_dtype)
+        if self.method in SP_METHODS and self.method != "lss" and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
         if self.method == "single" and (self.sp, self.tp) != (1, 1):
             raise ValueError(f"single runs on one rank per replica: sp=tp=1, got sp={self.sp}, tp={self.tp}")
@@ -180,14 +189,18 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
     if s.method in SP_METHODS:
         n = s.sp
         s_local = seq_len // n
-        kv_full = 2 * b * seq_len * spec.hkv * dh * dt  # packed K and V of the whole sequence
-        block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V of one rank
+        kv_full = 2 * b * seq_len * (spec.hkv // s.tp) * dh * dt  # packed K and V, this TP rank's heads
+        block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V of one rank (tp is 1 but for lss)
         if s.method == "lss":
             gathers = 2 if s.kv_backward == "regather" else 1
-            chunks = spec.hkv // (s.kv_head_chunk or spec.hkv)  # one collective per head chunk
-            out.append(Collective("all_gather", kv_full // chunks, n, gathers * layers * chunks,
+            chunks = (spec.hkv // s.tp) // (s.kv_head_chunk or spec.hkv // s.tp)  # one collective per head chunk
+            signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
+            out.append(Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
                                   "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
-            out.append(Collective("reduce_scatter", kv_full // chunks, n, layers * chunks, "packed dK,dV (bwd)"))
+            # half inputs send their float32 dK,dV accumulators unless kv_grad_dtype="input"
+            grad_dt = 4 if dt < 4 and s.kv_grad_dtype == "fp32" else dt
+            out.append(Collective("reduce_scatter", kv_full // chunks // dt * grad_dt, n, layers * chunks,
+                                  "packed dK,dV (bwd)"))
         elif s.method == "allgather_cp":
             out.append(Collective("all_gather", kv_full // 2, n, 4 * layers, "K and V separately, fwd + bwd"))
             out.append(Collective("reduce_scatter", kv_full // 2, n, 2 * layers, "dK and dV separately (bwd)"))
@@ -206,25 +219,34 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
                 hops = 3 * r - 2
                 out.append(Collective("send", block, r, hops * layers, "ring K,V and dK,dV blocks"))
                 out.append(Collective("recv", block, r, hops * layers, "ring K,V and dK,dV blocks"))
+        out += _tp_sp_collectives(spec, s_local, s, params)  # LSS x TP: Megatron SP inside the TP group
         # megatron DDP: one all-reduce of the fp32 grad buffer over DP x SP; token count
         out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)"))
         out.append(Collective("all_reduce", 4, n * s.dp, 1, "loss token count"))
     else:
-        t = s.tp
-        if t > 1:
-            unit = b * seq_len * h * dt  # [L, b, h]: what each Megatron SP collective assembles
-            out.append(Collective("all_gather", unit, t, 6 * layers + 3,
-                                  "per layer: fwd QKV/FC1 inputs, bwd re-gather of both inputs and "
-                                  "proj/FC2 output grads; output layer fwd+bwd, embedding bwd"))
-            out.append(Collective("reduce_scatter", unit, t, 4 * layers + 1,
-                                  "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd"))
-            out.append(Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)"))
-            out.append(Collective("all_reduce", b * seq_len * 4, t, 3, "vocab-parallel cross entropy"))
-            out.append(Collective("all_reduce", params["sequence_parallel"] * grad_bytes, t, 1,
-                                  "sequence-parallel norm/bias grads (TP)"))
+        out += _tp_sp_collectives(spec, seq_len, s, params)
         out.append(Collective("all_reduce", params["total"] * grad_bytes, s.dp, 1, "grads (DP)"))
         out.append(Collective("all_reduce", 4, s.dp, 1, "loss token count"))
     return out
+
+
+def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> list[Collective]:
+    """Megatron TP + SP over ``s.tp`` ranks on a sequence of ``tokens`` (L, or L / N under LSS)."""
+    t, b, dt, layers = s.tp, s.batch_size, s.dtype_bytes, spec.num_layers
+    if t == 1:
+        return []
+    unit = b * tokens * spec.hidden_size * dt  # [s, b, h]: what each Megatron SP collective assembles
+    return [
+        Collective("all_gather", unit, t, 6 * layers + 3,
+                   "per layer: fwd QKV/FC1 inputs, bwd re-gather of both inputs and "
+                   "proj/FC2 output grads; output layer fwd+bwd, embedding bwd"),
+        Collective("reduce_scatter", unit, t, 4 * layers + 1,
+                   "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd"),
+        Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)"),
+        Collective("all_reduce", b * tokens * 4, t, 3, "vocab-parallel cross entropy"),
+        Collective("all_reduce", params["sequence_parallel"] * 4, t, 1,
+                   "sequence-parallel norm/bias grads (TP)"),
+    ]
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -261,19 +283,21 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
         head = b * L * (V // t) * dt
         cross_entropy = b * L * 9 * (2 if t > 1 else 1) + 8
     else:
-        n = s.sp
-        sl = L // n
-        common = b * sl * (4 * h + 2 * ffn) * dt
-        lse = b * H * sl * fp32
+        n, t = s.sp, s.tp  # t > 1 only for lss (LSS x TP)
+        sq = L // n  # this rank's sequence part (what attention and the MLP see)
+        sl = sq // t  # residual stream / LayerNorm tokens (Megatron SP inside the TP group)
+        a, g = H // t, G // t
+        common = b * sl * 4 * h * dt + b * sq * 2 * (ffn // t) * dt
+        lse = b * a * sq * fp32
         if s.method in ("ulysses", "usp"):
-            attention = b * sl * ((H + 2 * G) + 2 * H) * dh * dt + lse
+            attention = b * sq * ((a + 2 * g) + 2 * a) * dh * dt + lse
         else:  # lss, ring, allgather_cp: QKV output, output, log-sum-exp
-            attention = b * sl * ((H + 2 * G) + q_copy * H + H) * dh * dt + lse
+            attention = b * sq * ((a + 2 * g) + q_copy * a + a) * dh * dt + lse
             if s.method == "lss" and s.kv_backward == "keep":
-                attention += 2 * b * L * G * dh * dt
+                attention += 2 * b * L * g * dh * dt  # the gathered K,V of this TP rank's heads
         per_layer = common + attention
-        head = b * sl * V * dt
-        cross_entropy = b * sl * 9 + 8
+        head = b * sq * (V // t) * dt
+        cross_entropy = b * sq * 9 * (2 if t > 1 else 1) + 8
     stats = n_norms * 2 * b * sl * fp32
     around = 2 * b * sl * h * dt + head + cross_entropy + stats
     return {"per_layer": per_layer, "layers": spec.num_layers * per_layer,
@@ -286,43 +310,53 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     Every method: the largest parameter's gradient before megatron DDP adds it to ``main_grad``,
     with one [sl, h] activation gradient. Beyond that, per method (fitted against the tracker at
     1 and 4 ranks, see ``tests/test_plan.py``): LSS the gathered K,V and its unpacked copy plus
-    dK,dV (``keep`` ~2.5, ``regather`` ~3.1 x the packed K,V of all L positions; what
-    ``kv_head_chunk`` bounds); all-gather CP K and V gathered again, dK and dV of all L and a
-    staging buffer (~3 x); Megatron's dense local attention the gradient of the scores and
-    probabilities [b, a, L, L]. Ring, Ulysses and USP buffers are one block or one rank's share.
+    dK,dV (``keep`` ~2.5, ``regather`` ~3.1 x the packed K,V of all L positions and this TP
+    rank's heads; what ``kv_head_chunk`` bounds), where for half inputs the backward holds the
+    dK,dV accumulator in fp32 and its staged copy for the reduce-scatter (fp32 unless
+    ``kv_grad_dtype="input"``) instead of two input-dtype copies; all-gather CP K and V gathered
+    again, dK and dV of all L and a staging buffer (~3 x); Megatron's dense local attention the
+    gradient of the scores and probabilities [b, a, L, L]. Ring, Ulysses and USP buffers are one
+    block or one rank's share.
     """
-    b, h, dt, L = s.batch_size, spec.hidden_size, s.dtype_bytes, seq_len
-    sl = L // max(s.sp, s.tp)
+    b, h, dh, dt, L = s.batch_size, spec.hidden_size, spec.head_dim, s.dtype_bytes, seq_len
+    sl = L // (s.sp * s.tp)  # residual stream tokens per rank
     positions = spec.max_positions or seq_len
     largest_param = max(spec.vocab_size * h // s.tp, positions * h, spec.ffn * h // s.tp)
     generic = largest_param * 4 + b * sl * h * dt  # fp32 grad before the main_grad add
-    kv_full = 2 * b * L * spec.hkv * spec.head_dim * dt  # packed K,V of all L positions
     if s.method == "lss" and s.sp > 1:
-        chunk = kv_full * (s.kv_head_chunk or spec.hkv) // spec.hkv
-        return max(generic, int((2.5 if s.kv_backward == "keep" else 3.1) * chunk))
+        kv_elements = 2 * b * L * (s.kv_head_chunk or spec.hkv // s.tp) * dh  # one gather's K,V
+        factor = 2.5 if s.kv_backward == "keep" else 3.1
+        acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
+        grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
+        backward = kv_elements * (acc_dt + grad_dt) + (factor - 2) * kv_elements * dt
+        return max(generic, int(factor * kv_elements * dt), int(backward))
     if s.method == "allgather_cp" and s.sp > 1:
-        return max(generic, 3 * kv_full)
+        return max(generic, 3 * 2 * b * L * spec.hkv * dh * dt)
     if s.kernel == "unfused":
         return max(generic, 2 * b * (spec.num_heads // s.tp) * L * L * dt)
     return generic
 
 
 def persistent_buffer_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
-    """Megatron's global memory buffer: the dense local attention's [b * a, L, L] score matmul,
-    and under TP + SP the all-gathered [L, b, h] input of the column-parallel layers (one buffer,
-    the larger need)."""
-    if s.method not in ("megatron_tp_sp", "single"):
-        return 0
-    scores = s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
-    gathered = s.batch_size * seq_len * spec.hidden_size * s.dtype_bytes if s.tp > 1 else 0
-    return max(scores if s.kernel == "unfused" else 0, gathered)
+    """Megatron's global memory buffer "mpu": one tensor, grown to the largest request, shared by
+    its dense local attention's score matmul ([b * a, L, L], [unfused] rows only) and, with TP +
+    SP, the all-gathered input of its linear layers ([s, b, h]; L / N tokens under LSS x TP)."""
+    scores = gathered = 0
+    if s.method in ("megatron_tp_sp", "single") and s.kernel == "unfused":
+        scores = s.batch_size * (spec.num_heads // s.tp) * seq_len * seq_len * s.dtype_bytes
+    if s.tp > 1:
+        tokens = seq_len // s.sp if s.method == "lss" else seq_len
+        gathered = s.batch_size * tokens * spec.hidden_size * s.dtype_bytes
+    return max(scores, gathered)
 
 
 def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
     """The cost model's prediction for one rank of ``setup`` training ``spec`` at ``seq_len``."""
     if seq_len % max(setup.sp, setup.tp) != 0:
         raise ValueError(f"sequence length {seq_len} is not divisible by sp({setup.sp}) x tp({setup.tp})")
-    if setup.method == "megatron_tp_sp" and (spec.num_heads % setup.tp or spec.hkv % setup.tp):
+    if setup.method == "lss" and (seq_len // setup.sp) % setup.tp:
+        raise ValueError(f"the {seq_len // setup.sp} tokens per LSS rank are not divisible by tp({setup.tp})")
+    if setup.method in ("megatron_tp_sp", "lss") and (spec.num_heads % setup.tp or spec.hkv % setup.tp):
         raise ValueError(f"tp({setup.tp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
     if setup.method == "ulysses" and (spec.num_heads % setup.sp or spec.hkv % setup.sp):
         raise ValueError(f"Ulysses sp({setup.sp}) must divide heads({spec.num_heads}) and kv heads({spec.hkv})")
@@ -378,7 +412,7 @@ def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup], memory_
 def _label(s: Setup) -> str:
     if s.method == "lss":
         chunk = f",chunk{s.kv_head_chunk}" if s.kv_head_chunk else ""
-        return f"lss[{s.kv_backward}{chunk}] sp{s.sp} dp{s.dp}"
+        return f"lss[{s.kv_backward}{chunk}] {f'tp{s.tp} ' if s.tp > 1 else ''}sp{s.sp} dp{s.dp}"
     unfused = "[unfused]" if s.kernel == "unfused" else ""
     if s.method == "megatron_tp_sp":
         return f"megatron_tp_sp{unfused} tp{s.tp} dp{s.dp}"
@@ -420,6 +454,44 @@ def paper_tables() -> str:
         out.append(_table(f"{gpus:,} GPUs, L = {L:,} (LSS / all-gather CP: SP {sp} x DP {dp})", spec, L,
                           setups, memory_gib=PAPER_GPU_GIB))
     return "\n\n".join(out)
+
+
+def tp_lss_splits(spec: GPTSpec, seq_len: int, ranks: int, dtype_bytes: int = 2,
+                  kv_backward: str = "keep") -> list[Setup]:
+    """Every TP = T x LSS = N split of ``ranks`` the model allows (T divides heads and KV heads).
+
+    T = 1 is LSS alone; T = ranks is Megatron TP + SP alone (``megatron_tp_sp``).
+    """
+    out = []
+    for t in range(1, ranks + 1):
+        if ranks % t or spec.num_heads % t or spec.hkv % t or (seq_len // (ranks // t)) % t:
+            continue
+        n = ranks // t
+        if n == 1:
+            out.append(Setup("megatron_tp_sp", tp=t, dtype_bytes=dtype_bytes))
+        else:
+            out.append(Setup("lss", sp=n, tp=t, kv_backward=kv_backward, dtype_bytes=dtype_bytes))
+    return out
+
+
+def tp_x_lss_view(spec: GPTSpec, seq_len: int, ranks: int, dtype_bytes: int = 2) -> str:
+    """When does T x N beat either alone? The table of every split, and the verdict per measure.
+
+    Per rank and layer (sent bytes, bandwidth-optimal): LSS moves ~4 b L (Hkv/T) dh (N-1)/N
+    (gather + reduce-scatter of this TP rank's K,V heads); Megatron TP + SP moves ~10 b (L/N) h
+    (T-1)/T. Memory: parameters, grads and optimizer state shrink by T; LSS's kept K,V
+    (2 b L Hkv/T dh per layer) by T; activations by N x T. A split wins on memory when the model
+    state or the kept K,V dominate (large models, long L with many KV heads), and loses on traffic
+    only by TP's in-node collectives, which shrink by N.
+    """
+    setups = tp_lss_splits(spec, seq_len, ranks, dtype_bytes)
+    lines = [_table(f"TP x LSS on {ranks} ranks (one node)", spec, seq_len, setups)]
+    plans = [plan(spec, seq_len, s) for s in setups]
+    for measure, key in (("peak memory", lambda p: p.memory["peak"]), ("bytes sent", lambda p: p.sent_bytes)):
+        best = min(plans, key=key).setup
+        split = best.method == "lss" and best.tp > 1
+        lines.append(f"  lowest {measure}: {_label(best)} ({'a T x N split' if split else 'one scheme alone'})")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -471,6 +543,10 @@ def main(argv=None) -> int:
                      Setup("usp", sp=1024, ulysses=8, dtype_bytes=2),
                      Setup("ulysses", sp=8, dp=128, dtype_bytes=2),
                      Setup("megatron_tp_sp", tp=8, dp=128, dtype_bytes=2)]))
+    print()
+    print(tp_x_lss_view(modern, 131_072, 8))
+    print()
+    print(tp_x_lss_view(PAPER_MODEL, 16_384, 8, dtype_bytes=4))
     print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
           "recomputation; fused attention kernels unless marked [unfused]).")
     return 0

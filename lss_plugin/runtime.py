@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -36,15 +37,29 @@ def as_timedelta(timeout_s: float | None) -> datetime.timedelta:
     return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
 
 
-def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> None:
-    """Initialise the default process group from torchrun's env vars (single process if absent).
+# Variables by which a launcher announces the processes it started (torchrun and the deepspeed
+# launcher: WORLD_SIZE; mpirun: the MPI ones, which DeepSpeed's own MPI discovery reads).
+LAUNCHER_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
-    Idempotent: a process group that already exists is kept as it is.
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, deepspeed, mpirun) started this process."""
+    return any(name in os.environ for name in LAUNCHER_ENV)
+
+
+def init_distributed(timeout_s: float | None = None, backend: str | None = None) -> None:
+    """Initialise the default process group from the launcher's env vars, or as one process.
+
+    Without a launcher this is a one-rank group on a free local port, and the env vars DeepSpeed
+    checks (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are set to match it, so that
+    DeepSpeed does not fall back to MPI discovery. Idempotent: an existing group is kept.
     """
     if dist.is_initialized():
         return
+    if not launched():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = backend or default_backend()
@@ -52,3 +67,9 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=as_timedelta(timeout_s))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,14 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lss_plugin.options import LAYOUTS, check_layout  # noqa: F401 - LAYOUTS re-exported by lss_plugin
 from lss_plugin.topology import resolve_sp_group
-
-LAYOUTS = ("contiguous", "balanced")
-
-
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def chunks_per_rank(layout: str) -> int:

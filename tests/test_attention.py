@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import lss_plugin
 from lss_plugin.sharding import local_token_indices
+from lss_plugin.signature import SIGNATURE_BYTES
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
 
@@ -64,17 +65,24 @@ def _sweep(dtype_name):
     return results
 
 
-def _expected_comm(world, heads, kv_backward, head_chunk, itemsize):
-    h, hkv = HEADS[heads]
+def _expected_comm(world, heads, kv_backward, head_chunk, itemsize, kv_grad_dtype="fp32", shape=(B, L, D)):
+    """Calls and payload bytes; dK,dV of half inputs are reduce-scattered as float32 by default.
+
+    ``heads``: a name of ``HEADS`` or (heads, kv_heads); ``shape``: (batch, L, head dim)."""
+    h, hkv = HEADS[heads] if isinstance(heads, str) else heads
+    b, seq, d = shape
+    grad_itemsize = 4 if itemsize < 4 and kv_grad_dtype == "fp32" else itemsize
     chunk = head_chunk or hkv
     n_chunks = -(-hkv // chunk)
     if world == 1:
         return {"all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}, {
             "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
     gathers = n_chunks * (2 if kv_backward == "regather" else 1)
-    per_call = 2 * B * L * chunk * D * itemsize  # packed [k; v] for all L positions
+    per_call = 2 * b * seq * chunk * d * itemsize  # packed [k; v] for all L positions
+    per_grad_call = 2 * b * seq * chunk * d * grad_itemsize  # packed [dk; dv]
+    signatures = world * SIGNATURE_BYTES  # each rank's 40-byte call signature rides in the gather
     return ({"all_gather_into_tensor": gathers, "reduce_scatter_tensor": n_chunks},
-            {"all_gather_into_tensor": gathers * per_call, "reduce_scatter_tensor": n_chunks * per_call})
+            {"all_gather_into_tensor": gathers * (per_call + signatures), "reduce_scatter_tensor": n_chunks * per_grad_call})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -95,13 +103,31 @@ def test_float32_within_1e5_relative():
             assert max(errors.values()) < 1e-5, (case, errors)
 
 
+def _kernel_calls(causal, heads):
+    """block_forward calls of one contiguous lss_attention forward on this rank (one head chunk)."""
+    import lss_plugin.attention as attention
+
+    calls, real = [], attention.block_forward
+    attention.block_forward = lambda *args: calls.append(args[1].shape[2]) or real(*args)  # keys per call
+    try:
+        _one_case(dist.get_rank(), dist.get_world_size(), causal, "contiguous", heads, "keep", None, torch.float64)
+    finally:
+        attention.block_forward = real
+    return calls
+
+
 def _math_kernel_sweep():
     assert os.environ["LSS_ATTENTION_KERNEL"] == "math"
-    return _sweep("float64")
+    results = _sweep("float64")  # also registers the topology
+    return results, {heads: _kernel_calls(True, heads) for heads in ("mha", "gqa")}
 
 
 def test_math_kernel_matches_reference():
-    """The device-agnostic kernel (used off-CPU) is exact too."""
-    for rank_results in run_ranks(_math_kernel_sweep, 2, env={"LSS_ATTENTION_KERNEL": "math"}):
+    """The device-agnostic kernel (used off-CPU) is exact too. It aligns a causal mask bottom-right,
+    so without GQA a query chunk's prefix and diagonal are one call over keys [0, end): on 2 ranks,
+    rank 1 (contiguous, queries [L/2, L)) makes one call over all L keys; with GQA, two (prefix, diagonal)."""
+    for rank, (rank_results, calls) in enumerate(run_ranks(_math_kernel_sweep, 2, env={"LSS_ATTENTION_KERNEL": "math"})):
         for case, (errors, _, _) in rank_results:
             assert max(errors.values()) < 1e-10, (case, errors)
+        assert calls["mha"] == ([L // 2] if rank == 0 else [L]), calls
+        assert calls["gqa"] == ([L // 2] if rank == 0 else [L // 2, L // 2]), calls

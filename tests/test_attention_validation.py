@@ -27,6 +27,7 @@ BAD_CALLS = {
     "odd_balanced": (lambda: _qkv(s=5), {"layout": "balanced"}, "local sequence length 5 cannot come from layout"),
     "layout": (lambda: _qkv(), {"layout": "zigzag"}, "layout must be one of"),
     "mode": (lambda: _qkv(), {"kv_backward": "drop"}, "kv_backward must be one of"),
+    "grad_dtype": (lambda: _qkv(dtype=torch.bfloat16), {"kv_grad_dtype": "bf16"}, "kv_grad_dtype must be one of"),
     "chunk": (lambda: _qkv(), {"kv_head_chunk": 3}, r"kv_head_chunk must be an integer in \[1, 2\]"),
     "rank3": (lambda: (torch.randn(4, 4, 8),) + _qkv()[1:], {}, "must be a 4-D tensor"),
 }
@@ -71,5 +72,5 @@ def _mismatched(kind):
 @pytest.mark.parametrize("kind", ["shape", "layout"])
 def test_ranks_that_disagree_all_fail_instead_of_hanging(kind):
     for message in run_ranks(_mismatched, 2, kind, timeout_s=120):
-        assert message is not None and "different arguments" in message
+        assert message is not None and "sequence-parallel group disagree" in message
         assert ("s_local" if kind == "shape" else "layout") in message

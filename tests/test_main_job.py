@@ -92,6 +92,21 @@ def _train(tmp_path, extra: list[str], nproc: int = 2) -> dict[int, dict]:
     return _metrics(metrics)
 
 
+@needs_megatron
+def test_training_script_on_two_ranks_gives_the_one_rank_losses(tmp_path):
+    """`examples/pretrain_gpt_lss.py` under torchrun as a user runs it: LSS SP=2 (balanced, RoPE)
+    reproduces the per-iteration losses and validation BPC of the same flags on one rank."""
+    flags = ["--position-embedding-type", "rope"]
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = _train(tmp_path / "one", flags, nproc=1)
+    two = _train(tmp_path / "two", flags + ["--lss-sequence-parallel", "--lss-layout", "balanced"])
+    assert sorted(one) == sorted(two) == list(range(1, ITERS + 1))
+    assert two[1]["mode"] == "LSS sp=2 x dp=1 layout=balanced kv_backward=keep"
+    for it in one:
+        assert two[it]["loss"] == pytest.approx(one[it]["loss"], rel=FLOAT32_RTOL), it
+    assert two[ITERS]["val_bpc"] == pytest.approx(one[ITERS]["val_bpc"], rel=FLOAT32_RTOL)
+
+
 def _checkpoint_at(demo_dir, iteration, tmp_path):
     """A --load directory whose latest checkpoint is the demo's at ``iteration``."""
     name = f"iter_{iteration:07d}"

@@ -1,12 +1,14 @@
 """megatron-core adapter, end to end: a real GPTModel in megatron-core DDP, on CPU/gloo.
 
 Reference = the same script on 1 rank. Every parallel run (LSS SP=2, SP=4, SP=2 x DP=2, both
-layouts, learned and RoPE positions; Megatron TP=2 + SP) must give the 1-rank per-iteration losses
-within 1e-5 relative (float32) and, after DDP's reduction, the 1-rank gradient of a parameter.
-Half the cases drop tokens from the loss with a mask that leaves ranks with different token
-counts: a mean of per-rank means (Megatron's default reduction) would be wrong there.
-Checkpoints written by SP=4 and TP=2 runs resume on SP=2 and on 1 rank, continuing the losses
-of an uninterrupted run. Runs are batched into three spawns (4, 2, 1 ranks) to keep wall time low.
+layouts, learned and RoPE positions; Megatron TP=2 + SP; TP=2 x LSS=2 with and without Megatron
+SP, both layouts, MHA and GQA; PP=2 x LSS=2 through megatron-core's 1F1B schedule) must give the
+1-rank per-iteration losses and clipping norms within 1e-5 relative (float32) and, after DDP's
+reduction, the 1-rank gradient of a parameter. Half the cases drop tokens from the loss with a
+mask that leaves ranks with different token counts: a mean of per-rank means (Megatron's default
+reduction) would be wrong there. Checkpoints resume across (T, N, D, P): SP=4 on SP=2, on 1 rank
+and on TP=2 x SP=2; TP=2 and TP=2 x SP=2 on 1 rank; TP=2 x SP=2 on DP=2; PP=2 x SP=2 on 1 rank,
+continuing the losses of an uninterrupted run. Runs are batched into three spawns (4, 2, 1 ranks).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+from lss_plugin.signature import SIGNATURE_BYTES
 from tests.distributed import run_ranks
 
 LOSS_RTOL = 1e-5  # float32, relative, per iteration
@@ -45,6 +48,7 @@ def uneven_loss_mask(tokens, labels):
     return labels % 3 != 0
 
 
+KV_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor")
 FC1 = "decoder.layers.0.mlp.linear_fc1.weight"  # SwiGLU: TP stride 2 ([gate; up] per rank)
 VARIANT = ["--swiglu", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",
            "--disable-bias-linear"]
@@ -62,17 +66,21 @@ def _run_cases(cases: dict, check_attention_module: bool = False) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from lss_plugin import record_collectives
     from lss_plugin.megatron.pretrain import parse_args, train
     from lss_plugin.topology import get_topology
 
     splits, out = synthetic_splits(), {}
     for name, spec in cases.items():
         args = parse_args(spec["argv"])
-        records = train(args, loss_mask_fn=uneven_loss_mask if spec["masked"] else None,
-                        probe_params=spec["probes"], splits=splits)
+        with record_collectives() as rec:
+            records = train(args, loss_mask_fn=uneven_loss_mask if spec["masked"] else None,
+                            probe_params=spec["probes"], splits=splits)
         out[name] = {
             "iterations": [r["iteration"] for r in records],
             "losses": [r["loss"] for r in records],
+            "grad_norms": [r["grad_norm"] for r in records],
+            "kv_collectives": {k: (rec.calls[k], rec.bytes[k]) for k in KV_COLLECTIVES},
             "tokens": [r["num_tokens"] for r in records],
             "probes": {k: v.numpy() for k, v in records[0]["probes"].items()} if records else {},
             "val_bpc": [r["val_bpc"] for r in records if "val_bpc" in r],
@@ -83,7 +91,8 @@ def _run_cases(cases: dict, check_attention_module: bool = False) -> dict:
                 "cp": dist.get_process_group_ranks(parallel_state.get_context_parallel_group()),
                 "dp_cp": dist.get_process_group_ranks(
                     parallel_state.get_data_parallel_group(with_context_parallel=True)),
-                "sp": topo.sp_ranks, "dp": topo.dp_ranks,
+                "tp": dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group()),
+                "sp": topo.sp_ranks, "dp": topo.dp_ranks, "lss_tp": topo.tp_ranks,
                 "sp_rank": topo.sp_rank, "cp_rank": parallel_state.get_context_parallel_rank(),
             }
         parallel_state.destroy_model_parallel()
@@ -125,6 +134,11 @@ def _check_attention_refusals() -> str:
 # ---------------------------------------------------------------------------------------------
 # The three spawns (4 ranks first: its checkpoint is resumed by the others)
 
+TP2_LSS2 = ["--tensor-model-parallel-size", "2", "--lss-sequence-parallel",
+            "--lss-sequence-parallel-size", "2"]
+MHA = ["--num-query-groups", "4"]
+
+
 def cases_4(ckpt):
     lss = ["--lss-sequence-parallel"]
     return {
@@ -138,6 +152,24 @@ def cases_4(ckpt):
         "sp2xdp2_balanced_rope_masked": case(
             "rope", True, *lss, "--lss-sequence-parallel-size", "2", "--lss-layout", "balanced",
             "--lss-kv-backward", "regather"),
+        # TP=2 x LSS=2: with and without Megatron's SP, both layouts, GQA (2 groups) and MHA.
+        "tp2xsp2_contiguous_gqa_learned_masked": case("learned_absolute", True, *TP2_LSS2),
+        "tp2sp_xsp2_balanced_gqa_rope": case(
+            "rope", False, *TP2_LSS2, "--sequence-parallel", "--lss-layout", "balanced",
+            "--save", ckpt["tp2xsp2"], "--save-interval", str(ITERS)),
+        "tp2xsp2_balanced_mha_rope_masked": case("rope", True, *TP2_LSS2, *MHA, "--lss-layout", "balanced",
+                                                 "--lss-kv-backward", "regather"),
+        "tp2sp_xsp2_contiguous_mha_learned": case("learned_absolute", False, *TP2_LSS2, *MHA,
+                                                  "--sequence-parallel"),
+        # PP=2 x LSS=2 through megatron-core's 1F1B schedule (untied embeddings: see pretrain.py).
+        "pp2xsp2_balanced_swiglu_rmsnorm_untied": case(
+            "learned_absolute", True, *VARIANT, "--pipeline-model-parallel-size", "2",
+            "--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--lss-layout", "balanced",
+            "--save", ckpt["pp2xsp2"], "--save-interval", str(ITERS),
+            "--eval-interval", str(ITERS), "--eval-iters", "2"),
+        # (T, N, D) = (1, 4, 1) checkpoint resumed on (2, 2, 1) with Megatron SP.
+        "resume_sp4_on_tp2sp_xsp2": case("learned_absolute", False, *TP2_LSS2, "--sequence-parallel",
+                                         "--load", ckpt["sp4"], iters=RESUME_ITERS),
     }
 
 
@@ -155,6 +187,8 @@ def cases_2(ckpt):
         # SP=4 balanced checkpoint, resumed with SP=2 contiguous.
         "resume_sp4_on_sp2": case("learned_absolute", False, *lss, "--load", ckpt["sp4"],
                                   iters=RESUME_ITERS),
+        # (T, N, D) = (2, 2, 1) checkpoint resumed on (1, 1, 2): no TP, no LSS.
+        "resume_tp2xsp2_on_dp2": case("rope", False, "--load", ckpt["tp2xsp2"], iters=RESUME_ITERS),
     }
 
 
@@ -165,16 +199,25 @@ def cases_1(ckpt):
         "ref_learned_masked": case("learned_absolute", True),
         "ref_rope": case("rope", False, iters=RESUME_ITERS),
         "ref_rope_masked": case("rope", True),
-        "ref_swiglu_rmsnorm_untied_masked": case("learned_absolute", True, *VARIANT),
+        "ref_swiglu_rmsnorm_untied_masked": case("learned_absolute", True, *VARIANT, "--eval-interval",
+                                                 str(ITERS), "--eval-iters", "2", iters=RESUME_ITERS),
         "resume_sp4_on_1": case("learned_absolute", False, "--load", ckpt["sp4"], iters=RESUME_ITERS),
         "resume_tp2_on_1": case("rope", False, "--load", ckpt["tp2"], iters=RESUME_ITERS),
+        "resume_tp2xsp2_on_1": case("rope", False, "--load", ckpt["tp2xsp2"], iters=RESUME_ITERS),
+        "resume_pp2xsp2_on_1": case("learned_absolute", True, *VARIANT, "--load", ckpt["pp2xsp2"],
+                                    iters=RESUME_ITERS),
+        "ref_mha_rope_masked": case("rope", True, *MHA),
+        "ref_mha_learned": case("learned_absolute", False, *MHA),
     }
+
+
+CKPTS = ("sp4", "tp2", "tp2xsp2", "pp2xsp2")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_ckpt")
-    return {"sp4": str(root / "sp4"), "tp2": str(root / "tp2")}
+    return {name: str(root / name) for name in CKPTS}
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +247,11 @@ REFERENCE = {  # parallel case -> 1-rank reference case
     "tp2sp_rope": "ref_rope",
     "tp2sp_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
     "sp2_balanced_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
+    "tp2xsp2_contiguous_gqa_learned_masked": "ref_learned_masked",
+    "tp2sp_xsp2_balanced_gqa_rope": "ref_rope",
+    "tp2xsp2_balanced_mha_rope_masked": "ref_mha_rope_masked",
+    "tp2sp_xsp2_contiguous_mha_learned": "ref_mha_learned",
+    "pp2xsp2_balanced_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
 }
 
 
@@ -217,18 +265,30 @@ def _assert_losses_match(got, ref, iterations):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_losses_and_gradients_match_one_rank(name, runs4, runs2, runs1):
-    per_rank = runs4 if name in cases_4({"sp4": "", "tp2": ""}) else runs2
+    per_rank = runs4 if name in cases_4(dict.fromkeys(CKPTS, "")) else runs2
     ref = runs1[REFERENCE[name]]
     for rank, results in enumerate(per_rank):
         got = results[name]
         _assert_losses_match(got, ref, range(1, ITERS + 1))
+        # The clipping norm (TP x PP reduction of the DP x CP-reduced grads) is the 1-rank norm.
+        for norm, ref_norm in zip(got["grad_norms"], ref["grad_norms"]):
+            assert abs(norm - ref_norm) <= LOSS_RTOL * ref_norm, (rank, norm, ref_norm)
         assert got["tokens"] == ref["tokens"][:ITERS]
         # Gradient after DDP's reduction (iteration 1, before any update), on every rank:
-        # LSS replicas must all hold the full, 1-rank gradient; TP ranks the gathered one.
-        for param, ref_grad in ref["probes"].items():
-            grad = got["probes"][param]
+        # LSS replicas must all hold the full, 1-rank gradient; TP ranks the gathered one;
+        # a pipeline stage the gradients of its own layers.
+        for param, grad in got["probes"].items():
+            ref_grad = ref["probes"][param]
             scale = np.abs(ref_grad).max()
             assert np.abs(grad - ref_grad).max() <= GRAD_RTOL * scale, (rank, param)
+    held = {param for results in per_rank for param in results[name]["probes"]}
+    assert held == set(ref["probes"]), (held, set(ref["probes"]))
+    ref_by_iter = dict(zip(ref["iterations"], ref["losses"]))
+    worst_loss = max(abs(loss - ref_by_iter[it]) / abs(ref_by_iter[it]) for results in per_rank
+                     for it, loss in zip(results[name]["iterations"], results[name]["losses"]))
+    worst_grad = max(float(np.abs(g - ref["probes"][p]).max() / np.abs(ref["probes"][p]).max())
+                     for results in per_rank for p, g in results[name]["probes"].items())
+    print(f"\n{name}: worst loss deviation {worst_loss:.2e} (relative), worst gradient {worst_grad:.2e}")
 
 
 @pytest.mark.slow
@@ -257,16 +317,51 @@ def test_lss_is_registered_as_megatron_context_parallel_group(runs4):
 
 
 @pytest.mark.slow
-def test_validation_bits_per_character_match_one_rank(runs4, runs1):
-    ref = runs1["ref_learned"]["val_bpc"][0]
+def test_tp_x_lss_groups_are_megatrons_tp_and_cp_groups(runs4):
+    for rank, results in enumerate(runs4):
+        g = results["tp2sp_xsp2_balanced_gqa_rope"]["groups"]
+        tp_rank, cp_rank = rank % 2, rank // 2
+        assert g["tp"] == g["lss_tp"] == [2 * cp_rank, 2 * cp_rank + 1]
+        assert g["cp"] == g["sp"] == [tp_rank, tp_rank + 2]  # same TP rank: same KV heads
+        assert g["dp"] == [rank] and g["dp_cp"] == [tp_rank, tp_rank + 2]
+        assert g["cp_rank"] == g["sp_rank"] == cp_rank
+
+
+@pytest.mark.slow
+def test_each_tp_rank_gathers_only_its_own_kv_heads(runs4):
+    """Same sequence split (N=2), same micro-batch: TP=2 moves half the K/V bytes per collective.
+
+    GQA with 2 groups: 1 KV head per TP rank instead of 2 (the gathers' signature rows excepted). Calls: one gather (forward) and one
+    reduce-scatter (backward) per layer per micro-batch, as without TP.
+    """
     for results in runs4:
-        (bpc,) = results["sp4_balanced_learned"]["val_bpc"]
-        assert abs(bpc - ref) <= LOSS_RTOL * ref
+        tp = results["tp2xsp2_contiguous_gqa_learned_masked"]["kv_collectives"]  # D=1: 2 mbs/iter
+        no_tp = results["sp2xdp2_contiguous_learned_masked"]["kv_collectives"]   # D=2: 1 mb/iter
+        for name in KV_COLLECTIVES:
+            (calls_tp, bytes_tp), (calls, nbytes) = tp[name], no_tp[name]
+            assert calls == ITERS * 1 * 2 and calls_tp == ITERS * 2 * 2, (name, calls, calls_tp)
+            # Every gather also carries the N = 2 ranks' call signatures (not halved by TP).
+            signatures = 2 * SIGNATURE_BYTES if "gather" in name else 0
+            assert bytes_tp / calls_tp - signatures == (nbytes / calls - signatures) / 2, (name, bytes_tp, nbytes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,ref", [("sp4_balanced_learned", "ref_learned"),
+                                      ("pp2xsp2_balanced_swiglu_rmsnorm_untied",
+                                       "ref_swiglu_rmsnorm_untied_masked")])
+def test_validation_bits_per_character_match_one_rank(name, ref, runs4, runs1):
+    """Forward-only passes (the schedule with forward_only=True under PP) give the 1-rank BPC."""
+    ref_bpc = runs1[ref]["val_bpc"][0]
+    for results in runs4:
+        (bpc,) = results[name]["val_bpc"]
+        assert abs(bpc - ref_bpc) <= LOSS_RTOL * ref_bpc
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,ref", [("resume_sp4_on_1", "ref_learned"),
-                                      ("resume_tp2_on_1", "ref_rope")])
+                                      ("resume_tp2_on_1", "ref_rope"),
+                                      ("resume_tp2xsp2_on_1", "ref_rope"),
+                                      ("resume_pp2xsp2_on_1", "ref_swiglu_rmsnorm_untied_masked")])
 def test_checkpoint_resumes_on_one_rank(name, ref, runs1):
     _assert_losses_match(runs1[name], runs1[ref], range(ITERS + 1, RESUME_ITERS + 1))
 
@@ -275,6 +370,17 @@ def test_checkpoint_resumes_on_one_rank(name, ref, runs1):
 def test_sp4_checkpoint_resumes_with_sp2_contiguous(runs2, runs1):
     for results in runs2:
         _assert_losses_match(results["resume_sp4_on_sp2"], runs1["ref_learned"],
+                             range(ITERS + 1, RESUME_ITERS + 1))
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_tp_lss_and_dp_sizes(runs4, runs2, runs1):
+    """(1, 4, 1) -> (2, 2, 1) with Megatron SP, and (2, 2, 1) -> (1, 1, 2), continue the losses."""
+    for results in runs4:
+        _assert_losses_match(results["resume_sp4_on_tp2sp_xsp2"], runs1["ref_learned"],
+                             range(ITERS + 1, RESUME_ITERS + 1))
+    for results in runs2:
+        _assert_losses_match(results["resume_tp2xsp2_on_dp2"], runs1["ref_rope"],
                              range(ITERS + 1, RESUME_ITERS + 1))
 
 
@@ -299,8 +405,22 @@ def _parse(argv, world_size):
      r"--seq-length 60 is not divisible by 8 \(N for the contiguous layout"),
     (["--lss-sequence-parallel", "--seq-length", "68", "--lss-layout", "balanced"], 4,
      r"--seq-length 68 is not divisible by 8 \(2N for the balanced layout"),
-    (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2"], 4,
-     r"--tensor-model-parallel-size 2 with --lss-sequence-parallel is not supported yet"),
+    (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--seq-length", "36", "--lss-sequence-parallel-size", "4"], 8,
+     r"--seq-length 36 / --lss-sequence-parallel-size 4 = 9 local tokens are not divisible by "
+     r"--tensor-model-parallel-size 2"),
+    (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2", "--num-query-groups", "1"], 4,
+     r"--num-query-groups 1 must divide --num-attention-heads 4 and be divisible by TP 2"),
+    (["--lss-sequence-parallel", "--pipeline-model-parallel-size", "2"], 4,
+     r"--pipeline-model-parallel-size 2 needs --untie-embeddings-and-output-weights"),
+    (["--pipeline-model-parallel-size", "4", "--untie-embeddings-and-output-weights"], 4,
+     r"--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"),
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+      "--lss-sequence-parallel", "--lss-sequence-parallel-size", "2"], 4,
+     r"--lss-sequence-parallel-size 2 does not divide the world: world_size\(4\) % "
+     r"\(sp\(2\) \* tp\(2\) \* pp\(2\)\) = 4"),
+    (["--lss-sequence-parallel", "--tensor-model-parallel-size", "3"], 6,
+     r"--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
     (["--lss-sequence-parallel", "--lss-grad-averaging", "two_stage"], 2,
      r"--lss-grad-averaging two_stage is not supported with megatron-core"),
     (["--lss-sequence-parallel", "--attention-dropout", "0.1"], 2,
@@ -335,6 +455,10 @@ def test_add_lss_args_is_a_megatron_extra_args_provider():
     assert (args.lss_sequence_parallel_size, args.lss_layout, args.lss_kv_backward) == (2, "balanced", "regather")
     with pytest.raises(ValueError, match="context-parallel-size 2 conflicts"):
         args.context_parallel_size = 2
+        validate_lss_args(args, world_size=4)
+    args.context_parallel_size = 1
+    with pytest.raises(ValueError, match=r"virtual pipeline stages \(num_virtual_stages_per_pipeline_rank=2\)"):
+        args.num_virtual_stages_per_pipeline_rank = 2
         validate_lss_args(args, world_size=4)
 
 

@@ -1,8 +1,8 @@
 """The cost model agrees with the benchmark's measured counters at small sizes, at 1 and 4 ranks.
 
 Measured: ``lss_plugin.bench.run.run_cases`` on real ranks (megatron-core GPTModel, gloo), every
-method and variant the benchmark runs (the fused kernels and the ``[unfused]`` dense rows), MHA
-and GQA; one training step counted by the torch.distributed wrappers and one tracked by the
+method and variant the benchmark runs (the fused kernels and the ``[unfused]`` dense rows, and
+``lss_tp``: TP = 2 x LSS = 2 at 4 ranks), MHA and GQA; one training step counted by the torch.distributed wrappers and one tracked by the
 live-tensor tracker. Predicted: ``lss_plugin.plan.plan`` for the same model, length and layout.
 Communication: payload bytes and bytes sent per collective type must match EXACTLY.
 Memory: static bytes within 1%; activations at the end of forward within 1% (exact at these
@@ -14,10 +14,11 @@ rows ran Megatron's baddbmm/softmax path (the benchmark's "same kernel" claim).
 import pytest
 
 from lss_plugin.bench.launch import launch
-from lss_plugin.bench.methods import Variant, variants_for
+from lss_plugin.bench.methods import DEFAULT_METHODS, LSS_TP_SIZE, Variant, variants_for
 from lss_plugin.bench.model import ModelDims
 from lss_plugin.bench.run import Case, worker
 from lss_plugin.plan import GPTSpec, Setup, plan
+from lss_plugin.signature import SIGNATURE_BYTES
 
 STATIC_RTOL = 0.01
 ACTIVATION_RTOL = 0.01
@@ -33,8 +34,7 @@ SEQ_LEN = 128
 
 def _cases(world):
     return [Case(v, DIMS[att], SEQ_LEN, warmup=1, steps=0, attention=att)
-            for att in ("mha", "gqa") for v in variants_for(["single", "megatron_tp_sp", "lss", "ulysses",
-                                                           "ring", "allgather_cp", "usp"], world)]
+            for att in ("mha", "gqa") for v in variants_for(DEFAULT_METHODS, world)]
 
 
 def _setup(variant: Variant, world: int) -> Setup:
@@ -42,6 +42,8 @@ def _setup(variant: Variant, world: int) -> Setup:
         return Setup("megatron_tp_sp", tp=world, kernel=variant.kernel)
     if variant.method == "single":
         return Setup("single", kernel=variant.kernel)
+    if variant.method == "lss_tp":
+        return Setup("lss", sp=world // LSS_TP_SIZE, tp=LSS_TP_SIZE, kv_backward=variant.kv_backward)
     return Setup(variant.method, sp=world, kv_backward=variant.kv_backward,
                  kv_head_chunk=variant.kv_head_chunk, ulysses=variant.ulysses)
 
@@ -84,7 +86,7 @@ def _name(c):
 def test_every_method_and_world_is_compared(measured):
     compared = {(c["case"]["variant_name"], c["world_size"]) for c, _ in _pairs(measured)}
     for world in WORLDS:
-        for v in variants_for(["single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp"], world):
+        for v in variants_for(DEFAULT_METHODS, world):
             assert (v.name, world) in compared, (v.name, world)
 
 
@@ -145,3 +147,43 @@ def test_setup_refuses_by_name():
         Setup("lss", sp=4, kernel="unfused")
     with pytest.raises(ValueError, match="usp's Ulysses size 2 must divide heads"):
         plan(GPTSpec(1, 12, 3), 64, Setup("usp", sp=4, ulysses=2))
+
+
+def test_tp_x_lss_splits_the_kv_heads_and_the_model_state():
+    """Pure cost-model checks of LSS x TP (the measured 4-rank case above checks the numbers)."""
+    from lss_plugin.plan import tp_lss_splits
+
+    spec = GPTSpec(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4, vocab_size=256)
+    lss = plan(spec, 1024, Setup("lss", sp=4))
+    lss_tp = plan(spec, 1024, Setup("lss", sp=4, tp=2))
+    assert lss_tp.bytes_by_type()["reduce_scatter"] > 0
+    kv, kv_tp = (next(c for c in p.collectives if c.type == "all_gather") for p in (lss, lss_tp))
+    signatures = 4 * SIGNATURE_BYTES  # the N = 4 call signatures in each gather do not shrink with T
+    assert (kv_tp.payload_bytes - signatures) * 2 == kv.payload_bytes - signatures  # Hkv / T heads per TP rank
+    assert lss_tp.memory["optimizer"] < lss.memory["optimizer"]
+    # T must divide the 4 KV heads: TP = 8 alone is not a split this model allows
+    assert [(s.method, s.tp, s.sp) for s in tp_lss_splits(spec, 1024, 8)] == [
+        ("lss", 1, 8), ("lss", 2, 4), ("lss", 4, 2)]
+    mha = GPTSpec(num_layers=2, hidden_size=64, num_heads=8, vocab_size=256)
+    assert [(s.method, s.tp) for s in tp_lss_splits(mha, 1024, 8)][-1] == ("megatron_tp_sp", 8)
+    with pytest.raises(ValueError, match=r"the 5 tokens per LSS rank are not divisible by tp\(2\)"):
+        plan(spec, 20, Setup("lss", sp=4, tp=2))
+    with pytest.raises(ValueError, match="ring with tp=2 is not modelled"):
+        Setup("ring", sp=2, tp=2)
+
+
+def test_kv_grad_dtype_sets_the_reduce_scatter_item_size():
+    """Half inputs reduce-scatter dK,dV in fp32 by default (4-byte items; test_precision measures the
+    same bytes on real ranks), in the input dtype with kv_grad_dtype="input"; fp32 inputs either way."""
+    spec = GPTSpec(num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4, vocab_size=256)
+    kv_elements = 2 * 1024 * 4 * spec.head_dim  # packed dK,dV of all L = 1024 positions, 4 KV heads
+
+    def payload(**setting):
+        p = plan(spec, 1024, Setup("lss", sp=4, **setting))
+        return next(c.payload_bytes for c in p.collectives if c.type == "reduce_scatter")
+
+    assert payload(dtype_bytes=2) == kv_elements * 4
+    assert payload(dtype_bytes=2, kv_grad_dtype="input") == kv_elements * 2
+    assert payload(dtype_bytes=4) == payload(dtype_bytes=4, kv_grad_dtype="input") == kv_elements * 4
+    with pytest.raises(ValueError, match="kv_grad_dtype must be one of"):
+        Setup("lss", sp=4, kv_grad_dtype="bf16")

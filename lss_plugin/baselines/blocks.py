@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+# GQA helpers shared with LSS's own local attention (fold query groups into rows, repeat / sum KV heads)
+from lss_plugin.attention import _fold, _repeat_heads as _repeat, _sum_head_groups as _sum_groups, _unfold
 from lss_plugin.kernels import block_backward, block_forward
 from lss_plugin.sharding import Chunk
 
@@ -66,26 +68,6 @@ def plan_tasks(q_chunks, k_chunks, causal: bool) -> list[Task]:
         q_spans = [q_span] if q_span else [slice(c.local_start, c.local_start + c.length) for c in queries]
         tasks += [Task(q, k, False) for q in q_spans for k in k_spans]
     return tasks
-
-
-def _fold(x: torch.Tensor, g: int) -> torch.Tensor:
-    """[b, hkv*g, n, ...] -> [b, hkv, g*n, ...]: the query heads of one KV head as extra rows."""
-    return x if g == 1 else x.reshape(x.shape[0], x.shape[1] // g, g * x.shape[2], *x.shape[3:])
-
-
-def _unfold(x: torch.Tensor, g: int) -> torch.Tensor:
-    return x if g == 1 else x.reshape(x.shape[0], x.shape[1] * g, x.shape[2] // g, *x.shape[3:])
-
-
-def _repeat(x: torch.Tensor, g: int) -> torch.Tensor:
-    return x if g == 1 else x.repeat_interleave(g, dim=1)
-
-
-def _sum_groups(x: torch.Tensor, g: int) -> torch.Tensor:
-    if g == 1:
-        return x
-    b, h, n, d = x.shape
-    return x.view(b, h // g, g, n, d).sum(2)
 
 
 def task_forward(q, k, v, scale: float, diagonal: bool):

@@ -194,15 +194,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int:
-    """VmHWM of this process (since the last reset), else ru_maxrss."""
+def _proc_status_bytes(field: str):
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def current_rss_bytes() -> int:
+    """VmRSS of this process now (Linux); 0 where /proc is not available."""
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM of this process (since the last reset), else ru_maxrss."""
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -2,7 +2,7 @@
 
 One ``Method`` per parallel scheme, registered in ``METHODS`` by name; adding a method is one
 ``register(Method(...))`` call (its variants, parallel layout, core attention, token split). A
-TP x LSS method, say, is ``layout=lambda n: Layout(tp=2, cp=n // 2, sp_group=True)`` with LSS's
+TP x LSS method (``lss_tp``) is ``layout=lambda n: Layout(tp=2, cp=n // 2, sp_group=True)`` with LSS's
 core attention and token split.
 Every headline method attends with a fused kernel: torch's SDPA (flash) for ``single`` and
 ``megatron_tp_sp``, LSS's LSE-merging block kernel (``lss_plugin.kernels``) for LSS, ring,
@@ -197,6 +197,15 @@ register(Method(
     "usp", sequence_parallel,
     lambda n, quick: [Variant("usp", "balanced", ulysses=usp_ulysses_size(n))] if usp_ulysses_size(n) else [],
     _sp_baseline, _usp_indices, "lss_plugin.kernels block_forward/backward (LSE merge) in the ring"))
+
+LSS_TP_SIZE = 2  # lss_tp: tensor-parallel size; LSS takes the remaining N / 2 ranks
+register(Method(
+    # TP = 2 with Megatron SP inside each TP pair, LSS over the other N / 2 ranks (each TP rank
+    # gathers its own KV heads over its CP group); from 4 ranks up, so LSS has >= 2 ranks.
+    "lss_tp", lambda n: Layout(tp=LSS_TP_SIZE, cp=n // LSS_TP_SIZE, sp_group=True),
+    lambda n, quick: [Variant("lss_tp")] if n >= 2 * LSS_TP_SIZE and n % LSS_TP_SIZE == 0 else [],
+    _lss_attention, _layout_indices,
+    "lss_plugin.kernels block_forward/backward (LSE merge), the TP rank's heads"))
 
 DEFAULT_METHODS = tuple(METHODS)
 

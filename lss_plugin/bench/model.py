@@ -99,7 +99,7 @@ def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int,
                         method_of(variant).layout(world_size).cp)
     if idx is not None:  # a sequence-parallel rank's tokens
         tokens, labels, positions = tokens[:, idx], labels[:, idx], positions[:, idx]  # [b, L/N]
-    # Megatron TP+SP: every TP rank holds the whole sequence (its embedding scatters it).
+    # Megatron TP+SP: every TP rank holds the whole sequence, or its CP part (the embedding scatters it).
     device = default_device()
     return {"tokens": tokens.contiguous().to(device), "labels": labels.contiguous().to(device),
             "position_ids": positions.contiguous().to(device)}

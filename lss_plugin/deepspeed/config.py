@@ -16,7 +16,7 @@ from typing import Any
 BLOCK_KEY = "lss_sequence_parallel"
 LAYOUTS = ("contiguous", "balanced")
 KV_BACKWARD_MODES = ("keep", "regather")
-GRAD_AVERAGING_MODES = ("two_stage", "fused")
+GRAD_AVERAGING_MODES = ("auto", "two_stage", "fused")
 # DeepSpeed keys that describe the same grid as the block; they must agree with it.
 DEEPSPEED_GRID_KEYS = ("sequence_parallel_size", "data_parallel_size")
 
@@ -33,7 +33,7 @@ class LSSConfig:
     size: int = 1  # sequence-parallel ranks per sequence (N)
     layout: str = "balanced"  # how a sequence is split: causal load balance by default
     kv_backward: str = "keep"  # "regather": keep only local K/V, gather again in backward
-    grad_averaging: str = "two_stage"  # SP then DP averaging (ZeRO 0); "fused": one SP x DP all-reduce
+    grad_averaging: str = "auto"  # "two_stage": SP then DP (ZeRO 0 only); "fused": one SP x DP reduction
     kv_head_chunk: int | None = None  # gather K/V this many KV heads at a time (memory bound)
     timeout_s: float | None = None  # timeout of the LSS process groups
 
@@ -108,12 +108,36 @@ class LSSConfig:
             )
         return dp
 
+    def grad_averaging_for_stage(self, zero_stage: int) -> str:
+        """The averaging an engine at this ZeRO stage does; refuses "two_stage" where it cannot be."""
+        return resolve_grad_averaging(self.grad_averaging, zero_stage)
+
     def attention_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``lss_plugin.lss_attention`` / the model's LSS options."""
         return {"layout": self.layout, "kv_backward": self.kv_backward, "kv_head_chunk": self.kv_head_chunk}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def resolve_grad_averaging(setting: str, zero_stage: int, two_stage_blocker: str | None = None) -> str:
+    """"auto" / "two_stage" / "fused" -> the mode the engine uses; "two_stage" is refused by name
+    where the engine cannot honour it.
+
+    ZeRO 1-3 partition gradients over the whole SP x DP grid, so their reduction is one collective
+    over it ("fused"); two stages (SP, then DP) exist only without ZeRO, and only when LSS reduces the
+    parameters' own gradients (``two_stage_blocker`` says why not, e.g. the bf16 optimizer's copies).
+    """
+    blocker = f"ZeRO stage {zero_stage} reduces each gradient partition in one collective over SP x DP" \
+        if zero_stage != 0 else two_stage_blocker
+    if setting == "auto":
+        return "fused" if blocker else "two_stage"
+    if setting == "two_stage" and blocker:
+        raise LSSConfigError(
+            f'"{BLOCK_KEY}": "grad_averaging" = "two_stage" cannot be honoured: {blocker}. '
+            'Use "fused" or "auto" (the same average in one collective)'
+        )
+    return setting
 
 
 def load_config(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from lss_plugin.deepspeed.config import LSSConfig, LSSConfigError, deepspeed_view, load_config
+from lss_plugin.deepspeed.config import BLOCK_KEY, LSSConfig, LSSConfigError, deepspeed_view, load_config
 from lss_plugin.deepspeed.mpu import LSSMpu
 from lss_plugin.deepspeed.reduction import install_lss_gradient_averaging
-from lss_plugin.runtime import as_timedelta
+from lss_plugin.deepspeed.zero3 import check_partition_groups, partition_over_grid
+from lss_plugin.runtime import as_timedelta, init_distributed, launched
 from lss_plugin.topology import init_topology
 
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500
@@ -41,6 +42,9 @@ def initialize(
     """
     import deepspeed
 
+    if not dist.is_initialized() and not launched():
+        # One plain `python` process: a one-rank group instead of DeepSpeed's MPI discovery.
+        init_distributed()
     config = _resolve_config(args, config, config_params)
     lss = LSSConfig.from_ds_config(config)
     ds_config = deepspeed_view(config)
@@ -64,12 +68,16 @@ def initialize(
 
 
 def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, model, mpu, mesh_param):
-    _refuse_unsupported(lss, model, mpu, mesh_param, passthrough["config"])
+    stage = _refuse_unsupported(lss, model, mpu, mesh_param, passthrough["config"])
     _init_distributed(passthrough["distributed_port"], passthrough["dist_init_required"], lss.timeout_s)
     lss.check_world(dist.get_world_size(), config)  # before any group exists: same error on every rank
     topology = init_topology(lss.size, timeout_s=lss.timeout_s)
     lss_mpu = LSSMpu(topology)
+    if stage == 3:
+        partition_over_grid(model, lss_mpu, passthrough["config"])
     engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(mpu=lss_mpu, **passthrough)
+    if stage == 3:
+        check_partition_groups(engine, lss_mpu.get_sequence_data_parallel_world_size())
     description = install_lss_gradient_averaging(engine, topology, lss.grad_averaging)
     engine.lss_config, engine.lss_topology, engine.lss_mpu = lss, topology, lss_mpu
     from deepspeed.utils import log_dist
@@ -96,7 +104,8 @@ def _resolve_config(args, config, config_params) -> dict:
     return load_config(config)
 
 
-def _refuse_unsupported(lss: LSSConfig, model, mpu, mesh_param, ds_config) -> None:
+def _refuse_unsupported(lss: LSSConfig, model, mpu, mesh_param, ds_config) -> int:
+    """Refuse by name what LSS cannot make exact; returns the ZeRO stage."""
     if mpu is not None or mesh_param is not None:
         raise LSSConfigError(
             f"lss_plugin.deepspeed.initialize builds the mpu from the \"lss_sequence_parallel\" block; "
@@ -107,20 +116,24 @@ def _refuse_unsupported(lss: LSSConfig, model, mpu, mesh_param, ds_config) -> No
         raise LSSConfigError(
             f'"gradient_allreduce_op" = {op!r}: LSS averages gradients over SP and DP, remove it or set "mean"'
         )
-    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    if str(stage) == "3":
-        # Measured: with the divisor corrected as for stages 1/2, ZeRO 3 still gives a step-0
-        # gradient norm 1.63x (SP=4) / 1.36x (SP=2 x DP=2) the 1-rank engine's, and diverging steps.
-        raise LSSConfigError(
-            'ZeRO stage 3 is not supported with "lss_sequence_parallel" (its gradient reduction does not '
-            'match a 1-rank engine yet): use "zero_optimization": {"stage": 0, 1 or 2}'
-        )
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    lss.grad_averaging_for_stage(stage)  # "two_stage" under ZeRO 1-3 is refused by name
+    for key, off in (("zero_hpz_partition_size", 1), ("mics_shard_size", -1)):
+        if zero.get(key, off) not in (off, None):
+            # Secondary partitions (hpZ) and MiCS shard groups reduce over groups of their own,
+            # which the LSS correction has not been checked against.
+            raise LSSConfigError(
+                f'"zero_optimization.{key}" = {zero[key]!r} is not supported with "{BLOCK_KEY}" '
+                f"(its gradient reduction over sub-groups is not checked against a 1-rank engine): remove it"
+            )
     try:
         from deepspeed.pipe import PipelineModule
     except ImportError:  # pragma: no cover - depends on the DeepSpeed build
         PipelineModule = ()
     if isinstance(model, PipelineModule):
         raise LSSConfigError("LSS sequence parallelism does not support DeepSpeed pipeline parallelism (PipelineModule)")
+    return stage
 
 
 def _init_distributed(distributed_port, dist_init_required, timeout_s) -> None:

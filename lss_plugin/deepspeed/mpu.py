@@ -127,7 +127,15 @@ class LSSMpu:
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank
 
     def destroy(self) -> None:
-        """Destroy the groups this mpu created (the topology's own groups are not touched)."""
+        """Destroy the groups this mpu created (the topology's own groups are not touched).
+
+        DeepSpeed keeps the last engine's mpu in a module global (``deepspeed.utils.groups.mpu``)
+        and asks it again when a later engine has none: that reference is dropped too.
+        """
+        from deepspeed.utils import groups
+
+        if getattr(groups, "mpu", None) is self:
+            groups.mpu = None
         if dist.is_initialized():
             for group in self._created:
                 if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:

@@ -9,20 +9,19 @@ over the SP ranks, right for Ulysses, whose loss is normalised over the whole se
 loss is the mean over each rank's own tokens, so that sum is N times the gradient of the global
 mean loss (measured: tests/test_deepspeed.py::test_deepspeed_alone_sums_over_sp, ratio N).
 
-The correction, per ZeRO stage, without touching the user's loss:
+The correction, per reduction path, without touching the user's loss:
 
-- ZeRO 0, ``grad_averaging="two_stage"``: the engine's ``buffered_allreduce_fallback`` is
-  replaced by ``lss_plugin.average_gradients`` (average over SP, then over DP).
-- ZeRO 0 otherwise (``"fused"``, optimizers that keep their own reduction copies such as the
-  bf16 one, sparse gradients): DeepSpeed's bucketed all-reduce over the grid stays, and the
-  divisor it is handed becomes the grid size N x D (``allreduce_bucket`` / ``sparse_allreduce``
-  wrapped). One all-reduce over SP x DP is the fused variant.
-- ZeRO 1, 2: the partitioned reduction must run over the whole grid (that is where the
-  optimizer state lives), so it is inherently fused; the ZeRO optimizer's divisor
+- ZeRO 0, ``grad_averaging`` "two_stage" (or "auto"): the engine's ``buffered_allreduce_fallback``
+  is replaced by ``lss_plugin.average_gradients`` (average over SP, then over DP).
+- ZeRO 0 "fused", and engines whose gradients LSS cannot average itself (the bf16 optimizer's fp32
+  copies, MoE, sparse embeddings; "two_stage" is refused there by name): DeepSpeed's bucketed
+  all-reduce over the grid stays, and the divisor it is handed becomes the grid size N x D
+  (``allreduce_bucket`` / ``sparse_allreduce`` wrapped).
+- ZeRO 1, 2, 3: the partitioned reduction runs over the whole grid (where the optimizer state
+  lives), one collective ("fused"; "two_stage" refused). The ZeRO optimizer's divisor
   ``world(grid) / sequence_parallel_size`` becomes ``world(grid)`` by setting its
-  ``sequence_parallel_size`` attribute to 1. It appears in exactly the division sites above
-  (and in a forced-fp32 communication dtype that only matters for a sum). ZeRO 3 is refused in
-  ``initialize``: the same correction does not make it match a 1-rank engine.
+  ``sequence_parallel_size`` attribute to 1 (stage 3's default reduce-scatter path divides by the
+  group size already). ZeRO 3 also needs its parameters partitioned over the grid: ``zero3``.
 """
 from __future__ import annotations
 
@@ -36,19 +35,39 @@ from lss_plugin.topology import LSSTopology
 
 
 def install_lss_gradient_averaging(engine, topology: LSSTopology, grad_averaging: str) -> str:
-    """Make ``engine`` average gradients over SP and DP; returns a one-line description."""
+    """Make ``engine`` average gradients over SP and DP; returns a one-line description.
+
+    ``grad_averaging`` is the block's setting ("auto", "two_stage" or "fused"); a mode this
+    engine's reduction path cannot honour is refused by name (``LSSConfigError``) on every rank.
+    """
+    from lss_plugin.deepspeed.config import resolve_grad_averaging
+
     if not getattr(engine, "gradient_average", True):
         raise ValueError(
             'LSS needs gradients averaged, but the DeepSpeed config sets "gradient_allreduce_op" '
             "to a sum: remove it"
         )
     stage = int(engine.zero_optimization_stage())
-    if stage == 0:
-        return _install_zero0(engine, topology, grad_averaging)
-    return _install_zero_partitioned(engine, topology, stage)
+    if stage != 0 and not hasattr(engine.optimizer, "get_grads_for_reduction"):
+        resolve_grad_averaging(grad_averaging, stage)  # refuses "two_stage"
+        return _install_zero_partitioned(engine, topology, stage)
+    # ZeRO 0, and the bf16 optimizer of ZeRO 1 (bf16 + fp32 accumulation): the engine's all-reduce.
+    mode = resolve_grad_averaging(grad_averaging, stage, _two_stage_blocker(engine))
+    return _install_allreduce(engine, topology, mode)
 
 
-def _install_zero0(engine, topology: LSSTopology, grad_averaging: str) -> str:
+def _two_stage_blocker(engine) -> str | None:
+    """Why the engine's gradients cannot be averaged in two stages by LSS itself (None: they can)."""
+    if engine.has_moe_layers:
+        return "MoE layers"
+    if hasattr(engine.optimizer, "get_grads_for_reduction"):
+        return f"{type(engine.optimizer).__name__} reduces its own fp32 gradient copies"
+    if any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse for m in engine.module.modules()):
+        return "sparse embedding gradients"
+    return None
+
+
+def _install_allreduce(engine, topology: LSSTopology, grad_averaging: str) -> str:
     grid_group = engine.seq_data_parallel_group
     grid_size = dist.get_world_size(grid_group)
 
@@ -72,33 +91,27 @@ def _install_zero0(engine, topology: LSSTopology, grad_averaging: str) -> str:
     engine.allreduce_bucket = lss_allreduce_bucket
     engine.sparse_allreduce = lss_sparse_allreduce
     if grad_averaging == "fused":
-        return f"ZeRO 0: DeepSpeed all-reduce over SP x DP ({grid_size} ranks), divided by {grid_size}"
+        return f"DeepSpeed all-reduce over SP x DP ({grid_size} ranks), divided by {grid_size}"
 
     fallback = engine.buffered_allreduce_fallback
 
     @functools.wraps(fallback)
     def lss_buffered_allreduce_fallback(grads=None, elements_per_buffer=500000000):
-        params = _two_stage_params(engine, grads)
-        if params is None:  # a case only DeepSpeed's own path handles; still corrected above
-            return fallback(grads=grads, elements_per_buffer=elements_per_buffer)
+        if grads is not None:  # DeepSpeed never passes them in 0.19.8 ZeRO 0; refuse rather than guess
+            raise RuntimeError("lss_plugin two-stage averaging: DeepSpeed passed explicit gradients to "
+                               "buffered_allreduce_fallback, a path this DeepSpeed version was not checked for")
         from lss_plugin.grads import average_gradients
 
-        average_gradients(params, topology=topology, mode="two_stage")
+        average_gradients(_params_with_grads(engine), topology=topology, mode="two_stage")
 
     engine.buffered_allreduce_fallback = lss_buffered_allreduce_fallback
-    return (f"ZeRO 0: two-stage averaging, SP ({topology.sp_size} ranks) then DP ({topology.dp_size} ranks)")
+    return f"two-stage averaging, SP ({topology.sp_size} ranks) then DP ({topology.dp_size} ranks)"
 
 
-def _two_stage_params(engine, grads):
-    """The parameters whose ``.grad`` LSS averages itself, or None to leave it to DeepSpeed."""
-    if grads is not None or engine.has_moe_layers or hasattr(engine.optimizer, "get_grads_for_reduction"):
-        return None
+def _params_with_grads(engine):
+    """Every trainable parameter; as DeepSpeed does, one without a gradient on this rank counts as zeros."""
     params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
     for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            return None
-    for p in params:
-        # As DeepSpeed does: a parameter without a gradient on this rank still takes part.
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return params

@@ -2,6 +2,8 @@
 
 Importing this package registers the ``"lss"`` attention (contiguous layout); call
 ``register_lss_attention("lss", layout="balanced", ...)`` to change its options.
+``LSSTrainer`` (``transformers.Trainer`` switched to LSS by the DeepSpeed config) is imported on
+first use, so the attention alone does not need accelerate.
 """
 from lss_plugin.hf.attention import (
     LSSHFOptions,
@@ -26,8 +28,18 @@ from lss_plugin.hf.models import build_causal_lm, small_causal_lm_config
 
 register_lss_attention()
 
+
+def __getattr__(name):
+    # The Trainer integration imports transformers.Trainer (and accelerate): only when asked for.
+    if name in ("LSSTrainer", "shard_trainer_batch", "use_lss_attention"):
+        from lss_plugin.hf import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "IGNORE_INDEX", "LSSBatchLoader", "LSSCausalLMCollator", "LSSHFOptions", "ShardedBatch", "build_causal_lm",
+    "IGNORE_INDEX", "LSSBatchLoader", "LSSTrainer", "LSSCausalLMCollator", "LSSHFOptions", "ShardedBatch", "build_causal_lm",
     "causal_lm_loss", "data_parallel_rows", "deepspeed_initialize", "lss_attention_forward", "lss_attention_mask", "lss_options", "register_lss_attention",
-    "sequence_parallel_sampler", "shard_causal_lm_batch", "shift_labels_for_causal_lm", "small_causal_lm_config",
+    "sequence_parallel_sampler", "shard_causal_lm_batch", "shard_trainer_batch", "shift_labels_for_causal_lm", "small_causal_lm_config", "use_lss_attention",
 ]

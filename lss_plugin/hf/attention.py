@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lss_plugin.attention import KV_BACKWARD_MODES, lss_attention
-from lss_plugin.sharding import check_layout, chunks_per_rank
+from lss_plugin.attention import lss_attention
+from lss_plugin.options import check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sp_group
 
 DEFAULT_NAME = "lss"
@@ -42,10 +43,8 @@ class LSSHFOptions:
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
-        if self.kv_backward not in KV_BACKWARD_MODES:
-            raise ValueError(f"kv_backward must be one of {KV_BACKWARD_MODES}, got {self.kv_backward!r}")
-        if self.kv_head_chunk is not None and (not isinstance(self.kv_head_chunk, int) or self.kv_head_chunk < 1):
-            raise ValueError(f"kv_head_chunk must be a positive integer or None, got {self.kv_head_chunk!r}")
+        check_kv_backward(self.kv_backward)
+        check_kv_head_chunk(self.kv_head_chunk)
 
 
 _OPTIONS: dict[str, LSSHFOptions] = {}
@@ -193,6 +192,27 @@ def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions) -> No
         )
 
 
+# Keyword arguments transformers passes that do not change the attention LSS computes (position_ids
+# is checked separately). Any other keyword with a value - attention sinks (``s_aux``, gpt-oss),
+# packed-sequence boundaries (``cu_seq_lens_*``), KV-cache tables - would be silently ignored:
+# refused by name instead.
+_NEUTRAL_KWARGS = frozenset({
+    "position_ids", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+    "use_cache", "cache_position", "past_key_values", "past_key_value", "layer_idx", "return_dict",
+})
+
+
+def _refuse_unknown_kwargs(kwargs: dict, model: str) -> None:
+    active = sorted(name for name, value in kwargs.items()
+                    if name not in _NEUTRAL_KWARGS and value is not None and value is not False)
+    if active:
+        raise ValueError(
+            f"attn_implementation='lss' got attention arguments it does not implement from {model}: {active} "
+            "(e.g. s_aux = attention sinks, cu_seq_lens_* = packed sequences); it would ignore them and compute "
+            "a different attention, so it refuses instead"
+        )
+
+
 def lss_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -230,6 +250,7 @@ def lss_attention_forward(
         raise ValueError(f"attn_implementation='lss' does not support attention logit softcapping ({model}: softcap={softcap})")
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"attn_implementation='lss' does not support additive position biases ({model})")
+    _refuse_unknown_kwargs(kwargs, model)
     sp_size = _sp_size(options)
     seq_len = query.shape[2] * sp_size
     _check_sliding_window(sliding_window, seq_len, config)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-LAYOUTS = ("contiguous", "balanced")
-KV_BACKWARD_MODES = ("keep", "regather")
+from lss_plugin.options import KV_BACKWARD_MODES, LAYOUTS, check_kv_backward, check_layout
+
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
 
 
@@ -20,7 +20,7 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "with LSS attention (registered as Megatron's context-parallel group).")
     group.add_argument("--lss-sequence-parallel-size", type=int, default=None,
                        help="Ranks per sequence (N). Default: the whole world divided by the "
-                            "tensor-parallel size, i.e. no data parallelism.")
+                            "tensor- and pipeline-parallel sizes, i.e. no data parallelism.")
     group.add_argument("--lss-layout", choices=LAYOUTS, default="contiguous",
                        help="contiguous: rank s holds tokens [s*L/N, (s+1)*L/N); balanced: 2N "
                             "chunks, rank s holds chunks s and 2N-1-s (even causal work).")
@@ -52,21 +52,15 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     cp = int(getattr(args, "context_parallel_size", 1) or 1)
-    problems = []
-    if tp != 1:
-        problems.append(f"--tensor-model-parallel-size {tp} with --lss-sequence-parallel is not "
-                        "supported yet (LSS replaces tensor/sequence parallelism; use TP=1)")
-    if pp != 1:
-        problems.append(f"--pipeline-model-parallel-size {pp} with --lss-sequence-parallel is not "
-                        "supported yet")
     if cp != 1:
-        problems.append(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
-                        "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
-    if getattr(args, "sequence_parallel", False) and tp > 1:
-        problems.append("--sequence-parallel (Megatron's TP sequence parallelism) and "
-                        "--lss-sequence-parallel cannot be combined")
-    if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError(f"--context-parallel-size {cp} conflicts with --lss-sequence-parallel: LSS "
+                         "occupies Megatron's context-parallel group; use --lss-sequence-parallel-size")
+    virtual = {name: getattr(args, name, None) for name in (
+        "virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+        "num_virtual_stages_per_pipeline_rank")}
+    if any(value not in (None, 1) for value in virtual.values()):
+        raise ValueError(f"virtual pipeline stages ({', '.join(f'{k}={v}' for k, v in virtual.items() if v)}) "
+                         "with --lss-sequence-parallel are not supported yet")
 
     sp = args.lss_sequence_parallel_size
     if sp is None:
@@ -81,8 +75,7 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
         )
     seq_length = getattr(args, "seq_length", None)
     layout = args.lss_layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"--lss-layout {layout!r} is not one of {LAYOUTS}")
+    check_layout(layout, "--lss-layout")
     chunks = sp if layout == "contiguous" else 2 * sp
     if seq_length is not None and seq_length % chunks != 0:
         raise ValueError(
@@ -90,8 +83,14 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             f"({'N' if layout == 'contiguous' else '2N'} for the {layout} layout with "
             f"--lss-sequence-parallel-size {sp})"
         )
-    if args.lss_kv_backward not in KV_BACKWARD_MODES:
-        raise ValueError(f"--lss-kv-backward {args.lss_kv_backward!r} is not one of {KV_BACKWARD_MODES}")
+    if getattr(args, "sequence_parallel", False) and tp > 1 and seq_length is not None \
+            and (seq_length // sp) % tp != 0:
+        raise ValueError(
+            f"--seq-length {seq_length} / --lss-sequence-parallel-size {sp} = {seq_length // sp} "
+            f"local tokens are not divisible by --tensor-model-parallel-size {tp} (Megatron's "
+            "--sequence-parallel splits each rank's tokens over the TP group)"
+        )
+    check_kv_backward(args.lss_kv_backward, "--lss-kv-backward")
     if args.lss_grad_averaging != "fused":
         raise ValueError(
             f"--lss-grad-averaging {args.lss_grad_averaging} is not supported with megatron-core's "

@@ -4,6 +4,17 @@ Same constructor and ``forward`` signature, same ``[s, b, h, d]`` tensors, so a 
 in through ``SelfAttentionSubmodules(core_attention=...)``. Each rank holds ``s_local = L / N`` of
 the tokens; ``lss_attention`` gathers K, V over the SP group (Megatron's CP group) and returns
 the complete output for the local queries. No TransformerEngine, no apex.
+
+Masks. LSS applies one mask itself, the causal one in global positions (or none). An
+``attention_mask`` (Megatron's convention: bool, True = hidden; this rank's queries against keys
+in global positions, ``[b, 1, s_local or 1, L]``, as ``get_batch_on_this_lss_rank`` slices it)
+is accepted only when it hides nothing that mask type does not already hide: a causal mask passed
+along with ``causal``/``padding_causal``, an all-visible mask with ``no_mask``/``padding``.
+Padding and document masks are refused with ``NotImplementedError``, never dropped, on every
+rank of the SP group: the count of pairs the mask would add is summed over the group (a tiny
+all-reduce, only when a mask is passed), because a padding mask usually changes the rows of some
+ranks only. Pass ``attention_mask=None`` (Megatron-LM: ``--no-create-attention-mask-in-dataloader``)
+to skip the check.
 """
 from __future__ import annotations
 
@@ -19,9 +30,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
+from lss_plugin.comm import all_reduce_sum
+from lss_plugin.megatron.batch import lss_token_index
 
-_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
-_UNMASKED = (AttnMaskType.no_mask,)
+# Mask types LSS reproduces -> whether its own mask is causal. The padding variants are exact
+# only while their mask pads nothing (checked per call).
+_CAUSAL_BY_MASK_TYPE = {
+    AttnMaskType.causal: True,
+    AttnMaskType.padding_causal: True,
+    AttnMaskType.no_mask: False,
+    AttnMaskType.padding: False,
+}
+_CAUSAL = tuple(t for t, causal in _CAUSAL_BY_MASK_TYPE.items() if causal)  # read by lss_plugin.bench.model
+# cp_comm_type picks the communication of Megatron's context-parallel attention, which LSS
+# replaces: only "unset" or "lss" are honest values (see lss_plugin.megatron.megatron_lm).
+CP_COMM_TYPES = (None, "lss")
 
 
 class LSSDotProductAttention(MegatronModule):
@@ -70,6 +93,12 @@ class LSSDotProductAttention(MegatronModule):
             unsupported.append(f"window_size={config.window_size}")
         if attention_type != "self":
             unsupported.append(f"attention_type={attention_type!r} (self-attention only)")
+        if cp_comm_type not in CP_COMM_TYPES:
+            unsupported.append(
+                f"cp_comm_type={cp_comm_type!r} (it selects the communication of Megatron's context-parallel "
+                "attention; LSS always communicates with one K/V all-gather and one dK/dV reduce-scatter: "
+                "leave it unset or 'lss')"
+            )
         if unsupported:
             raise ValueError("LSSDotProductAttention does not support " + ", ".join(unsupported))
         self._check_mask_type(attn_mask_type)
@@ -89,10 +118,41 @@ class LSSDotProductAttention(MegatronModule):
 
     @staticmethod
     def _check_mask_type(mask_type: AttnMaskType) -> None:
-        if mask_type not in _CAUSAL + _UNMASKED:
+        if mask_type not in _CAUSAL_BY_MASK_TYPE:
             raise ValueError(
-                f"LSSDotProductAttention supports causal and no_mask attention, got {mask_type}; "
-                "arbitrary/padding masks are not supported yet"
+                f"LSSDotProductAttention supports attn_mask_type causal, padding_causal, no_mask and padding "
+                f"(the padding ones without padding), got {mask_type}; arbitrary masks are not supported yet"
+            )
+
+    def _check_attention_mask(self, mask: torch.Tensor, mask_type: AttnMaskType, s_local: int) -> None:
+        """Refuse a mask that hides anything beyond what LSS applies itself (see the module doc)."""
+        group = self.sp_group
+        rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+        seq_len = s_local * size
+        if mask.dim() != 4 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, s_local):
+            raise ValueError(
+                f"attention_mask of shape {tuple(mask.shape)} with {mask_type}: LSSDotProductAttention reads masks "
+                f"as [b, 1, s_local={s_local} or 1, L={seq_len}] (this rank's queries, keys in global positions, "
+                "True = hidden), as lss_plugin.megatron.get_batch_on_this_lss_rank slices them"
+            )
+        hidden = mask.bool()  # [b, 1, s_local or 1, L]
+        causal = _CAUSAL_BY_MASK_TYPE[mask_type]
+        if causal:
+            positions = lss_token_index(seq_len, rank, size, self.lss_layout, device=mask.device)  # [s_local]
+            future = torch.arange(seq_len, device=mask.device)[None, :] > positions[:, None]  # [s_local, L]
+            hidden = hidden & ~future
+        extra = hidden.sum(dtype=torch.int64).reshape(1)
+        if size > 1:  # every rank must reach the same verdict, before lss_attention's collectives
+            all_reduce_sum(extra, group)
+        extra = int(extra.item())
+        if extra:
+            raise NotImplementedError(
+                f"attn_mask_type={mask_type.name} with an attention_mask that hides {extra} (query, key) pairs "
+                f"{'a causal mask shows' if causal else 'of an unmasked attention'} (summed over the sequence-"
+                f"parallel group): LSS applies "
+                f"{'only the causal mask (global positions)' if causal else 'no mask'} and would drop them. Padding "
+                "and document masks are not supported: right-pad and drop padded tokens from the loss (loss_mask), "
+                "or pass attention_mask=None"
             )
 
     def forward(
@@ -107,8 +167,8 @@ class LSSDotProductAttention(MegatronModule):
     ) -> torch.Tensor:
         """query ``[s_local, b, np, hn]``, key/value ``[s_local, b, ng, hn]`` -> ``[s_local, b, np*hn]``.
 
-        ``attention_mask`` is ignored for causal mask types, as TEDotProductAttention does: the
-        causal mask is built from global positions inside ``lss_attention``.
+        The causal mask is built from global positions inside ``lss_attention``; ``attention_mask``
+        is checked to add nothing to it (module doc), never silently dropped.
         """
         if packed_seq_params is not None:
             raise NotImplementedError(
@@ -119,6 +179,8 @@ class LSSDotProductAttention(MegatronModule):
             raise NotImplementedError("attention_bias is not supported by LSSDotProductAttention")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         self._check_mask_type(mask_type)
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, mask_type, query.shape[0])
 
         # [s, b, h, d] -> [b, s, h, d]: lss_attention's layout. K, V keep their ng (GQA) heads
         # so only ng heads travel over the SP group.
@@ -128,7 +190,7 @@ class LSSDotProductAttention(MegatronModule):
         out = lss_attention(
             q, k, v,
             group=self.sp_group,
-            causal=mask_type in _CAUSAL,
+            causal=_CAUSAL_BY_MASK_TYPE[mask_type],
             softmax_scale=self.softmax_scale,
             layout=self.lss_layout,
             kv_backward=self.lss_kv_backward,

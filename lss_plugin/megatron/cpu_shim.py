@@ -1,10 +1,11 @@
-"""Let megatron-core 0.16 run on a machine without CUDA (gloo, CPU tensors).
+"""Let megatron-core (0.16.1 to 0.19.x) run on a machine without CUDA (gloo, CPU tensors).
 
 megatron-core assumes a GPU in a handful of places that have nothing to do with the maths:
 the device it allocates on (``torch.cuda.current_device()``), the CUDA RNG it forks for
-tensor-parallel regions, and a torch LayerNorm that refuses ``sequence_parallel``. This shim
-redirects those to the CPU. It is applied only when CUDA is absent, so on a GPU machine it is a
-no-op and megatron-core runs unmodified.
+tensor-parallel regions, a torch LayerNorm that refuses ``sequence_parallel``, and (from 0.19)
+the CUDA stream DDP waits on before reducing gradients. This shim redirects those to the CPU
+(what each release needs: ``lss_plugin.megatron.compat``). It is applied only when CUDA is
+absent, so on a GPU machine it is a no-op and megatron-core runs unmodified.
 
 Not covered (use alternatives on CPU): ``get_megatron_optimizer`` (use a torch optimizer on
 ``param.main_grad``), ``overlap_grad_reduce`` (CUDA streams), TransformerEngine and apex kernels.
@@ -15,6 +16,8 @@ import functools
 import logging
 
 import torch
+
+from lss_plugin.megatron.compat import megatron_core_traits
 
 _APPLIED = False
 
@@ -79,9 +82,11 @@ def apply_cpu_shim() -> bool:
     """Patch megatron-core for CPU-only execution. Returns True if the shim is (now) active.
 
     Returns False, changing nothing, when CUDA is available. Idempotent. Call it before building
-    any megatron-core model (importing megatron-core itself is fine either way).
+    any megatron-core model (importing megatron-core itself is fine either way). Raises
+    RuntimeError for a megatron-core older than the adapter supports (``compat``), on any machine.
     """
     global _APPLIED
+    traits = megatron_core_traits()  # refuses an unsupported megatron-core, GPU or not
     if torch.cuda.is_available():
         return False
     if _APPLIED:
@@ -91,6 +96,11 @@ def apply_cpu_shim() -> bool:
     torch.cuda.manual_seed = _cpu_manual_seed
     torch.cuda.get_rng_state = _cpu_get_rng_state
     torch.cuda.set_rng_state = _cpu_set_rng_state
+
+    if traits.grad_sync_needs_cuda_stream:
+        # DDP's start_grad_sync waits on the current stream for CUDA-graph events before every
+        # reduction; torch's CPU stream has the same (no-op) wait_event/wait_stream.
+        torch.cuda.current_stream = torch.cpu.current_stream
 
     from megatron.core.tensor_parallel import random as mcore_random
 

@@ -1,19 +1,25 @@
-"""Hooks for a Megatron-LM checkout (``pretrain_gpt.py``), used by ``patches/megatron_lm_lss.patch``.
+"""Hooks for a Megatron-LM checkout (``pretrain_gpt.py``), called by the patches in ``patches/``.
 
 Megatron-LM parses its flags, then validates them (data-parallel size from the CP size, ...), then
 builds the parallel groups and the model. LSS enters at each step:
 - ``lss_extra_args_provider``: the ``--lss-*`` flags; after parsing, ``--lss-sequence-parallel``
   becomes ``--context-parallel-size N`` (so Megatron builds the LSS group as its CP group and
   sizes DP from it), ``--calculate-per-token-loss`` (exact loss normalisation with uneven loss
-  masks) and ``--transformer-impl local`` (the LSS spec is built from the local spec).
+  masks), ``--transformer-impl local`` (the LSS spec is built from the local spec) and
+  ``--cp-comm-type lss`` (LSS does its own communication; Megatron-LM's default ``p2p`` is
+  replaced, any other choice refused). Rank 0 prints one line naming every value it changed.
+  Flags that would replace the LSS attention or split documents are refused by name.
 - ``lss_layer_spec``: registers the CP group as the LSS topology and returns the LSS layer spec.
 - ``lss_finish_model``: RoPE rows for the LSS layout.
+- ``lss_model_config``: both of the above for Megatron-LM core_v0.19, which builds the model from
+  a ``GPTModelConfig`` (core_v0.16.1's patch calls them from ``gpt_builders.gpt_builder``).
 - ``lss_get_batch``: this rank's tokens in the LSS layout, in place of ``get_batch_on_this_cp_rank``.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 
 
 def lss_extra_args_provider(parser: argparse.ArgumentParser,
@@ -45,18 +51,77 @@ def map_lss_to_megatron_args(args: argparse.Namespace) -> argparse.Namespace:
     if not getattr(args, "lss_sequence_parallel", False):
         return validate_lss_args(args)
     validate_lss_args(args)  # world size from WORLD_SIZE, as Megatron-LM reads it
-    args.context_parallel_size = args.lss_sequence_parallel_size
-    args.calculate_per_token_loss = True
-    args.transformer_impl = "local"
+    _refuse_bypassed_model_flags(args)
+    refuse_megatron_lm_flags(args)
+    cp_comm_type = getattr(args, "cp_comm_type", None)
+    if cp_comm_type is not None and list(cp_comm_type) not in (["p2p"], ["lss"]):  # p2p: Megatron-LM's default
+        raise ValueError(
+            f"--cp-comm-type {' '.join(cp_comm_type)} selects the communication of Megatron's context-parallel "
+            "attention, which --lss-sequence-parallel replaces (one K/V all-gather per layer): drop --cp-comm-type"
+        )
+    changes = []
+    for flag, value, why in (
+        ("context_parallel_size", args.lss_sequence_parallel_size, "LSS runs as the context-parallel group"),
+        ("calculate_per_token_loss", True, "exact loss normalisation when ranks hold different token counts"),
+        ("transformer_impl", "local", "the LSS layer spec is megatron-core's local spec with LSS core attention"),
+        ("cp_comm_type", ["lss"] if cp_comm_type is not None else None, "LSS does its own communication"),
+    ):
+        old = getattr(args, flag, None)
+        if value is not None and old != value:
+            setattr(args, flag, value)
+            changes.append(f"--{flag.replace('_', '-')} {_spell(old)} -> {_spell(value)} ({why})")
+    if changes and os.environ.get("RANK", "0") == "0":
+        print("lss_plugin: --lss-sequence-parallel changed " + "; ".join(changes), flush=True)
     return args
+
+
+# Megatron-LM flags whose effect the patched gpt_builder skips when it takes the LSS layer spec (or
+# that need another attention module): accepted silently, they would train a different model.
+_BYPASSED_MODEL_FLAGS = (
+    ("use_legacy_models", "--use-legacy-models", "LSS plugs into megatron-core models only"),
+    ("spec", "--spec", "the LSS layer spec replaces the spec module"),
+    ("experimental_attention_variant", "--experimental-attention-variant", "its block spec is not built under LSS"),
+    ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path", "its layer specs are not built under LSS"),
+    ("multi_latent_attention", "--multi-latent-attention", "MLA's attention module is not LSS's (and RoPE would be dropped)"),
+)
+
+
+def _refuse_bypassed_model_flags(args) -> None:
+    problems = [f"{flag} {_spell(getattr(args, name))} ({why})" for name, flag, why in _BYPASSED_MODEL_FLAGS
+                if getattr(args, name, None) not in (None, False)]
+    moe_layer_freq = getattr(args, "moe_layer_freq", 1)
+    if getattr(args, "num_experts", None) and moe_layer_freq != 1:
+        problems.append(f"--moe-layer-freq {_spell(moe_layer_freq)} with --num-experts (the LSS spec puts experts "
+                        "in every layer; Megatron's decoder block spec is not built under LSS)")
+    if problems:
+        raise ValueError("--lss-sequence-parallel cannot honour " + "; ".join(problems))
+
+
+def _spell(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def refuse_megatron_lm_flags(args: argparse.Namespace) -> None:
+    """Megatron-LM flags of newer releases LSS cannot honour (read with defaults: not every release has each)."""
+    problems = []
+    backend = getattr(args, "attention_backend", None)
+    if getattr(backend, "name", backend) == "local":
+        problems.append("--attention-backend local (it swaps Megatron's DotProductAttention back in)")
+    for flag in ("sft", "dataloader_inter_document_masking", "hybrid_context_parallel"):
+        if getattr(args, flag, False):
+            problems.append(f"--{flag.replace('_', '-')} (packed documents)")
+    if problems:
+        raise ValueError("--lss-sequence-parallel does not support " + ", ".join(problems))
 
 
 def lss_layer_spec(args):
     """Register Megatron's (initialised) CP group as the LSS group; the LSS GPT layer spec."""
+    from lss_plugin.megatron.compat import megatron_core_traits
     from lss_plugin.megatron.parallel import register_megatron_groups
     from lss_plugin.megatron.spec import get_gpt_layer_lss_spec_from_args
     from lss_plugin.topology import is_topology_initialized
 
+    megatron_core_traits()  # refuses a megatron-core release the adapter does not support
     if not is_topology_initialized():
         register_megatron_groups(timeout_s=60.0 * getattr(args, "distributed_timeout_minutes", 10))
     return get_gpt_layer_lss_spec_from_args(args)
@@ -67,6 +132,24 @@ def lss_finish_model(model, args):
 
     use_lss_rotary_embedding(model, args.lss_layout)
     return model
+
+
+def lss_model_config(model_config, args):
+    """Megatron-LM core_v0.19: put the LSS layer spec and RoPE rows into its ``GPTModelConfig``.
+
+    The spec is a callable because ``GPTModelBuilder`` calls it when it builds the model, after
+    Megatron has created the CP group that ``lss_layer_spec`` registers; the RoPE rows are set by
+    a pre-wrap hook, on the bare GPTModels before DDP wraps them.
+    """
+    def layer_spec(_model_config):
+        return lss_layer_spec(args)
+
+    def finish_models(models):
+        return [lss_finish_model(model, args) for model in models]
+
+    model_config.transformer_layer_spec = layer_spec
+    model_config.pre_wrap_hooks.append(finish_models)
+    return model_config
 
 
 def lss_get_batch(batch: dict, args) -> dict:

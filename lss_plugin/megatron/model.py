@@ -1,12 +1,17 @@
 """Build a megatron-core GPTModel (+ DistributedDataParallel) for LSS or Megatron's TP+SP baseline,
 and move its state between the TP-sharded parameters and a full, layout-independent state dict.
 
-The full state dict is what checkpoints hold: LSS parameters are replicated over SP x DP, and
-tensor-parallel shards are gathered along their ``partition_dim``, so a checkpoint written by any
-run (LSS SP=4, SP=2 x DP=2, TP=2, one rank) loads into any other with the same model shape.
+The full state dict is what checkpoints hold: LSS parameters are replicated over SP x DP,
+tensor-parallel shards are gathered along their ``partition_dim`` and pipeline stages are gathered
+under global names (``decoder.layers.<global index>``), so a checkpoint written by any run (LSS
+SP=4, SP=2 x DP=2, TP=2 x LSS=2, PP=2 x LSS=2, one rank) loads into any other with the same model
+shape. Weights are drawn per parameter from ``(seed, global name)`` on the full shape, so every
+layout also starts from the same numbers.
 """
 from __future__ import annotations
 
+import re
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -56,17 +61,19 @@ class GPTShape:
 def build_gpt_model(args, shape: GPTShape):
     """A megatron-core GPTModel wrapped in megatron-core DDP, on the default device.
 
-    Call after ``parallel_state`` is initialised and ``model_parallel_cuda_manual_seed(seed)``:
-    weights are initialised on the CPU from one full master tensor each
-    (``use_cpu_initialization``), so every TP/SP/DP layout starts from the same numbers.
+    Call after ``parallel_state`` is initialised. This pipeline stage's part of the model (all of
+    it with one stage); random weights redrawn from ``(args.seed, global name)`` on their full
+    shape (``_init_from_names``), so every TP/SP/DP/PP layout starts from the same numbers.
     """
     import torch.nn.functional as F
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from lss_plugin.megatron.parallel import lss_transformer_config_kwargs
+    from lss_plugin.megatron.pipeline import configure_schedule
     from lss_plugin.megatron.rope import use_lss_rotary_embedding
     from lss_plugin.megatron.spec import get_gpt_layer_lss_spec_from_args
 
@@ -86,6 +93,10 @@ def build_gpt_model(args, shape: GPTShape):
         attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        pipeline_dtype=torch.float32,
+        # gloo has no coalesced p2p; separate isend/irecv pairs work on every backend.
+        batch_p2p_comm=dist.get_backend() != "gloo",
         sequence_parallel=bool(args.sequence_parallel and tp > 1),
         use_cpu_initialization=True,
         params_dtype=torch.float32,
@@ -111,7 +122,10 @@ def build_gpt_model(args, shape: GPTShape):
         max_sequence_length=shape.max_position_embeddings,
         position_embedding_type=shape.position_embedding_type,
         share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
+    _init_from_names(model, config, args.seed)
     if lss:
         use_lss_rotary_embedding(model, args.lss_layout)
     from lss_plugin.runtime import default_device
@@ -121,7 +135,41 @@ def build_gpt_model(args, shape: GPTShape):
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False,
         average_in_collective=False,
     )
-    return DistributedDataParallel(config, ddp_config, model)
+    ddp_model = DistributedDataParallel(config, ddp_config, model)
+    configure_schedule(config, ddp_model)
+    return ddp_model
+
+
+def _init_method(name: str, config):
+    """megatron-core's init callable for a parameter of the local GPT spec (None: a constant)."""
+    if name.endswith("bias") or "layernorm" in name or "norm." in name:
+        return None  # zeros / ones, whatever the layout
+    if name.startswith("embedding."):
+        return config.embedding_init_method
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return config.output_layer_init_method
+    return config.init_method
+
+
+@torch.no_grad()
+def _init_from_names(gpt_model, config, seed: int) -> None:
+    """Redraw each random weight from ``(seed, global name)`` on its full shape; keep this shard.
+
+    megatron-core draws weights in construction order from one generator, so a pipeline stage
+    (which builds only its layers) would start from other numbers than one rank does.
+    """
+    for name, p in named_trainable(gpt_model):
+        init = _init_method(name, config)
+        if init is None:
+            continue
+        shape = list(p.shape)
+        if _is_tp_sharded(p):
+            shape[p.partition_dim] *= _tp_group_and_size()[1]
+        full = torch.empty(shape, dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            init(full)
+        p.copy_(shard_tp(full, p).to(p.device, p.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,20 +215,48 @@ def shard_tp(full: torch.Tensor, param) -> torch.Tensor:
     return torch.cat(chunks[rank::size], dim=dim)
 
 
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
 def named_trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """``(name, param)`` of the unwrapped GPTModel, in a fixed order."""
+    """``(global name, param)`` of the unwrapped GPTModel (this stage's part), in a fixed order.
+
+    A pipeline stage numbers its layers from 0; the global name uses the layer's place in the
+    whole model (``TransformerLayer.layer_number`` - 1), so names do not depend on the stage.
+    """
     module = getattr(model, "module", model)
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    layers = module.decoder.layers if getattr(module, "decoder", None) is not None else []
+
+    def global_name(name):
+        match = _LAYER.match(name)
+        if match is None:
+            return name
+        layer = layers[int(match.group(1))].layer_number - 1
+        return f"decoder.layers.{layer}.{name[match.end():]}"
+
+    return [(global_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def _gather_stages(state: dict) -> dict:
+    """The union of every pipeline stage's ``state`` (collective over the PP group)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return state
+    parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, state, group=parallel_state.get_pipeline_model_parallel_group())
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def full_model_state(model) -> dict:
-    """Every parameter, TP-gathered, keyed by its GPTModel name (collective over TP)."""
-    return {name: gather_tp(p.detach(), p).cpu().clone() for name, p in named_trainable(model)}
+    """Every parameter, TP-gathered, keyed by its global name (collective over TP and PP)."""
+    return _gather_stages({name: gather_tp(p.detach(), p).cpu().clone() for name, p in named_trainable(model)})
 
 
 def load_full_model_state(model, state: dict) -> None:
     params = dict(named_trainable(model))
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    all_names = _gather_stages(dict.fromkeys(params))  # every stage's names (collective over PP)
+    missing, unexpected = sorted(set(all_names) - set(state)), sorted(set(state) - set(all_names))
     if missing or unexpected:
         raise ValueError(f"model state does not fit this model: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
@@ -202,14 +278,17 @@ def full_optimizer_state(model, optimizer: torch.optim.Optimizer) -> dict:
             for k, v in state.items()
         }
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"per_param": per_param, "param_groups": groups}
+    return {"per_param": _gather_stages(per_param), "param_groups": groups}
 
 
 def load_full_optimizer_state(model, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     params = dict(named_trainable(model))
+    all_names = _gather_stages(dict.fromkeys(params))  # collective over PP
     for name, state in saved["per_param"].items():
-        if name not in params:
+        if name not in all_names:
             raise ValueError(f"optimizer state for unknown parameter {name!r}")
+        if name not in params:
+            continue  # another pipeline stage's parameter
         p = params[name]
         optimizer.state[p] = {
             k: (shard_tp(v, p).to(p.device).clone() if torch.is_tensor(v) and v.dim() > 0 else v)
@@ -222,7 +301,8 @@ def load_full_optimizer_state(model, optimizer: torch.optim.Optimizer, saved: di
         group.update(hyper)
 
 
-def grad_of(model, name: str) -> torch.Tensor:
-    """The reduced gradient (``main_grad``) of parameter ``name``, TP-gathered."""
-    p = dict(named_trainable(model))[name]
-    return gather_tp(p.main_grad.detach(), p).cpu().clone()
+def grads_of(model, names) -> dict:
+    """The reduced gradients (``main_grad``) of the ``names`` this stage holds, TP-gathered."""
+    params = dict(named_trainable(model))
+    return {n: gather_tp(params[n].main_grad.detach(), params[n]).cpu().clone()
+            for n in names if n in params}

@@ -1,8 +1,10 @@
 """Register the LSS sequence-parallel group where megatron-core keeps its context-parallel group.
 
-``parallel_state.initialize_model_parallel(context_parallel_size=N)`` with the default order
-``tp-cp-ep-dp-pp`` and TP = PP = 1 puts rank ``dp_rank * N + cp_rank``: exactly the LSS grid. So
-the CP group *is* the SP group, and everything in megatron-core that looks at it sees LSS:
+``parallel_state.initialize_model_parallel(tensor_model_parallel_size=T, context_parallel_size=N,
+pipeline_model_parallel_size=P)`` with the default order ``tp-cp-ep-dp-pp`` puts rank
+``tp_rank + T * (cp_rank + N * (dp_rank + D * pp_rank))``: exactly the LSS grid
+(``lss_plugin.topology``). So the CP group *is* the SP group (one TP rank per sequence segment:
+each TP rank gathers only its own KV heads), and everything in megatron-core that looks at it sees LSS:
 ``get_context_parallel_group()``, the DP x CP group over which ``DistributedDataParallel``
 reduces gradients, ``TransformerConfig.context_parallel_size`` (RoPE sequence length). The layout
 is checked by ``LSSTopology.from_groups``, not assumed.
@@ -22,7 +24,7 @@ import math
 
 import torch
 
-from lss_plugin.topology import LSSTopology, register_topology
+from lss_plugin.topology import LSSTopology, ParallelDims, register_topology
 
 
 def initialize_lss_model_parallel(
@@ -31,16 +33,24 @@ def initialize_lss_model_parallel(
     """``initialize_model_parallel`` with the LSS group as the CP group; register the topology.
 
     Needs an initialised default process group. ``initialize_kwargs`` are passed through
-    (tensor/pipeline sizes other than 1 are refused: LSS does not compose with them yet).
+    (``tensor_model_parallel_size``, ``pipeline_model_parallel_size``, ...); the sizes are
+    checked against the world before Megatron creates any group.
     """
     from megatron.core import parallel_state
 
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if initialize_kwargs.get(name, 1) != 1:
-            raise ValueError(f"{name}={initialize_kwargs[name]} is not supported with LSS yet (use 1)")
     world = torch.distributed.get_world_size()
-    if not isinstance(sp_size, int) or sp_size < 1 or world % sp_size:
-        raise ValueError(f"LSS sequence-parallel size {sp_size!r} does not divide world_size({world})")
+    tp = initialize_kwargs.get("tensor_model_parallel_size", 1)
+    pp = initialize_kwargs.get("pipeline_model_parallel_size", 1)
+    ParallelDims.from_sizes(sp_size, None, world, tp=tp, pp=pp)  # raises, naming every factor
+    if "context_parallel_size" in initialize_kwargs:
+        raise ValueError(f"context_parallel_size={initialize_kwargs['context_parallel_size']} "
+                         "conflicts with LSS, which occupies the context-parallel axis: pass sp_size")
+    if initialize_kwargs.get("order", "tp-cp-ep-dp-pp") != "tp-cp-ep-dp-pp":
+        raise ValueError(f"order={initialize_kwargs['order']!r}: LSS needs Megatron's default "
+                         "order 'tp-cp-ep-dp-pp' (the layout lss_plugin.topology describes)")
+    for name in ("virtual_pipeline_model_parallel_size", "hierarchical_context_parallel_sizes"):
+        if initialize_kwargs.get(name) not in (None, 1):
+            raise ValueError(f"{name}={initialize_kwargs[name]!r} is not supported with LSS yet")
     if timeout_s is not None:
         initialize_kwargs.setdefault("distributed_timeout_minutes", max(1, math.ceil(timeout_s / 60)))
     # Megatron builds extra gloo copies of its groups for CPU-side work (distributed optimizer);
@@ -53,18 +63,20 @@ def initialize_lss_model_parallel(
 
 
 def register_megatron_groups(timeout_s: float | None = None) -> LSSTopology:
-    """Adopt megatron-core's (already initialised) CP group as the LSS SP group and register it."""
+    """Adopt megatron-core's (already initialised) groups, CP as the LSS SP group, and register them.
+
+    TP and PP groups are adopted too; ``LSSTopology.from_groups`` checks that they follow the
+    tp-cp-dp-pp layout (raising if Megatron's rank order ever changes).
+    """
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise ValueError(
-            f"tensor-model-parallel size {parallel_state.get_tensor_model_parallel_world_size()} "
-            "with LSS is not supported yet: the LSS grid is rank = dp_rank * sp_size + sp_rank"
-        )
-    cp_group = parallel_state.get_context_parallel_group()
-    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=False)
-    # from_groups raises if Megatron's rank order ever stops matching dp_rank * sp + sp_rank.
-    topology = LSSTopology.from_groups(cp_group, dp_group, timeout_s=timeout_s)
+    topology = LSSTopology.from_groups(
+        sp_group=parallel_state.get_context_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(with_context_parallel=False),
+        timeout_s=timeout_s,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+    )
     return register_topology(topology)
 
 

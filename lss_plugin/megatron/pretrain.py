@@ -1,10 +1,12 @@
-"""Byte-level GPT pre-training with megatron-core: LSS sequence parallelism or Megatron's TP+SP.
+"""Byte-level GPT pre-training with megatron-core: LSS sequence parallelism, Megatron's TP(+SP) and
+pipeline stages, alone or combined (TP x LSS x DP x PP on Megatron's grid).
 
 The engine of ``examples/pretrain_gpt_lss.py``: Megatron-LM flag names, a megatron-core
 ``GPTModel`` in megatron-core ``DistributedDataParallel``, and a torch AdamW on
 ``param.main_grad`` (``get_megatron_optimizer`` needs CUDA). Every rank draws the same global
 batch from ``(seed, iteration)`` and keeps its rows (DP) and tokens (LSS), so a run is a function
-of its flags, whatever the parallel layout: an LSS or TP run reproduces the 1-rank losses.
+of its flags, whatever the parallel layout: an LSS, TP or PP run reproduces the 1-rank losses.
+Each iteration runs megatron-core's forward/backward schedule (``lss_plugin.megatron.pipeline``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+from lss_plugin.topology import ParallelDims
 
 
 class _ArgFileParser(argparse.ArgumentParser):
@@ -31,7 +34,7 @@ class _ArgFileParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _ArgFileParser(
-        description="Byte-level GPT pre-training on megatron-core, with LSS or Megatron TP+SP.",
+        description="Byte-level GPT pre-training on megatron-core, with LSS, Megatron TP(+SP), PP, or a mix.",
         fromfile_prefix_chars="@",
     )
     g = p.add_argument_group("model (Megatron-LM names)")
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (megatron-core's 1F1B schedule)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron's sequence parallelism (with tensor parallelism)")
     g.add_argument("--timeout-s", type=float, default=None,
@@ -104,11 +109,18 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.lss_sequence_parallel and getattr(args, "core_attention", "local") != "local":
         raise ValueError(f"--core-attention {args.core_attention} applies to runs without "
                          "--lss-sequence-parallel (LSS brings its own core attention)")
-    tp = args.tensor_model_parallel_size
-    if tp < 1 or world_size % tp:
-        raise ValueError(f"--tensor-model-parallel-size {tp} does not divide world_size({world_size})")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     sp = args.lss_sequence_parallel_size if args.lss_sequence_parallel else 1
-    args.data_parallel_size = world_size // (tp * sp)
+    # Names every factor (raises ValueError): tp(T) * sp(N) * pp(P) must divide the world.
+    args.data_parallel_size = ParallelDims.from_sizes(sp, None, world_size, tp=tp, pp=pp).dp
+    if args.num_layers % pp:
+        raise ValueError(f"--num-layers {args.num_layers} is not divisible by "
+                         f"--pipeline-model-parallel-size {pp}")
+    if pp > 1 and not args.untie_embeddings_and_output_weights:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} needs --untie-embeddings-and-output-weights in "
+            "this script (tied weights live on two stages; their full-state checkpointing is not "
+            "implemented, and megatron-core 0.16 syncs them with .cuda())")
     if args.sequence_parallel and tp > 1 and args.seq_length % tp:
         raise ValueError(f"--seq-length {args.seq_length} is not divisible by "
                          f"--tensor-model-parallel-size {tp} (needed by --sequence-parallel)")
@@ -155,13 +167,16 @@ def setup_parallel(args):
     if args.lss_sequence_parallel:
         from lss_plugin.megatron.parallel import initialize_lss_model_parallel
 
-        initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s)
+        initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s,
+                                      tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                      pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     else:
         kwargs = {"create_gloo_process_groups": dist.get_backend() != "gloo"}
         if args.timeout_s is not None:
             kwargs["distributed_timeout_minutes"] = max(1, math.ceil(args.timeout_s / 60))
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=args.tensor_model_parallel_size, **kwargs)
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size, **kwargs)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -204,8 +219,8 @@ def _rank_rows(global_batch: torch.Tensor, args) -> torch.Tensor:
 def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
     """tokens/labels/loss_mask/position_ids for this rank from windows ``[b, L+1]``.
 
-    Under LSS each tensor keeps this rank's ``L/N`` tokens in the chosen layout; with Megatron's
-    TP+SP every TP rank keeps the whole sequence (its embedding scatters it).
+    Under LSS each tensor keeps this rank's ``L/N`` tokens in the chosen layout; every TP rank
+    keeps the same tokens (with Megatron SP its embedding scatters them over the TP group).
     """
     from lss_plugin.megatron.batch import get_batch_on_this_lss_rank
     from lss_plugin.runtime import default_device
@@ -220,36 +235,45 @@ def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
     return {k: v.contiguous().to(device) for k, v in batch.items()}
 
 
-def _forward_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s]
-    mask = batch["loss_mask"]
-    return (per_token.float() * mask).sum(), mask.sum()
-
-
 def global_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over the DP x CP group (TP ranks hold identical loss sums)."""
+    """Sum over the DP x CP group of the last pipeline stage's values, on every rank.
+
+    TP ranks hold identical loss sums; earlier stages hold none and receive the last stage's.
+    """
     from megatron.core import parallel_state
 
-    values = values.detach().clone()
+    from lss_plugin.megatron.pipeline import last_stage_value
+    from lss_plugin.runtime import default_device
+
+    values = values.detach().to(default_device()).clone()
     dist.all_reduce(values, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return values
+    return last_stage_value(values).cpu()
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
-    """Global L2 norm of the reduced grads (TP-aware), clipped to ``max_norm`` if > 0."""
+    """Global L2 norm of the reduced grads, clipped to ``max_norm`` if > 0 (Megatron's rule).
+
+    As megatron-core's optimizer computes it (``get_main_grads_for_grad_norm`` and
+    ``get_grad_norm_fp32``, which need CUDA): each rank sums the squares of the grads that are
+    neither TP duplicates (replicated params count on TP rank 0 only) nor shared copies (a tied
+    output weight on the last stage), then the sum is all-reduced over the model-parallel
+    (TP x PP) group. LSS/DP replicas hold identical reduced grads, so no SP/DP reduction is needed.
+    """
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     from lss_plugin.megatron.model import named_trainable
+    from lss_plugin.runtime import default_device
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    grads, sq = [], torch.zeros((), dtype=torch.float32)
+    grads, sq = [], torch.zeros((), dtype=torch.float32, device=default_device())
     for _, p in named_trainable(model):
         grads.append(p.main_grad)
-        # TP-sharded grads are disjoint; replicated ones are counted once (on TP rank 0).
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            sq = sq + p.main_grad.detach().float().pow(2).sum().cpu()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+            sq = sq + p.main_grad.detach().float().pow(2).sum()
+    model_parallel = parallel_state.get_model_parallel_group()
+    if model_parallel.size() > 1:
+        dist.all_reduce(sq, group=model_parallel)
     norm = float(sq.sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
@@ -260,29 +284,25 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 def train_step(model, optimizer, args, iteration: int, train_tokens, loss_mask_fn=None,
                probe_params=()) -> dict:
-    """One iteration over the global batch; returns the global token-mean loss and probes."""
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    """One iteration over the global batch; returns the global token-mean loss and probes.
 
+    ``probes``: the reduced gradients of the ``probe_params`` this pipeline stage holds.
+    """
     from lss_plugin.data import sample_batch
-    from lss_plugin.megatron.model import grad_of, named_trainable
+    from lss_plugin.megatron.model import grads_of, named_trainable
+    from lss_plugin.megatron.pipeline import forward_backward
 
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad(set_to_none=True)
     window = _rank_rows(sample_batch(train_tokens, args.global_batch_size, args.seq_length,
                                      step=iteration, seed=args.seed), args)
-    loss_sum = torch.zeros(())
-    num_tokens = torch.zeros(())
-    for mb in window.split(args.micro_batch_size):
-        batch = local_microbatch(mb, args, loss_mask_fn)
-        local_sum, local_count = _forward_loss_sum(model, batch)
-        local_sum.backward()  # grads of this rank's loss *sum*; normalised globally below
-        loss_sum += local_sum.detach().cpu()
-        num_tokens += local_count.cpu()
-    # DP x CP all-reduce of grads (megatron DDP), TP all-reduce of sequence-parallel norms, then
-    # division by the global number of loss tokens (all-reduced over DP x CP in there).
-    finalize_model_grads([model], num_tokens=num_tokens.to(torch.float32).clone())
-    probes = {name: grad_of(model, name) for name in probe_params}
+    microbatches = [local_microbatch(mb, args, loss_mask_fn) for mb in window.split(args.micro_batch_size)]
+    # Forward/backward of this rank's loss *sums*, then (inside the schedule) the DP x CP
+    # all-reduce of grads (megatron DDP), the TP all-reduce of sequence-parallel norms and the
+    # division by the global number of loss tokens.
+    totals = forward_backward(model, microbatches, args)
+    probes = grads_of(model, probe_params)
     grad_norm = clip_grad_norm(model, args.clip_grad)
     lr = lr_at(args, iteration)
     for group in optimizer.param_groups:
@@ -290,7 +310,7 @@ def train_step(model, optimizer, args, iteration: int, train_tokens, loss_mask_f
     for _, p in named_trainable(model):
         p.grad = p.main_grad.to(p.dtype)
     optimizer.step()
-    totals = global_sum(torch.stack([loss_sum, num_tokens]))
+    totals = global_sum(totals)
     return {"loss": float(totals[0] / totals[1]), "num_tokens": int(totals[1]),
             "grad_norm": grad_norm, "lr": lr, "probes": probes}
 
@@ -299,13 +319,13 @@ def train_step(model, optimizer, args, iteration: int, train_tokens, loss_mask_f
 def evaluate(model, args, valid_tokens) -> dict:
     """Validation loss and bits per character over ``--eval-iters`` batches, exact across ranks."""
     from lss_plugin.data import bits_per_character, eval_batches
+    from lss_plugin.megatron.pipeline import forward_backward
 
     model.eval()
     totals = torch.zeros(2)
     for window in eval_batches(valid_tokens, args.global_batch_size, args.seq_length, args.eval_iters):
-        for mb in _rank_rows(window, args).split(args.micro_batch_size):
-            s, n = _forward_loss_sum(model, local_microbatch(mb, args))
-            totals += torch.stack([s.cpu(), n.cpu()])
+        microbatches = [local_microbatch(mb, args) for mb in _rank_rows(window, args).split(args.micro_batch_size)]
+        totals += forward_backward(model, microbatches, args, forward_only=True)
     totals = global_sum(totals)
     model.train()
     if totals[1] == 0:
@@ -324,6 +344,7 @@ def _manifest(args, shape, splits) -> dict:
     return {
         "model": shape.as_dict(),
         "topology": {"world_size": args.world_size, "tp": args.tensor_model_parallel_size,
+                     "pp": args.pipeline_model_parallel_size,
                      "lss_sp": args.lss_sequence_parallel_size if args.lss_sequence_parallel else 1,
                      "dp": args.data_parallel_size,
                      "lss_layout": args.lss_layout if args.lss_sequence_parallel else None},
@@ -374,11 +395,14 @@ def _log(msg: str) -> None:
 
 
 def describe(args) -> str:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    tp_part = f"tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''}"
+    pp_part = f" x pp={pp}" if pp > 1 else ""
     if args.lss_sequence_parallel:
-        return (f"LSS sp={args.lss_sequence_parallel_size} x dp={args.data_parallel_size} "
-                f"layout={args.lss_layout} kv_backward={args.lss_kv_backward}")
-    tp = args.tensor_model_parallel_size
-    return f"Megatron tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''} x dp={args.data_parallel_size}"
+        return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={args.lss_sequence_parallel_size} x "
+                f"dp={args.data_parallel_size}{pp_part} layout={args.lss_layout} "
+                f"kv_backward={args.lss_kv_backward}")
+    return f"Megatron {tp_part} x dp={args.data_parallel_size}{pp_part}"
 
 
 def train(args, loss_mask_fn: Optional[Callable] = None, probe_params=(), splits=None) -> list[dict]:

@@ -1,14 +1,39 @@
-"""The GPT layer spec with LSS core attention: megatron-core's local spec, one submodule swapped."""
+"""The GPT layer spec with LSS core attention: megatron-core's own spec, one submodule swapped.
+
+With TransformerEngine importable the base is ``get_gpt_layer_with_transformer_engine_spec`` (TE
+linears with fused input norms, TE norms, TE MLP); without it, ``get_gpt_layer_local_spec``. Either
+way only ``self_attention.submodules.core_attention`` changes, to ``LSSDotProductAttention``: LSS
+replaces Megatron's context parallelism inside attention, everything around it stays the
+framework's own (so fp8 and fused TE kernels keep working around LSS attention).
+"""
 from __future__ import annotations
 
 import copy
 from typing import Optional
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from lss_plugin.megatron.args import KV_BACKWARD_MODES, LAYOUTS
 from lss_plugin.megatron.attention import configured_lss_attention
+
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+
+
+def transformer_engine_available() -> bool:
+    """What megatron-core itself found at import (``import transformer_engine`` and its extensions)."""
+    return bool(getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
+def _resolve_impl(transformer_impl: Optional[str]) -> str:
+    if transformer_impl is None:
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl {transformer_impl!r} is not one of {TRANSFORMER_IMPLS}")
+    if transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("transformer_impl 'transformer_engine' needs TransformerEngine, which megatron-core "
+                         "could not import here; use transformer_impl='local'")
+    return transformer_impl
 
 
 def get_gpt_layer_lss_spec(
@@ -21,23 +46,27 @@ def get_gpt_layer_lss_spec(
     layout: str = "contiguous",
     kv_backward: str = "keep",
     kv_head_chunk: Optional[int] = None,
+    transformer_impl: Optional[str] = None,
 ) -> ModuleSpec:
-    """``get_gpt_layer_local_spec(...)`` with ``LSSDotProductAttention`` as core attention.
+    """megatron-core's GPT layer spec with ``LSSDotProductAttention`` as core attention.
 
-    The first arguments are those of ``get_gpt_layer_local_spec``; the keyword-only ones choose
-    the LSS layout (must match the batch split), the K/V backward mode and head chunking.
+    The first arguments are those of ``get_gpt_layer_local_spec`` (the TE spec takes the norm kind
+    from ``TransformerConfig.normalization`` instead of ``normalization``). ``transformer_impl``:
+    ``"transformer_engine"`` (TE spec), ``"local"`` (local spec) or None (TE when importable). The
+    other keyword-only ones choose the LSS layout (must match the batch split), the K/V backward
+    mode and head chunking.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     if kv_backward not in KV_BACKWARD_MODES:
         raise ValueError(f"kv_backward {kv_backward!r} is not one of {KV_BACKWARD_MODES}")
-    spec = copy.deepcopy(get_gpt_layer_local_spec(
-        num_experts=num_experts,
-        moe_grouped_gemm=moe_grouped_gemm,
-        qk_layernorm=qk_layernorm,
-        normalization=normalization,
-        qk_l2_norm=qk_l2_norm,
-    ))
+    common = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
+                  qk_l2_norm=qk_l2_norm)
+    if _resolve_impl(transformer_impl) == "transformer_engine":
+        base = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
+    else:
+        base = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, **common)
+    spec = copy.deepcopy(base)
     spec.submodules.self_attention.submodules.core_attention = configured_lss_attention(
         layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk
     )
@@ -45,7 +74,12 @@ def get_gpt_layer_lss_spec(
 
 
 def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
-    """The spec for a parsed Megatron-style namespace (what the Megatron-LM patch calls)."""
+    """The spec for a parsed Megatron-style namespace (what the Megatron-LM patch calls).
+
+    ``args.transformer_impl`` (Megatron-LM's ``--transformer-impl``) picks the base spec; a
+    namespace without it (the bundled ``pretrain.py``, whose baseline is the local spec) gets the
+    local spec.
+    """
     return get_gpt_layer_lss_spec(
         num_experts=getattr(args, "num_experts", None),
         moe_grouped_gemm=getattr(args, "moe_grouped_gemm", False),
@@ -54,4 +88,5 @@ def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
         layout=args.lss_layout,
         kv_backward=args.lss_kv_backward,
+        transformer_impl=getattr(args, "transformer_impl", "local"),
     )

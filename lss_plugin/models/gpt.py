@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lss_plugin.attention import lss_attention
+from lss_plugin.sharding import local_positions
 
 
 @dataclass
@@ -145,6 +146,8 @@ class GPT(nn.Module):
             if self.lss is not None:
                 raise ValueError("an LSS model needs the global position_ids of its tokens (lss_plugin.local_positions)")
             position_ids = torch.arange(s, device=input_ids.device)
+        if self.lss is not None:
+            _check_global_positions(position_ids, s, self.lss)
         if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_length:
             raise ValueError(
                 f"position {int(position_ids.max())} exceeds max_seq_length {self.config.max_seq_length}"
@@ -160,3 +163,24 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)
+
+
+def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAttentionOptions) -> None:
+    """Positions must be this rank's global positions under the layout attention masks with.
+
+    Anything else (local positions, another layout) embeds or rotates tokens as if they stood
+    elsewhere while the causal mask uses the layout: a different model, without an error. The
+    check is rank-local; a rank whose positions are right meets the error as its peers' timeout.
+    """
+    import torch.distributed as dist
+
+    from lss_plugin.topology import resolve_sp_group
+
+    group = resolve_sp_group(lss.group)
+    expected = local_positions(s_local * dist.get_world_size(group), group, lss.layout, device=position_ids.device)
+    if position_ids.shape != expected.shape or not torch.equal(position_ids, expected):
+        raise ValueError(
+            f"position_ids {position_ids.reshape(-1)[:4].tolist()}... (shape {tuple(position_ids.shape)}) on SP rank "
+            f"{dist.get_rank(group)} are not this rank's global positions {expected[:4].tolist()}... under layout "
+            f"{lss.layout!r}: pass lss_plugin.local_positions(seq_len, layout={lss.layout!r})"
+        )

@@ -1,0 +1,51 @@
+"""What every block-attention backend provides, and the helpers the pure-torch ones share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# (q, k, v, scale, causal) -> (out [b, h, sq, d], lse [b, h, sq])
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], tuple]
+# (dout, q, k, v, out, lse, scale, causal) -> (dq, dk, dv)
+BackwardFn = Callable[..., tuple]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend of ``block_forward`` / ``block_backward``.
+
+    ``unavailable()`` says why this machine cannot run the kernel at all (no CUDA, library not
+    importable), ``None`` when it can; ``unsupported(q)`` says why it cannot take these inputs
+    (device, dtype, head size), ``None`` when it can. ``bottom_right_causal``: with ``causal`` and
+    fewer queries than keys (sq < sk) the mask is aligned to the last query and key, i.e. query i
+    sees keys j <= i + sk - sq; a query chunk's prefix and diagonal block are then ONE call.
+    ``auto``: the automatic choice considers it (the registry's order is the preference).
+    """
+
+    name: str
+    forward: ForwardFn
+    backward: BackwardFn
+    unavailable: Callable[[], Optional[str]]
+    unsupported: Callable[[torch.Tensor], Optional[str]]
+    bottom_right_causal: bool
+    auto: bool = True
+
+
+def always_available() -> Optional[str]:
+    return None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, softmax statistics and accumulators: float32 for half inputs, else the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def causal_hidden(q_rows: range, k_cols: range, offset: int, device) -> torch.Tensor:
+    """[len(q_rows), len(k_cols)] bool, True where key j is hidden from query i (j > i + offset).
+
+    ``offset = sk - sq`` is the bottom-right alignment (0 for a square diagonal block)."""
+    rows = torch.arange(q_rows.start, q_rows.stop, device=device).unsqueeze(1)
+    cols = torch.arange(k_cols.start, k_cols.stop, device=device).unsqueeze(0)
+    return cols > rows + offset

@@ -1,0 +1,98 @@
+"""Half-precision accuracy of lss_attention against single-device SDPA in the same dtype.
+
+For bfloat16 and float16, both layouts, causal GQA (4 query / 2 KV heads), on 2 and 3 ranks (one
+spawn each), every one of out, dq, dk, dv must be within ``RATIO`` = 1.1x (the issue asks 1.2x) of the error of
+``F.scaled_dot_product_attention`` run on the whole sequence in one process in the same dtype,
+both measured against a float64 reference of the same inputs.
+
+Error measure: relative Frobenius norm ||x - ref64||_F / ||ref64||_F over the WHOLE sequence
+(each rank contributes the squared sums of its tokens). A max-abs-error ratio depends on one
+element and is noisy at these small shapes; the Frobenius ratio averages over every element.
+
+``kv_grad_dtype="input"`` (dK, dV reduce-scattered in the input dtype: half the bytes) rounds each
+rank's fp32 partial sums before the sum (the test also checks the reduce-scatter's bytes, exactly:
+4-byte items by default, 2-byte with "input"); its dk/dv ratios are recorded (printed with -s) and must stay
+within the looser ``INPUT_RATIO``. out and dq do not depend on it.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+
+import lss_plugin
+from lss_plugin.bench.precision import _single_device
+from lss_plugin.sharding import local_token_indices
+from tests.distributed import run_ranks
+from tests.test_attention import _expected_comm
+
+NAMES = ("out", "dq", "dk", "dv")
+# Default kv_grad_dtype="fp32". The issue's target is 1.2; we assert 1.1: this code measures <= 1.07
+# on these cases, while main before fp32 merges and accumulators measured out at up to 1.18 (3 ranks),
+# so 1.1 is what fails if the merges or accumulators go back to half precision.
+RATIO = 1.1
+INPUT_RATIO = 1.3  # kv_grad_dtype="input", dk and dv (measured <= 1.08 on these shapes)
+# (seed, batch, L, heads, kv_heads, head_dim): L divisible by 2N for N = 2, 3
+SHAPES = ((0, 1, 192, 4, 2, 32), (1, 2, 96, 4, 2, 16))
+
+
+def _squared(x, ref):
+    """(sum of squared error, sum of squared reference) of x against the float64 ref."""
+    return (x.double() - ref).pow(2).sum().item(), ref.pow(2).sum().item()
+
+
+def _rank_sums():
+    """Per case: LSS's squared sums on this rank's tokens; SDPA's on the whole sequence (rank 0)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lss_plugin.init_topology(world)
+    results = {}
+    for seed, b, seq, h, hkv, d in SHAPES:
+        gen = torch.Generator().manual_seed(seed)
+        q, dout = (torch.randn(b, seq, h, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(b, seq, hkv, d, generator=gen, dtype=torch.float64) for _ in range(2))
+        ref = _single_device(q, k, v, dout)  # float64: out, dq, dk, dv [b, L, heads, d]
+        for dtype in (torch.bfloat16, torch.float16):
+            sdpa = None
+            if rank == 0:
+                half = _single_device(*(t.to(dtype) for t in (q, k, v, dout)))
+                sdpa = [_squared(x, r) for x, r in zip(half, ref)]
+            for layout in ("contiguous", "balanced"):
+                idx = local_token_indices(seq, rank, world, layout)
+                for kv_grad_dtype in ("fp32", "input"):
+                    local = [t[:, idx].to(dtype).requires_grad_() for t in (q, k, v)]
+                    with lss_plugin.record_collectives() as rec:
+                        out = lss_plugin.lss_attention(*local, causal=True, layout=layout,
+                                                       kv_grad_dtype=kv_grad_dtype)
+                        out.backward(dout[:, idx].to(dtype))
+                    got = (out, *(t.grad for t in local))
+                    lss = [_squared(x, r[:, idx]) for x, r in zip(got, ref)]
+                    _, want = _expected_comm(world, (h, hkv), "keep", None, 2, kv_grad_dtype, (b, seq, d))
+                    sent = {name: rec.bytes[name] for name in want}  # not the size pre-check's
+                    assert sent == want, (kv_grad_dtype, sent, want)
+                    results[(seed, str(dtype), layout, kv_grad_dtype)] = (lss, sdpa)
+    return results
+
+
+def _ratios(per_rank):
+    """case -> {name: (LSS error, SDPA error, ratio)} with relative Frobenius errors over all ranks."""
+    table = {}
+    for case, (_, sdpa) in per_rank[0].items():
+        row = {}
+        for i, name in enumerate(NAMES):
+            err2 = sum(r[case][0][i][0] for r in per_rank)
+            ref2 = sum(r[case][0][i][1] for r in per_rank)
+            lss = (err2 / ref2) ** 0.5
+            single = (sdpa[i][0] / sdpa[i][1]) ** 0.5
+            row[name] = (lss, single, lss / single)
+        table[case] = row
+    return table
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_half_precision_within_1_1x_of_single_device_sdpa(world):
+    table = _ratios(run_ranks(_rank_sums, world, timeout_s=600))
+    for case, row in sorted(table.items()):
+        print(world, case, {n: f"{lss:.2e}/{single:.2e} ({ratio:.2f})" for n, (lss, single, ratio) in row.items()})
+    for case, row in table.items():
+        bound = {"fp32": RATIO, "input": INPUT_RATIO}[case[3]]
+        for name, (lss, single, ratio) in row.items():
+            limit = RATIO if name in ("out", "dq") else bound
+            assert ratio <= limit, (world, case, name, lss, single, ratio)
