@@ -251,6 +251,12 @@ def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> li
 
 # -- memory ----------------------------------------------------------------------------------
 
+def _q_copy(heads: int, groups: int) -> int:
+    """Query heads Megatron copies: its reshape of the q split of a GQA projection [s, b, g, a/g * d]
+    to [s, b, a, d] cannot be a view when a rank holds more than one KV group (g > 1, g < a)."""
+    return heads if 1 < groups < heads else 0
+
+
 def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
     """Bytes held for backward when the forward pass ends, per rank, by part.
 
@@ -259,18 +265,18 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
     - every layer: LN1 and LN2 outputs, the two residual sums (4 x [sl, h]), FC1 and GELU outputs
       (2 x [sl, ffn]); LayerNorm mean/rstd (fp32);
     - attention, by method: the QKV projection output (kept alive by the saved q, k, v views; with
-      GQA, q is copied to be contiguous), the core-attention output, the kernel's log-sum-exp
-      (fp32), and the method's own state: LSS ``keep`` the gathered K,V of all L positions;
-      Ulysses / USP q, k, v after the all-to-all (the QKV output is freed) and the output again
-      after the reverse all-to-all; Megatron's dense local attention ([unfused]) q, k, v (GQA:
-      K/V repeated to all heads), its output and the softmax probabilities [b, a, L, L];
+      more than one KV group per rank, q is copied, see ``_q_copy``), the core-attention output,
+      the kernel's log-sum-exp (fp32), and the method's own state: LSS ``keep`` the gathered K,V
+      of all L positions (this TP rank's heads); Ulysses / USP q, k, v after the all-to-all (the
+      QKV output is freed) and the output again after the reverse all-to-all; Megatron's dense
+      local attention ([unfused]) q, k, v (GQA: K/V repeated to all heads), its output and the
+      softmax probabilities [b, a, L, L];
     - around the layers: embedding output, final LN output, logits (softmax computed in place),
       cross-entropy bookkeeping.
     """
     b, h, dh, dt, L = s.batch_size, spec.hidden_size, spec.head_dim, s.dtype_bytes, seq_len
     H, G, ffn, V = spec.num_heads, spec.hkv, spec.ffn, spec.vocab_size
     fp32, n_norms = 4, 2 * spec.num_layers + 1
-    q_copy = 1 if G < H else 0  # Megatron's q view of a GQA projection is not contiguous
     if s.method in ("megatron_tp_sp", "single"):
         t = s.tp
         sl = L // t  # residual stream / LayerNorm tokens per rank (Megatron SP)
@@ -278,7 +284,7 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
         if s.kernel == "unfused":
             attention = b * L * 4 * a * dh * dt + b * a * L * L * dt  # q, k, v, out; probabilities
         else:
-            attention = b * L * ((a + 2 * g) + q_copy * a + a) * dh * dt + b * a * L * fp32
+            attention = b * L * ((a + 2 * g) + _q_copy(a, g) + a) * dh * dt + b * a * L * fp32
         per_layer = b * sl * 4 * h * dt + b * L * 2 * (ffn // t) * dt + attention
         head = b * L * (V // t) * dt
         cross_entropy = b * L * 9 * (2 if t > 1 else 1) + 8
@@ -292,7 +298,7 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
         if s.method in ("ulysses", "usp"):
             attention = b * sq * ((a + 2 * g) + 2 * a) * dh * dt + lse
         else:  # lss, ring, allgather_cp: QKV output, output, log-sum-exp
-            attention = b * sq * ((a + 2 * g) + q_copy * a + a) * dh * dt + lse
+            attention = b * sq * ((a + 2 * g) + _q_copy(a, g) + a) * dh * dt + lse
             if s.method == "lss" and s.kv_backward == "keep":
                 attention += 2 * b * L * g * dh * dt  # the gathered K,V of this TP rank's heads
         per_layer = common + attention
