@@ -510,7 +510,9 @@ def _deepspeed_env() -> dict:
 
     from lss_plugin.data import default_cache_dir
 
-    env = {"TORCH_EXTENSIONS_DIR": os.path.join(default_cache_dir(), "torch_extensions")}
+    # CI points TORCH_EXTENSIONS_DIR into its fresh clone, so no earlier run's lock can be left there.
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+           or os.path.join(default_cache_dir(), "torch_extensions")}
     code = ("from deepspeed.accelerator import get_accelerator\n"
             "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
             "import deepspeed.ops\n"
