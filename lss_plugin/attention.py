@@ -10,6 +10,9 @@ of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``. Eve
 carries the call's signature and every rank checks all of them before using K, V
 (``lss_plugin.signature``); there is no other collective except the size pre-check.
 
+Packed documents (``cu_seqlens``) change only which key ranges each query segment reads
+(``lss_plugin.documents``), never the communication: the same gather and reduce-scatter run.
+
 Precision: for float16/bfloat16 inputs the block merges (running out and log-sum-exp of a query
 chunk), the dq and dK/dV accumulators and the GQA head-group sums are float32
 (``kernels.base.compute_dtype``); each result is rounded to the input dtype once. The dK/dV
@@ -25,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from lss_plugin.comm import gather_kv, reduce_scatter_kv
+from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout
-from lss_plugin.sharding import Chunk, rank_chunks
+from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
 from lss_plugin.topology import resolve_sp_group
 
@@ -45,7 +49,7 @@ class _Plan:
     kv_grad_dtype: str  # "fp32" | "input": the dtype the dK/dV reduce-scatter sends
     head_chunk: int  # KV heads gathered and attended at a time
     groups_per_kv: int  # query heads per KV head (GQA factor g)
-    query_chunks: tuple[Chunk, ...]
+    query_segments: tuple[Segment, ...]  # local queries cut at document boundaries (one per chunk unpacked)
     signature: CallSignature  # what every rank's gathers carry and compare
 
     def head_slices(self, num_kv_heads: int):
@@ -119,19 +123,21 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def _visible_blocks(chunk: Chunk, seq_len: int, causal: bool, one_call: bool = False):
-    """Key ranges a query chunk attends to: (start, end, is_causal). Masked blocks are skipped.
+def _visible_blocks(seg: Segment, causal: bool, one_call: bool = False):
+    """Key ranges a query segment attends to: (start, end, is_causal), all inside its document.
 
-    ``one_call``: the kernel aligns a causal mask bottom-right, so the prefix and the diagonal
-    block are one causal range [0, end) (one call, no merge)."""
+    Keys of other documents (and, causally, later keys) are never computed. ``one_call``: the kernel
+    aligns a causal mask bottom-right, so the prefix and the diagonal block are one causal range
+    [doc_start, end) (one call, no merge)."""
+    end = seg.global_start + seg.length
     if not causal:
-        return [(0, seq_len, False)]
+        return [(seg.doc_start, seg.doc_end, False)]
     if one_call:
-        return [(0, chunk.global_start + chunk.length, True)]
+        return [(seg.doc_start, end, True)]
     blocks = []
-    if chunk.global_start > 0:
-        blocks.append((0, chunk.global_start, False))  # every earlier position: fully visible
-    blocks.append((chunk.global_start, chunk.global_start + chunk.length, True))
+    if seg.global_start > seg.doc_start:
+        blocks.append((seg.doc_start, seg.global_start, False))  # earlier positions of the document: all visible
+    blocks.append((seg.global_start, end, True))
     return blocks
 
 
@@ -143,12 +149,12 @@ def _one_call(qc, plan: _Plan) -> bool:
 
 def _attend_forward(qh, kv, plan: _Plan):
     """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] -> out [b, hq, s_local, d], lse [b, hq, s_local]."""
-    g, seq_len = plan.groups_per_kv, kv.shape[3]
+    g = plan.groups_per_kv
     outs, lses = [], []
-    for chunk in plan.query_chunks:
-        qc = qh[:, :, chunk.local_start:chunk.local_start + chunk.length]  # [b, hq, n, d]
+    for seg in plan.query_segments:
+        qc = qh[:, :, seg.local_start:seg.local_start + seg.length]  # [b, hq, n, d]
         out = lse = None
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
+        for start, end, diagonal in _visible_blocks(seg, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]  # [b, hkv, m, d]
             if diagonal:  # causal range (diagonal, or prefix + diagonal): KV heads expanded locally, never sent
                 o, l = block_forward(qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), plan.scale, True)
@@ -166,14 +172,14 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
 
     Both accumulate in ``compute_dtype`` (float32 for half inputs): a key's gradient sums the
     contributions of every query chunk and GQA group before it is rounded or sent."""
-    g, seq_len = plan.groups_per_kv, kv.shape[3]
+    g = plan.groups_per_kv
     acc = compute_dtype(qh.dtype)
     dq = torch.zeros_like(qh, dtype=acc)
-    dkv = torch.zeros_like(kv, dtype=acc)
-    for chunk in plan.query_chunks:
-        rows = slice(chunk.local_start, chunk.local_start + chunk.length)
+    dkv = torch.zeros_like(kv, dtype=acc)  # keys no local query sees (other documents) stay zero
+    for seg in plan.query_segments:
+        rows = slice(seg.local_start, seg.local_start + seg.length)
         qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-        for start, end, diagonal in _visible_blocks(chunk, seq_len, plan.causal, _one_call(qc, plan)):
+        for start, end, diagonal in _visible_blocks(seg, plan.causal, _one_call(qc, plan)):
             k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]
             if diagonal:
                 dq_b, dk_b, dv_b = block_backward(
@@ -282,6 +288,7 @@ def lss_attention(
     kv_backward: str = "keep",
     kv_head_chunk: int | None = None,
     kv_grad_dtype: str = "fp32",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
 
@@ -290,6 +297,9 @@ def lss_attention(
     topology's SP group. ``causal`` masks by *global* position under ``layout``.
     ``kv_grad_dtype``: "fp32" (default) reduce-scatters dK/dV of half inputs as float32, "input"
     in the input dtype (half the backward bytes); float32/float64 inputs send their own dtype either way.
+    ``cu_seqlens``: packed documents, a 1-D integer tensor of boundaries in *global* positions
+    (``0 = cu[0] < ... < cu[-1] = L``), the same on every rank, shared by the batch rows; no token
+    attends outside its document (causal inside it with ``causal``). See ``lss_plugin.documents``.
     """
     _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale)
     group = resolve_sp_group(group)
@@ -298,11 +308,13 @@ def lss_attention(
         raise RuntimeError(f"this rank ({dist.get_rank()}) is not a member of the group given to lss_attention")
     b, s, h, d = q.shape
     hkv = k.shape[2]
+    seq_len = s * sp_size
+    bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or hkv, softmax_scale=scale,
-        kv_grad_dtype=kv_grad_dtype,
+        kv_grad_dtype=kv_grad_dtype, documents=digest(bounds),
     )
     if sp_size > 1:
         signature.to_bytes()  # a value too wide for its field fails here, before any collective
@@ -317,7 +329,7 @@ def lss_attention(
         kv_grad_dtype=kv_grad_dtype,
         head_chunk=kv_head_chunk or hkv,
         groups_per_kv=h // hkv,
-        query_chunks=tuple(rank_chunks(s, sp_rank, sp_size, layout)),
+        query_segments=query_segments(rank_chunks(s, sp_rank, sp_size, layout), bounds),
         signature=signature,
     )
     precheck_sizes(group, signature, q.device)  # LSS_CHECK_CONSISTENCY: sizes, before the first gather
@@ -337,10 +349,10 @@ class LSSAttention(torch.nn.Module):
         self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
         self.kv_grad_dtype = kv_grad_dtype
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, cu_seqlens=None):
         return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
                              layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk,
-                             kv_grad_dtype=self.kv_grad_dtype)
+                             kv_grad_dtype=self.kv_grad_dtype, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lss_plugin.documents import check_cu_seqlens, positions_in_documents
 from lss_plugin.options import LAYOUTS, check_layout  # noqa: F401 - LAYOUTS re-exported by lss_plugin
 from lss_plugin.topology import resolve_sp_group
 
@@ -66,10 +67,18 @@ def _group_coords(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def local_positions(seq_len: int, group=None, layout: str = "contiguous", device=None) -> torch.Tensor:
-    """Position ids of this rank's tokens (for RoPE or learned position tables)."""
+def local_positions(seq_len: int, group=None, layout: str = "contiguous", device=None,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of this rank's tokens (for RoPE or learned position tables).
+
+    With ``cu_seqlens`` (packed documents, global boundaries) each token's position inside its own
+    document, as one device computes it for restarting ``position_ids``."""
     sp_rank, sp_size = _group_coords(group)
-    return local_token_indices(seq_len, sp_rank, sp_size, layout).to(device)
+    positions = local_token_indices(seq_len, sp_rank, sp_size, layout)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, seq_len)
+        positions = positions_in_documents(positions, cu_seqlens)
+    return positions.to(device)
 
 
 def shard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "contiguous") -> torch.Tensor:

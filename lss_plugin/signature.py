@@ -56,7 +56,7 @@ _LAYOUT = (
     ("batch", "I"),
     ("s_local", "I"),
     ("softmax_scale", "d"),  # the float64 bits: exact equality, no tolerance
-    ("documents", "Q"),  # digest of cu_seqlens once packed documents exist; 0 = none
+    ("documents", "Q"),  # digest of cu_seqlens (lss_plugin.documents.digest); 0 = one document
 )
 _STRUCT = struct.Struct("<" + "".join(code for _, code in _LAYOUT))
 SIGNATURE_BYTES = _STRUCT.size  # 40: a multiple of every float itemsize
