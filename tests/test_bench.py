@@ -156,3 +156,25 @@ def test_targets_report_pass_and_miss():
         "(extra) lss[regather,contiguous,chunk1]: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("n/a", None),
         "(extra) lss[regather,contiguous] activation memory 1 -> 4 ranks >= 80% of ideal 1/N": ("MISS", 0.769),
     }, got
+
+
+def test_packed_rows_count_pairs_and_pair_rounds_with_unpacked():
+    from lss_plugin.bench.packed import packed_boundaries, summarize, table
+    from lss_plugin.documents import visible_pairs
+
+    cu = packed_boundaries(4096, 128)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert cu[0] == 0 and cu[-1] == 4096 and all(1 <= n <= 192 for n in lengths)  # drawn in [64, 192], last cut
+    assert packed_boundaries(64, None).tolist() == [0, 64]
+
+    pairs = {"None": visible_pairs((0, 64), True), "16": visible_pairs((0, 16, 32, 48, 64), True)}
+    comm = {"calls": {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}, "bytes": {"all_gather_into_tensor": 100}}
+    per_rank = [{"rank": r, "pairs": pairs, "documents": {"None": 1, "16": 4},
+                 "comm": {"None": comm, "16": comm},
+                 "times": {"None": [1.0, 2.0, 4.0], "16": [0.5, 0.5 + r, 1.0]}} for r in range(2)]
+    rows = {r["doc_len"]: r for r in summarize(per_rank, 64, 2, 8, "balanced")}
+    assert rows[16]["pairs_fraction"] == 4 * 136 / 2080  # 4 causal documents of 16 vs one of 64
+    # per round the slower rank: 16-token docs [0.5, 1.5, 1.0] against [1, 2, 4] -> ratios .5, .75, .25
+    assert rows[16]["step_s"] == 1.0 and rows[16]["time_vs_unpacked"] == 0.5
+    assert rows[None]["time_vs_unpacked"] is None and rows[16]["sent_bytes"] == 100
+    assert len(table(list(rows.values()))) == 4 + 2

@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory budget per rank for the longest-sequence search (default: the "
                         "tracked peak of lss[regather,contiguous] on 1 rank at the strong-scaling "
                         "length, i.e. what one rank needs for that sequence without splitting it)")
+    p.add_argument("--packed-doc-lens", default=None,
+                   help="typical document lengths of the packed-documents rows ('none' = unpacked; "
+                        "default none,512,128,32; 'skip' to skip them)")
+    p.add_argument("--packed-seq-len", type=int, default=None,
+                   help="global length of the packed-documents rows (default 4096; quick 512)")
     p.add_argument("--no-weak", action="store_true")
     p.add_argument("--no-budget", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -66,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     q = args.quick
     defaults = dict(num_layers=1 if q else 2, hidden_size=32 if q else 64, num_heads=8, gqa_kv_heads=2,
                     warmup=1 if q else 2, steps=2 if q else 5, repetitions=2 if q else 5,
-                    tokens_per_rank=64 if q else 512, ranks="1,4" if q else "1,2,4", link_gbit="1")
+                    tokens_per_rank=64 if q else 512, ranks="1,4" if q else "1,2,4", link_gbit="1",
+                    packed_doc_lens="none,64" if q else "none,512,128,32", packed_seq_len=512 if q else 4096)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -76,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.methods = (args.methods or ",".join(DEFAULT_METHODS)).split(",")
     args.link_gbit = [] if args.link_gbit.lower() == "none" else [float(g) for g in args.link_gbit.split(",")]
     args.link_ranks = args.link_ranks or max(args.ranks)
+    args.packed_doc_lens = [] if args.packed_doc_lens == "skip" else [
+        None if n.lower() == "none" else int(n) for n in args.packed_doc_lens.split(",")]
     return args
 
 
@@ -121,6 +129,24 @@ def budget_jobs_for(args, world: int, budget_dims: ModelDims, budget_bytes, unit
         ref[0]["reference_len"] = args.seq_len
         jobs.sort(key=lambda j: j is not ref[0])
     return jobs
+
+
+def packed_rows(args, common: dict) -> list[dict]:
+    """Packed documents at the largest world size: LSS attention with and without boundaries."""
+    if not args.packed_doc_lens:
+        return []
+    from lss_plugin.bench.launch import launch
+    from lss_plugin.bench.packed import packed_worker, summarize, table
+
+    world = max(args.ranks)
+    heads, head_dim = (4, 16) if args.quick else (8, 64)
+    print(f"--- {world} ranks: packed documents {args.packed_doc_lens} at L={args.packed_seq_len}", flush=True)
+    per_rank = launch(packed_worker, world, args.packed_seq_len, heads, head_dim, args.packed_doc_lens,
+                      timeout_s=common["timeout_s"], threads=common["threads"],
+                      repetitions=common["repetitions"], steps=args.steps)
+    rows = summarize(per_rank, args.packed_seq_len, heads, head_dim, "balanced")
+    print("\n".join(table(rows)), flush=True)
+    return rows
 
 
 def _tag(rank_outputs: list, link_gbit) -> list:
@@ -172,6 +198,7 @@ def main(argv=None) -> int:
         all_budget += per_rank[0]["budget"]
         if budget_bytes is None and per_rank[0].get("budget_reference_bytes"):
             budget_bytes = int(per_rank[0]["budget_reference_bytes"])
+    packed = packed_rows(args, common)
     link_skipped = None
     if args.link_gbit:
         link_skipped = link_unavailable()
@@ -208,7 +235,7 @@ def main(argv=None) -> int:
         meta["torch"] = torch.__version__
     except ImportError:
         pass
-    paths = write_outputs(args.out, meta, all_cases, all_budget, budget_bytes)
+    paths = write_outputs(args.out, meta, all_cases, all_budget, budget_bytes, packed)
     print(f"done in {meta['wall_clock_s']} s; wrote " + ", ".join(paths), flush=True)
     return 0
 

@@ -17,6 +17,8 @@ import statistics
 from collections import defaultdict
 
 from lss_plugin.bench.methods import METHODS, sp_methods
+from lss_plugin.bench.packed import plot as packed_plot
+from lss_plugin.bench.packed import table as packed_table
 
 MiB = 2**20
 LSS_MAIN = "lss[keep,balanced]"  # the LSS row of the timing targets (causal work balanced)
@@ -444,7 +446,7 @@ def with_weak_points(rows, tokens_per_rank) -> list[dict]:
     return rows + extra
 
 
-def write_outputs(out_dir, meta, cases, budget, budget_bytes) -> list[str]:
+def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=()) -> list[str]:
     a = meta["args"]
     rows = aggregate(cases)
     if not a.get("no_weak"):
@@ -455,18 +457,22 @@ def write_outputs(out_dir, meta, cases, budget, budget_bytes) -> list[str]:
     ratios = paired_ratios(rows)
     results = {"meta": meta, "rows": rows, "paired_ratios": ratios, "budget": budget,
                "budget_bytes": budget_bytes, "targets": targets,
-               "warnings": warnings_for(meta, rows, ratios), "per_rank": cases}
+               "warnings": warnings_for(meta, rows, ratios), "packed": list(packed), "per_rank": cases}
     json_path = os.path.join(out_dir, "results.json")
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1, default=str)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:
         f.write(markdown(meta, rows, budget, targets, ratios, budget_bytes or 0))
+        if packed:
+            f.write("\n".join(["## Packed documents", ""] + packed_table(packed) + [""]))
     readme_path = os.path.join(out_dir, "readme_table.md")
     with open(readme_path, "w") as f:
         f.write(readme_snippet(meta, rows, budget, targets, ratios))
+        if packed:
+            f.write("\n".join(["", "Packed documents:", ""] + packed_table(packed) + [""]))
     for t in targets:
         print(f"target: {t['status']:4} {t['target']}: {t['value']} (threshold {t['threshold']}) - {t['detail']}")
     for w in results["warnings"]:
         print(f"warning: {w}")
-    return [json_path, md_path, readme_path] + plots(out_dir, rows)
+    return [json_path, md_path, readme_path] + plots(out_dir, rows) + packed_plot(out_dir, list(packed))
