@@ -7,9 +7,13 @@
     torchrun --nproc-per-node 2 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_tp_sp.args
     # both: TP = 2 (+ Megatron SP) x LSS = 2; add --pipeline-model-parallel-size P for stages
     torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss_tp.args
+    # packed documents (Wikipedia pages end at an EOD byte): no attention across them, positions
+    # restart, no loss at EOD inputs; under LSS one THD sequence per micro-batch, global cu_seqlens
+    torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss.args \
+        --reset-attention-mask --reset-position-ids --eod-mask-loss --micro-batch-size 1
 
 Flags follow Megatron-LM (--num-layers, --seq-length, --tensor-model-parallel-size,
---pipeline-model-parallel-size, ...) plus
+--pipeline-model-parallel-size, --reset-attention-mask, --reset-position-ids, --eod-mask-loss, ...) plus
 --lss-* (see lss_plugin/megatron/args.py), --metrics-file, --timeout-s. Runs on GPUs (NCCL) or
 CPUs (gloo, with the megatron-core CPU shim). `--help` lists everything.
 """

@@ -12,11 +12,18 @@ Two sources:
 
 Tokens are bytes (vocabulary 256), so a model's mean cross entropy in nats converts directly to
 bits per character.
+
+Documents (for Megatron's ``--reset-attention-mask``/``--reset-position-ids``/``--eod-mask-loss``):
+a Wikipedia XML dump ends every article with the line ``</page>``; ``with_document_ends`` replaces
+the newline after it by ``EOD_BYTE`` (0x03, ASCII "end of text", which XML 1.0 forbids, so the dump
+never holds it). That byte is the EOD token, the last token of its document as in megatron-core's GPT
+dataset; lengths and offsets are unchanged. Any 0x03 already in a file counts as an EOD too.
 """
 from __future__ import annotations
 
 import bz2
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import math
@@ -33,6 +40,8 @@ import numpy as np
 import torch
 
 VOCAB_SIZE = 256
+EOD_BYTE = 0x03  # the EOD token of packed documents (ASCII "end of text")
+DOCUMENT_END = b"</page>\n"  # how a Wikipedia XML dump ends each article
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)  # train / validation / test, as enwik8's 90M / 5M / 5M
 
 GENSIM_REQUIREMENT = "gensim==4.4.0"
@@ -89,6 +98,27 @@ def load_byte_splits(data_path: str | None = None, cache_dir: str | None = None)
         path = _resolve_user_file(data_path, cache_dir)
         digest = file_sha256(path)
     return split_bytes(np.memmap(path, dtype=np.uint8, mode="r"), source=path, sha256=digest)
+
+
+def with_document_ends(splits: ByteSplits, end: bytes = DOCUMENT_END, eod: int = EOD_BYTE) -> ByteSplits:
+    """``splits`` with each document's last byte (the newline ending a ``</page>`` line) set to the EOD byte.
+
+    In-memory copies of the three parts (enwik8: 10^8 bytes). A separator cut by a split boundary
+    is left as it is (its document runs on into the next one)."""
+    return dataclasses.replace(splits, **{name: mark_document_ends(getattr(splits, name), end, eod)
+                                          for name in ("train", "valid", "test")})
+
+
+def mark_document_ends(tokens: np.ndarray, end: bytes, eod: int) -> np.ndarray:
+    """A copy of ``tokens`` in which the last byte of every occurrence of ``end`` is ``eod``."""
+    data = np.array(tokens, dtype=np.uint8)  # a copy (memory-maps stay untouched)
+    n = len(end)
+    last = np.flatnonzero(data[n - 1:] == end[-1]) + n - 1  # candidate positions of the final byte
+    found = np.ones(len(last), dtype=bool)
+    for i, byte in enumerate(end[:-1]):
+        found &= data[last - (n - 1) + i] == byte
+    data[last[found]] = eod
+    return data
 
 
 def split_bytes(data: np.ndarray, source: str = "<array>", sha256: str = "") -> ByteSplits:

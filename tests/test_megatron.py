@@ -62,7 +62,7 @@ def case(pos, masked, *extra, iters=ITERS):
     return {"argv": argv, "masked": masked, "probes": probes}
 
 
-def _run_cases(cases: dict, check_attention_module: bool = False) -> dict:
+def _run_cases(cases: dict, check_attention_module: bool = False, splits_fn=synthetic_splits) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -70,7 +70,7 @@ def _run_cases(cases: dict, check_attention_module: bool = False) -> dict:
     from lss_plugin.megatron.pretrain import parse_args, train
     from lss_plugin.topology import get_topology
 
-    splits, out = synthetic_splits(), {}
+    splits, out = splits_fn(), {}
     for name, spec in cases.items():
         args = parse_args(spec["argv"])
         with record_collectives() as rec:
@@ -103,8 +103,8 @@ def _run_cases(cases: dict, check_attention_module: bool = False) -> dict:
 
 
 def _check_attention_refusals() -> str:
-    """LSSDotProductAttention refuses packed sequences and dropout with clear errors."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    """LSSDotProductAttention refuses dropout and arbitrary masks with clear errors (packed documents:
+    tests/test_megatron_packed.py)."""
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -116,8 +116,6 @@ def _check_attention_refusals() -> str:
                                attention_dropout=0.0, context_parallel_size=1)
     attn = LSSDotProductAttention(config, 1, AttnMaskType.causal, "self")
     q = torch.randn(8, 1, 2, 8)
-    with pytest.raises(NotImplementedError, match="packed_seq_params"):
-        attn(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
     with pytest.raises(ValueError, match="attention dropout 0.1"):
         LSSDotProductAttention(config, 1, AttnMaskType.causal, "self", attention_dropout=0.1)
     with pytest.raises(ValueError, match="arbitrary"):

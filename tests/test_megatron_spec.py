@@ -1,5 +1,5 @@
 """The LSS GPT layer spec: megatron-core's TE spec when TransformerEngine is importable, else its local
-spec, with only the core attention swapped. Without TE (this CPU machine) the TE branch is checked
+spec, with only the core attention swapped (and SelfAttention subclassed for packed RoPE rows). Without TE (this CPU machine) the TE branch is checked
 for its error; with TE on a GPU (``gpu`` marker) for its structure and against TE's own attention.
 """
 import argparse
@@ -13,6 +13,7 @@ pytest.importorskip("megatron.core")
 from megatron.core.models.gpt import gpt_layer_specs  # noqa: E402
 
 from lss_plugin.megatron.attention import LSSDotProductAttention  # noqa: E402
+from lss_plugin.megatron.self_attention import LSSSelfAttention  # noqa: E402
 from lss_plugin.megatron.spec import (  # noqa: E402
     get_gpt_layer_lss_spec,
     get_gpt_layer_lss_spec_from_args,
@@ -33,7 +34,8 @@ def _same(a, b) -> bool:
 
 
 def _same_except_core_attention(spec, base):
-    """Every submodule of the layer and of its self-attention equals the base spec's, but one."""
+    """Every submodule of the layer and of its self-attention equals the base spec's, but the core
+    attention; the self-attention module is megatron-core's, subclassed for packed RoPE rows."""
     layer, base_layer = spec.submodules, base.submodules
     for name in vars(base_layer):
         if name != "self_attention":
@@ -43,6 +45,9 @@ def _same_except_core_attention(spec, base):
         if name != "core_attention":
             assert _same(getattr(attn, name), getattr(base_attn, name)), name
     assert attn.core_attention is not base_attn.core_attention
+    assert layer.self_attention.module is LSSSelfAttention
+    assert issubclass(LSSSelfAttention, base_layer.self_attention.module)
+    assert layer.self_attention.params == base_layer.self_attention.params
 
 
 @te_missing

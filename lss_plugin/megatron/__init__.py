@@ -2,7 +2,9 @@
 
 - ``add_lss_args`` / ``validate_lss_args``: the flags (an ``extra_args_provider``) and their checks.
 - ``initialize_lss_model_parallel``: megatron-core parallel state with LSS as the CP group.
-- ``LSSDotProductAttention`` / ``get_gpt_layer_lss_spec``: core attention and the layer spec.
+- ``LSSDotProductAttention`` / ``get_gpt_layer_lss_spec``: core attention and the layer spec
+  (``LSSSelfAttention``: the RoPE rows of packed documents).
+- ``read_packed_seq_params`` / ``packed_seq_params_from_eod``: packed documents (global boundaries).
 - ``get_batch_on_this_lss_rank``: this rank's tokens, labels, loss mask and positions.
 - ``use_lss_rotary_embedding``: RoPE rows for the LSS layout.
 - ``apply_cpu_shim``: megatron-core on a machine without CUDA.
@@ -21,6 +23,9 @@ _LAZY = {
     "register_megatron_groups": "lss_plugin.megatron.parallel",
     "LSSRotaryEmbedding": "lss_plugin.megatron.rope",
     "use_lss_rotary_embedding": "lss_plugin.megatron.rope",
+    "LSSSelfAttention": "lss_plugin.megatron.self_attention",
+    "read_packed_seq_params": "lss_plugin.megatron.packed",
+    "packed_seq_params_from_eod": "lss_plugin.megatron.packed",
 }
 
 __all__ = ["add_lss_args", "apply_cpu_shim", "validate_lss_args", *_LAZY]

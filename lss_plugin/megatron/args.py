@@ -101,9 +101,6 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     if dropout > 0:
         raise ValueError(f"--attention-dropout {dropout} is not supported by LSS attention yet; "
                          "set --attention-dropout 0")
-    if getattr(args, "reset_attention_mask", False) or getattr(args, "reset_position_ids", False):
-        raise ValueError("--reset-attention-mask/--reset-position-ids (document masks) are not "
-                         "supported with --lss-sequence-parallel yet")
     args.lss_sequence_parallel_size = sp
     return args
 

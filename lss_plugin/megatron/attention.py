@@ -15,6 +15,12 @@ rank of the SP group: the count of pairs the mask would add is summed over the g
 all-reduce, only when a mask is passed), because a padding mask usually changes the rows of some
 ranks only. Pass ``attention_mask=None`` (Megatron-LM: ``--no-create-attention-mask-in-dataloader``)
 to skip the check.
+
+Packed documents: ``packed_seq_params`` ("thd", or "sbhd"/"bshd" with batch 1) whose ``cu_seqlens``
+are **global** boundaries of the whole sequence LSS shards in its layout, not Megatron-CP's
+per-document THD partitioning (``lss_plugin.megatron.packed``). They go to
+``lss_attention(cu_seqlens=...)``: no token attends outside its document, and the communication stays
+one K/V all-gather and one dK/dV reduce-scatter. RoPE rows for packed tokens: ``LSSSelfAttention``.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from megatron.core.utils import divide
 from lss_plugin import lss_attention
 from lss_plugin.comm import all_reduce_sum
 from lss_plugin.megatron.batch import lss_token_index
+from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
 
 # Mask types LSS reproduces -> whether its own mask is causal. The padding variants are exact
 # only while their mask pads nothing (checked per call).
@@ -167,26 +174,33 @@ class LSSDotProductAttention(MegatronModule):
     ) -> torch.Tensor:
         """query ``[s_local, b, np, hn]``, key/value ``[s_local, b, ng, hn]`` -> ``[s_local, b, np*hn]``.
 
+        Packed documents (``packed_seq_params``, see ``lss_plugin.megatron.packed``): "thd" tensors
+        ``[t_local, heads, hn]`` -> ``[t_local, np*hn]``; "bshd" ``[1, s_local, heads, hn]`` ->
+        ``[1, s_local, np*hn]``; "sbhd" as unpacked, batch 1. Their ``cu_seqlens`` are global boundaries.
         The causal mask is built from global positions inside ``lss_attention``; ``attention_mask``
         is checked to add nothing to it (module doc), never silently dropped.
         """
-        if packed_seq_params is not None:
-            raise NotImplementedError(
-                "packed_seq_params (THD packed sequences) are not supported by "
-                "LSSDotProductAttention yet; use unpacked [s, b, h, d] batches"
-            )
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by LSSDotProductAttention")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         self._check_mask_type(mask_type)
-        if attention_mask is not None:
-            self._check_attention_mask(attention_mask, mask_type, query.shape[0])
+        qkv_format = "sbhd" if packed_seq_params is None else packed_format(packed_seq_params)
+        q, k, v = (self._to_bshd(t, qkv_format, name) for t, name in ((query, "query"), (key, "key"),
+                                                                      (value, "value")))
+        batch, s_local = q.shape[0], q.shape[1]
+        cu_seqlens = None
+        if packed_seq_params is not None:
+            sp_size = self.sp_group.size() if self.sp_group is not None else 1
+            documents = read_packed_seq_params(packed_seq_params, s_local * sp_size, batch, self.sp_group)
+            cu_seqlens = documents.cu_seqlens
+            if attention_mask is not None:
+                raise NotImplementedError(
+                    "attention_mask together with packed_seq_params: LSS takes the documents from cu_seqlens "
+                    "and applies only its own (causal) mask inside them; pass attention_mask=None")
+        elif attention_mask is not None:
+            self._check_attention_mask(attention_mask, mask_type, s_local)
 
-        # [s, b, h, d] -> [b, s, h, d]: lss_attention's layout. K, V keep their ng (GQA) heads
-        # so only ng heads travel over the SP group.
-        q = query.transpose(0, 1)
-        k = key.transpose(0, 1)
-        v = value.transpose(0, 1)
+        # K, V keep their ng (GQA) heads so only ng heads travel over the SP group.
         out = lss_attention(
             q, k, v,
             group=self.sp_group,
@@ -195,9 +209,26 @@ class LSSDotProductAttention(MegatronModule):
             layout=self.lss_layout,
             kv_backward=self.lss_kv_backward,
             kv_head_chunk=self.lss_kv_head_chunk,
+            cu_seqlens=cu_seqlens,
         )  # [b, s_local, np, hn]
-        s_local, batch = query.shape[0], query.shape[1]
+        if qkv_format == "thd":
+            return out[0].reshape(s_local, self.hidden_size_per_partition)
+        if qkv_format == "bshd":
+            return out.reshape(batch, s_local, self.hidden_size_per_partition)
         return out.transpose(0, 1).reshape(s_local, batch, self.hidden_size_per_partition)
+
+    @staticmethod
+    def _to_bshd(t: torch.Tensor, qkv_format: str, name: str) -> torch.Tensor:
+        """Megatron's tensor layouts -> lss_attention's ``[b, s, heads, d]`` (views, no copies)."""
+        expected = 3 if qkv_format == "thd" else 4
+        if t.dim() != expected:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} with qkv_format={qkv_format!r}: expected "
+                             f"{expected} dims ({'[t, heads, d]' if expected == 3 else qkv_format})")
+        if qkv_format == "thd":
+            return t.unsqueeze(0)  # batch 1 implied
+        if qkv_format == "bshd":
+            return t
+        return t.transpose(0, 1)  # sbhd
 
 
 def configured_lss_attention(layout: str = "contiguous", kv_backward: str = "keep",

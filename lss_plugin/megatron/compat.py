@@ -9,6 +9,9 @@ by side. What the adapter uses and what changed between these releases:
 | ``DotProductAttention.__init__/forward`` (LSS core attention) | same | same | same |
 | ``get_gpt_layer_local_spec`` keywords the LSS spec passes | same | same | same |
 | ``RotaryEmbedding.forward`` (LSS RoPE rows) | same | same | same |
+| THD RoPE rows (``_apply_rotary_pos_emb_thd`` on one CP rank; ``LSSSelfAttention`` picks the same) | table of ``cu_seqlens[-1]`` rows: whole-sequence positions, else positions in each document | not checked | same rule (applied per document, same numbers) |
+| ``Attention.forward`` with THD: squeezes q/k/v, RoPE with ``cu_seqlens``, output ``[t, 1, h]`` | same | not checked | same |
+| ``PackedSeqParams`` fields LSS checks (``lss_plugin.megatron.packed``, read with defaults) | up to ``local_cp_size``, ``cp_group`` | not checked | also ``tokens_per_sample``, ``pad_between_seqs`` (refused when set), ``total_tokens``/``seq_idx`` (Mamba only) |
 | ``initialize_model_parallel`` / CP group (registration) | same | same | same |
 | DDP ``start_grad_sync`` calls ``torch.cuda.current_stream()`` | no | only with overlap and several distributed-optimizer instances | on every reduction: the CPU shim must cover it |
 | Megatron-LM ``pretrain_gpt.py`` builds the model with | ``gpt_builders.gpt_builder`` | (no patch) | ``GPTModelConfig`` + ``GPTModelBuilder`` |

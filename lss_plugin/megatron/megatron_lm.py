@@ -110,6 +110,10 @@ def refuse_megatron_lm_flags(args: argparse.Namespace) -> None:
     for flag in ("sft", "dataloader_inter_document_masking", "hybrid_context_parallel"):
         if getattr(args, flag, False):
             problems.append(f"--{flag.replace('_', '-')} (packed documents)")
+    if getattr(args, "reset_attention_mask", False):
+        # Megatron-LM's get_batch turns it into a dense [b, 1, L, L] document mask, which LSS does not
+        # read; LSS takes documents as PackedSeqParams (examples/pretrain_gpt_lss.py builds them).
+        problems.append("--reset-attention-mask (a dense document mask; LSS reads documents from PackedSeqParams)")
     if problems:
         raise ValueError("--lss-sequence-parallel does not support " + ", ".join(problems))
 

@@ -64,7 +64,8 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     # Every stage gets the micro-batch; GPTModel reads tokens on the first, labels on the last.
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s]
+    per_token = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                      packed_seq_params=batch.get("packed_seq_params"))  # [b, s]
     return per_token, functools.partial(_loss_func, batch["loss_mask"])
 
 

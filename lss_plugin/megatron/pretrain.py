@@ -7,6 +7,8 @@ The engine of ``examples/pretrain_gpt_lss.py``: Megatron-LM flag names, a megatr
 batch from ``(seed, iteration)`` and keeps its rows (DP) and tokens (LSS), so a run is a function
 of its flags, whatever the parallel layout: an LSS, TP or PP run reproduces the 1-rank losses.
 Each iteration runs megatron-core's forward/backward schedule (``lss_plugin.megatron.pipeline``).
+Packed documents follow Megatron-LM's ``--reset-attention-mask/--reset-position-ids/--eod-mask-loss``
+(``_validate_documents``, ``local_microbatch``; docs/megatron.md#packed-documents).
 """
 from __future__ import annotations
 
@@ -81,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout-s", type=float, default=None,
                    help="process-group timeout in seconds (a stuck collective fails, not hangs)")
 
+    g = p.add_argument_group("packed documents (Megatron-LM names; EOD = lss_plugin.data.EOD_BYTE, which "
+                             "ends every </page> of the Wikipedia XML)")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="no token attends across documents: under LSS each micro-batch (size 1) is one THD "
+                        "packed sequence (PackedSeqParams, global cu_seqlens); without LSS megatron-core's "
+                        "dense document mask")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="positions restart at every document (RoPE: needs --lss-sequence-parallel and "
+                        "--reset-attention-mask)")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss where the input token is EOD")
+
     g = p.add_argument_group("data, evaluation, checkpoints, logging")
     g.add_argument("--data-path", default=None,
                    help="a byte file such as enwik8 (default: the bundled Wikipedia excerpt)")
@@ -131,6 +144,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.num_attention_heads % groups or groups % tp:
         raise ValueError(f"--num-query-groups {groups} must divide --num-attention-heads "
                          f"{args.num_attention_heads} and be divisible by TP {tp}")
+    _validate_documents(args)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.max_position_embeddings < args.seq_length:
@@ -147,6 +161,27 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.load is None and args.save is not None and os.path.isdir(args.save):
         pass  # a fresh run into an existing directory is allowed; --load picks up explicitly
     return args
+
+
+def _validate_documents(args) -> None:
+    """Packed documents as this script builds them (``local_microbatch``)."""
+    lss = args.lss_sequence_parallel
+    if args.reset_attention_mask and lss and args.micro_batch_size != 1:
+        raise ValueError(f"--reset-attention-mask with --lss-sequence-parallel packs a micro-batch as one THD "
+                         f"sequence: use --micro-batch-size 1 (got {args.micro_batch_size}; raise "
+                         "--global-batch-size for more rows per step)")
+    if args.reset_attention_mask and not lss and args.core_attention != "local":
+        raise ValueError(f"--reset-attention-mask without --lss-sequence-parallel needs --core-attention local "
+                         f"(megatron-core's dense document mask); --core-attention {args.core_attention} "
+                         "reads no mask")
+    if args.reset_position_ids and args.position_embedding_type == "rope" and not (lss and args.reset_attention_mask):
+        raise ValueError("--reset-position-ids with --position-embedding-type rope needs --lss-sequence-parallel "
+                         "and --reset-attention-mask: RoPE positions restart through the THD documents' "
+                         "cu_seqlens, while megatron-core's GPTModel reads position_ids for learned_absolute only")
+
+
+def uses_documents(args) -> bool:
+    return bool(args.reset_attention_mask or args.reset_position_ids or args.eod_mask_loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,22 +252,41 @@ def _rank_rows(global_batch: torch.Tensor, args) -> torch.Tensor:
 
 
 def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
-    """tokens/labels/loss_mask/position_ids for this rank from windows ``[b, L+1]``.
+    """tokens/labels/loss_mask/position_ids (+ attention_mask, packed_seq_params) for this rank from
+    windows ``[b, L+1]``.
 
     Under LSS each tensor keeps this rank's ``L/N`` tokens in the chosen layout; every TP rank
     keeps the same tokens (with Megatron SP its embedding scatters them over the TP group).
+    Documents (``--reset-*``, ``--eod-mask-loss``): megatron-core's GPT dataset masks and positions;
+    under LSS ``--reset-attention-mask`` gives THD ``packed_seq_params`` with the window's global
+    boundaries, without LSS megatron-core's dense ``attention_mask`` ``[b, 1, L, L]``.
     """
     from lss_plugin.megatron.batch import get_batch_on_this_lss_rank
     from lss_plugin.runtime import default_device
 
+    from lss_plugin.data import EOD_BYTE
+    from lss_plugin.megatron.packed import ltor_masks, packed_seq_params_from_eod
+
     tokens, labels = window[:, :-1], window[:, 1:]  # [b, L]
     loss_mask = (loss_mask_fn(tokens, labels) if loss_mask_fn else torch.ones_like(labels)).float()
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    attention_mask = packed_seq_params = None
+    packed = args.reset_attention_mask and args.lss_sequence_parallel
+    if uses_documents(args):  # megatron-core's GPT dataset masks and positions, EOD ending a document
+        attention_mask, eod_loss_mask, position_ids = ltor_masks(
+            tokens, EOD_BYTE, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss,
+            create_attention_mask=args.reset_attention_mask and not packed)  # [b, 1, L, L]: one device only
+        loss_mask = loss_mask * eod_loss_mask
+    device = default_device()
+    if packed:  # the global boundaries, the same on every rank
+        packed_seq_params = packed_seq_params_from_eod(tokens.to(device), EOD_BYTE, args.reset_position_ids)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
     if args.lss_sequence_parallel:
         batch = get_batch_on_this_lss_rank(batch, args.lss_layout)  # [b, L/N] each
-    device = default_device()
-    return {k: v.contiguous().to(device) for k, v in batch.items()}
+    batch = {k: v.contiguous().to(device) for k, v in batch.items()}
+    batch["attention_mask"] = attention_mask.to(device) if attention_mask is not None else None
+    batch["packed_seq_params"] = packed_seq_params
+    return batch
 
 
 def global_sum(values: torch.Tensor) -> torch.Tensor:
@@ -411,12 +465,14 @@ def train(args, loss_mask_fn: Optional[Callable] = None, probe_params=(), splits
     ``loss_mask_fn(tokens, labels) -> mask [b, L]`` (global positions) lets a caller drop tokens
     from the loss; ``probe_params`` names parameters whose reduced gradient each record keeps.
     """
-    from lss_plugin.data import load_byte_splits
+    from lss_plugin.data import load_byte_splits, with_document_ends
     from lss_plugin.megatron.model import GPTShape, build_gpt_model
 
     setup_parallel(args)
     shape = GPTShape.from_args(args)
     splits = splits if splits is not None else load_byte_splits(args.data_path)
+    if uses_documents(args):
+        splits = with_document_ends(splits)
     model = build_gpt_model(args, shape)
     optimizer = build_optimizer(model, args)
     start = load(model, optimizer, args, shape, splits) if args.load else 0

@@ -10,6 +10,13 @@ Each module is therefore swapped for a subclass that computes the whole table ex
 megatron-core does (CP slicing off) and keeps this rank's rows; a rotary module of any other
 class is refused by name. ``mrope`` takes Megatron's CP convention: ``position_ids`` for the whole
 sequence, ``[3, b, L]``.
+
+Packed documents (THD): megatron-core builds a table of ``max(max_seqlen_q, max_seqlen_kv)`` rows
+without CP slicing (``packed_seq=True``), and ``_apply_rotary_pos_emb_thd`` picks each token's row
+from ``cu_seqlens``, read as Megatron-CP's per-document partitioning. Under LSS the boundaries are
+global, so these modules hand on megatron-core's whole table and ``LSSSelfAttention`` picks this
+rank's rows with ``packed_rope_rows`` (the rows one CP rank would use). With more than one rank a
+rotary module refuses packed sequences unless every layer it feeds is an ``LSSSelfAttention``.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (
 )
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
-from lss_plugin.sharding import local_token_indices
+from lss_plugin.sharding import local_positions, local_token_indices
 
 
 def _rows_of_this_rank(emb: torch.Tensor, group, layout: str) -> torch.Tensor:
@@ -32,13 +39,44 @@ def _rows_of_this_rank(emb: torch.Tensor, group, layout: str) -> torch.Tensor:
     return emb.index_select(0, index)
 
 
+def packed_rope_rows(table: torch.Tensor, documents, group, layout: str) -> torch.Tensor:
+    """This rank's rows of megatron-core's THD RoPE table, for packed documents under LSS.
+
+    ``table`` [M, 1, 1, d] (positions 0..M-1), ``documents`` a ``PackedDocuments`` (global
+    boundaries, L = ``cu[-1]``) -> [L/N, 1, 1, d]. The rows are those megatron-core's
+    ``_apply_rotary_pos_emb_thd`` gives the same tokens on one CP rank (0.16.1 and 0.19.x alike,
+    ``lss_plugin.megatron.compat``): a table of exactly L rows is read at each token's position in
+    the whole sequence; any other table at its position inside its document (so M must cover the
+    longest document).
+    """
+    seq_len, rows = documents.seq_len, table.shape[0]
+    if rows == seq_len:
+        positions = local_positions(seq_len, group, layout, device=table.device)
+    elif rows < documents.longest:
+        raise ValueError(f"the RoPE table has {rows} rows (max_seqlen_q/kv) but a packed document has "
+                         f"{documents.longest} tokens")
+    else:
+        positions = local_positions(seq_len, group, layout, device=table.device, cu_seqlens=documents.cu_seqlens)
+    return table.index_select(0, positions)
+
+
 class _LSSRows:
     """Mixin: the layout these rows follow, and the group (the call's, else the module's CP group)."""
 
     lss_layout: str = "contiguous"
+    lss_rows_in_attention: bool = False  # every layer fed is an LSSSelfAttention (packed rows)
 
     def _group(self, cp_group):
         return cp_group if cp_group is not None else self.cp_group
+
+    def _packed_table(self, cp_group) -> None:
+        """Packed sequences: megatron-core's whole table goes on, if LSSSelfAttention picks the rows."""
+        group = self._group(cp_group)
+        if group is not None and group.size() > 1 and not self.lss_rows_in_attention:
+            raise NotImplementedError(
+                "packed sequences (THD) with RoPE under LSS need LSSSelfAttention in every layer (the spec "
+                "from lss_plugin.megatron.get_gpt_layer_lss_spec): megatron-core's SelfAttention would read "
+                "the global cu_seqlens as Megatron-CP's per-document partitioning")
 
 
 class LSSRotaryEmbedding(_LSSRows, RotaryEmbedding):
@@ -46,8 +84,9 @@ class LSSRotaryEmbedding(_LSSRows, RotaryEmbedding):
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
                 cp_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
-        if packed_seq:
-            raise NotImplementedError("packed sequences (THD) are not supported with LSS yet")
+        if packed_seq:  # megatron-core's whole table [max_seqlen, 1, 1, d]: LSSSelfAttention picks the rows
+            self._packed_table(cp_group)
+            return self.get_emb(max_seq_len, offset)
         emb = self.get_emb(max_seq_len, offset)  # [L, 1, 1, d] for the whole sequence
         return _rows_of_this_rank(emb, self._group(cp_group), self.lss_layout)
 
@@ -58,7 +97,8 @@ class LSSYarnRotaryEmbedding(_LSSRows, YarnRotaryEmbedding):
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
                 cp_group: torch.distributed.ProcessGroup | None = None):
         if packed_seq:
-            raise NotImplementedError("packed sequences (THD) are not supported with LSS yet")
+            self._packed_table(cp_group)
+            return self.get_emb(max_seq_len, offset)  # whole table and mscale
         emb, mscale = self.get_emb(max_seq_len, offset)  # [L, 1, 1, d]
         return _rows_of_this_rank(emb, self._group(cp_group), self.lss_layout), mscale
 
@@ -83,7 +123,7 @@ _LSS_CLASS = {
 }
 
 
-def adopt_rotary(rotary: torch.nn.Module, layout: str) -> torch.nn.Module:
+def adopt_rotary(rotary: torch.nn.Module, layout: str, rows_in_attention: bool = False) -> torch.nn.Module:
     """Turn a megatron-core rotary module (inside a GPTModel) into its LSS class, in place.
 
     In place because GPTModel owns the instance; these modules hold no parameters or buffers
@@ -98,12 +138,19 @@ def adopt_rotary(rotary: torch.nn.Module, layout: str) -> torch.nn.Module:
         )
     rotary.__class__ = _LSS_CLASS[base]
     rotary.lss_layout = layout
+    rotary.lss_rows_in_attention = rows_in_attention
     return rotary
 
 
 def use_lss_rotary_embedding(gpt_model, layout: str) -> None:
     """Make a megatron-core GPTModel's rotary embedding follow the LSS layout (no-op without one)."""
+    from lss_plugin.megatron.self_attention import LSSSelfAttention
+
     model = getattr(gpt_model, "module", gpt_model)
     rotary = getattr(model, "rotary_pos_emb", None)
     if rotary is not None:
-        adopt_rotary(rotary, layout)
+        decoder = getattr(model, "decoder", None)
+        layers = list(decoder.layers) if decoder is not None else []
+        rows_in_attention = all(isinstance(getattr(layer, "self_attention", None), LSSSelfAttention)
+                                for layer in layers)
+        adopt_rotary(rotary, layout, rows_in_attention)

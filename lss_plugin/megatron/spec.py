@@ -4,7 +4,9 @@ With TransformerEngine importable the base is ``get_gpt_layer_with_transformer_e
 linears with fused input norms, TE norms, TE MLP); without it, ``get_gpt_layer_local_spec``. Either
 way only ``self_attention.submodules.core_attention`` changes, to ``LSSDotProductAttention``: LSS
 replaces Megatron's context parallelism inside attention, everything around it stays the
-framework's own (so fp8 and fused TE kernels keep working around LSS attention).
+framework's own (so fp8 and fused TE kernels keep working around LSS attention). The one other
+change: ``self_attention.module`` becomes ``LSSSelfAttention``, megatron-core's ``SelfAttention``
+that picks the RoPE rows of packed (THD) documents for the LSS layout and is otherwise unchanged.
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import copy
 from typing import Optional
 
 from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from lss_plugin.megatron.args import KV_BACKWARD_MODES, LAYOUTS
 from lss_plugin.megatron.attention import configured_lss_attention
+from lss_plugin.megatron.self_attention import LSSSelfAttention
 
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
@@ -67,7 +71,12 @@ def get_gpt_layer_lss_spec(
     else:
         base = gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization, **common)
     spec = copy.deepcopy(base)
-    spec.submodules.self_attention.submodules.core_attention = configured_lss_attention(
+    attention = spec.submodules.self_attention
+    if attention.module is not SelfAttention:
+        raise ValueError(f"megatron-core's GPT layer spec builds self-attention as {attention.module}, not "
+                         "SelfAttention: LSS cannot place its packed-document RoPE rows there")
+    attention.module = LSSSelfAttention
+    attention.submodules.core_attention = configured_lss_attention(
         layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk
     )
     return spec
