@@ -21,7 +21,7 @@ import torch
 
 RTOL = 1e-5
 # The reference without the document mask must miss the packed loss by this many tolerances (measured:
-# about 50x at the random initialisation, where every loss is near ln 256).
+# at least 24x at the random initialisation, where every loss is near ln 256).
 SENSITIVITY = 10
 STEPS = 2
 LR = 0.5
@@ -152,7 +152,7 @@ def _ds_case(model_type, layout, heads, kv_heads, docs, keys):
         engine.backward(loss.loss)
         err = max(_rel(safe_get_full_grad(p), r) for p, r in zip(engine.module.parameters(), ref_grads))
         engine.step()
-        steps.append((float(ref_loss), unmasked, float(reduce_loss(loss.local_mean, num_tokens=loss.num_tokens)), err))
+        steps.append((float(ref_loss.detach()), unmasked, float(reduce_loss(loss.local_mean, num_tokens=loss.num_tokens)), err))
     params_err = max(_rel(p.detach(), r.detach()) for p, r in zip(engine.module.parameters(), ref.parameters()))
     engine.lss_mpu.destroy()
     engine.destroy()
