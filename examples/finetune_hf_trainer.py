@@ -16,6 +16,13 @@ causal-LM dataset). The one LSS line is ``LSSTrainer`` in place of ``Trainer``. 
 gets one JSON line per optimizer step from rank 0 (``iteration``, ``loss`` of the global batch,
 ``grad_norm``, ``learning_rate``; ``eval_loss`` lines after evaluations); it makes the Trainer log
 every step.
+
+``--pack-documents`` trains on documents instead of windows: the Wikipedia pages of the corpus
+(``<page>`` ... up to the next; ``--document-separator '\\n'`` makes every line one), cut into pieces of
+at most --seq-length bytes, packed by transformers' ``DataCollatorWithFlattening`` into one row per
+micro-batch (``position_ids`` restart at 0 for each document, ``labels`` -100 at each document's first
+token). The plain Trainer attends within documents through transformers' packed mask; ``LSSTrainer``
+splits the packed row with the global boundaries.
 """
 from __future__ import annotations
 
@@ -41,6 +48,17 @@ class ExampleArguments:
     data_path: str | None = field(default=None, metadata={"help": "a byte corpus such as enwik8 (default: the gensim excerpt)"})
     eval_windows: int = field(default=32, metadata={"help": "validation windows evaluated (with --do_eval or --eval_strategy)"})
     metrics_file: str | None = field(default=None, metadata={"help": "JSON line per optimizer step (rank 0 appends)"})
+    pack_documents: bool = field(default=False, metadata={
+        "help": "train on documents (<= seq-length bytes) packed into one row per micro-batch by "
+                "DataCollatorWithFlattening, no attention or targets across documents"})
+    document_separator: str = field(default="<page>", metadata={
+        "help": "with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n' for lines)"})
+
+    @property
+    def separator(self) -> bytes:
+        from lss_plugin.hf.packing import parse_separator
+
+        return parse_separator(self.document_separator)
 
     def __post_init__(self):
         for name in ("seq_length", "num_layers", "hidden_size", "num_heads", "eval_windows"):
@@ -65,6 +83,26 @@ class ByteWindows(torch.utils.data.Dataset):
         start = i * self.seq_length
         ids = torch.as_tensor(self.tokens[start:start + self.seq_length].astype("int64"))
         return {"input_ids": ids, "labels": ids.clone()}
+
+
+class ByteDocuments(torch.utils.data.Dataset):
+    """Documents of the byte stream (each from a ``separator`` to the next), cut into pieces of at most
+    ``max_length`` bytes: ``{"input_ids"}`` of varying lengths, for ``DataCollatorWithFlattening``."""
+
+    def __init__(self, tokens, max_length: int, separator: bytes, limit: int | None = None):
+        from lss_plugin.hf.packing import document_spans
+
+        self.tokens = tokens
+        self.spans = document_spans(tokens, separator, max_length)[:limit]
+        if not self.spans:
+            raise ValueError(f"{len(tokens)} bytes hold no document")
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> dict:
+        start, end = self.spans[i]
+        return {"input_ids": self.tokens[start:end].astype("int64").tolist()}
 
 
 class MetricsFile(TrainerCallback):
@@ -114,11 +152,22 @@ def run(example: ExampleArguments, training: TrainingArguments):
     # Built with the default attention: LSSTrainer switches it to "lss" when the config enables LSS.
     model = hf.build_causal_lm(config, attn_implementation="sdpa", seed=training.seed)
     evaluating = training.do_eval or training.eval_strategy != "no"
+    if example.pack_documents:
+        from transformers import DataCollatorWithFlattening
+
+        train = ByteDocuments(splits.train, example.seq_length, example.separator)
+        valid = ByteDocuments(splits.valid, example.seq_length, example.separator, limit=example.eval_windows) \
+            if evaluating else None
+        collator = DataCollatorWithFlattening()
+    else:
+        train, collator = ByteWindows(splits.train, example.seq_length), None
+        valid = ByteWindows(splits.valid, example.seq_length, limit=example.eval_windows) if evaluating else None
     trainer = hf.LSSTrainer(
         model=model,
         args=training,
-        train_dataset=ByteWindows(splits.train, example.seq_length),
-        eval_dataset=ByteWindows(splits.valid, example.seq_length, limit=example.eval_windows) if evaluating else None,
+        train_dataset=train,
+        eval_dataset=valid,
+        data_collator=collator,
         callbacks=[MetricsFile(example.metrics_file)] if example.metrics_file else None,
     )
     if trainer.is_world_process_zero():
@@ -126,7 +175,8 @@ def run(example: ExampleArguments, training: TrainingArguments):
         mode = (f"LSS sp={lss.size} x dp={trainer.lss_dims.dp}, layout={lss.layout}" if lss.enabled
                 else "plain Trainer (no enabled lss_sequence_parallel block)")
         params = sum(p.numel() for p in model.parameters())
-        print(f"finetune_hf_trainer: {type(model).__name__} ({params} parameters), {mode}, seq {example.seq_length} "
+        data = f"{len(train)} documents packed per micro-batch" if example.pack_documents else f"seq {example.seq_length}"
+        print(f"finetune_hf_trainer: {type(model).__name__} ({params} parameters), {mode}, {data} "
               f"| data {splits.source}", flush=True)
     try:
         trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)

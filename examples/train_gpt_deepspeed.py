@@ -15,6 +15,11 @@ grad_norm, lr. With ``"enabled": false`` in the block (or no block) the same scr
 DeepSpeed data parallelism: the baseline. Without a launcher it runs as one plain process:
 
     python examples/train_gpt_deepspeed.py --deepspeed_config configs/ds_config_baseline.json
+
+``--pack-documents`` packs each micro-batch's rows into one sequence of documents: every row and
+every Wikipedia page inside it (from ``--document-separator``, default ``<page>``, to the next) is a
+document. Attention stays inside documents (``cu_seqlens``, global boundaries, to ``lss_attention``;
+the baseline masks the same with SDPA), positions restart at 0 for each and no target crosses one.
 """
 from __future__ import annotations
 
@@ -46,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave targets equal to this byte out of the loss (e.g. 10: newlines); ranks then hold "
                         "different numbers of loss tokens and the loss stays the global token mean")
     p.add_argument("--log-interval", type=int, default=1)
+    p.add_argument("--pack-documents", action="store_true",
+                   help="pack each micro-batch into one sequence of documents (rows and <page> elements), "
+                        "no attention or targets across documents")
+    p.add_argument("--document-separator", default="<page>",
+                   help="with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n')")
     p.add_argument("--save", default=None, help="checkpoint directory (engine.save_checkpoint)")
     p.add_argument("--save-interval", type=int, default=0)
     p.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
@@ -57,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.ignore_byte is not None and not 0 <= args.ignore_byte <= 255:
         raise ValueError(f"--ignore-byte must be a byte value 0-255, got {args.ignore_byte}")
+    from lss_plugin.hf.packing import parse_separator
+
+    args.separator = parse_separator(args.document_separator)
     return args
 
 
@@ -72,21 +85,41 @@ class Sharder:
         self.dp_rank = self.topology.dp_rank if self.topology is not None else dist.get_rank()
         self.micro = engine.train_micro_batch_size_per_gpu()
         self.seq_length = seq_length
-        if self.topology is not None:
-            from lss_plugin.sharding import check_seq_len, local_token_indices
+        self.positions = self._token_indices(seq_length)
+        self.packed_indices = self._token_indices(self.micro * seq_length)
 
-            check_seq_len(seq_length, self.topology.sp_size, self.layout)
-            self.positions = local_token_indices(seq_length, self.topology.sp_rank, self.topology.sp_size, self.layout)
-        else:
+    def _token_indices(self, length: int):
+        """Which of ``length`` tokens this rank holds (all of them without LSS)."""
+        if self.topology is None:
             import torch
 
-            self.positions = torch.arange(seq_length)
+            return torch.arange(length)
+        from lss_plugin.sharding import check_seq_len, local_token_indices
+
+        check_seq_len(length, self.topology.sp_size, self.layout)
+        return local_token_indices(length, self.topology.sp_rank, self.topology.sp_size, self.layout)
+
+    def _rows(self, batch, micro_step: int):
+        first = (micro_step * self.dp_size + self.dp_rank) * self.micro
+        return batch[first:first + self.micro]
 
     def micro_batch(self, batch, micro_step: int):
         """batch [gas * dp * micro, L + 1] -> inputs, labels [micro, L/N], positions [L/N]."""
-        first = (micro_step * self.dp_size + self.dp_rank) * self.micro
-        rows = batch[first:first + self.micro]
+        rows = self._rows(batch, micro_step)
         return rows[:, :-1][:, self.positions], rows[:, 1:][:, self.positions], self.positions
+
+    def packed_micro_batch(self, batch, micro_step: int, separator: bytes):
+        """The micro-batch's rows packed into one sequence of documents (``lss_plugin.hf.pack_windows``) ->
+        inputs, labels [1, micro * L / N], positions inside documents [micro * L / N], global cu_seqlens."""
+        from lss_plugin.documents import cu_seqlens_from_position_ids
+        from lss_plugin.hf.packing import ignore_cross_document_targets, pack_windows
+        from lss_plugin.loss import IGNORE_INDEX
+
+        packed = pack_windows(self._rows(batch, micro_step), separator)  # [1, micro * L] each
+        cu_seqlens = cu_seqlens_from_position_ids(packed["position_ids"])  # the whole sequence's boundaries
+        labels = ignore_cross_document_targets(packed["shift_labels"], cu_seqlens, IGNORE_INDEX)
+        idx = self.packed_indices
+        return packed["input_ids"][:, idx], labels[:, idx], packed["position_ids"][0, idx], cu_seqlens
 
 
 def mask_labels(labels, ignore_byte):
@@ -135,9 +168,10 @@ def train(args) -> list[dict]:
     loss_group = dist.group.WORLD if dist.get_world_size() > 1 else None
     if rank0:
         grid = f"sp={topology.sp_size} x dp={topology.dp_size}" if topology else f"dp={dist.get_world_size()} (no LSS)"
+        packed = f", packed documents (separator {args.separator!r})" if args.pack_documents else ""
         print(f"train_gpt_deepspeed: {grid}, ZeRO {engine.zero_optimization_stage()}, {args.num_layers} layers, "
-              f"hidden {args.hidden_size}, seq {args.seq_length}, global batch {global_batch} | data {splits.source}",
-              flush=True)
+              f"hidden {args.hidden_size}, seq {args.seq_length}, global batch {global_batch}{packed} | "
+              f"data {splits.source}", flush=True)
     metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
     records = []
     try:
@@ -146,9 +180,14 @@ def train(args) -> list[dict]:
             batch = sample_batch(splits.train, global_batch, args.seq_length, step=iteration, seed=args.seed)
             step_loss = StepLoss()  # this rank's loss sum and tokens over the micro-steps
             for micro_step in range(gas):
-                inputs, labels, positions = sharder.micro_batch(batch, micro_step)
+                packing = {}
+                if args.pack_documents:
+                    inputs, labels, positions, cu_seqlens = sharder.packed_micro_batch(batch, micro_step, args.separator)
+                    packing = {"cu_seqlens": cu_seqlens.to(engine.device)}
+                else:
+                    inputs, labels, positions = sharder.micro_batch(batch, micro_step)
                 labels = mask_labels(labels, args.ignore_byte)
-                logits = engine(inputs.to(engine.device), positions.to(engine.device))  # [b, s_local, 256]
+                logits = engine(inputs.to(engine.device), positions.to(engine.device), **packing)  # [b, s_local, 256]
                 out = sharded_cross_entropy(logits, labels.to(engine.device), group=loss_group)
                 engine.backward(out.loss)
                 engine.step()

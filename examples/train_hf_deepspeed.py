@@ -12,6 +12,12 @@ attn_implementation="lss")`` on a byte vocabulary (256), trained on byte-level t
 ``attn_implementation="lss"``, ``lss_plugin.hf.deepspeed_initialize`` in place of
 ``deepspeed.initialize``, and ``shard_causal_lm_batch`` for this rank's tokens. ``--metrics-file``
 gets one JSON line per iteration (rank 0): iteration, loss, tokens_per_s, ms_per_iter, grad_norm, lr.
+
+``--pack-documents`` packs each micro-batch into one row of documents, as transformers'
+``DataCollatorWithFlattening`` does: every window and every Wikipedia page inside it (from
+``--document-separator``, default ``<page>``, to the next) is a document; attention stays inside documents, positions restart at 0 for each, and no target crosses
+a document (``lss_plugin.hf.pack_windows`` -> ``shard_causal_lm_batch``). The baseline (block
+disabled) runs the same packed rows with transformers' own packed mask from the ``position_ids``.
 """
 from __future__ import annotations
 
@@ -41,8 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-kv-heads", type=int, default=None, help="GQA/MQA (model types with num_key_value_heads)")
     p.add_argument("--log-interval", type=int, default=1)
+    p.add_argument("--pack-documents", action="store_true",
+                   help="pack each micro-batch into one row of documents (windows and <page> elements), "
+                        "no attention or targets across documents")
+    p.add_argument("--document-separator", default="<page>",
+                   help="with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n')")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)  # deepspeed launcher
     args = p.parse_args(argv)
+    from lss_plugin.hf.packing import parse_separator
+
+    args.separator = parse_separator(args.document_separator)
     for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -77,7 +91,8 @@ def train(args) -> list[dict]:
         grid = (f"sp={topology.sp_size} x dp={dp_size}, layout={engine.lss_config.layout}" if enabled
                 else f"dp={dp_size} (no LSS)")
         print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), {grid}, "
-              f"ZeRO {engine.zero_optimization_stage()}, seq {args.seq_length}, global batch {global_batch} | "
+              f"ZeRO {engine.zero_optimization_stage()}, seq {args.seq_length}, global batch {global_batch}"
+              f"{f', packed documents (separator {args.separator!r})' if args.pack_documents else ''} | "
               f"data {splits.source}", flush=True)
     metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
     records = []
@@ -89,7 +104,9 @@ def train(args) -> list[dict]:
             for micro_step in range(gas):
                 first = (micro_step * dp_size + dp_rank) * micro
                 rows = window[first:first + micro].to(engine.device)  # [micro, L + 1]: this DP rank's sequences
-                if enabled:
+                if args.pack_documents:
+                    inputs, labels = packed_inputs(rows, args.separator, enabled)
+                elif enabled:
                     # Every position predicts the next byte; the labels are the window shifted by one,
                     # taken before the sequence is split, so segment boundaries are predicted too.
                     batch = hf.shard_causal_lm_batch(rows[:, :-1], shift_labels=rows[:, 1:]).to(engine.device)
@@ -121,6 +138,22 @@ def train(args) -> list[dict]:
         if metrics:
             metrics.close()
     return records
+
+
+def packed_inputs(rows, separator: bytes, enabled: bool):
+    """rows [micro, L + 1] -> model inputs and targets of one packed row [1, micro * L] (this rank's share under LSS)."""
+    import lss_plugin.hf as hf
+    from lss_plugin.documents import cu_seqlens_from_position_ids
+    from lss_plugin.hf.packing import ignore_cross_document_targets
+
+    packed = hf.pack_windows(rows, separator)
+    if enabled:  # the global boundaries from the whole row, this rank's tokens and per-document positions
+        batch = hf.shard_causal_lm_batch(**packed)
+        return batch.model_inputs(), batch.shift_labels
+    cu_seqlens = cu_seqlens_from_position_ids(packed["position_ids"])
+    labels = ignore_cross_document_targets(packed["shift_labels"], cu_seqlens, hf.IGNORE_INDEX)
+    # No attention_mask: transformers reads the restarting position_ids as packed documents itself.
+    return {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"], "use_cache": False}, labels
 
 
 def main(argv=None) -> int:

@@ -360,8 +360,10 @@ def _four_rank_cases(ckpt_dir):
         out["resumed"][sp] = _train_step(engine, CKPT_STEP)
         _teardown(engine)
 
-    # 4. The example script, SP=2 x DP=2 (compared with its plain one-process run).
+    # 4. The example script, SP=2 x DP=2 (compared with its plain one-process run), then with packed
+    #    documents (compared with its packed run on one rank).
     out["example"] = _run_example(ckpt_dir, "lss")
+    out["example_packed"] = _run_example(ckpt_dir, "lss", packed=True)
 
     # 5. Refused on every rank, before any collective.
     refused = {
@@ -437,12 +439,17 @@ def _one_rank_references(ckpt_dir):
         _train_step(reference, step)
     out["uninterrupted_zero0"] = _train_step(reference, CKPT_STEP)
     reference.destroy()
+    out["example_packed"] = _run_example(ckpt_dir, "plain", packed=True)
     return out
 
 
 EXAMPLE_ITERS = 3
 EXAMPLE_ARGS = ["--train-iters", str(EXAMPLE_ITERS), "--seq-length", "32", "--num-layers", "1", "--hidden-size", "32",
                 "--num-heads", "4", "--num-kv-heads", "2", "--seed", "5", "--ignore-byte", "32"]
+# Packed documents: every row and every "deepspeed" in it starts a document (a few per 32-byte row);
+# RoPE positions restart per document. The plain run packs its 2 rows per micro-batch into one sequence
+# of 64, the LSS run 1 row: the same documents, so the same losses.
+PACKED_ARGS = ["--pack-documents", "--document-separator", "deepspeed", "--position-embedding", "rope"]
 
 
 def _example_path() -> str:
@@ -471,13 +478,14 @@ def _write_example_inputs(directory: str) -> None:
             json.dump(config, f)
 
 
-def _example_argv(directory: str, name: str) -> list[str]:
+def _example_argv(directory: str, name: str, packed: bool = False) -> list[str]:
+    metrics = f"example_{name}{'_packed' if packed else ''}.jsonl"
     return ["--deepspeed_config", os.path.join(directory, f"example_{name}.json"),
             "--data-path", os.path.join(directory, "corpus.txt"),
-            "--metrics-file", os.path.join(directory, f"example_{name}.jsonl")] + EXAMPLE_ARGS
+            "--metrics-file", os.path.join(directory, metrics)] + EXAMPLE_ARGS + (PACKED_ARGS if packed else [])
 
 
-def _run_example(directory: str, name: str):
+def _run_example(directory: str, name: str, packed: bool = False):
     import importlib.util
     import torch.distributed as dist
 
@@ -486,10 +494,10 @@ def _run_example(directory: str, name: str):
     spec = importlib.util.spec_from_file_location("train_gpt_deepspeed", _example_path())
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    records = example.train(example.parse_args(_example_argv(directory, name)))
+    records = example.train(example.parse_args(_example_argv(directory, name, packed)))
     destroy_topology()
     dist.barrier()
-    return {"losses": [r["loss"] for r in records]}
+    return {"losses": [r["loss"] for r in records], "loss_tokens": [r["loss_tokens"] for r in records]}
 
 
 def _read_metrics(directory: str, name: str) -> list[dict]:
@@ -711,3 +719,18 @@ def test_example_script_matches_its_plain_one_process_run(engines):
         assert {"iteration", "loss", "tokens_per_s", "ms_per_iter", "loss_tokens"} <= set(m) and m["tokens_per_s"] > 0
         assert m["loss_tokens"] == ref["loss_tokens"] < 4 * 32  # the spaces are left out
         assert _rel(m["grad_norm"], ref["grad_norm"]) <= RTOL
+
+
+def test_example_script_packed_documents_match_one_rank(engines):
+    """examples/train_gpt_deepspeed.py --pack-documents, SP=2 x DP=2 on 4 ranks, against the same packed
+    training on one rank (SDPA with the block-diagonal causal mask): per-iteration losses within 1e-5."""
+    reference = engines["one"]["example_packed"]
+    assert len(reference["losses"]) == EXAMPLE_ITERS
+    for result in engines["four"]:
+        packed = result["example_packed"]
+        assert packed["loss_tokens"] == reference["loss_tokens"], (packed, reference)
+        for it, (loss, ref) in enumerate(zip(packed["losses"], reference["losses"])):
+            assert _rel(loss, ref) <= RTOL, f"iteration {it + 1}: {loss} vs {ref}"
+    # Packing changed the training: targets across documents are left out, so fewer loss tokens.
+    unpacked = [m["loss_tokens"] for m in engines["metrics"]["plain"]]
+    assert all(p < u for p, u in zip(reference["loss_tokens"], unpacked)), (reference["loss_tokens"], unpacked)

@@ -7,7 +7,9 @@ clips at 1.0, the Trainer default, so the norm also steers the update) and, afte
 eval_loss; float32, within 1e-5 relative. Models: Llama with GQA (4 query / 2 KV heads) and GPT-NeoX
 (parallel attention/MLP, partial rotary, LayerNorm), byte-level text, ZeRO-2, AdamW; and Llama with
 ZeRO-3 (built under deepspeed.zero.Init, as transformers does when the config says stage 3) against
-the one-rank ZeRO-3 Trainer. bf16 (ZeRO-2, Llama, SP=2) against the one-rank bf16 Trainer within
+the one-rank ZeRO-3 Trainer. Packed documents (--pack-documents: DataCollatorWithFlattening over
+the corpus' lines) under LSSTrainer at SP=2 against the one-rank plain Trainer on the same packed rows,
+which attends within documents through transformers' own packed mask. bf16 (ZeRO-2, Llama, SP=2) against the one-rank bf16 Trainer within
 BF16_FACTOR x the one-rank bf16 run's own error against the fp32 run (as tests/test_deepspeed.py).
 (GPT-2 is not a fair second family here: transformers 5.24's plain Trainer divides GPT-2's loss by
 all L labels of a row instead of the L-1 it predicts - GPT2LMHeadModel has no loss_type - so the
@@ -42,6 +44,10 @@ BF16_FACTOR = 2.0  # as tests/test_deepspeed.py: LSS bf16 vs 1-rank bf16 within 
 BF16_CAP = 0.05  # never looser than this, whatever the measured error
 MODELS = {"llama": ["--model-type", "llama", "--num-heads", "4", "--num-kv-heads", "2", "--seq-length", "32"],
           "gpt_neox": ["--model-type", "gpt_neox", "--num-heads", "4", "--seq-length", "30"]}
+# Packed documents (DataCollatorWithFlattening): the corpus' lines, at most 32 bytes each, 4 per micro-batch
+# in one row of varying length (the Trainer pads it to a multiple of 2N as a document of its own).
+PACKED = "llama_packed"
+PACKED_FLAGS = ["--pack-documents", "true", "--document-separator", "\\n"]
 
 
 def _example():
@@ -141,6 +147,7 @@ def baselines(tmp_path_factory):
     runs.append((ZERO3, _argv("llama", _ds_config(str(tmp / "base_z3.json"), sp=None, **ZERO3_CONFIG),
                               str(tmp / ZERO3), GLOBAL_BATCH)))
     runs.append((BF16, _argv("llama", config, str(tmp / BF16), GLOBAL_BATCH, *_bf16_flags())))
+    runs.append((PACKED, _argv("llama", config, str(tmp / PACKED), GLOBAL_BATCH, *PACKED_FLAGS)))
     return run_ranks(_rank_runs, 1, runs, timeout_s=900)[0]
 
 
@@ -150,6 +157,7 @@ def test_sp2_trainer_equals_one_rank_trainer(baselines, tmp_path):
     config = _ds_config(str(tmp_path / "sp2.json"), sp=2)
     runs = [(m, _argv(m, config, str(tmp_path / m), GLOBAL_BATCH)) for m in MODELS]
     runs.append((BF16, _argv("llama", config, str(tmp_path / BF16), GLOBAL_BATCH, *_bf16_flags())))
+    runs.append((PACKED, _argv("llama", config, str(tmp_path / PACKED), GLOBAL_BATCH, *PACKED_FLAGS)))
     results = run_ranks(_rank_runs, 2, runs, timeout_s=900)
     worst = 0.0
     # bf16 cannot agree to fp32 precision (LSS rounds in another order): the yardstick is the one-rank
@@ -157,7 +165,7 @@ def test_sp2_trainer_equals_one_rank_trainer(baselines, tmp_path):
     yardstick = _errors(baselines[BF16], baselines["llama"])
     tol = [min(BF16_CAP, max(RTOL, BF16_FACTOR * e)) for e in yardstick]
     for rank, result in enumerate(results):
-        for m in MODELS:
+        for m in (*MODELS, PACKED):
             assert result[m]["attn"] == "lss" and result[m]["dp"] == 1, (rank, m, result[m])
             assert baselines[m]["attn"] == "sdpa"
             worst = max(worst, _assert_matches(result[m], baselines[m], f"SP=2 {m} rank {rank}"))

@@ -19,11 +19,13 @@ from lss_plugin.hf.batch import (
     ShardedBatch,
     causal_lm_loss,
     data_parallel_rows,
+    pad_for_layout,
     sequence_parallel_sampler,
     shard_causal_lm_batch,
     shift_labels_for_causal_lm,
 )
 from lss_plugin.hf.deepspeed import deepspeed_initialize
+from lss_plugin.hf.packing import flash_attn_kwargs, pack_windows, packed_boundaries
 from lss_plugin.hf.models import build_causal_lm, small_causal_lm_config
 
 register_lss_attention()
@@ -40,6 +42,6 @@ def __getattr__(name):
 
 __all__ = [
     "IGNORE_INDEX", "LSSBatchLoader", "LSSTrainer", "LSSCausalLMCollator", "LSSHFOptions", "ShardedBatch", "build_causal_lm",
-    "causal_lm_loss", "data_parallel_rows", "deepspeed_initialize", "lss_attention_forward", "lss_attention_mask", "lss_options", "register_lss_attention",
+    "causal_lm_loss", "data_parallel_rows", "deepspeed_initialize", "flash_attn_kwargs", "lss_attention_forward", "lss_attention_mask", "lss_options", "pack_windows", "packed_boundaries", "pad_for_layout", "register_lss_attention",
     "sequence_parallel_sampler", "shard_causal_lm_batch", "shard_trainer_batch", "shift_labels_for_causal_lm", "small_causal_lm_config", "use_lss_attention",
 ]

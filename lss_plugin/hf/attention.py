@@ -13,6 +13,11 @@ that the pattern is one ``lss_attention`` reproduces exactly (causal, or a slidi
 the whole sequence; no padding) and returns ``None``; anything else is refused with the setting to
 change. The attention function then runs ``lss_attention`` with the causal mask in global positions.
 
+Packed documents reach the attention function as transformers' FlashAttentionKwargs
+(``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``) holding the *global* boundaries
+(``shard_causal_lm_batch`` puts them into ``model_inputs()``); they become ``lss_attention``'s
+``cu_seqlens``. Different query and key boundaries are refused by name (``lss_plugin.hf.packing``).
+
 The layout and memory options of a registered name live in a small table next to the registration
 (the registries themselves are process-global), so ``shard_causal_lm_batch`` can read the same
 layout the attention uses.
@@ -25,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
+from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
 from lss_plugin.options import check_kv_backward, check_kv_head_chunk, check_layout
 from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sp_group
@@ -153,9 +159,10 @@ def lss_attention_mask(
         f"({getattr(mask_function, '__qualname__', mask_function)!r}). LSS supports the plain causal mask and "
         "sliding windows at least as long as the sequence (no bidirectional masks: config.is_causal=False). "
         "Common causes: packed sequences detected from "
-        "position_ids that restart or jump (with layout='balanced', pass the all-ones attention_mask that "
-        "lss_plugin.hf.shard_causal_lm_batch returns, so transformers does not read the layout's position jump "
-        "as packing), or a model-specific mask overlay (image tokens, chunked attention)."
+        "position_ids that restart or jump (pass the batch through lss_plugin.hf.shard_causal_lm_batch and call the "
+        "model with its model_inputs(): the all-ones attention_mask keeps transformers from building a packed mask "
+        "from one rank's positions, and packed documents travel as global cu_seq_lens_q/cu_seq_lens_k), or a "
+        "model-specific mask overlay (image tokens, chunked attention)."
     )
 
 
@@ -174,28 +181,34 @@ def _check_sliding_window(window: int, seq_len: int, config) -> None:
 # Attention function.
 # ---------------------------------------------------------------------------------------------
 
-def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions) -> None:
-    """Positions must be this rank's global positions under the layout (catches unsharded defaults)."""
+def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions, cu_seqlens=None) -> None:
+    """Positions must be this rank's global positions under the layout, or with packed documents
+    (``cu_seqlens``) its positions inside their documents (catches unsharded defaults, and restarting
+    positions that came without the global boundaries)."""
     if position_ids is None:
         return
     from lss_plugin.sharding import local_positions
 
     group = resolve_sp_group(options.group)
-    expected = local_positions(s_local * dist.get_world_size(group), group, options.layout, device=position_ids.device)
+    seq_len = s_local * dist.get_world_size(group)
+    expected = local_positions(seq_len, group, options.layout, device=position_ids.device, cu_seqlens=cu_seqlens)
     rows = position_ids.reshape(-1, position_ids.shape[-1])
     if rows.shape[-1] != s_local or not bool((rows == expected).all()):
         first = rows[0, : min(4, rows.shape[-1])].tolist()
+        what = ("positions inside the documents of cu_seq_lens_q" if cu_seqlens is not None
+                else "global positions (no cu_seq_lens_q/cu_seq_lens_k given: one document per row)")
         raise ValueError(
-            f"position_ids {first}... on SP rank {dist.get_rank(group)} are not this rank's global positions "
+            f"position_ids {first}... on SP rank {dist.get_rank(group)} are not this rank's {what} "
             f"{expected[:4].tolist()}... under layout {options.layout!r}: pass the position_ids from "
-            "lss_plugin.hf.shard_causal_lm_batch (packed sequences with restarting positions are not supported)"
+            "lss_plugin.hf.shard_causal_lm_batch (for packed documents give it the whole batch's restarting "
+            "position_ids; its model_inputs() carry the global boundaries)"
         )
 
 
 # Keyword arguments transformers passes that do not change the attention LSS computes (position_ids
-# is checked separately). Any other keyword with a value - attention sinks (``s_aux``, gpt-oss),
-# packed-sequence boundaries (``cu_seq_lens_*``), KV-cache tables - would be silently ignored:
-# refused by name instead.
+# and the packed-document FlashAttentionKwargs are handled separately). Any other keyword with a
+# value - attention sinks (``s_aux``, gpt-oss), ``seq_idx``, KV-cache tables - would be silently
+# ignored: refused by name instead.
 _NEUTRAL_KWARGS = frozenset({
     "position_ids", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
     "use_cache", "cache_position", "past_key_values", "past_key_value", "layer_idx", "return_dict",
@@ -208,7 +221,7 @@ def _refuse_unknown_kwargs(kwargs: dict, model: str) -> None:
     if active:
         raise ValueError(
             f"attn_implementation='lss' got attention arguments it does not implement from {model}: {active} "
-            "(e.g. s_aux = attention sinks, cu_seq_lens_* = packed sequences); it would ignore them and compute "
+            "(e.g. s_aux = attention sinks); it would ignore them and compute "
             "a different attention, so it refuses instead"
         )
 
@@ -250,11 +263,13 @@ def lss_attention_forward(
         raise ValueError(f"attn_implementation='lss' does not support attention logit softcapping ({model}: softcap={softcap})")
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"attn_implementation='lss' does not support additive position biases ({model})")
+    packing = {name: kwargs.pop(name) for name in FLASH_ATTN_KWARGS if name in kwargs}
     _refuse_unknown_kwargs(kwargs, model)
     sp_size = _sp_size(options)
     seq_len = query.shape[2] * sp_size
     _check_sliding_window(sliding_window, seq_len, config)
-    _check_position_ids(kwargs.get("position_ids"), query.shape[2], options)
+    cu_seqlens = boundaries_from_flash_kwargs(seq_len, **packing)  # global [n_docs + 1] or None
+    _check_position_ids(kwargs.get("position_ids"), query.shape[2], options, cu_seqlens)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
 
     out = lss_attention(
@@ -267,6 +282,7 @@ def lss_attention_forward(
         layout=options.layout,
         kv_backward=options.kv_backward,
         kv_head_chunk=options.kv_head_chunk,
+        cu_seqlens=cu_seqlens,
     )
     return out, None  # out [b, s_local, H, d]
 

@@ -12,6 +12,12 @@ must predict the first token of segment ``s + 1``, which lives on another rank. 
 Right padding is exact without any padding mask: under a causal mask no real token ever sees a
 later (padded) one, so the padded positions only need their labels ignored. Left or interior
 padding would need a padding mask inside LSS and is refused.
+
+Packed documents (``DataCollatorWithFlattening``: one row of documents whose ``position_ids``
+restart at 0) are split the same way: the global boundaries come from the *whole* row's
+``position_ids`` (or the collator's ``cu_seq_lens_*``), every rank gets them unchanged (the model
+forwards them to the attention as ``cu_seq_lens_q``/``cu_seq_lens_k``) and its own tokens' positions
+inside their documents; no target crosses a document boundary (``lss_plugin.hf.packing``).
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lss_plugin.hf.packing import (
+    FLASH_ATTN_KWARGS, flash_attn_kwargs, ignore_cross_document_targets, packed_boundaries,
+)
 from lss_plugin.sharding import check_seq_len, local_positions, shard_sequence
 from lss_plugin.topology import resolve_sp_group
 
@@ -40,21 +49,28 @@ class ShardedBatch:
     shift_labels: torch.Tensor
     num_tokens: int  # labels on this rank that count in the loss
     layout: str
+    # Packed documents: global boundaries [n_docs + 1] (the same on every rank), else None.
+    cu_seqlens: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for ``model(**batch.model_inputs())`` (no labels: see ``causal_lm_loss``)."""
-        return {
+        """Keyword arguments for ``model(**batch.model_inputs())`` (no labels: see ``causal_lm_loss``).
+        Packed batches add the global boundaries as transformers' FlashAttentionKwargs."""
+        inputs = {
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
             "attention_mask": self.attention_mask,
             "use_cache": False,
         }
+        if self.cu_seqlens is not None:
+            inputs.update(flash_attn_kwargs(self.cu_seqlens))
+        return inputs
 
     def to(self, device) -> "ShardedBatch":
         return ShardedBatch(
             input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
             attention_mask=self.attention_mask.to(device), shift_labels=self.shift_labels.to(device),
             num_tokens=self.num_tokens, layout=self.layout,
+            cu_seqlens=None if self.cu_seqlens is None else self.cu_seqlens.to(device),
         )
 
 
@@ -86,6 +102,11 @@ def shard_causal_lm_batch(
     labels: torch.Tensor | None = None,
     *,
     shift_labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
     group=None,
     layout: str | None = None,
     attn_implementation: str = "lss",
@@ -97,6 +118,11 @@ def shard_causal_lm_batch(
     ``ignore_index`` and padded positions are ignored. ``shift_labels`` [b, L] instead gives the
     target of every position directly (e.g. the windows ``tokens[:, 1:]`` of a length L+1 sample). ``layout``/``group`` default to those
     registered for ``attn_implementation`` (``register_lss_attention``), so data and attention agree.
+
+    Packed documents: ``position_ids`` [b, L] restarting at 0 for each document and/or the
+    FlashAttentionKwargs ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/``max_length_k`` - the keys
+    ``DataCollatorWithFlattening`` returns, so ``shard_causal_lm_batch(**collated)`` works. Position ids
+    that are not packing (offsets, jumps) and disagreeing boundaries are refused by name.
     """
     from lss_plugin.hf.attention import lss_options
 
@@ -120,15 +146,24 @@ def shard_causal_lm_batch(
     if attention_mask is not None:
         _check_right_padding(attention_mask)
 
+    if position_ids is not None and tuple(position_ids.shape) not in (tuple(input_ids.shape), (1, seq_len)):
+        raise ValueError(f"position_ids shape {tuple(position_ids.shape)} differs from input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    cu_seqlens = packed_boundaries(seq_len, position_ids, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+                                   max_length_q=max_length_q, max_length_k=max_length_k)  # [n_docs + 1] or None
+
     if shift_labels is None:
         shifted = shift_labels_for_causal_lm(input_ids if labels is None else labels, attention_mask, ignore_index)
     else:
         shifted = shift_labels.clone()
         if attention_mask is not None:
             shifted[attention_mask == 0] = ignore_index
+    if cu_seqlens is not None:
+        shifted = ignore_cross_document_targets(shifted, cu_seqlens, ignore_index)
     local_ids = shard_sequence(input_ids, 1, group, layout)  # [b, L/N]
     local_labels = shard_sequence(shifted, 1, group, layout)  # [b, L/N]
-    positions = local_positions(seq_len, group, layout, device=input_ids.device)  # [L/N]
+    # [L/N]: global positions, or positions inside each token's document when packed (RoPE, learned tables)
+    positions = local_positions(seq_len, group, layout, device=input_ids.device, cu_seqlens=cu_seqlens)
     return ShardedBatch(
         input_ids=local_ids,
         position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1).contiguous(),
@@ -136,7 +171,52 @@ def shard_causal_lm_batch(
         shift_labels=local_labels,
         num_tokens=int((local_labels != ignore_index).sum()),
         layout=layout,
+        cu_seqlens=cu_seqlens,
     )
+
+
+def pad_for_layout(inputs: Mapping, parts: int | None = None, *, attn_implementation: str = "lss",
+                   pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX) -> dict:
+    """Right-pad a global batch ``{input_ids [b, L], ...}`` to a multiple of ``parts`` (default: what the
+    registered attention's layout and SP group need, N or 2N).
+
+    Exact: under a causal mask no real token sees the padding, and its labels are ignored
+    (``attention_mask`` 0). In a packed batch the padding becomes a document of its own (its
+    ``position_ids`` restart at 0, ``cu_seq_lens_*`` gain its end), so it joins no real document.
+    """
+    if parts is None:
+        from lss_plugin.hf.attention import lss_options, parts_per_sequence
+
+        options = lss_options(attn_implementation)
+        parts = parts_per_sequence(dist.get_world_size(resolve_sp_group(options.group)), options.layout)
+    input_ids = inputs["input_ids"]  # [b, L]
+    pad = (-input_ids.shape[1]) % parts
+    out = dict(inputs)
+    if not pad:
+        return out
+    mask = inputs.get("attention_mask")
+    out["attention_mask"] = F.pad(torch.ones_like(input_ids) if mask is None else mask, (0, pad), value=0)
+    out["input_ids"] = F.pad(input_ids, (0, pad), value=pad_token_id)
+    for key in ("labels", "shift_labels"):
+        if inputs.get(key) is not None:
+            out[key] = F.pad(inputs[key], (0, pad), value=ignore_index)
+    if inputs.get("position_ids") is not None:
+        positions = inputs["position_ids"]
+        tail = torch.arange(pad, dtype=positions.dtype, device=positions.device).expand(positions.shape[0], -1)
+        out["position_ids"] = torch.cat([positions, tail], dim=1)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if inputs.get(key) is not None:
+            cu = inputs[key]
+            out[key] = torch.cat([cu, cu.new_tensor([int(cu[-1]) + pad])])
+    for key in ("max_length_q", "max_length_k"):
+        if inputs.get(key) is not None:
+            out[key] = max(int(inputs[key]), pad)
+    return out
+
+
+def packing_inputs(batch: Mapping) -> dict:
+    """The packed-document keys of a collated batch (``position_ids`` and FlashAttentionKwargs) that it has."""
+    return {key: batch[key] for key in ("position_ids", *FLASH_ATTN_KWARGS) if batch.get(key) is not None}
 
 
 def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, group=None, ignore_index: int = IGNORE_INDEX):
@@ -213,7 +293,8 @@ class LSSCausalLMCollator:
 
 class LSSBatchLoader:
     """Wrap any iterable of global batches (mappings with ``input_ids [b, L]``, optionally
-    ``attention_mask``/``labels``, or bare tensors) so it yields this rank's ``ShardedBatch``es."""
+    ``attention_mask``/``labels`` and the packing keys ``position_ids``/``cu_seq_lens_*``/``max_length_*``,
+    or bare tensors) so it yields this rank's ``ShardedBatch``es."""
 
     def __init__(self, batches: Iterable, *, group=None, attn_implementation: str = "lss",
                  ignore_index: int = IGNORE_INDEX, device=None):
@@ -233,6 +314,7 @@ class LSSBatchLoader:
             sharded = shard_causal_lm_batch(
                 batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), group=self.group,
                 attn_implementation=self.attn_implementation, ignore_index=self.ignore_index,
+                **packing_inputs(batch),
             )
             yield sharded if self.device is None else sharded.to(self.device)
 

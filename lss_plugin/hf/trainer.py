@@ -20,7 +20,9 @@ With it, the Trainer follows the pattern transformers/accelerate use for DeepSpe
   ranks of one sequence read the same rows (ALST instead all-gathers every rank's rows in
   ``UlyssesSPDataLoaderAdapter``); each global micro-batch ``[b, L]`` is right-padded to a length
   the layout can split and cut into this rank's ``[b, L/N]`` by ``shard_causal_lm_batch`` (labels
-  shifted before sharding, global ``position_ids``);
+  shifted before sharding, global ``position_ids``). Packed documents (``data_collator=
+  DataCollatorWithFlattening()``, with or without ``return_flash_attn_kwargs``) are split the same
+  way, with the global boundaries from the whole row's restarting ``position_ids``;
 - batch sizes: ``Trainer.get_total_train_batch_size`` and DeepSpeed's ``train_batch_size``
   (``"auto"``) are ``per_device_train_batch_size * gradient_accumulation_steps * dp``;
 - loss: the token mean over the whole optimizer step (all micro-batches, all ranks), as a plain
@@ -40,19 +42,20 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import Trainer
 
 from lss_plugin.comm import all_reduce_sum
 from lss_plugin.deepspeed.config import LSSConfig, LSSConfigError, load_config
 from lss_plugin.hf.attention import DEFAULT_NAME, _OPTIONS, parts_per_sequence, register_lss_attention
-from lss_plugin.hf.batch import IGNORE_INDEX, shard_causal_lm_batch
+from lss_plugin.hf.batch import IGNORE_INDEX, pad_for_layout, shard_causal_lm_batch
+from lss_plugin.hf.packing import FLASH_ATTN_KWARGS
 from lss_plugin.loss import cross_entropy_sum
 from lss_plugin.runtime import as_timedelta, default_backend
 from lss_plugin.topology import ParallelDims, get_topology
 
-# The batch keys the Trainer integration knows how to split along the sequence.
-SHARDABLE_KEYS = ("input_ids", "attention_mask", "labels", "shift_labels")
+# The batch keys the Trainer integration knows how to split along the sequence; position_ids and the
+# FlashAttentionKwargs are those of packed documents (DataCollatorWithFlattening).
+SHARDABLE_KEYS = ("input_ids", "attention_mask", "labels", "shift_labels", "position_ids", *FLASH_ATTN_KWARGS)
 
 
 def lss_config_of(args) -> LSSConfig:
@@ -265,28 +268,17 @@ def shard_trainer_batch(inputs: dict, attn_implementation: str, sp_size: int) ->
     if unknown:
         raise ValueError(
             f"LSSTrainer splits {list(SHARDABLE_KEYS)} along the sequence, but the batch also has {unknown}: "
-            "remove them in the data collator (position_ids are computed from the layout; packed documents with "
-            "restarting positions are not supported yet)"
+            "remove them in the data collator (e.g. DataCollatorWithFlattening(return_seq_idx=False))"
         )
     if "input_ids" not in inputs:
         raise ValueError(f"LSSTrainer needs input_ids in every batch, got keys {sorted(inputs)}")
     from lss_plugin.hf.attention import lss_options
 
-    input_ids = inputs["input_ids"]  # [b, L]
-    parts = parts_per_sequence(sp_size, lss_options(attn_implementation).layout)
-    pad = (-input_ids.shape[1]) % parts
-    mask = inputs.get("attention_mask")
-    if pad:  # right padding is exact: under a causal mask no real token sees it, its labels are ignored
-        mask = torch.ones_like(input_ids) if mask is None else mask
-        mask = F.pad(mask, (0, pad), value=0)
-        input_ids = F.pad(input_ids, (0, pad), value=0)
-    labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
-    if shift_labels is not None:  # already the target of every position: it wins over labels
-        labels = None
-    labels = None if labels is None else F.pad(labels, (0, pad), value=IGNORE_INDEX)
-    shift_labels = None if shift_labels is None else F.pad(shift_labels, (0, pad), value=IGNORE_INDEX)
-    batch = shard_causal_lm_batch(input_ids, mask, labels, shift_labels=shift_labels,
-                                  attn_implementation=attn_implementation)
+    # right padding is exact: under a causal mask no real token sees it, its labels are ignored
+    inputs = pad_for_layout(inputs, parts_per_sequence(sp_size, lss_options(attn_implementation).layout))
+    if inputs.get("shift_labels") is not None:  # already the target of every position: it wins over labels
+        inputs.pop("labels", None)
+    batch = shard_causal_lm_batch(**inputs, attn_implementation=attn_implementation)
     return {**batch.model_inputs(), "shift_labels": batch.shift_labels}
 
 

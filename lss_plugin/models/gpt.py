@@ -4,7 +4,9 @@ Pre-LN blocks, learned absolute position embeddings or RoPE, tied or untied outp
 With ``lss=None`` it is an ordinary single-process model (the reference the tests compare
 against); with ``LSSAttentionOptions`` every rank runs its own tokens and attention gathers K, V.
 Positions are always *global* position ids, so a shard embeds and rotates its tokens exactly as
-the whole sequence would.
+the whole sequence would. Packed documents: ``cu_seqlens`` (global boundaries, ``lss_plugin.documents``)
+keeps attention inside each document, and the positions are then each token's position inside its
+document (``lss_plugin.local_positions(..., cu_seqlens=cu)``).
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x, rope):  # x [b, s, hidden]
+    def forward(self, x, rope, cu_seqlens=None):  # x [b, s, hidden]
         c = self.config
         b, s, _ = x.shape
         q, k, v = self.qkv(x).split(
@@ -91,13 +93,15 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.lss is None:  # one process, whole sequence
+            mask = None if cu_seqlens is None else _document_causal_mask(cu_seqlens, s, x.device)  # [s, s]
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
                 enable_gqa=c.num_kv_heads != c.num_heads,
             ).transpose(1, 2)
         else:
             out = lss_attention(q, k, v, group=self.lss.group, causal=True, layout=self.lss.layout,
-                                kv_backward=self.lss.kv_backward, kv_head_chunk=self.lss.kv_head_chunk)
+                                kv_backward=self.lss.kv_backward, kv_head_chunk=self.lss.kv_head_chunk,
+                                cu_seqlens=cu_seqlens)
         return self.proj(out.reshape(b, s, c.hidden_size))
 
 
@@ -112,8 +116,8 @@ class Block(nn.Module):
             nn.Linear(config.ffn_hidden_size, config.hidden_size),
         )
 
-    def forward(self, x, rope):
-        x = x + self.attn(self.ln_attn(x), rope)
+    def forward(self, x, rope, cu_seqlens=None):
+        x = x + self.attn(self.ln_attn(x), rope, cu_seqlens)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -139,15 +143,18 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [b, s_local], position_ids [s_local] (global positions) -> logits [b, s_local, V]."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, s_local], position_ids [s_local] (global positions, or positions inside the documents
+        of ``cu_seqlens`` [n_docs + 1], global boundaries of packed documents) -> logits [b, s_local, V]."""
         b, s = input_ids.shape
         if position_ids is None:
-            if self.lss is not None:
-                raise ValueError("an LSS model needs the global position_ids of its tokens (lss_plugin.local_positions)")
+            if self.lss is not None or cu_seqlens is not None:
+                raise ValueError("an LSS model or packed documents need the position_ids of the tokens "
+                                 "(lss_plugin.local_positions)")
             position_ids = torch.arange(s, device=input_ids.device)
         if self.lss is not None:
-            _check_global_positions(position_ids, s, self.lss)
+            _check_global_positions(position_ids, s, self.lss, cu_seqlens)
         if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_length:
             raise ValueError(
                 f"position {int(position_ids.max())} exceeds max_seq_length {self.config.max_seq_length}"
@@ -159,13 +166,24 @@ class GPT(nn.Module):
         else:
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, cu_seqlens)
         x = self.ln_f(x)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)
 
 
-def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAttentionOptions) -> None:
+def _document_causal_mask(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """[s, s] boolean: key j visible to query i iff j <= i in the same document (the one-process reference)."""
+    from lss_plugin.documents import check_cu_seqlens
+
+    check_cu_seqlens(cu_seqlens, seq_len)
+    pos = torch.arange(seq_len, device=device)
+    doc = torch.searchsorted(cu_seqlens.to(device, torch.long), pos, right=True)
+    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAttentionOptions,
+                            cu_seqlens: torch.Tensor | None = None) -> None:
     """Positions must be this rank's global positions under the layout attention masks with.
 
     Anything else (local positions, another layout) embeds or rotates tokens as if they stood
@@ -177,7 +195,8 @@ def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAt
     from lss_plugin.topology import resolve_sp_group
 
     group = resolve_sp_group(lss.group)
-    expected = local_positions(s_local * dist.get_world_size(group), group, lss.layout, device=position_ids.device)
+    expected = local_positions(s_local * dist.get_world_size(group), group, lss.layout, device=position_ids.device,
+                               cu_seqlens=cu_seqlens)
     if position_ids.shape != expected.shape or not torch.equal(position_ids, expected):
         raise ValueError(
             f"position_ids {position_ids.reshape(-1)[:4].tolist()}... (shape {tuple(position_ids.shape)}) on SP rank "
