@@ -31,7 +31,9 @@ from lss_plugin.comm import gather_kv, reduce_scatter_kv
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
-from lss_plugin.options import check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout
+from lss_plugin.options import (
+    DEFAULT_LAYOUT, check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout,
+)
 from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
 from lss_plugin.topology import resolve_sp_group
@@ -284,7 +286,7 @@ def lss_attention(
     group=None,
     causal: bool = False,
     softmax_scale: float | None = None,
-    layout: str = "contiguous",
+    layout: str = DEFAULT_LAYOUT,
     kv_backward: str = "keep",
     kv_head_chunk: int | None = None,
     kv_grad_dtype: str = "fp32",
@@ -339,7 +341,7 @@ def lss_attention(
 class LSSAttention(torch.nn.Module):
     """``lss_attention`` with its settings fixed at construction (no parameters)."""
 
-    def __init__(self, *, group=None, causal=True, softmax_scale=None, layout="contiguous",
+    def __init__(self, *, group=None, causal=True, softmax_scale=None, layout=DEFAULT_LAYOUT,
                  kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32"):
         super().__init__()
         check_layout(layout)

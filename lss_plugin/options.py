@@ -7,6 +7,10 @@ and the value; an adapter passes its own spelling of the setting (``--lss-layout
 from __future__ import annotations
 
 LAYOUTS = ("contiguous", "balanced")
+# Under a causal mask the contiguous layout gives rank s of N a share (2s+1)/N^2 of the work, so
+# the last rank sets the step; balanced gives every rank the same. Contiguous stays selectable
+# (the LSS paper's layout). Balanced needs L divisible by 2N.
+DEFAULT_LAYOUT = "balanced"
 KV_BACKWARD_MODES = ("keep", "regather")
 # dK/dV reduce-scatter: "fp32" sends the float32 accumulators of half-precision inputs (exact sum
 # of the ranks' fp32 partials, 2x the bytes); "input" rounds them to the input dtype first.

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lss_plugin.documents import check_cu_seqlens, positions_in_documents
-from lss_plugin.options import LAYOUTS, check_layout  # noqa: F401 - LAYOUTS re-exported by lss_plugin
+from lss_plugin.options import DEFAULT_LAYOUT, LAYOUTS, check_layout  # noqa: F401 - LAYOUTS re-exported by lss_plugin
 from lss_plugin.topology import resolve_sp_group
 
 
@@ -55,7 +55,7 @@ def rank_chunks(local_len: int, sp_rank: int, sp_size: int, layout: str) -> list
     return [Chunk(i * size, g * size, size) for i, g in enumerate(global_chunk_ids)]
 
 
-def local_token_indices(seq_len: int, sp_rank: int, sp_size: int, layout: str = "contiguous") -> torch.Tensor:
+def local_token_indices(seq_len: int, sp_rank: int, sp_size: int, layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
     """Global positions of rank ``sp_rank``'s tokens, in its local order. LongTensor[seq_len / N]."""
     check_seq_len(seq_len, sp_size, layout)
     chunks = rank_chunks(seq_len // sp_size, sp_rank, sp_size, layout)
@@ -67,7 +67,7 @@ def _group_coords(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def local_positions(seq_len: int, group=None, layout: str = "contiguous", device=None,
+def local_positions(seq_len: int, group=None, layout: str = DEFAULT_LAYOUT, device=None,
                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids of this rank's tokens (for RoPE or learned position tables).
 
@@ -81,7 +81,7 @@ def local_positions(seq_len: int, group=None, layout: str = "contiguous", device
     return positions.to(device)
 
 
-def shard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "contiguous") -> torch.Tensor:
+def shard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
     """This rank's part of ``x`` along the sequence dimension ``dim`` (no communication)."""
     sp_rank, sp_size = _group_coords(group)
     seq_len = x.size(dim)
@@ -91,7 +91,7 @@ def shard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "contigu
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def unshard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = "contiguous") -> torch.Tensor:
+def unshard_sequence(x: torch.Tensor, dim: int, group=None, layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
     """Inverse of ``shard_sequence``: all-gather the local parts and restore the global order."""
     group = resolve_sp_group(group)
     sp_size = dist.get_world_size(group)

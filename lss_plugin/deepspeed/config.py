@@ -13,9 +13,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lss_plugin.options import DEFAULT_LAYOUT, KV_BACKWARD_MODES, LAYOUTS
+
 BLOCK_KEY = "lss_sequence_parallel"
-LAYOUTS = ("contiguous", "balanced")
-KV_BACKWARD_MODES = ("keep", "regather")
 GRAD_AVERAGING_MODES = ("auto", "two_stage", "fused")
 # DeepSpeed keys that describe the same grid as the block; they must agree with it.
 DEEPSPEED_GRID_KEYS = ("sequence_parallel_size", "data_parallel_size")
@@ -31,7 +31,7 @@ class LSSConfig:
 
     enabled: bool = False
     size: int = 1  # sequence-parallel ranks per sequence (N)
-    layout: str = "balanced"  # how a sequence is split: causal load balance by default
+    layout: str = DEFAULT_LAYOUT  # how a sequence is split: causal load balance by default
     kv_backward: str = "keep"  # "regather": keep only local K/V, gather again in backward
     grad_averaging: str = "auto"  # "two_stage": SP then DP (ZeRO 0 only); "fused": one SP x DP reduction
     kv_head_chunk: int | None = None  # gather K/V this many KV heads at a time (memory bound)

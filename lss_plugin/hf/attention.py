@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
-from lss_plugin.options import check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.options import DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
 from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sp_group
 
@@ -42,7 +42,7 @@ DEFAULT_NAME = "lss"
 class LSSHFOptions:
     """What a registered attention name runs with. ``group=None``: the registered topology's SP group."""
 
-    layout: str = "contiguous"
+    layout: str = DEFAULT_LAYOUT
     kv_backward: str = "keep"
     kv_head_chunk: int | None = None
     group: object = None
@@ -59,7 +59,7 @@ _OPTIONS: dict[str, LSSHFOptions] = {}
 def register_lss_attention(
     name: str = DEFAULT_NAME,
     *,
-    layout: str = "contiguous",
+    layout: str = DEFAULT_LAYOUT,
     kv_backward: str = "keep",
     kv_head_chunk: int | None = None,
     group=None,

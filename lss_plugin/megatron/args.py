@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lss_plugin.options import KV_BACKWARD_MODES, LAYOUTS, check_kv_backward, check_layout
+from lss_plugin.options import DEFAULT_LAYOUT, KV_BACKWARD_MODES, LAYOUTS, check_kv_backward, check_layout
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
 
@@ -21,9 +21,10 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--lss-sequence-parallel-size", type=int, default=None,
                        help="Ranks per sequence (N). Default: the whole world divided by the "
                             "tensor- and pipeline-parallel sizes, i.e. no data parallelism.")
-    group.add_argument("--lss-layout", choices=LAYOUTS, default="contiguous",
-                       help="contiguous: rank s holds tokens [s*L/N, (s+1)*L/N); balanced: 2N "
-                            "chunks, rank s holds chunks s and 2N-1-s (even causal work).")
+    group.add_argument("--lss-layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                       help="balanced (default): 2N chunks, rank s holds chunks s and 2N-1-s (even "
+                            "causal work; L divisible by 2N); contiguous: rank s holds tokens "
+                            "[s*L/N, (s+1)*L/N) (the LSS paper's layout).")
     group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_MODES, default="keep",
                        help="keep the gathered K,V for backward, or regather them (less memory, "
                             "one more collective per layer).")

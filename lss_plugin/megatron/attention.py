@@ -37,6 +37,7 @@ from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
 from lss_plugin.comm import all_reduce_sum
+from lss_plugin.options import DEFAULT_LAYOUT
 from lss_plugin.megatron.batch import lss_token_index
 from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
 
@@ -62,7 +63,7 @@ class LSSDotProductAttention(MegatronModule):
     modules from a spec with a fixed set of constructor arguments.
     """
 
-    lss_layout: str = "contiguous"
+    lss_layout: str = DEFAULT_LAYOUT
     lss_kv_backward: str = "keep"
     lss_kv_head_chunk: Optional[int] = None
 
@@ -231,7 +232,7 @@ class LSSDotProductAttention(MegatronModule):
         return t.transpose(0, 1)  # sbhd
 
 
-def configured_lss_attention(layout: str = "contiguous", kv_backward: str = "keep",
+def configured_lss_attention(layout: str = DEFAULT_LAYOUT, kv_backward: str = "keep",
                              kv_head_chunk: Optional[int] = None) -> type:
     """A subclass of LSSDotProductAttention carrying these options (specs pass classes)."""
     return type(

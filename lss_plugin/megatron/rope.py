@@ -27,6 +27,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (
 )
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
+from lss_plugin.options import DEFAULT_LAYOUT
 from lss_plugin.sharding import local_positions, local_token_indices
 
 
@@ -63,7 +64,7 @@ def packed_rope_rows(table: torch.Tensor, documents, group, layout: str) -> torc
 class _LSSRows:
     """Mixin: the layout these rows follow, and the group (the call's, else the module's CP group)."""
 
-    lss_layout: str = "contiguous"
+    lss_layout: str = DEFAULT_LAYOUT
     lss_rows_in_attention: bool = False  # every layer fed is an LSSSelfAttention (packed rows)
 
     def _group(self, cp_group):

@@ -17,7 +17,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from lss_plugin.megatron.args import KV_BACKWARD_MODES, LAYOUTS
+from lss_plugin.megatron.args import DEFAULT_LAYOUT, KV_BACKWARD_MODES, LAYOUTS
 from lss_plugin.megatron.attention import configured_lss_attention
 from lss_plugin.megatron.self_attention import LSSSelfAttention
 
@@ -47,7 +47,7 @@ def get_gpt_layer_lss_spec(
     normalization: Optional[str] = None,
     qk_l2_norm: Optional[bool] = False,
     *,
-    layout: str = "contiguous",
+    layout: str = DEFAULT_LAYOUT,
     kv_backward: str = "keep",
     kv_head_chunk: Optional[int] = None,
     transformer_impl: Optional[str] = None,

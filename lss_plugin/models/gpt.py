@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lss_plugin.attention import lss_attention
+from lss_plugin.options import DEFAULT_LAYOUT
 from lss_plugin.sharding import local_positions
 
 
@@ -54,7 +55,7 @@ class GPTConfig:
 @dataclass
 class LSSAttentionOptions:
     group: object = None  # None: the registered topology's SP group
-    layout: str = "contiguous"
+    layout: str = DEFAULT_LAYOUT
     kv_backward: str = "keep"
     kv_head_chunk: int | None = None
 
