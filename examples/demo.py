@@ -38,6 +38,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:  # runnable as `python examples/demo.py` from a checkout
     sys.path.insert(0, ROOT)
 
+from lss_plugin.options import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402 - needs ROOT on the path
+
 TRAIN_SCRIPT = os.path.join(HERE, "pretrain_gpt_lss.py")
 RUNS = ("lss", "baseline")
 STYLES = {"lss": "-", "baseline": "--"}  # dashed on top: the curves coincide when LSS is exact
@@ -68,7 +70,7 @@ def parse_args(argv=None):
                    help="linear warm-up of the learning rate (default: a tenth of --train-iters)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--position-embedding-type", default="learned_absolute", choices=("learned_absolute", "rope"))
-    p.add_argument("--lss-layout", default="contiguous", choices=("contiguous", "balanced"))
+    p.add_argument("--lss-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--eval-interval", type=int, default=None,
                    help="default: a fifth of --train-iters (5 evaluations, the last at the end)")

@@ -164,7 +164,7 @@ def test_a_checkpoint_written_with_sp2_resumes_with_sp1_dp2(demo_run, tmp_path):
                                 "--micro-batch-size", "1",  # global 4 = 2 DP ranks x 2 micro-batches of 1
                                 "--load", str(_checkpoint_at(out, SAVE_AT, tmp_path))])
     assert sorted(resumed) == list(range(SAVE_AT + 1, ITERS + 1))
-    assert {r["mode"] for r in resumed.values()} == {"LSS sp=1 x dp=2 layout=contiguous kv_backward=keep"}
+    assert {r["mode"] for r in resumed.values()} == {"LSS sp=1 x dp=2 layout=balanced kv_backward=keep"}
     for it in resumed:
         assert resumed[it]["loss"] == pytest.approx(reference[it]["loss"], rel=FLOAT32_RTOL), it
     assert resumed[ITERS]["val_bpc"] == pytest.approx(reference[ITERS]["val_bpc"], rel=FLOAT32_RTOL)
