@@ -54,7 +54,7 @@ class CollectiveRecord:
     def busy_s(self) -> float:
         """Length of the union of the collectives' [issued, finished] intervals."""
         total, reach = 0.0, float("-inf")
-        for _, start, end in sorted(s for s in self.spans if s[2] is not None):
+        for _, start, end in sorted((s for s in self.spans if s[2] is not None), key=lambda s: s[1]):
             if end > reach:
                 total += end - max(start, reach)
                 reach = end
