@@ -150,7 +150,8 @@ class Pending:
             for record in _ACTIVE_RECORDS:
                 record.blocked_s[self.name] += time.perf_counter() - started
             _finished(self._span)  # the future's callback may run just after wait() returns
-        finish, self._finish, self._buffers = self._finish, None, ()
+        # the work object references its tensors too (gloo's, NCCL's): drop it with the buffers
+        finish, self._finish, self._buffers, self._work = self._finish, None, (), None
         return finish()
 
 
@@ -186,7 +187,7 @@ class InFlight:
         self._started: list[Pending] = []
 
     def start(self, pending: Pending) -> Pending:
-        self._started.append(pending)
+        self._started = [p for p in self._started if not p.done] + [pending]  # waited ones are released
         return pending
 
     def __enter__(self) -> "InFlight":

@@ -120,6 +120,8 @@ def overlap_worker(names, layout, dims, seq_len, steps, repetitions, measure_mem
             row["attention"] = attention_memory(variant, seq_len, dims.num_heads, dims.num_kv_heads, dims.head_dim)
         out[name] = dict(row, times=[])
         live.append((name, trainer, batch))
+        if dist.get_rank() == 0:
+            print(f"[overlap] measured {name}: hidden {row['hidden_fraction']}", flush=True)
     for rep in range(repetitions):
         shift = rep % len(live)
         for name, trainer, batch in live[shift:] + live[:shift]:
@@ -228,6 +230,8 @@ def main(argv=None) -> int:
     from lss_plugin.bench.launch import launch
     from lss_plugin.bench.model import ModelDims
     from lss_plugin.bench.netns import launch_with_link, link_unavailable
+    # by its module name: under `python -m` this file is __main__, which the link's launcher cannot unpickle
+    from lss_plugin.bench.overlap import overlap_worker
 
     os.makedirs(args.out, exist_ok=True)
     dims = ModelDims(args.num_layers, args.num_heads * args.head_dim, args.num_heads, args.kv_heads,
