@@ -10,6 +10,14 @@ of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``. Eve
 carries the call's signature and every rank checks all of them before using K, V
 (``lss_plugin.signature``); there is no other collective except the size pre-check.
 
+Pipelined head chunks: with ``kv_head_chunk=c < Hkv`` the chunks' collectives overlap computation.
+Forward starts the gather of chunk i+1 before attending chunk i; backward starts the regather of
+chunk i+1 before computing chunk i, and reduce-scatters chunk i's dK/dV while chunk i+1 computes
+(waiting for it only before the next reduce-scatter). At most two chunks of gathered K, V are alive.
+Every collective is waited for before forward/backward returns. ``kv_head_chunk="auto"`` picks c
+(``lss_plugin.options.auto_head_chunk``; ``kv_buffer_mib`` / ``LSS_KV_BUFFER_MIB`` set its budget),
+and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks.
+
 Packed documents (``cu_seqlens``) change only which key ranges each query segment reads
 (``lss_plugin.documents``), never the communication: the same gather and reduce-scatter run.
 
@@ -27,12 +35,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lss_plugin.comm import gather_kv, reduce_scatter_kv
+from lss_plugin.comm import InFlight, start_gather_kv, start_reduce_scatter_kv
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
-    DEFAULT_LAYOUT, check_kv_backward, check_kv_grad_dtype, check_kv_head_chunk, check_layout,
+    AUTO, DEFAULT_LAYOUT, auto_head_chunk, check_kv_backward, check_kv_buffer_mib, check_kv_grad_dtype,
+    check_kv_head_chunk, check_layout, kv_buffer_mib_from_env, MiB,
 )
 from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
@@ -64,7 +73,7 @@ class _Plan:
 # Validation: everything checkable locally is checked before any collective.
 # ---------------------------------------------------------------------------------------------
 
-def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale):
+def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -91,6 +100,10 @@ def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softma
     check_kv_backward(kv_backward)
     check_kv_grad_dtype(kv_grad_dtype)
     check_kv_head_chunk(kv_head_chunk, hkv)
+    check_kv_buffer_mib(kv_buffer_mib)
+    if kv_buffer_mib is not None and kv_head_chunk != AUTO:
+        raise ValueError(f"kv_buffer_mib ({kv_buffer_mib!r}) is the budget of kv_head_chunk='auto', "
+                         f"got kv_head_chunk={kv_head_chunk!r}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
 
@@ -214,13 +227,62 @@ def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
 # Pure forward / backward with the communication.
 # ---------------------------------------------------------------------------------------------
 
-def _gather_checked(k, v, plan: _Plan, gather: str, head_chunk_index: int):
-    """gather_kv carrying this call's signature; raises on every rank if any rank's differs."""
-    header = plan.signature.at(gather, head_chunk_index).encode(k.dtype, k.device) if plan.sp_size > 1 else None
-    kv, headers = gather_kv(k, v, plan.group, plan.layout, header)
-    if headers is not None:
-        check_gathered(headers, plan.group)  # before anything uses kv
-    return kv
+def _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch, seq_len, kv_heads, head_dim, dtype):
+    """(KV heads per gather, "keep" | "regather") as this call runs them.
+
+    "auto" chunks follow ``auto_head_chunk`` from the shapes (the same on every rank) and the budget:
+    ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule. ``kv_backward="auto"``
+    regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
+    the whole-sequence K, V again, which is what chunking is for not to do."""
+    if kv_head_chunk == AUTO:
+        budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        head_bytes = 2 * batch * seq_len * head_dim * itemsize  # gathered K and V of one KV head
+        chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB)
+    else:
+        chunk = kv_head_chunk or kv_heads
+    if kv_backward == AUTO:
+        kv_backward = "regather" if chunk < kv_heads else "keep"
+    return chunk, kv_backward
+
+
+def _header(plan: _Plan, gather: str, head_chunk_index: int, like: torch.Tensor):
+    """This gather's signature row, bit-cast into the buffer's dtype (nothing on a group of one)."""
+    return plan.signature.at(gather, head_chunk_index).encode(like.dtype, like.device) if plan.sp_size > 1 else None
+
+
+class _Prefetched:
+    """(kv_heads, q_heads, kv [2, b, c, L, d]) per head chunk, one gather ahead.
+
+    Handing out chunk i starts the gather of chunk i+1; asking for chunk i+1 waits for it and checks
+    every rank's signature before anything uses it. Nothing is referenced here once handed out, so
+    at most two chunks are alive: the caller's and the one arriving."""
+
+    def __init__(self, k, v, plan: _Plan, gather: str, flight: InFlight):
+        self._k, self._v, self._plan, self._gather, self._flight = k, v, plan, gather, flight
+        self._slices = list(plan.head_slices(k.shape[2]))
+        self._index = 0
+        self._pending = self._start(0)
+
+    def _start(self, i: int):
+        heads = self._slices[i][0]
+        k, v = self._k[:, :, heads], self._v[:, :, heads]  # [b, s_local, c, d]
+        return self._flight.start(start_gather_kv(k, v, self._plan.group, self._plan.layout,
+                                                  _header(self._plan, self._gather, i, k)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        i = self._index
+        if i == len(self._slices):
+            raise StopIteration
+        kv, headers = self._pending.wait()
+        if headers is not None:
+            check_gathered(headers, self._plan.group)  # before anything uses kv
+        self._index += 1
+        self._pending = self._start(i + 1) if i + 1 < len(self._slices) else None
+        return (*self._slices[i], kv)
 
 
 def _lss_forward(q, k, v, plan: _Plan):
@@ -231,15 +293,16 @@ def _lss_forward(q, k, v, plan: _Plan):
     out_h = out.transpose(1, 2)
     lse = None
     kept = []
-    for i, (kv_heads, q_heads) in enumerate(plan.head_slices(k.shape[2])):
-        kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "forward", i)  # [2, b, c, L, d]
-        o, l = _attend_forward(qh[:, q_heads], kv, plan)
-        out_h[:, q_heads] = o
-        if lse is None:
-            lse = l.new_empty((b, h, s))
-        lse[:, q_heads] = l
-        if plan.kv_backward == "keep":
-            kept.append(kv)
+    with InFlight() as flight:
+        for kv_heads, q_heads, kv in _Prefetched(k, v, plan, "forward", flight):  # kv [2, b, c, L, d]
+            o, l = _attend_forward(qh[:, q_heads], kv, plan)
+            out_h[:, q_heads] = o
+            if lse is None:
+                lse = l.new_empty((b, h, s))
+            lse[:, q_heads] = l
+            if plan.kv_backward == "keep":
+                kept.append(kv)
+            del kv  # regather: free this chunk before the next one is unpacked
     return out, lse, kept
 
 
@@ -247,19 +310,29 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
     qh, dout_h, out_h = q.transpose(1, 2), dout.transpose(1, 2), out.transpose(1, 2)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dq_h = dq.transpose(1, 2)
-    for i, (kv_heads, q_heads) in enumerate(plan.head_slices(k.shape[2])):
-        if plan.kv_backward == "keep":
-            kv = kept[i]
-        else:  # regather: trade one more collective for not keeping L-sized K, V alive
-            kv = _gather_checked(k[:, :, kv_heads], v[:, :, kv_heads], plan, "regather", i)
-        dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
-                                     lse[:, q_heads], plan)
-        dq_h[:, q_heads] = dq_c
-        send_dtype = dkv.dtype if plan.kv_grad_dtype == "fp32" else kv.dtype
-        del kv
-        local = reduce_scatter_kv(dkv, plan.group, plan.layout, send_dtype)  # [2, b, s, c, d]
+
+    def store(kv_heads, scatter):  # waits for a chunk's reduce-scatter: [2, b, s, c, d]
+        local = scatter.wait()
         dk[:, :, kv_heads] = local[0]
         dv[:, :, kv_heads] = local[1]
+
+    with InFlight() as flight:
+        if plan.kv_backward == "keep":
+            chunks = ((*heads, kv) for heads, kv in zip(plan.head_slices(k.shape[2]), kept))
+        else:  # regather: trade one more collective per chunk for not keeping L-sized K, V alive
+            chunks = _Prefetched(k, v, plan, "regather", flight)
+        previous = None  # (kv_heads, reduce-scatter) of the chunk before, in flight while this one computes
+        for kv_heads, q_heads, kv in chunks:
+            dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
+                                         lse[:, q_heads], plan)
+            dq_h[:, q_heads] = dq_c
+            send_dtype = dkv.dtype if plan.kv_grad_dtype == "fp32" else kv.dtype
+            del kv
+            if previous is not None:
+                store(*previous)  # its staging buffer is released before the next one is made
+            previous = kv_heads, flight.start(start_reduce_scatter_kv(dkv, plan.group, plan.layout, send_dtype))
+            del dkv
+        store(*previous)
     return dq, dk, dv
 
 
@@ -291,6 +364,7 @@ def lss_attention(
     kv_head_chunk: int | None = None,
     kv_grad_dtype: str = "fp32",
     cu_seqlens: torch.Tensor | None = None,
+    kv_buffer_mib: float | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
 
@@ -302,8 +376,11 @@ def lss_attention(
     ``cu_seqlens``: packed documents, a 1-D integer tensor of boundaries in *global* positions
     (``0 = cu[0] < ... < cu[-1] = L``), the same on every rank, shared by the batch rows; no token
     attends outside its document (causal inside it with ``causal``). See ``lss_plugin.documents``.
+    ``kv_head_chunk``: None (all KV heads in one gather), c (c KV heads per gather, pipelined) or
+    "auto" (``lss_plugin.options.auto_head_chunk``, within ``kv_buffer_mib`` MiB when given, else
+    ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked.
     """
-    _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale)
+    _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib)
     group = resolve_sp_group(group)
     sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
     if sp_rank < 0:
@@ -313,9 +390,10 @@ def lss_attention(
     seq_len = s * sp_size
     bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    head_chunk, kv_backward = _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, hkv, d, q.dtype)
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
-        causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=kv_head_chunk or hkv, softmax_scale=scale,
+        causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=head_chunk, softmax_scale=scale,
         kv_grad_dtype=kv_grad_dtype, documents=digest(bounds),
     )
     if sp_size > 1:
@@ -329,7 +407,7 @@ def lss_attention(
         layout=layout,
         kv_backward=kv_backward,
         kv_grad_dtype=kv_grad_dtype,
-        head_chunk=kv_head_chunk or hkv,
+        head_chunk=head_chunk,
         groups_per_kv=h // hkv,
         query_segments=query_segments(rank_chunks(s, sp_rank, sp_size, layout), bounds),
         signature=signature,
@@ -342,20 +420,23 @@ class LSSAttention(torch.nn.Module):
     """``lss_attention`` with its settings fixed at construction (no parameters)."""
 
     def __init__(self, *, group=None, causal=True, softmax_scale=None, layout=DEFAULT_LAYOUT,
-                 kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32"):
+                 kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32", kv_buffer_mib=None):
         super().__init__()
         check_layout(layout)
         check_kv_backward(kv_backward)
         check_kv_grad_dtype(kv_grad_dtype)
+        check_kv_head_chunk(kv_head_chunk)
+        check_kv_buffer_mib(kv_buffer_mib)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
-        self.kv_grad_dtype = kv_grad_dtype
+        self.kv_grad_dtype, self.kv_buffer_mib = kv_grad_dtype, kv_buffer_mib
 
     def forward(self, q, k, v, cu_seqlens=None):
         return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
                              layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk,
-                             kv_grad_dtype=self.kv_grad_dtype, cu_seqlens=cu_seqlens)
+                             kv_grad_dtype=self.kv_grad_dtype, cu_seqlens=cu_seqlens, kv_buffer_mib=self.kv_buffer_mib)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, "
-                f"kv_head_chunk={self.kv_head_chunk}, kv_grad_dtype={self.kv_grad_dtype}")
+                f"kv_head_chunk={self.kv_head_chunk}, kv_grad_dtype={self.kv_grad_dtype}, "
+                f"kv_buffer_mib={self.kv_buffer_mib}")

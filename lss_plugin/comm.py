@@ -1,19 +1,26 @@
 """The two fused collectives of LSS, over the sequence-parallel group, and their counters.
 
 Forward: local ``k, v`` ([b, s_local, hkv, d] each) are packed into one buffer and gathered with
-ONE ``all_gather_into_tensor``. Backward: the key/value gradients for all L positions are packed
-and handed back to their owners with ONE ``reduce_scatter_tensor`` (sum). KV heads travel
-un-repeated (GQA/MQA); the caller expands them locally, after communication.
+ONE ``all_gather_into_tensor`` (``start_gather_kv``). Backward: the key/value gradients for all L
+positions are packed and handed back to their owners with ONE ``reduce_scatter_tensor`` (sum,
+``start_reduce_scatter_kv``). KV heads travel un-repeated (GQA/MQA); the caller expands them
+locally, after communication.
 
 Payload bytes recorded per call = bytes of the assembled buffer (N x the packed local k, v):
 ``2 * b * L * hkv * d * itemsize`` for both collectives, plus, for the all-gather, N x the
 40-byte call signature each rank appends (``lss_plugin.signature``). The reduce-scatter's itemsize
 is that of the dtype it sends (float32 for half inputs by default: ``kv_grad_dtype``). With
 sp_size 1 nothing is sent and nothing is recorded.
+
+Both are asynchronous: they issue the collective with ``async_op=True`` and return a ``Pending``
+whose ``wait()`` blocks until it is done and then unpacks (reorders into global positions);
+``lss_plugin.attention`` pipelines head chunks with them. A blocking call is ``start_...(...).wait()``.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,14 +32,37 @@ from lss_plugin.sharding import rank_chunks
 
 @dataclass
 class CollectiveRecord:
-    """Calls and payload bytes per collective name, filled while ``record_collectives`` is open."""
+    """Calls and payload bytes per collective name, filled while ``record_collectives`` is open.
+
+    Timing (diagnostics for the benchmark): ``blocked_s`` = time this rank's thread spent blocked
+    waiting for each collective (the whole call for a blocking one, ``wait()`` for a started one);
+    ``spans`` = (name, issued, finished) per collective in ``time.perf_counter`` seconds, the
+    finish taken by a callback on the work's future. ``hidden_fraction`` = 1 - blocked / busy, where
+    busy is the time at least one collective was in flight: the share of communication that overlapped
+    computation. On CUDA the wait only orders streams, so these are CPU-side times.
+    """
 
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
+    blocked_s: Counter = field(default_factory=Counter)
+    spans: list = field(default_factory=list)
 
     def add(self, name: str, nbytes: int) -> None:
         self.calls[name] += 1
         self.bytes[name] += int(nbytes)
+
+    def busy_s(self) -> float:
+        """Length of the union of the collectives' [issued, finished] intervals."""
+        total, reach = 0.0, float("-inf")
+        for _, start, end in sorted((s for s in self.spans if s[2] is not None), key=lambda s: s[1]):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
+
+    def hidden_fraction(self) -> float | None:
+        busy = self.busy_s()
+        return None if busy <= 0 else max(0.0, 1.0 - sum(self.blocked_s.values()) / busy)
 
 
 _ACTIVE_RECORDS: list[CollectiveRecord] = []  # diagnostics only; empty unless a test/bench listens
@@ -59,9 +89,11 @@ def _note(name: str, tensor: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _collective(name: str, group, tensor: torch.Tensor):
-    """Count a collective and turn a backend failure into an error naming it and its group."""
-    _note(name, tensor)
+def _collective(name: str, group, tensor: torch.Tensor | None = None):
+    """Count a collective (when ``tensor`` is given) and turn a backend failure into an error
+    naming it and its group; used around issuing a collective and around waiting for it."""
+    if tensor is not None:
+        _note(name, tensor)
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - gloo/NCCL raise several types; all mean the same here
@@ -82,16 +114,120 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group, name="all_gather_into_tensor") -> None:
-    """output [N * tensor.shape[0], ...] = the ranks' ``tensor`` concatenated along dim 0."""
+class Pending:
+    """A collective issued with ``async_op=True``. ``wait()`` blocks until it is done (a failure
+    there is a ``CollectiveError`` too) and returns ``finish()``, the unpacking of what arrived.
+
+    The buffers the backend reads and writes stay referenced here until ``wait()``: on CUDA,
+    ProcessGroupNCCL runs the collective on its own stream, and a buffer handed back to the
+    caching allocator early could be reused by the compute stream while NCCL still reads or
+    writes it. ``wait()`` orders the current stream after NCCL's, so dropping them then is safe.
+    On CPU, gloo runs the work on its own threads and ``wait()`` blocks this one.
+    """
+
+    def __init__(self, name: str, group, work, finish, buffers=()):
+        self.name, self.group = name, group
+        self._work, self._finish, self._buffers = work, finish, buffers
+        self._span = None
+        if work is not None and _ACTIVE_RECORDS:  # timing only while someone listens
+            span = self._span = [name, time.perf_counter(), None]  # (name, issued, finished)
+            for record in _ACTIVE_RECORDS:
+                record.spans.append(span)
+            _when_done(work, lambda: _finished(span))
+
+    @property
+    def done(self) -> bool:
+        return self._finish is None
+
+    def wait(self):
+        if self._finish is None:
+            raise RuntimeError(f"lss_plugin: wait() called twice on a {self.name}")
+        started = time.perf_counter()
+        with _collective(self.name, self.group):
+            if self._work is not None:
+                self._work.wait()
+        if self._span is not None:
+            for record in _ACTIVE_RECORDS:
+                record.blocked_s[self.name] += time.perf_counter() - started
+            _finished(self._span)  # the future's callback may run just after wait() returns
+        # the work object references its tensors too (gloo's, NCCL's): drop it with the buffers
+        finish, self._finish, self._buffers, self._work = self._finish, None, (), None
+        return finish()
+
+
+def _finished(span: list) -> None:
+    if span[2] is None:
+        span[2] = time.perf_counter()
+
+
+def _when_done(work, callback) -> None:
+    """Run ``callback()`` when ``work`` completes: on the work's future (the backend's thread), or,
+    where the backend gives none (gloo's reduce-scatter), on a watcher thread that waits for it."""
+    try:
+        work.get_future().then(lambda _: callback())
+    except RuntimeError:
+        def watch():
+            try:
+                work.wait()
+            except Exception:  # noqa: BLE001 - the caller's own wait() reports the failure
+                pass
+            callback()
+        threading.Thread(target=watch, daemon=True).start()
+
+
+class InFlight:
+    """The collectives a schedule started and has not waited for yet (``with InFlight() as f:``).
+
+    Leaving the block waits for whatever is left, so a schedule that stops early (a signature
+    mismatch, on which every rank raises together; a local error) leaves no collective pending;
+    except after a ``CollectiveError``: the group is broken and waiting again could only time out
+    again, delaying the error."""
+
+    def __init__(self):
+        self._started: list[Pending] = []
+
+    def start(self, pending: Pending) -> Pending:
+        self._started = [p for p in self._started if not p.done] + [pending]  # waited ones are released
+        return pending
+
+    def __enter__(self) -> "InFlight":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        left, self._started = [p for p in self._started if not p.done], []
+        if exc_type is not None and issubclass(exc_type, CollectiveError):
+            return False
+        for pending in left:
+            try:
+                pending.wait()
+            except Exception:  # noqa: BLE001 - the error already propagating is the one to report
+                if exc_type is None:
+                    raise
+        return False
+
+
+def start_all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group, name="all_gather_into_tensor"):
+    """Issue: output [N * tensor.shape[0], ...] = the ranks' ``tensor`` concatenated along dim 0."""
     with _collective(name, group, output):
-        _all_gather_flat(output, tensor, group=group)
+        return _all_gather_flat(output, tensor, group=group, async_op=True)
+
+
+def start_reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group):
+    """Issue: output = this rank's dim-0 slice of the sum of the ranks' ``tensor`` [N * output.shape[0], ...]."""
+    with _collective("reduce_scatter_tensor", group, tensor):
+        return _reduce_scatter_flat(output, tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
+def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group, name="all_gather_into_tensor") -> None:
+    """Blocking ``start_all_gather_flat``."""
+    work = start_all_gather_flat(output, tensor, group, name)
+    Pending(name, group, work, lambda: None, (output, tensor)).wait()
 
 
 def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    """output = this rank's dim-0 slice of the sum of the ranks' ``tensor`` [N * output.shape[0], ...]."""
-    with _collective("reduce_scatter_tensor", group, tensor):
-        _reduce_scatter_flat(output, tensor, op=dist.ReduceOp.SUM, group=group)
+    """Blocking ``start_reduce_scatter_flat``."""
+    work = start_reduce_scatter_flat(output, tensor, group)
+    Pending("reduce_scatter_tensor", group, work, lambda: None, (output, tensor)).wait()
 
 
 def all_reduce_sum(tensor: torch.Tensor, group) -> None:
@@ -108,9 +244,10 @@ def _chunk_moves(local_len: int, sp_size: int, layout: str):
             yield rank, c.local_start, c.global_start, c.length
 
 
-def gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str,
-              header: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One all-gather of packed (k, v) -> ([2, b, hkv, L, d] in global position order, headers).
+def start_gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str,
+                    header: torch.Tensor | None = None) -> Pending:
+    """Issue ONE all-gather of packed (k, v); ``wait()`` -> ([2, b, hkv, L, d] in global position
+    order, headers).
 
     k, v: [b, s_local, hkv, d]. ``header`` ([n] in k's dtype, e.g. the call signature bit-cast)
     rides at the end of this rank's slice of the same collective; every rank gets all of them
@@ -124,28 +261,39 @@ def gather_kv(k: torch.Tensor, v: torch.Tensor, group, layout: str,
     packed = send[:payload].view(2, b, s_local, hkv, d)
     packed[0] = k
     packed[1] = v
-    headers = None
-    if sp_size == 1:
-        gathered = packed.unsqueeze(0)
-    else:
-        if extra:
-            send[payload:] = header
-        flat = send.new_empty((sp_size, payload + extra))  # rank-major: [N, 2*b*s_local*hkv*d + n]
-        all_gather_flat(flat.view(-1), send, group)
+    if sp_size == 1:  # nothing to send
+        return Pending("all_gather_into_tensor", group, None,
+                       lambda: (_in_global_order(packed.unsqueeze(0), layout), None))
+    if extra:
+        send[payload:] = header
+    flat = send.new_empty((sp_size, payload + extra))  # rank-major: [N, 2*b*s_local*hkv*d + n]
+    work = start_all_gather_flat(flat.view(-1), send, group)
+
+    def finish():
         gathered = flat[:, :payload].view(sp_size, 2, b, s_local, hkv, d)  # [N, 2, b, s_local, hkv, d]
-        headers = flat[:, payload:] if extra else None  # [N, n]
-    kv = k.new_empty((2, b, hkv, s_local * sp_size, d))  # [2, b, hkv, L, d]
+        headers = flat[:, payload:].clone() if extra else None  # [N, n]; a copy, so flat can be freed
+        return _in_global_order(gathered, layout), headers
+
+    return Pending("all_gather_into_tensor", group, work, finish, (send, flat))
+
+
+def _in_global_order(gathered: torch.Tensor, layout: str) -> torch.Tensor:
+    """[N, 2, b, s_local, hkv, d] rank-major -> [2, b, hkv, L, d] in global position order."""
+    sp_size, _, b, s_local, hkv, d = gathered.shape
+    kv = gathered.new_empty((2, b, hkv, s_local * sp_size, d))
     for rank, local_start, global_start, length in _chunk_moves(s_local, sp_size, layout):
         src = gathered[rank, :, :, local_start:local_start + length]  # [2, b, n, hkv, d]
         kv[:, :, :, global_start:global_start + length] = src.transpose(2, 3)
-    return kv, headers
+    return kv
 
 
-def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str, send_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d] -> this rank's [2, b, s_local, hkv, d].
+def start_reduce_scatter_kv(dkv: torch.Tensor, group, layout: str,
+                            send_dtype: torch.dtype | None = None) -> Pending:
+    """Issue ONE reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d]; ``wait()`` -> this
+    rank's [2, b, s_local, hkv, d].
 
     Sent, summed and returned in ``send_dtype`` (default ``dkv``'s); the cast happens in the
-    staging copy the reorder makes anyway."""
+    staging copy the reorder makes anyway, so ``dkv`` may be freed as soon as this returns."""
     sp_size = dist.get_world_size(group)
     two, b, hkv, seq_len, d = dkv.shape
     s_local = seq_len // sp_size
@@ -154,7 +302,8 @@ def reduce_scatter_kv(dkv: torch.Tensor, group, layout: str, send_dtype: torch.d
         src = dkv[:, :, :, global_start:global_start + length]  # [2, b, hkv, n, d]
         staged[rank, :, :, local_start:local_start + length] = src.transpose(2, 3)
     if sp_size == 1:
-        return staged[0]
+        return Pending("reduce_scatter_tensor", group, None, lambda: staged[0])
     out = staged.new_empty((2, b, s_local, hkv, d))
-    reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
-    return out
+    work = start_reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
+    return Pending("reduce_scatter_tensor", group, work, lambda: out, (staged, out))
+

@@ -6,12 +6,17 @@ and the value; an adapter passes its own spelling of the setting (``--lss-layout
 """
 from __future__ import annotations
 
+import math
+import os
+
 LAYOUTS = ("contiguous", "balanced")
 # Under a causal mask the contiguous layout gives rank s of N a share (2s+1)/N^2 of the work, so
 # the last rank sets the step; balanced gives every rank the same. Contiguous stays selectable
 # (the LSS paper's layout). Balanced needs L divisible by 2N.
 DEFAULT_LAYOUT = "balanced"
-KV_BACKWARD_MODES = ("keep", "regather")
+KV_BACKWARD_MODES = ("keep", "regather")  # what a call runs (and its signature carries)
+AUTO = "auto"
+KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked
 # dK/dV reduce-scatter: "fp32" sends the float32 accumulators of half-precision inputs (exact sum
 # of the ranks' fp32 partials, 2x the bytes); "input" rounds them to the input dtype first.
 KV_GRAD_DTYPES = ("fp32", "input")
@@ -27,7 +32,7 @@ def check_layout(layout: str, setting: str = "layout") -> None:
 
 
 def check_kv_backward(kv_backward: str, setting: str = "kv_backward") -> None:
-    check_choice(setting, kv_backward, KV_BACKWARD_MODES)
+    check_choice(setting, kv_backward, KV_BACKWARD_SETTINGS)
 
 
 def check_kv_grad_dtype(kv_grad_dtype: str, setting: str = "kv_grad_dtype") -> None:
@@ -35,10 +40,73 @@ def check_kv_grad_dtype(kv_grad_dtype: str, setting: str = "kv_grad_dtype") -> N
 
 
 def check_kv_head_chunk(kv_head_chunk, kv_heads: int | None = None, setting: str = "kv_head_chunk") -> None:
-    """``None`` (all KV heads at once) or an integer in [1, kv_heads] (any positive one if unknown)."""
-    if kv_head_chunk is None:
+    """``None`` (all KV heads at once), ``"auto"`` (``auto_head_chunk``) or an integer in
+    [1, kv_heads] (any positive one if unknown)."""
+    if kv_head_chunk is None or kv_head_chunk == AUTO:
         return
     upper = kv_heads if kv_heads is not None else float("inf")
     if not isinstance(kv_head_chunk, int) or isinstance(kv_head_chunk, bool) or not 1 <= kv_head_chunk <= upper:
         allowed = f"an integer in [1, {kv_heads}] (key/value heads)" if kv_heads is not None else "a positive integer"
-        raise ValueError(f"{setting} must be {allowed} or None, got {kv_head_chunk!r}")
+        raise ValueError(f"{setting} must be {allowed}, 'auto' or None, got {kv_head_chunk!r}")
+
+
+# -- kv_head_chunk="auto" ---------------------------------------------------------------------
+# The pipelined schedule holds two head chunks of gathered K, V at once (the one attended, the
+# next one arriving). "auto" keeps those two within AUTO_KV_FRACTION of the whole-sequence K, V,
+# but never gathers less than AUTO_MIN_GATHER_BYTES at a time: smaller collectives and kernel
+# calls cost more per byte than the memory they save is worth (so short sequences run unchunked).
+# An explicit budget (``kv_buffer_mib=`` or LSS_KV_BUFFER_MIB) replaces both.
+MiB = 2**20
+KV_BUFFER_ENV = "LSS_KV_BUFFER_MIB"
+AUTO_KV_FRACTION = 0.25
+AUTO_MIN_GATHER_BYTES = 4 * MiB
+
+
+def check_kv_buffer_mib(value, setting: str = "kv_buffer_mib") -> None:
+    """``None`` or a finite number of MiB > 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{setting} must be a positive number of MiB (or None), got {value!r}")
+
+
+def kv_buffer_mib_from_env(environ=None) -> float | None:
+    """The budget of ``LSS_KV_BUFFER_MIB`` (unset or empty: None); a bad value is refused by name."""
+    raw = (os.environ if environ is None else environ).get(KV_BUFFER_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = raw
+    check_kv_buffer_mib(value, KV_BUFFER_ENV)
+    return value
+
+
+def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None = None) -> int:
+    """KV heads per gather for ``kv_head_chunk="auto"``: a divisor of ``kv_heads``, so every gather
+    has the same size. Pure, from values every rank shares (the chunk is a signature size field).
+
+    ``head_bytes``: the gathered K and V of one KV head over the whole sequence
+    (``2 * batch * L * head_dim * itemsize``). Two chunks are alive at once (one when unchunked).
+    Without ``budget_bytes``: the largest chunk whose two buffers stay within ``AUTO_KV_FRACTION``
+    of the whole K, V (``kv_heads * head_bytes``), raised to the smallest one moving at least
+    ``AUTO_MIN_GATHER_BYTES``. With it: the largest chunk whose buffers fit it; ValueError when
+    not even one head at a time fits.
+    """
+    divisors = [c for c in range(1, kv_heads + 1) if kv_heads % c == 0]
+
+    def held(c):  # gathered K, V alive at once under the pipelined schedule
+        return (1 if c == kv_heads else 2) * c * head_bytes
+
+    if budget_bytes is not None:
+        fitting = [c for c in divisors if held(c) <= budget_bytes]
+        if not fitting:
+            twice = " twice (the chunk attended and the next one arriving)" if kv_heads > 1 else ""
+            raise ValueError(
+                f"kv_buffer_mib / {KV_BUFFER_ENV} = {budget_bytes / MiB:g} MiB is below the least gathered "
+                f"K, V an lss_attention call can hold here: {held(1) / MiB:g} MiB, one KV head of the whole "
+                f"sequence{twice}, at this batch, sequence length, head dim and dtype")
+        return max(fitting)
+    lean = max([c for c in divisors if held(c) <= AUTO_KV_FRACTION * kv_heads * head_bytes] or [1])
+    return min(c for c in divisors if c >= lean and c * head_bytes >= min(AUTO_MIN_GATHER_BYTES, kv_heads * head_bytes))

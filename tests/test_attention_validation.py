@@ -30,6 +30,8 @@ BAD_CALLS = {
     "grad_dtype": (lambda: _qkv(dtype=torch.bfloat16), {"kv_grad_dtype": "bf16"}, "kv_grad_dtype must be one of"),
     "chunk": (lambda: _qkv(), {"kv_head_chunk": 3}, r"kv_head_chunk must be an integer in \[1, 2\]"),
     "rank3": (lambda: (torch.randn(4, 4, 8),) + _qkv()[1:], {}, "must be a 4-D tensor"),
+    "budget": (lambda: _qkv(), {"kv_head_chunk": "auto", "kv_buffer_mib": 1e-6},
+               "kv_buffer_mib / LSS_KV_BUFFER_MIB = 1e-06 MiB is below"),
 }
 
 

@@ -178,3 +178,34 @@ def test_packed_rows_count_pairs_and_pair_rounds_with_unpacked():
     assert rows[16]["step_s"] == 1.0 and rows[16]["time_vs_unpacked"] == 0.5
     assert rows[None]["time_vs_unpacked"] is None and rows[16]["sent_bytes"] == 100
     assert len(table(list(rows.values()))) == 4 + 2
+
+
+def test_overlap_rows_pair_rounds_and_check_issue_16_targets():
+    from lss_plugin.bench.overlap import summarize, table, targets
+
+    def variant(times, between, peak, blocked, busy):
+        return {"times": times, "calls": {"all_gather_into_tensor": 2}, "blocked_s": blocked, "busy_s": busy,
+                "hidden_fraction": 1 - blocked / busy,
+                "attention": {"between_bytes": between, "peak_bytes": peak, "whole_kv_bytes": 100},
+                "model": {"activation_bytes_after_forward": between, "peak_activation_bytes": peak}}
+
+    def ranks(auto_times):  # rank 1 is slower in round 2 (the round's time is the slower rank's)
+        return [{"rank": r, "variants": {
+            "default": variant([4.0, 4.0 + r, 6.0], 100, 200, 1.0, 1.0),
+            "auto": variant([t + r * (i == 1) for i, t in enumerate(auto_times)], 30, 150, 0.2, 1.0),
+            "chunk1": variant([5.0, 5.0, 5.0], 20, 100, 0.1, 1.0)}} for r in range(2)]
+
+    fast = summarize(ranks([4.0, 4.0, 6.6]), "loopback")
+    slow = summarize(ranks([3.0, 3.0, 5.4]), "1 Gbit/s")
+    assert fast["default"]["rounds_s"] == [4.0, 5.0, 6.0] and fast["auto"]["rounds_s"] == [4.0, 5.0, 6.6]
+    assert fast["auto"]["vs_default"] == 1.0  # median of 1, 1, 1.1
+    assert slow["auto"]["vs_default"] == 0.8  # median of .75, .8, .9
+    assert fast["auto"]["hidden_fraction"] == [0.8, 0.8]
+    got = {t["target"]: (t["value"], t["status"]) for t in targets({"fast": fast, "slow": slow})}
+    assert got == {"auto / default, step time, slow link": (0.8, "met"),
+                   "auto / default, step time, fast link": (1.0, "met"),
+                   "auto / default, attention memory between forward and backward": (0.3, "met"),
+                   "auto / default, attention peak memory": (0.75, "MISSED")}
+    meta = {"args": {"ranks": 2, "num_layers": 2, "seq_len": 64, "num_heads": 8, "kv_heads": 8, "head_dim": 8,
+                     "layout": "balanced", "repetitions": 3}}
+    assert len(table({"fast": fast, "slow": slow}, meta)) == 4 + 6 + 3 + 4
