@@ -63,6 +63,8 @@ def test_block_parsed_with_defaults():
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",
             "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30}
     assert LSSConfig.from_ds_config(_ds(full)).to_dict() == full
+    auto = dict(full, kv_backward="auto", kv_head_chunk="auto")  # pipelined head chunks sized by lss_attention
+    assert LSSConfig.from_ds_config(_ds(auto)).attention_kwargs()["kv_head_chunk"] == "auto"
     assert LSSConfig.from_ds_config(_ds({"size": 2}, sequence_parallel_size=2)).size == 2
 
 
@@ -74,7 +76,7 @@ def test_block_parsed_with_defaults():
     ({"size": 2, "layout": "zigzag"}, {}, "\"layout\" must be one of ['contiguous', 'balanced'], got 'zigzag'"),
     ({"size": 2, "kv_backward": "drop"}, {}, '"kv_backward" must be one of'),
     ({"size": 2, "grad_averaging": "sum"}, {}, '"grad_averaging" must be one of'),
-    ({"size": 2, "kv_head_chunk": 0}, {}, '"kv_head_chunk" must be a positive integer or null, got 0'),
+    ({"size": 2, "kv_head_chunk": 0}, {}, '"kv_head_chunk" must be a positive integer, "auto" or null, got 0'),
     ({"size": 2, "timeout_s": -1}, {}, '"timeout_s" must be a positive number or null, got -1'),
     ({"size": 2, "enabled": "yes"}, {}, '"enabled" must be true or false'),
     ([2], {}, "must be a JSON object"),

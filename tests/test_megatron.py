@@ -135,30 +135,31 @@ def _check_attention_refusals() -> str:
 TP2_LSS2 = ["--tensor-model-parallel-size", "2", "--lss-sequence-parallel",
             "--lss-sequence-parallel-size", "2"]
 MHA = ["--num-query-groups", "4"]
+CONTIGUOUS = ["--lss-layout", "contiguous"]  # the default is balanced
 
 
 def cases_4(ckpt):
     lss = ["--lss-sequence-parallel"]
     return {
-        "sp4_contiguous_rope_masked": case("rope", True, *lss, "--lss-sequence-parallel-size", "4"),
+        "sp4_contiguous_rope_masked": case("rope", True, *lss, "--lss-sequence-parallel-size", "4", *CONTIGUOUS),
         "sp4_balanced_learned": case(
             "learned_absolute", False, *lss, "--lss-layout", "balanced",
             "--eval-interval", str(ITERS), "--eval-iters", "2",
             "--save", ckpt["sp4"], "--save-interval", str(ITERS)),
         "sp2xdp2_contiguous_learned_masked": case(
-            "learned_absolute", True, *lss, "--lss-sequence-parallel-size", "2"),
+            "learned_absolute", True, *lss, "--lss-sequence-parallel-size", "2", *CONTIGUOUS),
         "sp2xdp2_balanced_rope_masked": case(
             "rope", True, *lss, "--lss-sequence-parallel-size", "2", "--lss-layout", "balanced",
             "--lss-kv-backward", "regather"),
         # TP=2 x LSS=2: with and without Megatron's SP, both layouts, GQA (2 groups) and MHA.
-        "tp2xsp2_contiguous_gqa_learned_masked": case("learned_absolute", True, *TP2_LSS2),
+        "tp2xsp2_contiguous_gqa_learned_masked": case("learned_absolute", True, *TP2_LSS2, *CONTIGUOUS),
         "tp2sp_xsp2_balanced_gqa_rope": case(
             "rope", False, *TP2_LSS2, "--sequence-parallel", "--lss-layout", "balanced",
             "--save", ckpt["tp2xsp2"], "--save-interval", str(ITERS)),
         "tp2xsp2_balanced_mha_rope_masked": case("rope", True, *TP2_LSS2, *MHA, "--lss-layout", "balanced",
                                                  "--lss-kv-backward", "regather"),
         "tp2sp_xsp2_contiguous_mha_learned": case("learned_absolute", False, *TP2_LSS2, *MHA,
-                                                  "--sequence-parallel"),
+                                                  "--sequence-parallel", *CONTIGUOUS),
         # PP=2 x LSS=2 through megatron-core's 1F1B schedule (untied embeddings: see pretrain.py).
         "pp2xsp2_balanced_swiglu_rmsnorm_untied": case(
             "learned_absolute", True, *VARIANT, "--pipeline-model-parallel-size", "2",
@@ -175,15 +176,17 @@ def cases_2(ckpt):
     lss = ["--lss-sequence-parallel"]
     tpsp = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
     return {
-        "sp2_contiguous_learned_masked": case("learned_absolute", True, *lss),
-        "sp2_balanced_rope": case("rope", False, *lss, "--lss-layout", "balanced"),
+        "sp2_contiguous_learned_masked": case("learned_absolute", True, *lss, *CONTIGUOUS),
+        # the default layout (balanced), K,V pipelined one KV head at a time, regathered ("auto")
+        "sp2_balanced_rope_chunked": case("rope", False, *lss, "--lss-kv-head-chunk", "1",
+                                          "--lss-kv-backward", "auto"),
         "tp2sp_learned_masked": case("learned_absolute", True, *tpsp),
         "tp2sp_rope": case("rope", False, *tpsp, "--save", ckpt["tp2"], "--save-interval", str(ITERS)),
         "tp2sp_swiglu_rmsnorm_untied": case("learned_absolute", True, *tpsp, *VARIANT),
         "sp2_balanced_swiglu_rmsnorm_untied": case("learned_absolute", True, *lss, *VARIANT,
                                                    "--lss-layout", "balanced"),
         # SP=4 balanced checkpoint, resumed with SP=2 contiguous.
-        "resume_sp4_on_sp2": case("learned_absolute", False, *lss, "--load", ckpt["sp4"],
+        "resume_sp4_on_sp2": case("learned_absolute", False, *lss, "--load", ckpt["sp4"], *CONTIGUOUS,
                                   iters=RESUME_ITERS),
         # (T, N, D) = (2, 2, 1) checkpoint resumed on (1, 1, 2): no TP, no LSS.
         "resume_tp2xsp2_on_dp2": case("rope", False, "--load", ckpt["tp2xsp2"], iters=RESUME_ITERS),
@@ -240,7 +243,7 @@ REFERENCE = {  # parallel case -> 1-rank reference case
     "sp2xdp2_contiguous_learned_masked": "ref_learned_masked",
     "sp2xdp2_balanced_rope_masked": "ref_rope_masked",
     "sp2_contiguous_learned_masked": "ref_learned_masked",
-    "sp2_balanced_rope": "ref_rope",
+    "sp2_balanced_rope_chunked": "ref_rope",
     "tp2sp_learned_masked": "ref_learned_masked",
     "tp2sp_rope": "ref_rope",
     "tp2sp_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
@@ -399,7 +402,7 @@ def _parse(argv, world_size):
 @pytest.mark.parametrize("argv,world,message", [
     (["--lss-sequence-parallel", "--lss-sequence-parallel-size", "3"], 4,
      r"--lss-sequence-parallel-size 3 does not divide the world: world_size\(4\)"),
-    (["--lss-sequence-parallel", "--seq-length", "60", "--lss-sequence-parallel-size", "8"], 8,
+    (["--lss-sequence-parallel", "--seq-length", "60", "--lss-sequence-parallel-size", "8", *CONTIGUOUS], 8,
      r"--seq-length 60 is not divisible by 8 \(N for the contiguous layout"),
     (["--lss-sequence-parallel", "--seq-length", "68", "--lss-layout", "balanced"], 4,
      r"--seq-length 68 is not divisible by 8 \(2N for the balanced layout"),
@@ -451,6 +454,11 @@ def test_add_lss_args_is_a_megatron_extra_args_provider():
     args.seq_length, args.tensor_model_parallel_size = 64, 1
     validate_lss_args(args, world_size=4)
     assert (args.lss_sequence_parallel_size, args.lss_layout, args.lss_kv_backward) == (2, "balanced", "regather")
+    assert parser.parse_args(["--lss-kv-head-chunk", "auto", "--lss-kv-backward", "auto"]).lss_kv_head_chunk == "auto"
+    assert parser.parse_args(["--lss-kv-head-chunk", "2"]).lss_kv_head_chunk == 2
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):  # argparse: "a positive integer or 'auto', got '0'"
+            parser.parse_args(["--lss-kv-head-chunk", bad])
     with pytest.raises(ValueError, match="context-parallel-size 2 conflicts"):
         args.context_parallel_size = 2
         validate_lss_args(args, world_size=4)

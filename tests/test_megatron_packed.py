@@ -27,6 +27,7 @@ SEQ = 64
 ONE_ROW = ["--micro-batch-size", "1", "--global-batch-size", "2"]  # THD: one packed row per micro-batch
 DOCS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 LSS = ["--lss-sequence-parallel"]
+CONTIGUOUS = ["--lss-layout", "contiguous"]  # the default is balanced
 LSS1 = LSS + ["--lss-sequence-parallel-size", "1"]
 
 
@@ -49,16 +50,17 @@ def pcase(pos, *extra, masked=False):
 
 CASES_2 = {
     # RoPE restarting in every document: THD, reference = megatron-core's THD RoPE on one rank.
-    "sp2_contiguous_rope_docs": pcase("rope", *LSS, *DOCS),
+    "sp2_contiguous_rope_docs": pcase("rope", *LSS, *CONTIGUOUS, *DOCS),
     "sp2_balanced_rope_docs_regather": pcase("rope", *LSS, *DOCS, "--lss-layout", "balanced",
                                              "--lss-kv-backward", "regather", masked=True),
     # Learned positions restarting, and RoPE over the whole sequence (attention mask only):
     # reference = megatron-core's dense document mask with its local attention.
     "sp2_balanced_learned_docs": pcase("learned_absolute", *LSS, *DOCS, "--lss-layout", "balanced"),
-    "sp2_contiguous_rope_mask_only": pcase("rope", *LSS, "--reset-attention-mask", "--eod-mask-loss", masked=True),
+    "sp2_contiguous_rope_mask_only": pcase("rope", *LSS, *CONTIGUOUS, "--reset-attention-mask", "--eod-mask-loss",
+                                           masked=True),
     # The same windows, loss mask and positions without the document mask: the K/V collectives of
     # the packed runs, other losses.
-    "sp2_contiguous_rope_unpacked": pcase("rope", *LSS, "--eod-mask-loss", masked=True),
+    "sp2_contiguous_rope_unpacked": pcase("rope", *LSS, *CONTIGUOUS, "--eod-mask-loss", masked=True),
 }
 CASES_1 = {
     "ref_thd_rope_docs": pcase("rope", *LSS1, *DOCS),

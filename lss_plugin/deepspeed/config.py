@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lss_plugin.options import DEFAULT_LAYOUT, KV_BACKWARD_MODES, LAYOUTS
+from lss_plugin.options import AUTO, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS
 
 BLOCK_KEY = "lss_sequence_parallel"
 GRAD_AVERAGING_MODES = ("auto", "two_stage", "fused")
@@ -34,7 +34,7 @@ class LSSConfig:
     layout: str = DEFAULT_LAYOUT  # how a sequence is split: causal load balance by default
     kv_backward: str = "keep"  # "regather": keep only local K/V, gather again in backward
     grad_averaging: str = "auto"  # "two_stage": SP then DP (ZeRO 0 only); "fused": one SP x DP reduction
-    kv_head_chunk: int | None = None  # gather K/V this many KV heads at a time (memory bound)
+    kv_head_chunk: int | str | None = None  # KV heads gathered at a time (memory bound), or "auto"
     timeout_s: float | None = None  # timeout of the LSS process groups
 
     FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s")
@@ -45,14 +45,14 @@ class LSSConfig:
             raise LSSConfigError(f'{where}: "enabled" must be true or false, got {self.enabled!r}')
         if not _is_positive_int(self.size):
             raise LSSConfigError(f'{where}: "size" must be a positive integer, got {self.size!r}')
-        for name, allowed in (("layout", LAYOUTS), ("kv_backward", KV_BACKWARD_MODES),
+        for name, allowed in (("layout", LAYOUTS), ("kv_backward", KV_BACKWARD_SETTINGS),
                               ("grad_averaging", GRAD_AVERAGING_MODES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise LSSConfigError(f'{where}: "{name}" must be one of {list(allowed)}, got {value!r}')
-        if self.kv_head_chunk is not None and not _is_positive_int(self.kv_head_chunk):
+        if self.kv_head_chunk not in (None, AUTO) and not _is_positive_int(self.kv_head_chunk):
             raise LSSConfigError(
-                f'{where}: "kv_head_chunk" must be a positive integer or null, got {self.kv_head_chunk!r}'
+                f'{where}: "kv_head_chunk" must be a positive integer, "auto" or null, got {self.kv_head_chunk!r}'
             )
         if self.timeout_s is not None and (
             isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0

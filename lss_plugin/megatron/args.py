@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from lss_plugin.options import DEFAULT_LAYOUT, KV_BACKWARD_MODES, LAYOUTS, check_kv_backward, check_layout
+from lss_plugin.options import (
+    AUTO, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
+)
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
 
@@ -25,14 +27,32 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="balanced (default): 2N chunks, rank s holds chunks s and 2N-1-s (even "
                             "causal work; L divisible by 2N); contiguous: rank s holds tokens "
                             "[s*L/N, (s+1)*L/N) (the LSS paper's layout).")
-    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_MODES, default="keep",
+    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default="keep",
                        help="keep the gathered K,V for backward, or regather them (less memory, "
-                            "one more collective per layer).")
+                            "one more collective per layer); auto: regather exactly when K,V are "
+                            "gathered in head chunks.")
+    group.add_argument("--lss-kv-head-chunk", type=_head_chunk, default=None,
+                       help="gather and attend this many KV heads at a time (pipelined: the next "
+                            "chunk's gather overlaps this one's attention), or 'auto' (a small "
+                            "fraction of the whole-sequence K,V; LSS_KV_BUFFER_MIB sets a budget "
+                            "in MiB instead). Default: all KV heads at once.")
     group.add_argument("--lss-grad-averaging", choices=GRAD_AVERAGING_MODES, default="fused",
                        help="Gradient averaging over SP x DP. Megatron's DDP reduces over the "
                             "DP x CP group in one collective, which is the 'fused' mode; "
                             "'two_stage' (SP then DP) is not available under Megatron DDP yet.")
     return parser
+
+
+def _head_chunk(value: str):
+    """``--lss-kv-head-chunk``: a positive integer or 'auto'."""
+    if value == AUTO:
+        return AUTO
+    try:
+        chunk = int(value)
+        check_kv_head_chunk(chunk, setting="--lss-kv-head-chunk")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive integer or 'auto', got {value!r}") from None
+    return chunk
 
 
 def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:

@@ -455,7 +455,8 @@ def describe(args) -> str:
     if args.lss_sequence_parallel:
         return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={args.lss_sequence_parallel_size} x "
                 f"dp={args.data_parallel_size}{pp_part} layout={args.lss_layout} "
-                f"kv_backward={args.lss_kv_backward}")
+                f"kv_backward={args.lss_kv_backward}"
+                + (f" kv_head_chunk={args.lss_kv_head_chunk}" if getattr(args, "lss_kv_head_chunk", None) else ""))
     return f"Megatron {tp_part} x dp={args.data_parallel_size}{pp_part}"
 
 

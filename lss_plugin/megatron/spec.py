@@ -17,7 +17,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from lss_plugin.megatron.args import DEFAULT_LAYOUT, KV_BACKWARD_MODES, LAYOUTS
+from lss_plugin.options import DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
 from lss_plugin.megatron.attention import configured_lss_attention
 from lss_plugin.megatron.self_attention import LSSSelfAttention
 
@@ -49,7 +49,7 @@ def get_gpt_layer_lss_spec(
     *,
     layout: str = DEFAULT_LAYOUT,
     kv_backward: str = "keep",
-    kv_head_chunk: Optional[int] = None,
+    kv_head_chunk: Optional[int | str] = None,
     transformer_impl: Optional[str] = None,
 ) -> ModuleSpec:
     """megatron-core's GPT layer spec with ``LSSDotProductAttention`` as core attention.
@@ -60,10 +60,9 @@ def get_gpt_layer_lss_spec(
     other keyword-only ones choose the LSS layout (must match the batch split), the K/V backward
     mode and head chunking.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-    if kv_backward not in KV_BACKWARD_MODES:
-        raise ValueError(f"kv_backward {kv_backward!r} is not one of {KV_BACKWARD_MODES}")
+    check_layout(layout)
+    check_kv_backward(kv_backward)
+    check_kv_head_chunk(kv_head_chunk)
     common = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
                   qk_l2_norm=qk_l2_norm)
     if _resolve_impl(transformer_impl) == "transformer_engine":
@@ -97,5 +96,6 @@ def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
         layout=args.lss_layout,
         kv_backward=args.lss_kv_backward,
+        kv_head_chunk=getattr(args, "lss_kv_head_chunk", None),
         transformer_impl=getattr(args, "transformer_impl", "local"),
     )
