@@ -1,0 +1,119 @@
+"""Optimizer state sharded over the SP x DP grid (lss_plugin.optim), exact against one rank.
+
+Megatron: the real GPTModel of examples/pretrain_gpt_lss.py with ``--use-distributed-optimizer``
+under LSS SP=2 x DP=2 (the DP x CP group has 4 ranks) must give the unsharded one-rank losses and
+clipping norms within LOSS_RTOL per iteration, and the AdamW moments held per rank must add up to
+those of the unsharded optimizer, each rank within the greedy partition's bound of 1/4 of them.
+Plain PyTorch: ``sharded_optimizer`` over 4 ranks after ``lss_plugin.average_gradients`` must give
+the same parameters as an unsharded AdamW on the same gradients, step for step. One 4-rank spawn.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+from tests.test_megatron import BASE, LOSS_RTOL, synthetic_splits
+
+ITERS = 3
+ARGV = BASE + ["--train-iters", str(ITERS)]
+PLAIN_STEPS = 3
+PLAIN_ATOL = 0.0  # the same AdamW arithmetic on the same numbers, split by parameter: bit-exact
+
+
+def _train(argv):
+    """Losses, grad norms, and this rank's / the unsharded optimizer-state element counts."""
+    from megatron.core import parallel_state
+
+    from lss_plugin.megatron.model import GPTShape, build_gpt_model, named_trainable
+    from lss_plugin.megatron.pretrain import build_optimizer, parse_args, setup_parallel, train_step
+    from lss_plugin.optim import local_state_numel
+
+    args = parse_args(argv)
+    setup_parallel(args)
+    model = build_gpt_model(args, GPTShape.from_args(args))
+    optimizer = build_optimizer(model, args)
+    train = synthetic_splits().train
+    steps = [train_step(model, optimizer, args, it, train) for it in range(1, args.train_iters + 1)]
+    out = {"losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps],
+           "state_numel": local_state_numel(optimizer),
+           # AdamW keeps two moments per element; the largest parameter bounds the greedy partition.
+           "unsharded_numel": 2 * sum(p.numel() for _, p in named_trainable(model)),
+           "largest_numel": 2 * max(p.numel() for _, p in named_trainable(model)),
+           "dp_cp_size": parallel_state.get_data_parallel_world_size(with_context_parallel=True)}
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def _plain_steps():
+    """Parameters after each step: ZeRO over the 4-rank grid (SP=2 x DP=2) vs unsharded AdamW."""
+    import torch.distributed as dist
+
+    from lss_plugin import average_gradients
+    from lss_plugin.optim import local_state_numel, sharded_optimizer
+    from lss_plugin.topology import destroy_topology, init_topology
+
+    topology = init_topology(sp_size=2, dp_size=2)
+    torch.manual_seed(0)  # the same weights on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    hyper = dict(lr=1e-2, weight_decay=0.1, foreach=False)
+    sharded = sharded_optimizer(model.parameters(), torch.optim.AdamW, **hyper)
+    unsharded = torch.optim.AdamW(reference, **hyper)
+    max_diff = []
+    for step in range(PLAIN_STEPS):
+        torch.manual_seed(100 * step + dist.get_rank())  # every rank its own local batch
+        x = torch.randn(4, 8)
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+        average_gradients(model.parameters(), topology)  # identical gradients on every rank
+        for p, r in zip(model.parameters(), reference):
+            r.grad = p.grad.clone()
+        sharded.step()
+        unsharded.step()
+        max_diff.append(max(float((p - r).abs().max()) for p, r in zip(model.parameters(), reference)))
+    out = {"max_diff": max_diff, "state_numel": local_state_numel(sharded),
+           "unsharded_numel": local_state_numel(unsharded),
+           "largest_numel": 2 * max(p.numel() for p in reference)}
+    destroy_topology()
+    return out
+
+
+def _four_ranks():
+    return {"zero": _train(ARGV + ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2",
+                                   "--use-distributed-optimizer"]),
+            "plain": _plain_steps()}
+
+
+def _one_rank():
+    return _train(ARGV)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_ranks(_four_ranks, 4, timeout_s=300, pg_timeout_s=120), run_ranks(_one_rank, 1, timeout_s=120)
+
+
+def test_megatron_distributed_optimizer_matches_one_rank_and_shards_state(runs):
+    ranks, (ref,) = runs
+    for rank, out in enumerate(ranks):
+        got = out["zero"]
+        assert got["dp_cp_size"] == 4
+        for name in ("losses", "grad_norms"):
+            torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(ref[name]), rtol=LOSS_RTOL, atol=0,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+    shards = [out["zero"]["state_numel"] for out in ranks]
+    assert ref["state_numel"] == ref["unsharded_numel"] > 0  # the one-rank AdamW holds both moments
+    assert sum(shards) == ref["unsharded_numel"], shards  # every moment on exactly one rank
+    bound = ref["unsharded_numel"] / 4 + ref["largest_numel"]
+    assert all(0 < s <= bound for s in shards), (shards, bound)
+
+
+def test_plain_pytorch_sharded_optimizer_equals_unsharded(runs):
+    ranks, _ = runs
+    for out in ranks:
+        assert out["plain"]["max_diff"] == [PLAIN_ATOL] * PLAIN_STEPS
+    shards = [out["plain"]["state_numel"] for out in ranks]
+    total = ranks[0]["plain"]["unsharded_numel"]
+    bound = total / 4 + ranks[0]["plain"]["largest_numel"]  # whole parameters per rank, greedily
+    assert sum(shards) == total and all(0 < s <= bound for s in shards), (shards, bound)
