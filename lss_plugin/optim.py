@@ -52,8 +52,13 @@ def sharded_optimizer(params: Iterable, optimizer_class: Type[torch.optim.Optimi
     return optimizer
 
 
+def local_state_tensors(optimizer: torch.optim.Optimizer):
+    """The state tensors this rank holds (a ZeroRedundancyOptimizer keeps its shard in ``.optim``)."""
+    inner = getattr(optimizer, "optim", optimizer)
+    for state in inner.state.values():
+        yield from (v for v in state.values() if torch.is_tensor(v))
+
+
 def local_state_numel(optimizer: torch.optim.Optimizer) -> int:
     """Elements of the tensor state (e.g. Adam's moments) this rank holds; step counters excluded."""
-    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its shard in .optim
-    return sum(v.numel() for state in inner.state.values() for v in state.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    return sum(v.numel() for v in local_state_tensors(optimizer) if v.dim() > 0)

@@ -5,7 +5,9 @@ under LSS SP=2 x DP=2 (the DP x CP group has 4 ranks) must give the unsharded on
 clipping norms within LOSS_RTOL per iteration, and the AdamW moments held per rank must add up to
 those of the unsharded optimizer, each rank within the greedy partition's bound of 1/4 of them.
 Plain PyTorch: ``sharded_optimizer`` over 4 ranks after ``lss_plugin.average_gradients`` must give
-the same parameters as an unsharded AdamW on the same gradients, step for step. One 4-rank spawn.
+the same parameters as an unsharded AdamW on the same gradients, step for step. Benchmark: the
+budget search's ``+zero1`` LSS variant gives the same loss with its static bytes smaller by exactly
+the AdamW state this rank no longer holds. One 4-rank spawn.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def _plain_steps():
             r.grad = p.grad.clone()
         sharded.step()
         unsharded.step()
-        max_diff.append(max(float((p - r).abs().max()) for p, r in zip(model.parameters(), reference)))
+        max_diff.append(max(float((p - r).detach().abs().max()) for p, r in zip(model.parameters(), reference)))
     out = {"max_diff": max_diff, "state_numel": local_state_numel(sharded),
            "unsharded_numel": local_state_numel(unsharded),
            "largest_numel": 2 * max(p.numel() for p in reference)}
@@ -79,10 +81,33 @@ def _plain_steps():
     return out
 
 
+def _bench_cases():
+    """The benchmark's LSS reference on 4 ranks (SP=4), unsharded and +zero1: loss and static bytes."""
+    from lss_plugin.bench import counters
+    from lss_plugin.bench.methods import Variant
+    from lss_plugin.bench.model import ModelDims
+    from lss_plugin.bench.run import BUDGET_REFERENCE, Case, run_cases
+
+    dims = ModelDims(num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=4, max_positions=64)
+    variants = [Variant("lss", kv_backward="regather"), Variant("lss", kv_backward="regather", shard_optimizer=True)]
+    assert variants[0].name == BUDGET_REFERENCE
+    counters.install()  # as the benchmark's launcher does (its cases count collectives)
+    results = run_cases([Case(v, dims, 64, steps=0) for v in variants])["cases"]
+    hidden, norm = 32, 2 * 32  # a LayerNorm's weight and bias
+    numel = (256 * hidden + 64 * hidden  # tied word embeddings, 64 positions
+             + norm + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden)  # attention
+             + norm + (4 * hidden * hidden + 4 * hidden) + (4 * hidden * hidden + hidden)  # MLP
+             + norm)  # final norm
+    return {"names": [r["case"]["variant_name"] for r in results], "errors": [r["error"] for r in results],
+            "losses": [r["loss"] for r in results], "static": [r["memory"].get("static_bytes") for r in results],
+            # AdamW's two fp32 moments, and a 0-dim fp32 step count for each of the 16 parameters
+            "adam_bytes": 2 * 4 * numel + 4 * 16}
+
+
 def _four_ranks():
     return {"zero": _train(ARGV + ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2",
                                    "--use-distributed-optimizer"]),
-            "plain": _plain_steps()}
+            "plain": _plain_steps(), "bench": _bench_cases()}
 
 
 def _one_rank():
@@ -117,3 +142,17 @@ def test_plain_pytorch_sharded_optimizer_equals_unsharded(runs):
     total = ranks[0]["plain"]["unsharded_numel"]
     bound = total / 4 + ranks[0]["plain"]["largest_numel"]  # whole parameters per rank, greedily
     assert sum(shards) == total and all(0 < s <= bound for s in shards), (shards, bound)
+
+
+def test_benchmark_counts_the_sharded_optimizer_state(runs):
+    ranks, _ = runs
+    saved = []
+    for out in ranks:
+        bench = out["bench"]
+        assert bench["errors"] == [None, None], bench["errors"]
+        assert bench["names"] == ["lss[regather,contiguous]", "lss[regather,contiguous]+zero1"]
+        torch.testing.assert_close(bench["losses"][1], bench["losses"][0], rtol=LOSS_RTOL, atol=0)
+        saved.append(bench["static"][0] - bench["static"][1])
+    # every byte of the AdamW state is dropped by exactly three of the four ranks
+    assert sum(saved) == 3 * ranks[0]["bench"]["adam_bytes"], (saved, ranks[0]["bench"]["adam_bytes"])
+    assert all(s > 0 for s in saved), saved
