@@ -3,7 +3,8 @@
 Megatron: the real GPTModel of examples/pretrain_gpt_lss.py with ``--use-distributed-optimizer``
 under LSS SP=2 x DP=2 (the DP x CP group has 4 ranks) must give the unsharded one-rank losses and
 clipping norms within LOSS_RTOL per iteration, and the AdamW moments held per rank must add up to
-those of the unsharded optimizer, each rank within the greedy partition's bound of 1/4 of them.
+those of the unsharded optimizer, each rank within the greedy partition's bound of 1/4 of them;
+so must TP=2 x SP=2 (each TP rank's state sharded over its 2-rank DP x CP group).
 Plain PyTorch: ``sharded_optimizer`` over 4 ranks after ``lss_plugin.average_gradients`` must give
 the same parameters as an unsharded AdamW on the same gradients, step for step. Benchmark: the
 budget search's ``+zero1`` LSS variant gives the same loss with its static bytes smaller by exactly
@@ -42,7 +43,8 @@ def _train(argv):
            # AdamW keeps two moments per element; the largest parameter bounds the greedy partition.
            "unsharded_numel": 2 * sum(p.numel() for _, p in named_trainable(model)),
            "largest_numel": 2 * max(p.numel() for _, p in named_trainable(model)),
-           "dp_cp_size": parallel_state.get_data_parallel_world_size(with_context_parallel=True)}
+           "dp_cp_size": parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+           "tp_rank": parallel_state.get_tensor_model_parallel_rank()}
     parallel_state.destroy_model_parallel()
     return out
 
@@ -105,8 +107,8 @@ def _bench_cases():
 
 
 def _four_ranks():
-    return {"zero": _train(ARGV + ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2",
-                                   "--use-distributed-optimizer"]),
+    lss = ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--use-distributed-optimizer"]
+    return {"zero": _train(ARGV + lss), "zero_tp": _train(ARGV + lss + ["--tensor-model-parallel-size", "2"]),
             "plain": _plain_steps(), "bench": _bench_cases()}
 
 
@@ -132,6 +134,23 @@ def test_megatron_distributed_optimizer_matches_one_rank_and_shards_state(runs):
     assert sum(shards) == ref["unsharded_numel"], shards  # every moment on exactly one rank
     bound = ref["unsharded_numel"] / 4 + ref["largest_numel"]
     assert all(0 < s <= bound for s in shards), (shards, bound)
+
+
+def test_megatron_distributed_optimizer_with_tensor_parallelism(runs):
+    ranks, (ref,) = runs
+    by_tp = {}
+    for rank, out in enumerate(ranks):
+        got = out["zero_tp"]
+        assert got["dp_cp_size"] == 2
+        for name in ("losses", "grad_norms"):
+            torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(ref[name]), rtol=LOSS_RTOL, atol=0,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+        by_tp.setdefault(got["tp_rank"], []).append(got)
+    assert sorted(by_tp) == [0, 1]
+    for group in by_tp.values():  # a TP rank's (TP-sharded) AdamW state, split over its DP x CP group
+        unsharded = group[0]["unsharded_numel"]
+        assert sum(g["state_numel"] for g in group) == unsharded
+        assert all(0 < g["state_numel"] <= unsharded / 2 + g["largest_numel"] for g in group), group
 
 
 def test_plain_pytorch_sharded_optimizer_equals_unsharded(runs):
