@@ -121,14 +121,17 @@ def runs():
     return run_ranks(_four_ranks, 4, timeout_s=300, pg_timeout_s=120), run_ranks(_one_rank, 1, timeout_s=120)
 
 
-def test_megatron_distributed_optimizer_matches_one_rank_and_shards_state(runs):
-    ranks, (ref,) = runs
-    for rank, out in enumerate(ranks):
-        got = out["zero"]
-        assert got["dp_cp_size"] == 4
+def _assert_one_rank_losses(per_rank, ref, dp_cp_size):
+    for rank, got in enumerate(per_rank):
+        assert got["dp_cp_size"] == dp_cp_size
         for name in ("losses", "grad_norms"):
             torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(ref[name]), rtol=LOSS_RTOL, atol=0,
                                        msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_megatron_distributed_optimizer_matches_one_rank_and_shards_state(runs):
+    ranks, (ref,) = runs
+    _assert_one_rank_losses([out["zero"] for out in ranks], ref, dp_cp_size=4)
     shards = [out["zero"]["state_numel"] for out in ranks]
     assert ref["state_numel"] == ref["unsharded_numel"] > 0  # the one-rank AdamW holds both moments
     assert sum(shards) == ref["unsharded_numel"], shards  # every moment on exactly one rank
@@ -138,14 +141,10 @@ def test_megatron_distributed_optimizer_matches_one_rank_and_shards_state(runs):
 
 def test_megatron_distributed_optimizer_with_tensor_parallelism(runs):
     ranks, (ref,) = runs
+    _assert_one_rank_losses([out["zero_tp"] for out in ranks], ref, dp_cp_size=2)
     by_tp = {}
-    for rank, out in enumerate(ranks):
-        got = out["zero_tp"]
-        assert got["dp_cp_size"] == 2
-        for name in ("losses", "grad_norms"):
-            torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(ref[name]), rtol=LOSS_RTOL, atol=0,
-                                       msg=lambda m: f"rank {rank} {name}: {m}")
-        by_tp.setdefault(got["tp_rank"], []).append(got)
+    for out in ranks:
+        by_tp.setdefault(out["zero_tp"]["tp_rank"], []).append(out["zero_tp"])
     assert sorted(by_tp) == [0, 1]
     for group in by_tp.values():  # a TP rank's (TP-sharded) AdamW state, split over its DP x CP group
         unsharded = group[0]["unsharded_numel"]
