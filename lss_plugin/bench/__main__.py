@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 from lss_plugin.bench.methods import DEFAULT_METHODS, variants_for
 from lss_plugin.bench.model import ModelDims
@@ -117,9 +118,13 @@ def budget_jobs_for(args, world: int, budget_dims: ModelDims, budget_bytes, unit
                   or (v.method in BUDGET_METHODS and v.kernel == "fused"))
         if args.quick:
             wanted = v.name == BUDGET_REFERENCE or (v.method in ("single", "megatron_tp_sp") and v.kernel == "fused")
+        # LSS replicates weights over SP: its reference also runs with the AdamW state sharded
+        # over the grid (TP+SP here spans every rank with DP = 1, so it has nothing to shard).
+        shard = [False, True] if world > 1 and v.name == BUDGET_REFERENCE else [False]
         if wanted:
-            jobs.append(dict(variant=v, dims=budget_dims, budget_bytes=budget_bytes, unit=unit,
-                             max_len=budget_max, attention="mha", batch_size=args.batch_size))
+            jobs += [dict(variant=replace(v, shard_optimizer=s), dims=budget_dims, budget_bytes=budget_bytes,
+                          unit=unit, max_len=budget_max, attention="mha", batch_size=args.batch_size)
+                     for s in shard]
     if budget_bytes is None:
         # measure the budget first: LSS (regather) on one rank at the strong-scaling length
         ref = [j for j in jobs if j["variant"].name == BUDGET_REFERENCE]

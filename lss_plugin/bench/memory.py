@@ -168,10 +168,9 @@ class LiveTensorTracker(TorchDispatchMode):
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer):
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                yield value
+    from lss_plugin.optim import local_state_tensors
+
+    return local_state_tensors(optimizer)  # this rank's shard only when the state is sharded
 
 
 # -- process resident set size ---------------------------------------------------------------

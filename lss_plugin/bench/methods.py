@@ -22,7 +22,8 @@ class Variant:
 
     ``layout``: which global positions an SP rank holds; ``kv_backward``/``kv_head_chunk``: LSS's
     K/V backward mode and head chunking; ``kernel``: ``fused`` or ``unfused`` (Megatron's dense
-    local attention, extra rows only); ``ulysses``: USP's Ulysses group size.
+    local attention, extra rows only); ``ulysses``: USP's Ulysses group size; ``shard_optimizer``:
+    AdamW state sharded over the DP x CP group (``lss_plugin.optim``, ZeRO-1), suffix ``+zero1``.
     """
 
     method: str
@@ -31,9 +32,14 @@ class Variant:
     kv_head_chunk: int | None = None
     kernel: str = "fused"
     ulysses: int | None = None
+    shard_optimizer: bool = False
 
     @property
     def name(self) -> str:
+        return self._base_name + ("+zero1" if self.shard_optimizer else "")
+
+    @property
+    def _base_name(self) -> str:
         if self.method == "lss":
             chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
             return f"lss[{self.kv_backward},{self.layout}{chunk}]"

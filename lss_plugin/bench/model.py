@@ -80,8 +80,14 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
         average_in_collective=False)
     model = DistributedDataParallel(config, ddp_config, model)
     params = [p for p in model.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
-    return model, optimizer
+    if variant.shard_optimizer:  # every DP x CP rank holds the same reduced grads: ZeRO-1 is exact
+        from megatron.core import parallel_state
+
+        from lss_plugin.optim import sharded_optimizer
+
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return model, sharded_optimizer(params, torch.optim.AdamW, group, lr=1e-4, foreach=False)
+    return model, torch.optim.AdamW(params, lr=1e-4, foreach=False)
 
 
 def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int, world_size: int,

@@ -8,7 +8,7 @@ the CUDA stream DDP waits on before reducing gradients. This shim redirects thos
 absent, so on a GPU machine it is a no-op and megatron-core runs unmodified.
 
 Not covered (use alternatives on CPU): ``get_megatron_optimizer`` (use a torch optimizer on
-``param.main_grad``), ``overlap_grad_reduce`` (CUDA streams), TransformerEngine and apex kernels.
+``param.main_grad``; its distributed optimizer: ``lss_plugin.optim``), ``overlap_grad_reduce`` (CUDA streams), TransformerEngine and apex kernels.
 """
 from __future__ import annotations
 

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--train-iters", type=int, default=20)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the AdamW state over Megatron's DP x CP group (under LSS: SP x DP), "
+                        "ZeRO-1 with torch's ZeroRedundancyOptimizer (lss_plugin.optim); exact, since "
+                        "every rank of that group holds the same reduced gradients")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("parallelism")
@@ -145,6 +149,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ValueError(f"--num-query-groups {groups} must divide --num-attention-heads "
                          f"{args.num_attention_heads} and be divisible by TP {tp}")
     _validate_documents(args)
+    if args.use_distributed_optimizer and (args.save or args.load):
+        raise ValueError(f"--use-distributed-optimizer with --save {args.save} / --load {args.load}: the "
+                         "full-state checkpoint of this script does not gather a sharded optimizer state")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.max_position_embeddings < args.seq_length:
@@ -217,18 +224,28 @@ def setup_parallel(args):
 
 
 def build_optimizer(model, args) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (Megatron's default grouping)."""
+    """AdamW; no weight decay on biases and norm weights (Megatron's default grouping).
+
+    ``--use-distributed-optimizer``: its state sharded over the DP x CP group, the group
+    megatron-core's distributed optimizer shards over. megatron-core's own ``DistributedOptimizer``
+    refuses CPU tensors (it accepts only ``torch.cuda.*Tensor`` parameters), so this script shards
+    with torch's ZeroRedundancyOptimizer on every device (docs/megatron.md#distributed-optimizer).
+    """
+    from megatron.core import parallel_state
+
     from lss_plugin.megatron.model import named_trainable
+    from lss_plugin.optim import sharded_optimizer
 
     decay, no_decay = [], []
     for name, p in named_trainable(model):
         (no_decay if p.dim() == 1 or name.endswith(".bias") else decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-        foreach=False,
-    )
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    hyper = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=False)
+    if args.use_distributed_optimizer:
+        return sharded_optimizer(groups, torch.optim.AdamW,
+                                 parallel_state.get_data_parallel_group(with_context_parallel=True), **hyper)
+    return torch.optim.AdamW(groups, **hyper)
 
 
 def lr_at(args, iteration: int) -> float:
