@@ -407,7 +407,7 @@ def _parse(argv, world_size):
     (["--lss-sequence-parallel", "--seq-length", "68", "--lss-layout", "balanced"], 4,
      r"--seq-length 68 is not divisible by 8 \(2N for the balanced layout"),
     (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-      "--seq-length", "36", "--lss-sequence-parallel-size", "4"], 8,
+      "--seq-length", "36", "--lss-sequence-parallel-size", "4", *CONTIGUOUS], 8,
      r"--seq-length 36 / --lss-sequence-parallel-size 4 = 9 local tokens are not divisible by "
      r"--tensor-model-parallel-size 2"),
     (["--lss-sequence-parallel", "--tensor-model-parallel-size", "2", "--num-query-groups", "1"], 4,
