@@ -316,8 +316,10 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     Every method: the largest parameter's gradient before megatron DDP adds it to ``main_grad``,
     with one [sl, h] activation gradient. Beyond that, per method (fitted against the tracker at
     1 and 4 ranks, see ``tests/test_plan.py``): LSS the gathered K,V and its unpacked copy plus
-    dK,dV (``keep`` ~2.5, ``regather`` ~3.1 x the packed K,V of all L positions and this TP
-    rank's heads; what ``kv_head_chunk`` bounds), where for half inputs the backward holds the
+    dK,dV (``keep`` ~2.2, ``regather`` ~2.75 x the packed K,V of all L positions and this TP
+    rank's heads; what ``kv_head_chunk`` bounds; the pipelined schedule frees each gather's staging
+    buffers as soon as it is unpacked; with the contiguous layout the first ranks, whose queries see
+    fewer keys, peak up to ~12% lower than the last, which the factors are fitted to), where for half inputs the backward holds the
     dK,dV accumulator in fp32 and its staged copy for the reduce-scatter (fp32 unless
     ``kv_grad_dtype="input"``) instead of two input-dtype copies; all-gather CP K and V gathered
     again, dK and dV of all L and a staging buffer (~3 x); Megatron's dense local attention the
@@ -331,7 +333,7 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     generic = largest_param * 4 + b * sl * h * dt  # fp32 grad before the main_grad add
     if s.method == "lss" and s.sp > 1:
         kv_elements = 2 * b * L * (s.kv_head_chunk or spec.hkv // s.tp) * dh  # one gather's K,V
-        factor = 2.5 if s.kv_backward == "keep" else 3.1
+        factor = 2.2 if s.kv_backward == "keep" else 2.75
         acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
         grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
         backward = kv_elements * (acc_dt + grad_dt) + (factor - 2) * kv_elements * dt

@@ -73,8 +73,12 @@ def test_asking_for_transformer_engine_without_it_is_an_error():
 def test_spec_arguments_are_checked_by_name():
     with pytest.raises(ValueError, match="transformer_impl 'inference_optimized' is not one of"):
         get_gpt_layer_lss_spec(transformer_impl="inference_optimized")
-    with pytest.raises(ValueError, match="layout 'zigzag'"):
+    with pytest.raises(ValueError, match="layout must be one of .* got 'zigzag'"):
         get_gpt_layer_lss_spec(layout="zigzag")
+    with pytest.raises(ValueError, match="kv_backward must be one of .* got 'drop'"):
+        get_gpt_layer_lss_spec(kv_backward="drop")
+    with pytest.raises(ValueError, match="kv_head_chunk must be a positive integer, 'auto' or None, got 0"):
+        get_gpt_layer_lss_spec(kv_head_chunk=0)
 
 
 def test_from_args_follows_transformer_impl_and_defaults_to_local():
