@@ -236,8 +236,7 @@ def _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch, seq_len,
     the whole-sequence K, V again, which is what chunking is for not to do."""
     if kv_head_chunk == AUTO:
         budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        head_bytes = 2 * batch * seq_len * head_dim * itemsize  # gathered K and V of one KV head
+        head_bytes = 2 * batch * seq_len * head_dim * dtype.itemsize  # gathered K and V of one KV head
         chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB)
     else:
         chunk = kv_head_chunk or kv_heads
