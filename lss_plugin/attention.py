@@ -40,8 +40,8 @@ from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segmen
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
-    AUTO, DEFAULT_LAYOUT, auto_head_chunk, check_kv_backward, check_kv_buffer_mib, check_kv_grad_dtype,
-    check_kv_head_chunk, check_layout, check_ulysses_heads, kv_buffer_mib_from_env, MiB,
+    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_buffer_mib,
+    check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads, resolve_kv_chunking,
 )
 from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes, ulysses_peers
@@ -228,23 +228,6 @@ def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
 # Pure forward / backward with the communication.
 # ---------------------------------------------------------------------------------------------
 
-def _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch, seq_len, kv_heads, head_dim, dtype):
-    """(KV heads per gather, "keep" | "regather") as this call runs them.
-
-    "auto" chunks follow ``auto_head_chunk`` from the shapes (the same on every rank) and the budget:
-    ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule. ``kv_backward="auto"``
-    regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
-    the whole-sequence K, V again, which is what chunking is for not to do."""
-    if kv_head_chunk == AUTO:
-        budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
-        head_bytes = 2 * batch * seq_len * head_dim * dtype.itemsize  # gathered K and V of one KV head
-        chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB)
-    else:
-        chunk = kv_head_chunk or kv_heads
-    if kv_backward == AUTO:
-        kv_backward = "regather" if chunk < kv_heads else "keep"
-    return chunk, kv_backward
-
 
 def _header(plan: _Plan, gather: str, head_chunk_index: int, like: torch.Tensor):
     """This gather's signature row, bit-cast into the buffer's dtype (nothing on a group of one)."""
@@ -360,8 +343,8 @@ def lss_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = "keep",
-    kv_head_chunk: int | None = None,
+    kv_backward: str = DEFAULT_KV_BACKWARD,
+    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK,
     kv_grad_dtype: str = "fp32",
     cu_seqlens: torch.Tensor | None = None,
     kv_buffer_mib: float | None = None,
@@ -397,8 +380,8 @@ def lss_attention(
     seq_len = s * groups.sp_size
     bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    head_chunk, kv_backward = _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
-                                                d, q.dtype)
+    head_chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
+                                                   d, q.dtype.itemsize)
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=head_chunk, softmax_scale=scale,
@@ -448,7 +431,8 @@ class LSSAttention(torch.nn.Module):
     """``lss_attention`` with its settings fixed at construction (no parameters)."""
 
     def __init__(self, *, group=None, causal=True, softmax_scale=None, layout=DEFAULT_LAYOUT,
-                 kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32", kv_buffer_mib=None):
+                 kv_backward=DEFAULT_KV_BACKWARD, kv_head_chunk=DEFAULT_KV_HEAD_CHUNK, kv_grad_dtype="fp32",
+                 kv_buffer_mib=None):
         super().__init__()
         check_layout(layout)
         check_kv_backward(kv_backward)
