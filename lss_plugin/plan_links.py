@@ -135,7 +135,7 @@ class LinkPlan:
         best = None
         for (kind, _), terms in kinds.items():
             whats = ", ".join(dict.fromkeys(t.what.split(" (")[0] for t in terms))
-            for link in (INSIDE, ACROSS):
+            for link in (ACROSS, INSIDE):  # equal times: name the link across
                 nbytes = sum(t.inside_bytes if link == INSIDE else t.across_bytes for t in terms)
                 time_s = nbytes / links.bytes_per_s(link)
                 if best is None or time_s > best["time_s"]:
@@ -242,18 +242,19 @@ def _term_words(p: LinkPlan, links: Links) -> str:
 
 
 def why(plans: list[LinkPlan], links: Links) -> str:
-    """One sentence: the predicted winner, the runner-up, and the term that dominates each."""
+    """One sentence: the predicted winner, the best scheme of another method, and the term that
+    dominates each."""
     best = fastest(plans)
     if best is None:
         return "no scheme can run this model on these ranks"
-    others = sorted((p for p in plans if p.runs and p is not best), key=lambda p: p.time_s)
-    if not others:
+    # the runner-up is another method: the winner's own keep / regather twin says nothing new
+    nxt = fastest([p for p in plans if p.setup.method != best.setup.method])
+    if nxt is None:
         return f"{best.scheme} is the only scheme that can run; its largest term is {_term_words(best, links)}"
-    nxt = others[0]
     tie = (f" (a tie within {TIE:.1%}: {best.scheme} is listed first, {best.calls} calls against {nxt.calls})"
            if nxt.time_s <= best.time_s * (1 + TIE) else "")
     return (f"{best.scheme} is predicted fastest, {best.time_s * 1e3:.3f} ms against {nxt.time_s * 1e3:.3f} ms "
-            f"for {nxt.scheme} (next best){tie}: its largest term is {_term_words(best, links)}, where "
+            f"for {nxt.scheme} (the best other method){tie}: its largest term is {_term_words(best, links)}, where "
             f"{nxt.scheme}'s is {_term_words(nxt, links)}")
 
 
