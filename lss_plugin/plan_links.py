@@ -9,9 +9,10 @@ and training step (forward + backward). The weight-gradient all-reduce is the sa
 scheme (all replicate the weights over SP) and is left out.
 
 Where it goes (per rank; the receiving rank decides the class):
-- all-gather / reduce-scatter: a ring over the group's ranks in rank order, as gloo
-  (``AllgatherRing``) and a single NCCL ring run it: each call, every rank sends (n-1)/n of the
-  assembled buffer to its successor;
+- all-gather / reduce-scatter: a ring over the group's ranks in rank order, as a single NCCL ring
+  and gloo's ``AllgatherRing`` run them: each call, every rank sends (n-1)/n of the assembled
+  buffer to its successor (the counters' bandwidth-optimal convention; gloo's reduce-scatter in
+  this torch seems to go through an all-reduce, which would send about twice that: not modelled);
 - all-to-all: pairwise, each rank sends payload / n to every other member;
 - ring attention: each hop, one packed block to the successor in the ring group.
 The figure per class is the busiest rank's. It is every rank's, except for a ring over the whole SP
@@ -139,7 +140,7 @@ class LinkPlan:
                 nbytes = sum(t.inside_bytes if link == INSIDE else t.across_bytes for t in terms)
                 time_s = nbytes / links.bytes_per_s(link)
                 if best is None or time_s > best["time_s"]:
-                    plural = "s" if len(terms) > 1 else ""
+                    plural = "s" if sum(t.calls for t in terms) > 1 else ""
                     best = {"what": f"{kind.replace('_', '-')}{plural} of {whats}", "link": link,
                             "bytes": nbytes, "time_s": time_s}
         return best

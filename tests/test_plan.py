@@ -327,7 +327,7 @@ def test_which_scheme_cli_prints_the_models_figures(capsys):
     # 2 ways x (2 x 32 + 2 x lcm(2, 4)) heads x 16384 tokens x 128 x 2 B = 864 MiB at 400 Gbit/s
     assert out["why"].startswith("lss_ulysses[keep,u4] is predicted fastest, ")
     assert ("its largest term is the all-to-alls of q, k, v, out inside node groups (864.00 MiB per rank "
-            "at 400 Gbit/s), where lss[keep]'s is the reduce-scatter of packed dK,dV across node groups "
+            "at 400 Gbit/s), where lss[keep]'s is the reduce-scatters of packed dK,dV across node groups "
             "(448.00 MiB per rank at 100 Gbit/s)") in out["why"]
     # allgather_cp ties lss[keep] (within 0.1%, listed later): with bf16 inputs LSS reduce-scatters
     # dK,dV in fp32, which costs what allgather_cp's second gather of K and V costs
