@@ -601,6 +601,8 @@ def main(argv=None) -> int:
     links.add_argument("--intra-gbit", type=float, default=100.0, help="per-rank Gbit/s inside a node group")
     links.add_argument("--inter-gbit", type=float, default=10.0, help="per-rank Gbit/s across node groups")
     links.add_argument("--kv-grad-dtype", default="fp32", help="LSS's dK,dV reduce-scatter items: fp32 | input")
+    links.add_argument("--backend", default="nccl",
+                       help="nccl | gloo (gloo's reduce-scatter sends as much as an all-reduce)")
     links.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if args.ranks is not None:
@@ -655,7 +657,7 @@ def _which_scheme(parser: argparse.ArgumentParser, args) -> int:
         parser.error(f"--ranks needs {', '.join(missing)}")
     spec = GPTSpec(args.layers or 1, args.heads * args.head_dim, args.heads, args.kv_heads, vocab_size=args.vocab)
     try:
-        links = Links(args.ranks, args.ulysses, args.intra_gbit, args.inter_gbit)
+        links = Links(args.ranks, args.ulysses, args.intra_gbit, args.inter_gbit, args.backend)
         print(report(spec, args.seq_len, links, as_json=args.json, dtype_bytes=args.dtype_bytes,
                      batch_size=args.batch, kv_grad_dtype=args.kv_grad_dtype))
     except ValueError as e:

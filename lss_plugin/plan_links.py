@@ -11,8 +11,10 @@ scheme (all replicate the weights over SP) and is left out.
 Where it goes (per rank; the receiving rank decides the class):
 - all-gather / reduce-scatter: a ring over the group's ranks in rank order, as a single NCCL ring
   and gloo's ``AllgatherRing`` run them: each call, every rank sends (n-1)/n of the assembled
-  buffer to its successor (the counters' bandwidth-optimal convention; gloo's reduce-scatter in
-  this torch seems to go through an all-reduce, which would send about twice that: not modelled);
+  buffer to its successor (the counters' bandwidth-optimal convention). ``backend="gloo"``: gloo's
+  reduce-scatter (torch 2.13) sends what an all-reduce sends, 2 (n-1)/n: measured on a private
+  loopback, 4 ranks, 16 MiB fp32 buffer, bytes per rank / buffer = 0.751 all-gather, 1.502
+  reduce-scatter, 1.502 all-reduce, 0.751 all-to-all (docs/benchmark.md, "Which scheme?");
 - all-to-all: pairwise, each rank sends payload / n to every other member;
 - ring attention: each hop, one packed block to the successor in the ring group.
 The figure per class is the busiest rank's. It is every rank's, except for a ring over the whole SP
@@ -48,6 +50,7 @@ from lss_plugin.plan import Collective, GPTSpec, Setup, _label, plan
 ATTENTION_GROUPS = ("sp", "ulysses", "strided")  # plan.Collective.group of attention collectives
 TIE = 1e-3  # times within 0.1% are a tie, won by the scheme listed first (simpler, fewer calls)
 INSIDE, ACROSS = "inside", "across"
+BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,11 @@ class Links:
     node: int
     intra_gbit: float
     inter_gbit: float
+    backend: str = "nccl"  # "gloo": its reduce-scatter sends as much as an all-reduce
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.ranks < 1 or self.node < 1 or self.ranks % self.node:
             raise ValueError(f"the Ulysses / node-group size U={self.node} must divide the ranks "
                              f"N={self.ranks} (both >= 1)")
@@ -166,7 +172,8 @@ def sent_by_link(c: Collective, links: Links) -> tuple[int, int]:
             raise ValueError(f"{c.what}: group {c.group!r} has {n} ranks, the collective {c.group_size}")
         for i, src in enumerate(members):
             if c.type in ("all_gather", "reduce_scatter"):  # ring: all of it to the successor
-                sends = [(members[(i + 1) % n], c.total_sent)]
+                gloo_all_reduce = c.type == "reduce_scatter" and links.backend == "gloo"
+                sends = [(members[(i + 1) % n], c.total_sent * (2 if gloo_all_reduce else 1))]
             elif c.type == "all_to_all":  # pairwise: one n-th of the input to every peer
                 sends = [(dst, c.payload_bytes // n * c.calls) for dst in members if dst != src]
             elif c.type == "send":  # ring attention: one block per hop to the successor
@@ -265,7 +272,7 @@ def table(spec: GPTSpec, seq_len: int, links: Links, plans: list[LinkPlan]) -> s
              f"{spec.num_layers} layer(s), one training step",
              f"  heads {spec.num_heads}/{spec.hkv} kv, head dim {spec.head_dim}, L = {seq_len:,}; N = "
              f"{links.ranks} ranks in {r} node groups of U = {links.node}; inside {links.intra_gbit:g} "
-             f"Gbit/s, across {links.inter_gbit:g} Gbit/s",
+             f"Gbit/s, across {links.inter_gbit:g} Gbit/s; {links.backend}",
              f"  {'scheme':24} {'runs':>4} {'inside MiB':>11} {'across MiB':>11} {'calls':>6} "
              f"{'t_in ms':>9} {'t_across ms':>11} {'t ms':>9}"]
     best = fastest(plans)

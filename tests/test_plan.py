@@ -198,11 +198,11 @@ FAST_INSIDE = dict(intra_gbit=8.0, inter_gbit=0.8)
 
 
 def _links_plans(kv_heads, ranks=4, node=2, heads=4, head_dim=8, seq_len=64, intra_gbit=8.0, inter_gbit=0.8,
-                 **setting):
+                 backend="nccl", **setting):
     from lss_plugin.plan_links import Links, compare
 
     spec = GPTSpec(1, heads * head_dim, heads, kv_heads)
-    links = Links(ranks, node, intra_gbit, inter_gbit)
+    links = Links(ranks, node, intra_gbit, inter_gbit, backend)
     setting.setdefault("dtype_bytes", 4)
     return {p.scheme: p for p in compare(spec, seq_len, links, **setting)}, links
 
@@ -290,6 +290,19 @@ def test_predicted_winner_flips_the_expected_way():
     assert fastest(list(plans.values())).scheme == "lss_ulysses[keep,u4]"
 
 
+def test_gloo_reduce_scatter_sends_what_an_all_reduce_sends():
+    """backend="gloo" doubles the reduce-scatters' bytes only (measured on a private loopback:
+    1.502 x the buffer per rank at N = 4 against 0.751 for the all-gather; docs/benchmark.md)."""
+    nccl, _ = _links_plans(kv_heads=2)
+    gloo, _ = _links_plans(kv_heads=2, backend="gloo")
+    for scheme, (rs_nccl, others) in {"lss[keep]": (8192 * 3 // 4, (8192 + 4 * SIGNATURE_BYTES) * 3 // 4),
+                                      "lss_ulysses[keep,u2]": (4096 // 2, (4096 + 2 * SIGNATURE_BYTES) // 2)}.items():
+        assert nccl[scheme].across_bytes == rs_nccl + others
+        assert gloo[scheme].across_bytes == 2 * rs_nccl + others, scheme
+    assert gloo["usp[u2]"].across_bytes == nccl["usp[u2]"].across_bytes  # ring sends, all-to-alls unchanged
+    assert gloo["lss_ulysses[keep,u2]"].inside_bytes == nccl["lss_ulysses[keep,u2]"].inside_bytes
+
+
 def test_links_refuse_by_name():
     from lss_plugin.plan_links import Links, link_plan
 
@@ -297,6 +310,8 @@ def test_links_refuse_by_name():
         Links(8, 3, 100, 10)
     with pytest.raises(ValueError, match=r"bandwidths must be > 0 Gbit/s, got intra 100, inter 0"):
         Links(8, 2, 100, 0)
+    with pytest.raises(ValueError, match=r"backend must be one of \('nccl', 'gloo'\), got 'mpi'"):
+        Links(8, 2, 100, 10, "mpi")
     with pytest.raises(ValueError, match=r"must divide sp\(8\) .* got ulysses=3 for lss_ulysses"):
         Setup("lss_ulysses", sp=8, ulysses=3)
     refused = link_plan(GPTSpec(1, 48, 6, 2), 64, Setup("lss_ulysses", sp=8, ulysses=4), Links(8, 4, 100, 10))
