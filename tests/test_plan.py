@@ -354,3 +354,77 @@ def test_which_scheme_cli_prints_the_models_figures(capsys):
     with pytest.raises(SystemExit):
         main(["--ranks", "8", "--heads", "32"])
     assert "--ranks needs --head-dim, --seq-len" in capsys.readouterr().err
+
+
+# -- the real hybrid lss_attention against the link model (world 4) ---------------------------
+
+HYBRID_SHAPE = dict(batch=2, seq_len=32, heads=4, head_dim=8)  # L divisible by 2N; float64
+
+
+def _hybrid_rank(cases):
+    """Forward + backward of lss_attention under each (ulysses, kv_heads, kv_backward) topology on
+    this rank: the collectives it recorded and the ranks of its Ulysses and LSS groups."""
+    import torch
+    import torch.distributed as dist
+
+    import lss_plugin
+    from lss_plugin.sharding import local_token_indices
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    b, seq, h, d = (HYBRID_SHAPE[k] for k in ("batch", "seq_len", "heads", "head_dim"))
+    out = []
+    for ulysses, kv_heads, kv_backward in cases:
+        topo = lss_plugin.init_topology(world, ulysses_size=ulysses)
+        gen = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(b, seq, n, d, generator=gen, dtype=torch.float64) for n in (h, kv_heads, kv_heads))
+        idx = local_token_indices(seq, rank, world, "balanced", ulysses_size=ulysses)
+        local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]
+        with lss_plugin.record_collectives() as rec:
+            o = lss_plugin.lss_attention(*local, causal=True, layout="balanced", kv_backward=kv_backward)
+            o.backward(torch.ones_like(o))
+        groups = {name: dist.get_process_group_ranks(g) if g is not None else [rank]
+                  for name, g in (("ulysses", topo.ulysses_group), ("lss", topo.lss_group))}
+        out.append({"case": (ulysses, kv_heads, kv_backward), "calls": dict(rec.calls),
+                    "bytes": dict(rec.bytes), "groups": groups})
+    return out
+
+
+HYBRID_CASES = [(2, 2, "keep"), (2, 1, "regather"), (2, 1, "keep"), (4, 2, "keep"), (1, 2, "keep")]
+
+
+@pytest.mark.skipif(not hasattr(__import__("lss_plugin.topology").topology.LSSTopology, "ulysses_group"),
+                    reason="the hybrid core (issue 17) is not in this tree")
+def test_real_hybrid_bytes_inside_and_across_match_the_model():
+    """lss_attention at world 4 (U = 2: GQA, MQA replicated to 2 KV heads, keep and regather; U = 4;
+    U = 1 = pure LSS), recorded by lss_plugin.comm.record_collectives: the payload of its
+    all-to-alls, gathers and reduce-scatters equals the model's per type EXACTLY, its Ulysses group
+    lies inside one node group and its LSS group across them, so the bytes the model routes inside
+    (all-to-alls) and across (gather + reduce-scatter) are the recorded ones on the wire."""
+    from tests.distributed import run_ranks
+
+    from lss_plugin.plan_links import Links, link_plan
+
+    names = {"all_to_all": "all_to_all_single", "all_gather": "all_gather_into_tensor",
+             "reduce_scatter": "reduce_scatter_tensor"}
+    b, seq, h, d = (HYBRID_SHAPE[k] for k in ("batch", "seq_len", "heads", "head_dim"))
+    for rank, results in enumerate(run_ranks(_hybrid_rank, 4, HYBRID_CASES, timeout_s=600)):
+        for r in results:
+            ulysses, kv_heads, kv_backward = r["case"]
+            node = list(range(rank // ulysses * ulysses, (rank // ulysses + 1) * ulysses))
+            assert r["groups"]["ulysses"] == node, r  # consecutive ranks: one node group
+            assert [g // ulysses for g in r["groups"]["lss"]] == list(range(4 // ulysses)), r  # one per node group
+            setup = Setup("lss_ulysses" if ulysses > 1 else "lss", sp=4, ulysses=ulysses if ulysses > 1 else None,
+                          kv_backward=kv_backward, dtype_bytes=8, batch_size=b)
+            spec = GPTSpec(1, h * d, h, kv_heads)
+            model = plan(spec, seq, setup)
+            want_bytes = {names[t]: v for t, v in model.bytes_by_type().items() if t in names and v}
+            want_calls = {names[t]: v for t, v in model.calls_by_type().items() if t in names and v}
+            got_bytes = {k: v for k, v in r["bytes"].items() if v}
+            assert got_bytes == want_bytes, (rank, r["case"], got_bytes, want_bytes)
+            assert {k: v for k, v in r["calls"].items() if v} == want_calls, (rank, r["case"], r["calls"])
+            routed = link_plan(spec, seq, setup, Links(4, ulysses, 100, 10))
+            u, lss_ranks = ulysses, 4 // ulysses
+            inside = r["bytes"].get("all_to_all_single", 0) * (u - 1) // u
+            across = (r["bytes"].get("all_gather_into_tensor", 0) + r["bytes"].get("reduce_scatter_tensor", 0)) \
+                * (lss_ranks - 1) // lss_ranks
+            assert (routed.inside_bytes, routed.across_bytes) == (inside, across), (rank, r["case"])
