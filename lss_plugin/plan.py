@@ -281,11 +281,6 @@ def _ring_collectives(block: int, r: int, layers: int, group: str) -> list[Colle
     hops = 3 * r - 2
     return [Collective(kind, block, r, hops * layers, "ring K,V and dK,dV blocks", group)
             for kind in ("send", "recv")]
-    dt = s.dtype_bytes
-    heads = kv_elements // (s.batch_size * s.seq_len_hint) if False else None  # noqa: F841 (see chunks)
-    gathers = 2 if s.kv_backward == "regather" else 1
-    chunks = s.kv_chunks if False else 1  # placeholder replaced below
-    return []
 
 
 def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> list[Collective]:
