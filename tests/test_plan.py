@@ -380,7 +380,8 @@ def _hybrid_rank(cases):
         idx = local_token_indices(seq, rank, world, "balanced", ulysses_size=ulysses)
         local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]
         with lss_plugin.record_collectives() as rec:
-            o = lss_plugin.lss_attention(*local, causal=True, layout="balanced", kv_backward=kv_backward)
+            o = lss_plugin.lss_attention(*local, causal=True, layout="balanced", kv_backward=kv_backward,
+                                         kv_head_chunk=None)  # one gather per layer, as the model
             o.backward(torch.ones_like(o))
         groups = {name: dist.get_process_group_ranks(g) if g is not None else [rank]
                   for name, g in (("ulysses", topo.ulysses_group), ("lss", topo.lss_group))}
