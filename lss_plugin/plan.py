@@ -208,7 +208,9 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
         elif s.method == "lss_ulysses":
             u, r = s.ulysses, n // s.ulysses
             g = ulysses_kv_heads(spec.hkv, u)
-            out += _all_to_alls(b * s_local * dh * dt, spec.num_heads, g, u, layers, "ulysses")
+            # q, k, v in one all-to-all carrying every rank's call signature to its Ulysses group
+            out += _all_to_alls(b * s_local * dh * dt, spec.num_heads, g, u, layers, "ulysses",
+                                fused=True, signatures=u * SIGNATURE_BYTES)
             # the LSS group gathers all L tokens of this rank's g / U KV heads
             out += _lss_kv_collectives(b * seq_len * dh, g // u, r, s, layers, "strided")
         elif s.method == "allgather_cp":
@@ -220,7 +222,7 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
         else:  # ulysses, usp: 4 all-to-alls (q, k, v, out) each way in the Ulysses group
             u = n if s.method == "ulysses" else s.ulysses
             out += _all_to_alls(b * s_local * dh * dt, spec.num_heads, spec.hkv, u, layers,
-                                "sp" if u == n else "ulysses")
+                                "sp" if u == n else "ulysses", fused=s.method == "usp")
             # usp's ring: the Ulysses group's tokens, 1/u of the KV heads: same bytes as a block
             out += _ring_collectives(block, n // u, layers, "strided")
         out += _tp_sp_collectives(spec, s_local, s, params)  # LSS x TP: Megatron SP inside the TP group
@@ -263,14 +265,23 @@ def _lss_kv_collectives(token_elements: int, heads: int, n: int, s: Setup, layer
                        "packed dK,dV (bwd)", group)]
 
 
-def _all_to_alls(token_bytes: int, heads: int, kv_heads: int, u: int, layers: int,
-                 group: str) -> list[Collective]:
-    """Ulysses's 4 all-to-alls (q, k, v, out) forward and their 4 inverses backward over ``u``
-    ranks; ``token_bytes`` = b x s_local x d x itemsize (one head of this rank's tokens)."""
+def _all_to_alls(token_bytes: int, heads: int, kv_heads: int, u: int, layers: int, group: str,
+                 fused: bool = False, signatures: int = 0) -> list[Collective]:
+    """Ulysses's all-to-alls over ``u`` ranks; ``token_bytes`` = b x s_local x d x itemsize (one
+    head of this rank's tokens). DeepSpeed's (``fused=False``): q, k, v, out forward and their
+    inverses backward, 8 per layer. ``lss_plugin.ulysses`` (USP, the hybrid; ``fused=True``):
+    q, k, v in ONE all-to-all (+ ``signatures`` bytes: the hybrid's call-signature row, one per
+    destination rank), out, and backward dout and dq, dk, dv: 4 per layer, the same K,V bytes."""
     if u == 1:
         return []
-    return [Collective("all_to_all", token_bytes * h, u, 2 * layers, f"{what} (fwd + bwd)", group)
-            for what, h in (("q", heads), ("k", kv_heads), ("v", kv_heads), ("out", heads))]
+    if not fused:
+        return [Collective("all_to_all", token_bytes * h, u, 2 * layers, f"{what} (fwd + bwd)", group)
+                for what, h in (("q", heads), ("k", kv_heads), ("v", kv_heads), ("out", heads))]
+    qkv = token_bytes * (heads + 2 * kv_heads)
+    return [Collective("all_to_all", qkv + signatures, u, layers,
+                       "q, k, v" + (" + signature rows" if signatures else "") + " (fwd)", group),
+            Collective("all_to_all", qkv, u, layers, "dq, dk, dv (bwd)", group),
+            Collective("all_to_all", token_bytes * heads, u, 2 * layers, "out (fwd), dout (bwd)", group)]
 
 
 def _ring_collectives(block: int, r: int, layers: int, group: str) -> list[Collective]:

@@ -30,14 +30,16 @@ cut LSS's bytes across by up to U; gloo does not).
 
 Closed forms per layer and step (b batch, d head dim, e itemsize, e_g the dK,dV itemsize: 4 for
 half inputs unless kv_grad_dtype="input", s = L / N tokens per rank, G = Hkv, or lcm(Hkv, U) when U
-does not divide Hkv, 40-byte call signatures in every LSS gather):
-- lss: gathers x (2 b L Hkv d e + 40 N) + 2 b L Hkv d e_g, times (N-1)/N, all inside at R = 1,
+does not divide Hkv, S = ``lss_plugin.signature.SIGNATURE_BYTES``, a call signature per rank in
+every LSS gather):
+- lss: gathers x (2 b L Hkv d e + S N) + 2 b L Hkv d e_g, times (N-1)/N, all inside at R = 1,
   all across at U = 1, else on inside hops and on the boundary hops (gathers: 1 keep, 2 regather);
 - allgather_cp: 6 b L Hkv d e x (N-1)/N, routed as lss; no signatures, never keeps K,V;
 - ulysses (H, Hkv divisible by N): A = 2 (2H + 2Hkv) b s d e; inside (U-1)/N A, across (N-U)/N A;
 - usp (H, Hkv divisible by U): inside (U-1)/U A, across (3R-2) x 2 b s Hkv d e (ring sends);
-- lss_ulysses (H divisible by U): inside (U-1)/U x 2 (2H + 2G) b s d e, across
-  (R-1)/R x (gathers x (2 b L (G/U) d e + 40 R) + 2 b L (G/U) d e_g);
+- lss_ulysses (H divisible by U): inside (U-1)/U x (2 (2H + 2G) b s d e + S U) (the signature rows
+  ride in the forward q, k, v all-to-all), across (R-1)/R x (gathers x (2 b L (G/U) d e + S R) +
+  2 b L (G/U) d e_g);
 - ring: (3N-2) x 2 b s Hkv d e, across on the boundary rank (every step waits for it).
 """
 from __future__ import annotations
@@ -141,7 +143,8 @@ class LinkPlan:
             kinds.setdefault((t.type, t.group), []).append(t)
         best = None
         for (kind, _), terms in kinds.items():
-            whats = ", ".join(dict.fromkeys(t.what.split(" (")[0] for t in terms))
+            whats = ("q, k, v, out and their gradients" if kind == "all_to_all"
+                     else ", ".join(dict.fromkeys(t.what.split(" (")[0] for t in terms)))
             for link in (ACROSS, INSIDE):  # equal times: name the link across
                 nbytes = sum(t.inside_bytes if link == INSIDE else t.across_bytes for t in terms)
                 time_s = nbytes / links.bytes_per_s(link)
