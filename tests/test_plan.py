@@ -400,8 +400,6 @@ def _hybrid_rank(cases):
 HYBRID_CASES = [(2, 2, "keep"), (2, 1, "regather"), (2, 1, "keep"), (4, 2, "keep"), (1, 2, "keep")]
 
 
-@pytest.mark.skipif(not hasattr(__import__("lss_plugin.topology").topology.LSSTopology, "ulysses_group"),
-                    reason="the hybrid core (issue 17) is not in this tree")
 def test_real_hybrid_bytes_inside_and_across_match_the_model():
     """lss_attention at world 4 (U = 2: GQA, MQA replicated to 2 KV heads, keep and regather; U = 4;
     U = 1 = pure LSS), recorded by lss_plugin.comm.record_collectives: the payload of its
