@@ -17,7 +17,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
-from lss_plugin.options import check_kv_grad_dtype
+from lss_plugin.options import check_kv_grad_dtype, check_ulysses_heads, ulysses_kv_heads
 from lss_plugin.signature import SIGNATURE_BYTES
 
 METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp", "lss_ulysses")
@@ -236,12 +236,6 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
     return out
 
 
-def ulysses_kv_heads(num_kv_heads: int, ulysses: int) -> int:
-    """KV heads after the hybrid's replication: Hkv when U divides it, else lcm(Hkv, U), the fewest
-    copies that split evenly over the U ranks of a Ulysses group (MQA at U = 4: 4 copies)."""
-    return num_kv_heads if num_kv_heads % ulysses == 0 else math.lcm(num_kv_heads, ulysses)
-
-
 def _lss_kv_collectives(token_elements: int, heads: int, n: int, s: Setup, layers: int,
                         group: str) -> list[Collective]:
     """LSS's fused collectives over ``n`` ranks for ``heads`` KV heads; ``token_elements`` =
@@ -446,9 +440,8 @@ def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
     if setup.method == "usp" and (spec.num_heads % setup.ulysses or spec.hkv % setup.ulysses):
         raise ValueError(f"usp's Ulysses size {setup.ulysses} must divide heads({spec.num_heads}) and "
                          f"kv heads({spec.hkv})")
-    if setup.method == "lss_ulysses" and spec.num_heads % setup.ulysses:
-        raise ValueError(f"lss_ulysses's Ulysses size {setup.ulysses} must divide heads({spec.num_heads}) "
-                         f"(KV heads are replicated when it does not divide them)")
+    if setup.method == "lss_ulysses":  # the core's own check: H % U, KV heads replicated to lcm(Hkv, U)
+        check_ulysses_heads(spec.num_heads, spec.hkv, setup.ulysses, setting="ulysses")
     counts = parameter_counts(spec, seq_len, setup.tp)
     p = counts["total"]
     master = 4 if setup.dtype_bytes < 4 else 0  # fp32 master weights for bf16/fp16 training

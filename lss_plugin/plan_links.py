@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from lss_plugin.options import check_ulysses_size
 from lss_plugin.plan import Collective, GPTSpec, Setup, _label, plan
 
 ATTENTION_GROUPS = ("sp", "ulysses", "strided")  # plan.Collective.group of attention collectives
@@ -69,9 +70,7 @@ class Links:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.ranks < 1 or self.node < 1 or self.ranks % self.node:
-            raise ValueError(f"the Ulysses / node-group size U={self.node} must divide the ranks "
-                             f"N={self.ranks} (both >= 1)")
+        check_ulysses_size(self.node, self.ranks, setting="ulysses")  # U: the node-group size too
         if self.intra_gbit <= 0 or self.inter_gbit <= 0:
             raise ValueError(f"bandwidths must be > 0 Gbit/s, got intra {self.intra_gbit}, "
                              f"inter {self.inter_gbit}")

@@ -244,7 +244,7 @@ def test_link_split_adds_up_to_the_counted_bytes():
     """Where every group lies inside or across node groups (all but a ring over the whole SP group
     spanning several), the busiest rank's inside + across is what plan.collectives says a rank
     sends, which test_communication_bytes_exact checks against the benchmark's counters."""
-    from lss_plugin.plan import ulysses_kv_heads
+    from lss_plugin.options import ulysses_kv_heads
     from lss_plugin.plan_links import ATTENTION_GROUPS
 
     for kv_heads, ranks, node in ((2, 4, 2), (1, 4, 2), (2, 8, 4), (4, 8, 2), (4, 4, 4), (4, 4, 1)):
@@ -313,7 +313,7 @@ def test_gloo_reduce_scatter_sends_what_an_all_reduce_sends():
 def test_links_refuse_by_name():
     from lss_plugin.plan_links import Links, link_plan
 
-    with pytest.raises(ValueError, match=r"U=3 must divide the ranks N=8"):
+    with pytest.raises(ValueError, match=r"ulysses \(3\) must divide the sequence-parallel size \(8\)"):
         Links(8, 3, 100, 10)
     with pytest.raises(ValueError, match=r"bandwidths must be > 0 Gbit/s, got intra 100, inter 0"):
         Links(8, 2, 100, 0)
@@ -323,7 +323,8 @@ def test_links_refuse_by_name():
         Setup("lss_ulysses", sp=8, ulysses=3)
     refused = link_plan(GPTSpec(1, 48, 6, 2), 64, Setup("lss_ulysses", sp=8, ulysses=4), Links(8, 4, 100, 10))
     assert not refused.runs and refused.refused == (
-        "lss_ulysses's Ulysses size 4 must divide heads(6) (KV heads are replicated when it does not divide them)")
+        "ulysses (4) must divide the number of query heads (6): each rank of a Ulysses group attends heads / "
+        "ulysses of them")
     plans, _ = _links_plans(kv_heads=2, heads=6, ranks=4, node=2)
     assert plans["ulysses"].refused == "Ulysses sp(4) must divide heads(6) and kv heads(2)"
     assert plans["usp[u2]"].runs and plans["lss_ulysses[keep,u2]"].runs  # 2 divides 6 and 2
