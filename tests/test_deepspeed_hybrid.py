@@ -4,7 +4,8 @@ Reference: the same model in one process (transformers models: same config and s
 "eager" attention, as tests/test_hf.py; the LSS GPT of lss_plugin.models.gpt with plain attention),
 trained with the same SGD on the whole global batch. LSS runs in real DeepSpeed engines on 4 ranks,
 SP = 4 with "ulysses_size": 2 (two Ulysses groups of 2 ranks, LSS's gather across them) and SP = 2 with
-"ulysses_size": 2 (all Ulysses) x DP = 2. Tolerances (float32), as tests/test_hf.py: losses within 1e-5
+"ulysses_size": 2 (all Ulysses) x DP = 2; packed documents as tests/test_hf_packed.py builds them (reference:
+transformers' own packed mask). Tolerances (float32), as tests/test_hf.py: losses within 1e-5
 relative; every parameter's gradient, and every parameter after the last step, within 1e-5 relative
 (norm of the difference over the reference norm). Each case also asserts that the engine built the
 hybrid topology and that the batch follows the hybrid's token layout (tests/test_hf.py::_ds_case).
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 from lss_plugin.deepspeed import BLOCK_KEY, LSSConfig, LSSConfigError
 from tests.test_hf import LR, RTOL, _assert_matches, _ds_case
+from tests.test_hf_packed import _assert_packed_matches
+from tests.test_hf_packed import _ds_case as _packed_ds_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT_STEPS = 2
@@ -200,8 +203,14 @@ HF_CASES = [
 ]
 
 
+# tests/test_hf_packed.py::_ds_case: DataCollatorWithFlattening's packed rows (29 tokens padded to 32),
+# documents crossing Ulysses and LSS ranks, MQA; SP=4 with ulysses_size 2
+PACKED_CASE = ("llama", "balanced", 4, 1, "odd", "both")
+
+
 def _four_rank_cases():
-    out = {"refusal": _heads_refusal(), "gpt_zero3": _gpt_zero3_case(), "hf": {}}
+    out = {"refusal": _heads_refusal(), "gpt_zero3": _gpt_zero3_case(), "hf": {},
+           "packed": _packed_ds_case(*PACKED_CASE, sp=4, ulysses=2)}
     for case in HF_CASES:
         out["hf"][case] = _ds_case(*case)
     return out
@@ -220,11 +229,15 @@ def test_hybrid_engines_match_one_process(four_ranks):
         for case, run in [*rank_out["hf"].items(), ("gpt zero3 sp4 u2", rank_out["gpt_zero3"])]:
             _assert_matches(case, *run)  # within RTOL = 1e-5 (tests/test_hf.py)
             runs.append(run)
+    for rank_out in four_ranks:
+        _assert_packed_matches(PACKED_CASE, *rank_out["packed"])
+        steps, params_err = rank_out["packed"]
+        runs.append(([(r, l, e) for r, _, l, e in steps], params_err))
     worst_loss = max(abs(l - r) / abs(r) for st, _ in runs for r, l, _ in st)
     worst_grad = max(e for st, _ in runs for _, _, e in st)
     worst_param = max(err for _, err in runs)
-    print(f"\nhybrid LSS x Ulysses, {len(HF_CASES)} transformers cases (ZeRO-2) + the LSS GPT (ZeRO-3): worst rel. "
-          f"errors: loss {worst_loss:.2e}, gradients {worst_grad:.2e}, parameters {worst_param:.2e} (tolerance {RTOL})")
+    print(f"\nhybrid LSS x Ulysses, {len(HF_CASES)} transformers cases + 1 packed (ZeRO-2) + the LSS GPT (ZeRO-3): "
+          f"worst rel. errors: loss {worst_loss:.2e}, gradients {worst_grad:.2e}, parameters {worst_param:.2e} (tolerance {RTOL})")
 
 
 def test_heads_refused_by_name_on_every_rank(four_ranks):
