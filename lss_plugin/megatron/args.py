@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 
 from lss_plugin.options import (
-    AUTO, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
+    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
 )
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
+ALL_KV_HEADS = "all"  # --lss-kv-head-chunk all: one gather of every KV head (no chunking)
 
 
 def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -27,15 +28,16 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="balanced (default): 2N chunks, rank s holds chunks s and 2N-1-s (even "
                             "causal work; L divisible by 2N); contiguous: rank s holds tokens "
                             "[s*L/N, (s+1)*L/N) (the LSS paper's layout).")
-    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default="keep",
+    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default=DEFAULT_KV_BACKWARD,
                        help="keep the gathered K,V for backward, or regather them (less memory, "
-                            "one more collective per layer); auto: regather exactly when K,V are "
-                            "gathered in head chunks.")
-    group.add_argument("--lss-kv-head-chunk", type=_head_chunk, default=None,
+                            "one more collective per layer); auto (default): regather exactly when "
+                            "K,V are gathered in head chunks.")
+    group.add_argument("--lss-kv-head-chunk", type=_head_chunk, default=DEFAULT_KV_HEAD_CHUNK,
                        help="gather and attend this many KV heads at a time (pipelined: the next "
-                            "chunk's gather overlaps this one's attention), or 'auto' (a small "
-                            "fraction of the whole-sequence K,V; LSS_KV_BUFFER_MIB sets a budget "
-                            "in MiB instead). Default: all KV heads at once.")
+                            "chunk's gather overlaps this one's attention); 'all' for all KV heads "
+                            "at once; 'auto' (default): chunks of a small fraction of the "
+                            "whole-sequence K,V once those are large, all heads below that "
+                            "(LSS_KV_BUFFER_MIB sets a budget in MiB instead).")
     group.add_argument("--lss-grad-averaging", choices=GRAD_AVERAGING_MODES, default="fused",
                        help="Gradient averaging over SP x DP. Megatron's DDP reduces over the "
                             "DP x CP group in one collective, which is the 'fused' mode; "
@@ -44,14 +46,16 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _head_chunk(value: str):
-    """``--lss-kv-head-chunk``: a positive integer or 'auto'."""
+    """``--lss-kv-head-chunk``: a positive integer, 'all' (None: every KV head at once) or 'auto'."""
     if value == AUTO:
         return AUTO
+    if value == ALL_KV_HEADS:
+        return None
     try:
         chunk = int(value)
         check_kv_head_chunk(chunk, setting="--lss-kv-head-chunk")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a positive integer or 'auto', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"a positive integer, 'all' or 'auto', got {value!r}") from None
     return chunk
 
 
