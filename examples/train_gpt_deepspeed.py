@@ -96,8 +96,10 @@ class Sharder:
             return torch.arange(length)
         from lss_plugin.sharding import check_seq_len, local_token_indices
 
-        check_seq_len(length, self.topology.sp_size, self.layout)
-        return local_token_indices(length, self.topology.sp_rank, self.topology.sp_size, self.layout)
+        # the block's "ulysses_size": the hybrid LSS x Ulysses lays tokens out per Ulysses group
+        u = self.topology.ulysses_size
+        check_seq_len(length, self.topology.sp_size, self.layout, u)
+        return local_token_indices(length, self.topology.sp_rank, self.topology.sp_size, self.layout, u)
 
     def _rows(self, batch, micro_step: int):
         first = (micro_step * self.dp_size + self.dp_rank) * self.micro
@@ -167,7 +169,8 @@ def train(args) -> list[dict]:
     # numbers of loss tokens (--ignore-byte). Accumulated micro-steps weigh equally, as in DeepSpeed.
     loss_group = dist.group.WORLD if dist.get_world_size() > 1 else None
     if rank0:
-        grid = f"sp={topology.sp_size} x dp={topology.dp_size}" if topology else f"dp={dist.get_world_size()} (no LSS)"
+        grid = (f"sp={topology.sp_size} (ulysses={topology.ulysses_size}) x dp={topology.dp_size}" if topology
+                else f"dp={dist.get_world_size()} (no LSS)")
         packed = f", packed documents (separator {args.separator!r})" if args.pack_documents else ""
         print(f"train_gpt_deepspeed: {grid}, ZeRO {engine.zero_optimization_stage()}, {args.num_layers} layers, "
               f"hidden {args.hidden_size}, seq {args.seq_length}, global batch {global_batch}{packed} | "

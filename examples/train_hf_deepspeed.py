@@ -5,6 +5,10 @@
     torchrun --nproc-per-node 4 examples/train_hf_deepspeed.py --model-type llama \\
         --deepspeed_config configs/ds_config_lss.json --train-iters 20 --seq-length 256
     # any causal-LM model_type transformers knows: gpt2, llama, mistral, qwen2, gpt_neox, phi3, ...
+    # hybrid LSS x Ulysses: SP=4 (the block's "size") as 2 Ulysses groups of 2 ranks (all-to-all over
+    # heads inside each, LSS's gather across them); written into the block as "ulysses_size"
+    torchrun --nproc-per-node 4 examples/train_hf_deepspeed.py --model-type llama --num-kv-heads 2 \
+        --deepspeed_config configs/ds_config_lss_sp4_zero2.json --ulysses-size 2
 
 The model is ``AutoModelForCausalLM.from_config(AutoConfig.for_model(TYPE, small sizes),
 attn_implementation="lss")`` on a byte vocabulary (256), trained on byte-level text
@@ -52,8 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "no attention or targets across documents")
     p.add_argument("--document-separator", default="<page>",
                    help="with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n')")
+    p.add_argument("--ulysses-size", type=int, default=None,
+                   help="hybrid LSS x Ulysses: written into the config's \"lss_sequence_parallel\" block as "
+                        "\"ulysses_size\" (must divide its \"size\" and the heads)")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)  # deepspeed launcher
     args = p.parse_args(argv)
+    if args.ulysses_size is not None:
+        args.deepspeed_config = with_ulysses_size(args.deepspeed_config, args.ulysses_size)
     from lss_plugin.hf.packing import parse_separator
 
     args.separator = parse_separator(args.document_separator)
@@ -61,6 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
+
+
+def with_ulysses_size(config_path: str, ulysses_size: int) -> dict:
+    """The DeepSpeed config with ``"ulysses_size"`` in its enabled LSS block (checked as the block is)."""
+    from lss_plugin.deepspeed import BLOCK_KEY, LSSConfig, load_config
+
+    config = load_config(config_path)
+    block = config.get(BLOCK_KEY)
+    if not isinstance(block, dict) or block.get("enabled", True) is not True:
+        raise ValueError(f"--ulysses-size {ulysses_size} needs an enabled \"{BLOCK_KEY}\" block in {config_path}")
+    config = {**config, BLOCK_KEY: {**block, "ulysses_size": ulysses_size}}
+    LSSConfig.from_ds_config(config)  # a size it does not divide is refused here, by name
+    return config
 
 
 def train(args) -> list[dict]:
@@ -88,7 +110,8 @@ def train(args) -> list[dict]:
     global_batch = engine.train_batch_size()
     if rank0:
         params = sum(p.numel() for p in model.parameters())
-        grid = (f"sp={topology.sp_size} x dp={dp_size}, layout={engine.lss_config.layout}" if enabled
+        grid = (f"sp={topology.sp_size} (ulysses={topology.ulysses_size}) x dp={dp_size}, "
+                f"layout={engine.lss_config.layout}" if enabled
                 else f"dp={dp_size} (no LSS)")
         print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), {grid}, "
               f"ZeRO {engine.zero_optimization_stage()}, seq {args.seq_length}, global batch {global_batch}"

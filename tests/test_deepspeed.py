@@ -57,11 +57,11 @@ def _ds(block=None, **extra):
 def test_block_parsed_with_defaults():
     lss = LSSConfig.from_ds_config(_ds({"size": 4}))
     assert lss == LSSConfig(enabled=True, size=4, layout="balanced", kv_backward="auto",
-                            grad_averaging="auto", kv_head_chunk="auto", timeout_s=None)
+                            grad_averaging="auto", kv_head_chunk="auto", timeout_s=None, ulysses_size=1)
     assert LSSConfig.from_ds_config(_ds()).enabled is False
     assert LSSConfig.from_ds_config(_ds({"enabled": False, "size": 2})).enabled is False
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",
-            "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30}
+            "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30, "ulysses_size": 2}
     assert LSSConfig.from_ds_config(_ds(full)).to_dict() == full
     auto = dict(full, kv_backward="auto", kv_head_chunk="auto")  # pipelined head chunks sized by lss_attention
     assert LSSConfig.from_ds_config(_ds(auto)).attention_kwargs()["kv_head_chunk"] == "auto"

@@ -100,8 +100,9 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
-    """STEPS steps of a ZeRO-2 engine next to the one-process model trained with the same SGD.
+def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False, ulysses=1):
+    """STEPS steps of a ZeRO-2 engine next to the one-process model trained with the same SGD
+    (``ulysses`` > 1: the block's "ulysses_size", the hybrid LSS x Ulysses; tests/test_deepspeed_hybrid.py).
 
     Returns per step (ref loss, LSS loss, max grad rel. error) and the max parameter rel. error
     after the last step. DeepSpeed clips gradients at 1.0 unless told otherwise: clipping is off.
@@ -111,6 +112,7 @@ def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
 
     import lss_plugin.hf as hf
     from lss_plugin.grads import reduce_loss
+    from lss_plugin.sharding import local_token_indices
     from lss_plugin.topology import destroy_topology
 
     config = hf.small_causal_lm_config(model_type, hidden_size=4 * heads, num_heads=heads,
@@ -122,7 +124,7 @@ def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
         "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dp,
         "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
         "gradient_clipping": 0.0,
-        "lss_sequence_parallel": {"size": sp, "layout": layout},
+        "lss_sequence_parallel": {"size": sp, "layout": layout, "ulysses_size": ulysses},
     }
     engine, *_ = hf.deepspeed_initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), config=ds_config)
@@ -134,6 +136,11 @@ def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False):
         ref_optimizer.step()
         rows = hf.data_parallel_rows(ids, engine.lss_topology)
         batch = hf.shard_causal_lm_batch(rows, None if mask is None else hf.data_parallel_rows(mask, engine.lss_topology))
+        # the engine built the topology the block asked for, and the batch follows its token layout
+        topo = engine.lss_topology
+        assert topo.ulysses_size == ulysses, (topo.ulysses_size, ulysses)
+        assert batch.position_ids[0].tolist() == local_token_indices(
+            SEQ_LEN, topo.sp_rank, sp, layout, ulysses_size=ulysses).tolist(), batch.position_ids[0]
         loss = hf.causal_lm_loss(engine(**batch.model_inputs()).logits, batch.shift_labels)
         engine.backward(loss.loss)
         grads = [safe_get_full_grad(p) for p in engine.module.parameters()]  # assembled over ZeRO partitions
@@ -240,13 +247,18 @@ def four_ranks():
     return run_ranks(_four_rank_cases, 4, timeout_s=600, pg_timeout_s=120)
 
 
+def _assert_matches(case, steps, params_err):
+    """One ``_ds_case`` run against its one-process reference, within RTOL."""
+    assert params_err <= RTOL, (case, params_err)
+    for step, (ref_loss, loss, grad_err) in enumerate(steps):
+        assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (case, step, loss, ref_loss)
+        assert grad_err <= RTOL, (case, step, grad_err)
+
+
 def test_deepspeed_zero2_matches_one_process(four_ranks):
     for rank_out in four_ranks:
         for case, (steps, params_err) in rank_out["ds"].items():
-            assert params_err <= RTOL, (case, params_err)
-            for step, (ref_loss, loss, grad_err) in enumerate(steps):
-                assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (case, step, loss, ref_loss)
-                assert grad_err <= RTOL, (case, step, grad_err)
+            _assert_matches(case, steps, params_err)
     runs = [run for o in four_ranks for run in o["ds"].values()]
     worst_loss = max(abs(l - r) / abs(r) for st, _ in runs for r, l, _ in st)
     worst_grad = max(e for st, _ in runs for _, _, e in st)

@@ -108,8 +108,9 @@ def _reference_loss(model, batch, packed: bool = True):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def _ds_case(model_type, layout, heads, kv_heads, docs, keys):
-    """STEPS steps of a ZeRO-2 engine (SP=2) next to the one-process packed model with the same SGD.
+def _ds_case(model_type, layout, heads, kv_heads, docs, keys, sp=2, ulysses=1):
+    """STEPS steps of a ZeRO-2 engine (SP=``sp``, DP=1; ``ulysses`` > 1: the hybrid LSS x Ulysses,
+    tests/test_deepspeed_hybrid.py) next to the one-process packed model with the same SGD.
 
     ``keys``: the collator keys handed to shard_causal_lm_batch: "positions" (position_ids, labels),
     "flash" (the FlashAttentionKwargs only, no position_ids or labels: positions and the ignored
@@ -128,7 +129,7 @@ def _ds_case(model_type, layout, heads, kv_heads, docs, keys):
     ds_config = {
         "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "gradient_clipping": 0.0,
-        "lss_sequence_parallel": {"size": 2, "layout": layout},
+        "lss_sequence_parallel": {"size": sp, "layout": layout, "ulysses_size": ulysses},
     }
     engine, *_ = hf.deepspeed_initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), config=ds_config)
@@ -145,9 +146,10 @@ def _ds_case(model_type, layout, heads, kv_heads, docs, keys):
         ref_optimizer.step()
 
         given = {k: v for k, v in batch.items() if keys != "flash" or k == "input_ids" or k.startswith(("cu_", "max_"))}
-        given = hf.pad_for_layout(given)  # the registered layout on SP=2: a multiple of 2 or 4
+        given = hf.pad_for_layout(given)  # the registered layout: a multiple of sp or 2 * sp
         sharded = hf.shard_causal_lm_batch(**given)
         assert sharded.cu_seqlens is not None
+        assert engine.lss_topology.ulysses_size == ulysses  # the topology the block asked for
         loss = hf.causal_lm_loss(engine(**sharded.model_inputs()).logits, sharded.shift_labels)
         engine.backward(loss.loss)
         err = max(_rel(safe_get_full_grad(p), r) for p, r in zip(engine.module.parameters(), ref_grads))
@@ -214,15 +216,20 @@ def two_ranks():
     return run_ranks(_two_rank_cases, 2, timeout_s=600, pg_timeout_s=120)
 
 
+def _assert_packed_matches(case, steps, params_err):
+    """One ``_ds_case`` run against its one-process packed reference, within RTOL."""
+    assert params_err <= RTOL, (case, params_err)
+    for step, (ref_loss, unmasked, loss, grad_err) in enumerate(steps):
+        assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (case, step, loss, ref_loss)
+        assert grad_err <= RTOL, (case, step, grad_err)
+        # The document mask matters on this data: attending across documents would be caught.
+        assert abs(unmasked - ref_loss) > SENSITIVITY * RTOL * abs(ref_loss), (case, step, unmasked, ref_loss)
+
+
 def test_packed_deepspeed_sp2_matches_one_process(two_ranks):
     for rank_out in two_ranks:
         for case, (steps, params_err) in rank_out["ds"].items():
-            assert params_err <= RTOL, (case, params_err)
-            for step, (ref_loss, unmasked, loss, grad_err) in enumerate(steps):
-                assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), (case, step, loss, ref_loss)
-                assert grad_err <= RTOL, (case, step, grad_err)
-                # The document mask matters on this data: attending across documents would be caught.
-                assert abs(unmasked - ref_loss) > SENSITIVITY * RTOL * abs(ref_loss), (case, step, unmasked, ref_loss)
+            _assert_packed_matches(case, steps, params_err)
     runs = [run for o in two_ranks for run in o["ds"].values()]
     worst_loss = max(abs(l - r) / abs(r) for st, _ in runs for r, _, l, _ in st)
     worst_grad = max(e for st, _ in runs for *_, e in st)

@@ -47,6 +47,7 @@ MODELS = {"llama": ["--model-type", "llama", "--num-heads", "4", "--num-kv-heads
 # Packed documents (DataCollatorWithFlattening): the corpus' lines, at most 32 bytes each, 4 per micro-batch
 # in one row of varying length (the Trainer pads it to a multiple of 2N as a document of its own).
 PACKED = "llama_packed"
+HYBRID = "llama_sp4_ulysses2"  # the llama run under the hybrid LSS x Ulysses (the block's "ulysses_size": 2)
 PACKED_FLAGS = ["--pack-documents", "true", "--document-separator", "\\n"]
 
 
@@ -59,11 +60,13 @@ def _example():
     return sys.modules["finetune_hf_trainer"]
 
 
-def _ds_config(path, sp: int | None, **overrides) -> str:
-    """The shipped config (all batch sizes "auto"), with the block enabled for ``sp`` or disabled."""
+def _ds_config(path, sp: int | None, ulysses: int = 1, **overrides) -> str:
+    """The shipped config (all batch sizes "auto"), with the block enabled for ``sp`` or disabled
+    (``ulysses`` > 1: the hybrid LSS x Ulysses)."""
     with open(os.path.join(ROOT, "configs", "ds_config_hf_trainer_lss.json")) as f:
         config = json.load(f)
-    config["lss_sequence_parallel"] = {"enabled": sp is not None, "size": sp or 1, "layout": "balanced"}
+    config["lss_sequence_parallel"] = {"enabled": sp is not None, "size": sp or 1, "layout": "balanced",
+                                       "ulysses_size": ulysses}
     config.update(overrides)
     with open(path, "w") as f:
         json.dump(config, f)
@@ -98,7 +101,9 @@ def _summary(trainer) -> dict:
     evals = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
     return {"steps": steps, "eval_loss": evals[-1] if evals else None,
             "attn": trainer.model.config._attn_implementation, "deepspeed": trainer.is_deepspeed_enabled,
-            "dp": trainer.lss_dims.dp if trainer.lss_enabled else None}
+            "dp": trainer.lss_dims.dp if trainer.lss_enabled else None,
+            # what the engine's topology was built with (the block's "ulysses_size")
+            "ulysses": getattr(getattr(trainer.model_wrapped, "lss_topology", None), "ulysses_size", None)}
 
 
 def _rank_runs(runs: list[tuple[str, list[str]]]) -> dict:
@@ -191,7 +196,10 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
                                "--per-device-eval-batch-size", str(per_device))),
             # ZeRO 3: parameters partitioned over the whole SP x DP grid (the model is built under zero.Init).
             (ZERO3, _argv("llama", _ds_config(str(tmp_path / "z3.json"), sp=2, **ZERO3_CONFIG),
-                          str(tmp_path / ZERO3), per_device))]
+                          str(tmp_path / ZERO3), per_device)),
+            # The hybrid LSS x Ulysses: SP=4 as 2 Ulysses groups of 2 ranks (GQA 4/2 heads), DP=1.
+            (HYBRID, _argv("llama", _ds_config(str(tmp_path / "sp4u2.json"), sp=4, ulysses=2),
+                           str(tmp_path / HYBRID), GLOBAL_BATCH))]
     # A new process state resuming the llama run from its step-2 checkpoint (DeepSpeed ZeRO partitions,
     # scheduler, RNG and data position): step 3 must be the uninterrupted step 3.
     # Its --metrics-file holds what this run logged (the log history also has steps 1-2 from the checkpoint).
@@ -207,11 +215,14 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
     }
     runs += list(refusals.items())
     results = run_ranks(_rank_runs, 4, runs, timeout_s=1200)
-    worst = worst_zero3 = 0.0
+    worst = worst_zero3 = worst_hybrid = 0.0
     for rank, result in enumerate(results):
         for m in MODELS:
             assert result[m]["attn"] == "lss" and result[m]["dp"] == 2, (rank, m, result[m])
             worst = max(worst, _assert_matches(result[m], baselines[m], f"SP=2 x DP=2 {m} rank {rank}"))
+        assert result[HYBRID]["attn"] == "lss" and result[HYBRID]["dp"] == 1, (rank, result[HYBRID])
+        assert result[HYBRID]["ulysses"] == 2 and result["llama"]["ulysses"] == 1, (rank, result[HYBRID])
+        worst_hybrid = max(worst_hybrid, _assert_matches(result[HYBRID], baselines["llama"], f"SP=4 U=2 rank {rank}"))
         assert result[ZERO3]["attn"] == "lss" and result[ZERO3]["dp"] == 2, (rank, result[ZERO3])
         worst_zero3 = max(worst_zero3, _assert_matches(result[ZERO3], baselines[ZERO3], f"SP=2 x DP=2 ZeRO 3 rank {rank}"))
         resumed = result["resume"]["steps"]
@@ -232,5 +243,6 @@ def test_sp2_dp2_trainer_equals_one_rank_trainer_resumes_and_refuses(baselines, 
     trained = [line for line in lines if "loss" in line]
     assert [line["iteration"] for line in trained] == [STEPS], lines  # only step 3 was trained again
     assert _rel(trained[0]["loss"], results[0]["llama"]["steps"][STEPS][0]) < RTOL
-    print(f"SP=2 x DP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}, ZeRO 3 {worst_zero3:.2e}; resume step {STEPS} "
+    print(f"SP=2 x DP=2: worst relative error (loss, grad norm, eval_loss) {worst:.2e}, ZeRO 3 {worst_zero3:.2e}; "
+          f"SP=4 with ulysses_size 2 {worst_hybrid:.2e}; resume step {STEPS} "
           f"loss {results[0]['resume']['steps'][STEPS][0]:.7f} vs {results[0]['llama']['steps'][STEPS][0]:.7f}")

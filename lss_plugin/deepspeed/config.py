@@ -4,16 +4,26 @@ DeepSpeed ignores top-level keys it does not know, so a typo in this block would
 without LSS. Everything here is therefore checked strictly: unknown keys are an error naming
 them, every value is type- and range-checked, and DeepSpeed's own ``sequence_parallel_size``
 may not contradict ``size``. All checks run before any process group or collective exists.
+
+``"ulysses_size": U`` (default 1) makes the SP group of ``size`` = N ranks the hybrid LSS x Ulysses:
+all-to-all over heads inside each run of U consecutive ranks, LSS's fused K/V gather across the N/U
+runs (``lss_plugin.topology``). N stays the sequence-parallel size everywhere DeepSpeed looks
+(``sequence_parallel_size``, the mpu, the gradient average); U only changes how attention moves
+data inside that group, so it must divide N and the model's heads (``check_heads``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lss_plugin.options import AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS
+from lss_plugin.options import (
+    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS,
+    check_ulysses_heads, check_ulysses_size,
+)
 
 BLOCK_KEY = "lss_sequence_parallel"
 GRAD_AVERAGING_MODES = ("auto", "two_stage", "fused")
@@ -36,8 +46,10 @@ class LSSConfig:
     grad_averaging: str = "auto"  # "two_stage": SP then DP (ZeRO 0 only); "fused": one SP x DP reduction
     kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK  # KV heads per gather, "auto", or null (all)
     timeout_s: float | None = None  # timeout of the LSS process groups
+    ulysses_size: int = 1  # U: Ulysses all-to-all inside runs of U consecutive SP ranks, LSS across them
 
-    FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s")
+    FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s",
+              "ulysses_size")
 
     def __post_init__(self) -> None:
         where = f'"{BLOCK_KEY}"'
@@ -58,6 +70,8 @@ class LSSConfig:
             isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0
         ):
             raise LSSConfigError(f'{where}: "timeout_s" must be a positive number or null, got {self.timeout_s!r}')
+        with _as_config_error():
+            check_ulysses_size(self.ulysses_size, self.size, setting=f'{where}: "ulysses_size"')
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None) -> "LSSConfig":
@@ -87,9 +101,13 @@ class LSSConfig:
         if ds_sp is not None:
             effective = lss.size if lss.enabled else 1
             if ds_sp != effective:
+                # DeepSpeed's key is its own Ulysses degree; under the hybrid it still counts every
+                # rank of one sequence (N), the Ulysses runs inside it are "ulysses_size".
+                hybrid = (f', ulysses_size={lss.ulysses_size}; "sequence_parallel_size" counts every rank of one '
+                          f'sequence, the Ulysses degree is "ulysses_size"') if lss.ulysses_size > 1 else ""
                 raise LSSConfigError(
                     f'DeepSpeed "sequence_parallel_size" = {ds_sp!r} contradicts "{BLOCK_KEY}" '
-                    f'(enabled={lss.enabled}, size={lss.size}): remove it or set it to {effective}'
+                    f'(enabled={lss.enabled}, size={lss.size}{hybrid}): remove it or set it to {effective}'
                 )
         return lss
 
@@ -107,6 +125,14 @@ class LSSConfig:
                 f"world_size({world_size}) / size({self.size}) = {dp}"
             )
         return dp
+
+    def check_heads(self, num_heads: int, num_kv_heads: int | None = None, model: str = "the model") -> None:
+        """Refuse (by name, no communication) heads the Ulysses all-to-all cannot split over ``ulysses_size``."""
+        if self.ulysses_size == 1:
+            return
+        with _as_config_error(f"{model} ({num_heads} query heads, {num_kv_heads or num_heads} key/value heads): "):
+            check_ulysses_heads(num_heads, num_heads if num_kv_heads is None else num_kv_heads, self.ulysses_size,
+                                setting=f'"{BLOCK_KEY}": "ulysses_size"')
 
     def grad_averaging_for_stage(self, zero_stage: int) -> str:
         """The averaging an engine at this ZeRO stage does; refuses "two_stage" where it cannot be."""
@@ -164,6 +190,17 @@ def deepspeed_view(config: dict[str, Any]) -> dict[str, Any]:
     for key in DEEPSPEED_GRID_KEYS:
         view.pop(key, None)
     return view
+
+
+@contextlib.contextmanager
+def _as_config_error(prefix: str = ""):
+    """The shared option checks raise ValueError; the block's errors are LSSConfigError (same message)."""
+    try:
+        yield
+    except LSSConfigError:
+        raise
+    except ValueError as err:
+        raise LSSConfigError(prefix + str(err)) from None
 
 
 def _is_positive_int(value: Any) -> bool:

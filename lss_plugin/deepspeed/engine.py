@@ -71,7 +71,10 @@ def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, 
     stage = _refuse_unsupported(lss, model, mpu, mesh_param, passthrough["config"])
     _init_distributed(passthrough["distributed_port"], passthrough["dist_init_required"], lss.timeout_s)
     lss.check_world(dist.get_world_size(), config)  # before any group exists: same error on every rank
-    topology = init_topology(lss.size, timeout_s=lss.timeout_s)
+    heads = attention_heads(model)
+    if heads is not None:
+        lss.check_heads(*heads, model=type(model).__name__)
+    topology = init_topology(lss.size, timeout_s=lss.timeout_s, ulysses_size=lss.ulysses_size)
     lss_mpu = LSSMpu(topology)
     if stage == 3:
         partition_over_grid(model, lss_mpu, passthrough["config"])
@@ -82,9 +85,30 @@ def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, 
     engine.lss_config, engine.lss_topology, engine.lss_mpu = lss, topology, lss_mpu
     from deepspeed.utils import log_dist
 
-    log_dist(f"LSS sequence parallelism: sp={topology.sp_size} x dp={topology.dp_size}, layout={lss.layout}, "
+    hybrid = f" (ulysses={topology.ulysses_size} x lss={topology.lss_size})" if topology.ulysses_size > 1 else ""
+    log_dist(f"LSS sequence parallelism: sp={topology.sp_size}{hybrid} x dp={topology.dp_size}, layout={lss.layout}, "
              f"kv_backward={lss.kv_backward}; {description}", ranks=[0])
     return engine, engine_optimizer, dataloader, scheduler
+
+
+# Where a model's config spells its query and key/value head counts: transformers (GPT-2's n_head is
+# mapped to num_attention_heads by transformers itself), then lss_plugin.models.gpt.GPTConfig.
+_HEAD_FIELDS = (("num_attention_heads", "num_key_value_heads"), ("num_heads", "num_kv_heads"))
+
+
+def attention_heads(model) -> tuple[int, int] | None:
+    """(query heads, key/value heads) from ``model.config``, or None when the model does not say.
+
+    Lets the block's ``ulysses_size`` be checked against the heads before any group exists; a model
+    that does not say is checked by ``lss_attention`` itself on its first call (same error on every rank).
+    """
+    config = getattr(model, "config", None)
+    for heads_field, kv_field in _HEAD_FIELDS:
+        heads = getattr(config, heads_field, None)
+        if isinstance(heads, int) and not isinstance(heads, bool):
+            kv_heads = getattr(config, kv_field, None)
+            return heads, kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads
+    return None
 
 
 def _resolve_config(args, config, config_params) -> dict:

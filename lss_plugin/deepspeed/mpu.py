@@ -25,6 +25,11 @@ parameter once, and the checkpoint keeps one model file (``mp_rank_00``) that lo
 size. The class deliberately has no ``initialize_sequence_parallel`` method: DeepSpeed takes
 that as the mark of its own Ulysses mpu and then ignores the data-parallel and model-parallel
 answers (``groups._get_data_parallel_group`` returns None).
+
+Under the hybrid LSS x Ulysses (the block's ``"ulysses_size"``) the sequence-parallel answer is still
+the whole SP group of N ranks: every rank still projects, and takes gradients for, its own L/N tokens,
+so the gradient average over SP x DP and ZeRO's partitioning are unchanged. The Ulysses and LSS
+sub-groups only carry attention's all-to-all and gather; DeepSpeed never sees them.
 """
 from __future__ import annotations
 

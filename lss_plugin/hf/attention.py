@@ -18,6 +18,11 @@ Packed documents reach the attention function as transformers' FlashAttentionKwa
 (``shard_causal_lm_batch`` puts them into ``model_inputs()``); they become ``lss_attention``'s
 ``cu_seqlens``. Different query and key boundaries are refused by name (``lss_plugin.hf.packing``).
 
+Under a hybrid LSS x Ulysses topology (``init_topology(..., ulysses_size=U)``, or the DeepSpeed block's
+``"ulysses_size"``) nothing changes here: ``group=None`` means the registered topology's
+``SequenceGroups``, so ``lss_attention`` runs the all-to-all over heads inside each Ulysses group and
+the fused gather across them, and position ids are checked against the hybrid's token layout.
+
 The layout and memory options of a registered name live in a small table next to the registration
 (the registries themselves are process-global), so ``shard_causal_lm_batch`` can read the same
 layout the attention uses.
@@ -33,14 +38,16 @@ from lss_plugin.attention import lss_attention
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
 from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
 from lss_plugin.sharding import chunks_per_rank
-from lss_plugin.topology import resolve_sp_group
+from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
 
 DEFAULT_NAME = "lss"
 
 
 @dataclass(frozen=True)
 class LSSHFOptions:
-    """What a registered attention name runs with. ``group=None``: the registered topology's SP group."""
+    """What a registered attention name runs with. ``group=None``: the registered topology's sequence
+    groups (the hybrid LSS x Ulysses when it was built with ``ulysses_size`` > 1); a ProcessGroup: pure
+    LSS over it; a ``SequenceGroups``: those groups."""
 
     layout: str = DEFAULT_LAYOUT
     kv_backward: str = DEFAULT_KV_BACKWARD
@@ -189,16 +196,16 @@ def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions, cu_se
         return
     from lss_plugin.sharding import local_positions
 
-    group = resolve_sp_group(options.group)
-    seq_len = s_local * dist.get_world_size(group)
-    expected = local_positions(seq_len, group, options.layout, device=position_ids.device, cu_seqlens=cu_seqlens)
+    groups = resolve_sequence_groups(options.group)  # the hybrid's layout too, when the topology has one
+    seq_len = s_local * groups.sp_size
+    expected = local_positions(seq_len, groups, options.layout, device=position_ids.device, cu_seqlens=cu_seqlens)
     rows = position_ids.reshape(-1, position_ids.shape[-1])
     if rows.shape[-1] != s_local or not bool((rows == expected).all()):
         first = rows[0, : min(4, rows.shape[-1])].tolist()
         what = ("positions inside the documents of cu_seq_lens_q" if cu_seqlens is not None
                 else "global positions (no cu_seq_lens_q/cu_seq_lens_k given: one document per row)")
         raise ValueError(
-            f"position_ids {first}... on SP rank {dist.get_rank(group)} are not this rank's {what} "
+            f"position_ids {first}... on SP rank {groups.sp_rank} are not this rank's {what} "
             f"{expected[:4].tolist()}... under layout {options.layout!r}: pass the position_ids from "
             "lss_plugin.hf.shard_causal_lm_batch (for packed documents give it the whole batch's restarting "
             "position_ids; its model_inputs() carry the global boundaries)"

@@ -9,6 +9,10 @@ must predict the first token of segment ``s + 1``, which lives on another rank. 
     attention_mask[b, L/N]  all ones (see ``ShardedBatch.attention_mask``)
     shift_labels  [b, L/N]  the next global token for each of its tokens, or ``ignore_index``
 
+Which tokens a rank holds is the core's layout for the groups in use (``lss_plugin.sharding``): under a
+hybrid LSS x Ulysses topology each Ulysses group holds the layout's share of one LSS position, cut into
+U consecutive pieces, so ``shard_causal_lm_batch`` and ``local_positions`` take the groups unresolved.
+
 Right padding is exact without any padding mask: under a causal mask no real token ever sees a
 later (padded) one, so the padded positions only need their labels ignored. Left or interior
 padding would need a padding mask inside LSS and is refused.
@@ -32,7 +36,7 @@ from lss_plugin.hf.packing import (
     FLASH_ATTN_KWARGS, flash_attn_kwargs, ignore_cross_document_targets, packed_boundaries,
 )
 from lss_plugin.sharding import check_seq_len, local_positions, shard_sequence
-from lss_plugin.topology import resolve_sp_group
+from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
 
 IGNORE_INDEX = -100
 
@@ -117,7 +121,9 @@ def shard_causal_lm_batch(
     ``labels`` defaults to ``input_ids`` (unshifted, like transformers' ``labels``); entries equal to
     ``ignore_index`` and padded positions are ignored. ``shift_labels`` [b, L] instead gives the
     target of every position directly (e.g. the windows ``tokens[:, 1:]`` of a length L+1 sample). ``layout``/``group`` default to those
-    registered for ``attn_implementation`` (``register_lss_attention``), so data and attention agree.
+    registered for ``attn_implementation`` (``register_lss_attention``), so data and attention agree;
+    ``group=None`` is the registered topology's ``SequenceGroups``, so under a hybrid LSS x Ulysses
+    topology the tokens follow the hybrid's layout (``lss_plugin.sharding.local_token_indices``).
 
     Packed documents: ``position_ids`` [b, L] restarting at 0 for each document and/or the
     FlashAttentionKwargs ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/``max_length_k`` - the keys
@@ -133,7 +139,8 @@ def shard_causal_lm_batch(
             f"layout {layout!r} differs from the layout {options.layout!r} registered for attention "
             f"{attn_implementation!r}: the attention would mask the wrong positions"
         )
-    group = resolve_sp_group(options.group if group is None else group)
+    # None: the registered topology's groups, so the tokens follow the hybrid's layout when it has one
+    groups = resolve_sequence_groups(options.group if group is None else group)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a 2-D tensor [batch, seq_len], got {getattr(input_ids, 'shape', input_ids)}")
     if labels is not None and shift_labels is not None:
@@ -142,7 +149,7 @@ def shard_causal_lm_batch(
         if t is not None and tuple(t.shape) != tuple(input_ids.shape):
             raise ValueError(f"{name} shape {tuple(t.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
     seq_len = input_ids.shape[1]
-    check_seq_len(seq_len, dist.get_world_size(group), layout)
+    check_seq_len(seq_len, groups.sp_size, layout, groups.ulysses_size)
     if attention_mask is not None:
         _check_right_padding(attention_mask)
 
@@ -160,10 +167,10 @@ def shard_causal_lm_batch(
             shifted[attention_mask == 0] = ignore_index
     if cu_seqlens is not None:
         shifted = ignore_cross_document_targets(shifted, cu_seqlens, ignore_index)
-    local_ids = shard_sequence(input_ids, 1, group, layout)  # [b, L/N]
-    local_labels = shard_sequence(shifted, 1, group, layout)  # [b, L/N]
+    local_ids = shard_sequence(input_ids, 1, groups, layout)  # [b, L/N]
+    local_labels = shard_sequence(shifted, 1, groups, layout)  # [b, L/N]
     # [L/N]: global positions, or positions inside each token's document when packed (RoPE, learned tables)
-    positions = local_positions(seq_len, group, layout, device=input_ids.device, cu_seqlens=cu_seqlens)
+    positions = local_positions(seq_len, groups, layout, device=input_ids.device, cu_seqlens=cu_seqlens)
     return ShardedBatch(
         input_ids=local_ids,
         position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1).contiguous(),
@@ -272,8 +279,8 @@ class LSSCausalLMCollator:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         options = lss_options(self.attn_implementation)
-        group = resolve_sp_group(options.group if self.group is None else self.group)
-        parts = parts_per_sequence(dist.get_world_size(group), options.layout)
+        group = options.group if self.group is None else self.group  # None: the registered topology's groups
+        parts = parts_per_sequence(dist.get_world_size(resolve_sp_group(group)), options.layout)
         rows = [torch.as_tensor(e["input_ids"], dtype=torch.long).flatten() for e in examples]
         longest = max(r.numel() for r in rows)
         if self.max_length is not None and longest > self.max_length:

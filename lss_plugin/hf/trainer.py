@@ -10,7 +10,9 @@ With it, the Trainer follows the pattern transformers/accelerate use for DeepSpe
 ``ParallelismConfig(sp_backend="deepspeed")``), with LSS parts in each place:
 
 - attention: the model's ``attn_implementation`` becomes ``"lss"`` with the block's layout and
-  K/V options (ALST: ``UlyssesSPAttentionHF.register_with_transformers``);
+  K/V options (ALST: ``UlyssesSPAttentionHF.register_with_transformers``); with the block's
+  ``"ulysses_size"`` it runs the hybrid LSS x Ulysses over the topology the engine builds, and the
+  batches follow the hybrid's token layout (``shard_causal_lm_batch`` takes the topology's groups);
 - DeepSpeed: accelerate's ``Accelerator._prepare_deepspeed`` calls ``deepspeed.initialize`` itself
   and only knows how to hand it the Ulysses mpu. For the duration of that one call
   ``deepspeed.initialize`` is ``lss_plugin.hf.deepspeed_initialize``, which reads the block from
@@ -76,7 +78,8 @@ class LSSTrainer(Trainer):
             return
         world = self.args.world_size
         dp = self.lss_config.check_world(world)
-        self.lss_dims = ParallelDims(sp=self.lss_config.size, dp=dp, world_size=world)
+        self.lss_dims = ParallelDims(sp=self.lss_config.size, dp=dp, world_size=world,
+                                     ulysses=self.lss_config.ulysses_size)
         coords = self.lss_dims.coords(self.args.process_index)
         self.lss_dp_rank, self.lss_sp_rank = coords.dp, coords.sp
         _refuse_unsupported(self)

@@ -6,7 +6,9 @@ against); with ``LSSAttentionOptions`` every rank runs its own tokens and attent
 Positions are always *global* position ids, so a shard embeds and rotates its tokens exactly as
 the whole sequence would. Packed documents: ``cu_seqlens`` (global boundaries, ``lss_plugin.documents``)
 keeps attention inside each document, and the positions are then each token's position inside its
-document (``lss_plugin.local_positions(..., cu_seqlens=cu)``).
+document (``lss_plugin.local_positions(..., cu_seqlens=cu)``). Under a hybrid LSS x Ulysses topology
+(``ulysses_size`` U > 1) attention is the hybrid and positions follow its layout; query heads must divide
+by U (``lss_plugin.options.check_ulysses_heads``).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class GPTConfig:
 
 @dataclass
 class LSSAttentionOptions:
-    group: object = None  # None: the registered topology's SP group
+    group: object = None  # None: the registered topology's SequenceGroups (hybrid when it has ulysses_size > 1)
     layout: str = DEFAULT_LAYOUT
     kv_backward: str = DEFAULT_KV_BACKWARD
     kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
@@ -191,16 +193,14 @@ def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAt
     elsewhere while the causal mask uses the layout: a different model, without an error. The
     check is rank-local; a rank whose positions are right meets the error as its peers' timeout.
     """
-    import torch.distributed as dist
+    from lss_plugin.topology import resolve_sequence_groups
 
-    from lss_plugin.topology import resolve_sp_group
-
-    group = resolve_sp_group(lss.group)
-    expected = local_positions(s_local * dist.get_world_size(group), group, lss.layout, device=position_ids.device,
+    groups = resolve_sequence_groups(lss.group)  # the hybrid LSS x Ulysses layout when the topology has one
+    expected = local_positions(s_local * groups.sp_size, groups, lss.layout, device=position_ids.device,
                                cu_seqlens=cu_seqlens)
     if position_ids.shape != expected.shape or not torch.equal(position_ids, expected):
         raise ValueError(
             f"position_ids {position_ids.reshape(-1)[:4].tolist()}... (shape {tuple(position_ids.shape)}) on SP rank "
-            f"{dist.get_rank(group)} are not this rank's global positions {expected[:4].tolist()}... under layout "
+            f"{groups.sp_rank} are not this rank's global positions {expected[:4].tolist()}... under layout "
             f"{lss.layout!r}: pass lss_plugin.local_positions(seq_len, layout={lss.layout!r})"
         )
