@@ -72,6 +72,14 @@ def _shards(u):
     logits, labels = torch.randn(1, L // WORLD, 5, dtype=torch.float64), torch.arange(L // WORLD).view(1, -1) % 5
     labels[0, : rank % 3] = -100
     losses = [lss_plugin.sharded_cross_entropy(logits, labels, group=g) for g in (topo.sp_group, topo.sequence_groups)]
+    if u > 1:  # groups a framework built: adopted when they follow the layout, refused by name otherwise
+        adopted = lss_plugin.SequenceGroups.from_groups(topo.sp_group, topo.ulysses_group, topo.lss_group)
+        out["adopted"] = adopted == topo.sequence_groups
+        try:
+            lss_plugin.SequenceGroups.from_groups(topo.sp_group, topo.lss_group, topo.ulysses_group)
+            out["swapped"] = None
+        except ValueError as exc:
+            out["swapped"] = str(exc)
     out["loss"] = (losses[0].sequence_tokens, losses[1].sequence_tokens, torch.equal(losses[0].loss, losses[1].loss))
     return out
 
@@ -184,6 +192,10 @@ def test_shard_unshard_and_positions_follow_the_hybrid_layout(results):
             shards = dict(rank_results[u]["shards"])
             sp_tokens = sum(L // WORLD - r % 3 for r in range(WORLD))
             assert shards.pop("loss") == (sp_tokens, sp_tokens, True), (u, rank)
+            if u > 1:
+                assert shards.pop("adopted") is True
+                swapped = shards.pop("swapped")
+                assert u == WORLD or (swapped and "do not cut the sequence-parallel group" in swapped), swapped
             for layout, r in shards.items():
                 assert r["shard"] and r["round_trip"], (u, layout, rank)
                 assert r["positions"] == full[r["idx"]].tolist()
