@@ -18,6 +18,11 @@ Every collective is waited for before forward/backward returns. ``kv_head_chunk=
 (``lss_plugin.options.auto_head_chunk``; ``kv_buffer_mib`` / ``LSS_KV_BUFFER_MIB`` set its budget),
 and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks.
 
+Hybrid LSS x Ulysses (a ``group`` with ulysses_size U > 1, ``lss_plugin.topology.SequenceGroups``):
+``_hybrid_attention`` wraps the same autograd.Function in ONE fused all-to-all of q, k, v inside the
+Ulysses group (``lss_plugin.ulysses``) and ONE all-to-all of the output back; the LSS path runs
+unchanged over the LSS group of R = N / U ranks on the group's U * s_local tokens and a head slice.
+
 Packed documents (``cu_seqlens``) change only which key ranges each query segment reads
 (``lss_plugin.documents``), never the communication: the same gather and reduce-scatter run.
 

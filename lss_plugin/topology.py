@@ -363,6 +363,8 @@ class SequenceGroups(_SequenceCoords):
         u_ranks, l_ranks = dist.get_process_group_ranks(ulysses_group), dist.get_process_group_ranks(lss_group)
         sp_rank, u = dist.get_rank(sp_group), len(u_ranks)
         check_ulysses_size(u, len(sp_ranks), "the Ulysses group's size")
+        if u == 1:
+            return cls.pure(sp_group)
         expected_u = sp_ranks[sp_rank - sp_rank % u:][:u] if sp_rank >= 0 else None
         expected_l = sp_ranks[sp_rank % u::u] if sp_rank >= 0 else None
         if u_ranks != expected_u or l_ranks != expected_l:

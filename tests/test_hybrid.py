@@ -67,6 +67,20 @@ def _shards(u):
             doc_positions=lss_plugin.local_positions(L, layout=layout, cu_seqlens=torch.tensor(DOCS)).tolist(),
             idx=idx.tolist(),
         )
+    # the loss counts tokens over the whole SP group whichever form of the groups it is given
+    topo = lss_plugin.get_topology()
+    logits, labels = torch.randn(1, L // WORLD, 5, dtype=torch.float64), torch.arange(L // WORLD).view(1, -1) % 5
+    labels[0, : rank % 3] = -100
+    losses = [lss_plugin.sharded_cross_entropy(logits, labels, group=g) for g in (topo.sp_group, topo.sequence_groups)]
+    if u > 1:  # groups a framework built: adopted when they follow the layout, refused by name otherwise
+        adopted = lss_plugin.SequenceGroups.from_groups(topo.sp_group, topo.ulysses_group, topo.lss_group)
+        out["adopted"] = adopted == topo.sequence_groups
+        try:
+            lss_plugin.SequenceGroups.from_groups(topo.sp_group, topo.lss_group, topo.ulysses_group)
+            out["swapped"] = None
+        except ValueError as exc:
+            out["swapped"] = str(exc)
+    out["loss"] = (losses[0].sequence_tokens, losses[1].sequence_tokens, torch.equal(losses[0].loss, losses[1].loss))
     return out
 
 
@@ -175,7 +189,14 @@ def test_shard_unshard_and_positions_follow_the_hybrid_layout(results):
         held = []
         for rank, rank_results in enumerate(results):
             assert rank_results[u]["sizes"] == (u, WORLD // u, rank % u, rank // u)
-            for layout, r in rank_results[u]["shards"].items():
+            shards = dict(rank_results[u]["shards"])
+            sp_tokens = sum(L // WORLD - r % 3 for r in range(WORLD))
+            assert shards.pop("loss") == (sp_tokens, sp_tokens, True), (u, rank)
+            if u > 1:
+                assert shards.pop("adopted") is True
+                swapped = shards.pop("swapped")
+                assert u == WORLD or (swapped and "do not cut the sequence-parallel group" in swapped), swapped
+            for layout, r in shards.items():
                 assert r["shard"] and r["round_trip"], (u, layout, rank)
                 assert r["positions"] == full[r["idx"]].tolist()
                 assert r["doc_positions"] == in_doc[r["idx"]].tolist()
