@@ -10,6 +10,7 @@ import argparse
 
 from lss_plugin.options import (
     AUTO, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
+    check_ulysses_heads, check_ulysses_size,
 )
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
@@ -27,6 +28,12 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="balanced (default): 2N chunks, rank s holds chunks s and 2N-1-s (even "
                             "causal work; L divisible by 2N); contiguous: rank s holds tokens "
                             "[s*L/N, (s+1)*L/N) (the LSS paper's layout).")
+    group.add_argument("--lss-ulysses-size", type=int, default=1,
+                       help="Hybrid LSS x Ulysses: split the N sequence-parallel ranks into groups of "
+                            "U consecutive ones (inside a node) that exchange heads by all-to-all, "
+                            "and gather K,V with LSS across the N/U groups. U must divide N and the "
+                            "query heads per tensor-parallel rank (KV heads U does not divide are "
+                            "replicated to lcm(KV heads, U)). Default 1: pure LSS; U = N: pure Ulysses.")
     group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default="keep",
                        help="keep the gathered K,V for backward, or regather them (less memory, "
                             "one more collective per layer); auto: regather exactly when K,V are "
@@ -67,6 +74,8 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
                 f"--lss-sequence-parallel-size {args.lss_sequence_parallel_size} given without "
                 "--lss-sequence-parallel"
             )
+        if getattr(args, "lss_ulysses_size", 1) != 1:
+            raise ValueError(f"--lss-ulysses-size {args.lss_ulysses_size} given without --lss-sequence-parallel")
         return args
 
     world_size = _world_size(args, world_size)
@@ -94,11 +103,22 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             f"world_size({world_size}) % (sp({sp}) * tp({tp}) * pp({pp})) = "
             f"{world_size % (sp * tp * pp)} != 0"
         )
+    ulysses = getattr(args, "lss_ulysses_size", 1)
+    check_ulysses_size(ulysses, sp, setting="--lss-ulysses-size")
+    _check_heads_per_tp_rank(args, ulysses, tp)
     seq_length = getattr(args, "seq_length", None)
     layout = args.lss_layout
     check_layout(layout, "--lss-layout")
     chunks = sp if layout == "contiguous" else 2 * sp
-    if seq_length is not None and seq_length % chunks != 0:
+    if seq_length is not None and ulysses > 1:
+        from lss_plugin.sharding import check_seq_len  # the hybrid's rule: N and 2N/U (balanced)
+
+        try:
+            check_seq_len(seq_length, sp, layout, ulysses)
+        except ValueError as err:
+            raise ValueError(f"--seq-length {seq_length} with --lss-sequence-parallel-size {sp} and "
+                             f"--lss-ulysses-size {ulysses}: {err}") from None
+    elif seq_length is not None and seq_length % chunks != 0:
         raise ValueError(
             f"--seq-length {seq_length} is not divisible by {chunks} "
             f"({'N' if layout == 'contiguous' else '2N'} for the {layout} layout with "
@@ -124,6 +144,28 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
                          "set --attention-dropout 0")
     args.lss_sequence_parallel_size = sp
     return args
+
+
+def _check_heads_per_tp_rank(args, ulysses: int, tp: int) -> None:
+    """The heads one TP rank attends must split over the Ulysses group (``check_ulysses_heads``).
+
+    Megatron-LM spells GQA as ``--group-query-attention --num-query-groups G`` (without the first
+    flag every head is its own group); the bundled script as ``--num-query-groups G``. A head count
+    TP does not divide is left to the check that names TP.
+    """
+    heads = getattr(args, "num_attention_heads", None)
+    if ulysses == 1 or heads is None:
+        return
+    groups = getattr(args, "num_query_groups", None)
+    if not getattr(args, "group_query_attention", True) or not groups:
+        groups = heads
+    if heads % tp or groups % tp:
+        return
+    try:
+        check_ulysses_heads(heads // tp, groups // tp, ulysses, setting="--lss-ulysses-size")
+    except ValueError as err:
+        per_rank = f" over --tensor-model-parallel-size {tp} ({heads // tp} and {groups // tp} per rank)" if tp > 1 else ""
+        raise ValueError(f"--num-attention-heads {heads} with {groups} key/value heads{per_rank}: {err}") from None
 
 
 def _world_size(args, world_size):

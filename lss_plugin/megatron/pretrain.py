@@ -204,12 +204,12 @@ def setup_parallel(args):
 
     apply_cpu_shim()
     init_distributed(timeout_s=args.timeout_s)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if args.lss_sequence_parallel:
-        from lss_plugin.megatron.parallel import initialize_lss_model_parallel
+    from lss_plugin.megatron.parallel import destroy_lss_model_parallel, initialize_lss_model_parallel
 
+    destroy_lss_model_parallel()  # a previous run's groups in this process, if any
+    if args.lss_sequence_parallel:
         initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s,
+                                      ulysses_size=args.lss_ulysses_size,
                                       tensor_model_parallel_size=args.tensor_model_parallel_size,
                                       pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     else:
@@ -299,7 +299,7 @@ def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
         packed_seq_params = packed_seq_params_from_eod(tokens.to(device), EOD_BYTE, args.reset_position_ids)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
     if args.lss_sequence_parallel:
-        batch = get_batch_on_this_lss_rank(batch, args.lss_layout)  # [b, L/N] each
+        batch = get_batch_on_this_lss_rank(batch, args.lss_layout, ulysses_size=args.lss_ulysses_size)  # [b, L/N]
     batch = {k: v.contiguous().to(device) for k, v in batch.items()}
     batch["attention_mask"] = attention_mask.to(device) if attention_mask is not None else None
     batch["packed_seq_params"] = packed_seq_params
@@ -418,7 +418,8 @@ def _manifest(args, shape, splits) -> dict:
                      "pp": args.pipeline_model_parallel_size,
                      "lss_sp": args.lss_sequence_parallel_size if args.lss_sequence_parallel else 1,
                      "dp": args.data_parallel_size,
-                     "lss_layout": args.lss_layout if args.lss_sequence_parallel else None},
+                     "lss_layout": args.lss_layout if args.lss_sequence_parallel else None,
+                     "lss_ulysses": args.lss_ulysses_size},
         "data": {"source": os.path.basename(str(splits.source)), "sha256": splits.sha256},
     }
 
@@ -470,7 +471,9 @@ def describe(args) -> str:
     tp_part = f"tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''}"
     pp_part = f" x pp={pp}" if pp > 1 else ""
     if args.lss_sequence_parallel:
-        return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={args.lss_sequence_parallel_size} x "
+        sp, ulysses = args.lss_sequence_parallel_size, args.lss_ulysses_size
+        hybrid = f" (ulysses={ulysses} x lss={sp // ulysses})" if ulysses > 1 else ""
+        return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={sp}{hybrid} x "
                 f"dp={args.data_parallel_size}{pp_part} layout={args.lss_layout} "
                 f"kv_backward={args.lss_kv_backward}"
                 + (f" kv_head_chunk={args.lss_kv_head_chunk}" if getattr(args, "lss_kv_head_chunk", None) else ""))
@@ -539,9 +542,9 @@ def main(argv=None) -> int:
         print(f"pretrain_gpt_lss: error: {err}", file=sys.stderr)
         return 2
     train(args)
-    from megatron.core import parallel_state
+    from lss_plugin.megatron.parallel import destroy_lss_model_parallel
 
-    parallel_state.destroy_model_parallel()
+    destroy_lss_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
