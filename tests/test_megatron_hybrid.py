@@ -18,6 +18,7 @@ import pytest
 
 from tests.distributed import run_ranks
 from tests.test_megatron import GRAD_RTOL, LOSS_RTOL, _assert_losses_match, _run_cases, case
+from tests.test_megatron_packed import DOCS, packed_splits, pcase
 
 pytest.importorskip("megatron.core")
 
@@ -36,6 +37,9 @@ CASES_4 = {
     "sp4u2_balanced_mqa_rope": case("rope", False, *SP4, *U2, *MQA, iters=ITERS),
     "sp4u4_balanced_gqa_learned_masked": case("learned_absolute", True, *SP4, *U4, iters=ITERS),
     "tp2sp_xsp2u2_balanced_gqa_rope": case("rope", False, *TP2_SP2, *U2, iters=ITERS),
+    # Packed documents (THD, global cu_seqlens, micro-batch 1): positions restart in every document.
+    "sp4u2_balanced_learned_docs": pcase("learned_absolute", *SP4, *U2, *DOCS),
+    "sp4u2_contiguous_rope_docs_masked": pcase("rope", *SP4, *U2, *CONTIGUOUS, *DOCS, masked=True),
 }
 CASES_1 = {
     "ref_gqa_rope_masked": case("rope", True, iters=ITERS),
@@ -43,6 +47,10 @@ CASES_1 = {
     "ref_mqa_rope": case("rope", False, *MQA, iters=ITERS),
     "ref_gqa_learned_masked": case("learned_absolute", True, iters=ITERS),
     "ref_gqa_rope": case("rope", False, iters=ITERS),
+    # megatron-core's dense document mask and local attention; its THD RoPE (LSS on one rank)
+    "ref_dense_learned_docs": pcase("learned_absolute", *DOCS),
+    "ref_thd_rope_docs_masked": pcase("rope", "--lss-sequence-parallel", "--lss-sequence-parallel-size", "1",
+                                      *DOCS, masked=True),
 }
 REFERENCE = {
     "sp4u2_balanced_gqa_rope_masked": "ref_gqa_rope_masked",
@@ -50,6 +58,8 @@ REFERENCE = {
     "sp4u2_balanced_mqa_rope": "ref_mqa_rope",
     "sp4u4_balanced_gqa_learned_masked": "ref_gqa_learned_masked",
     "tp2sp_xsp2u2_balanced_gqa_rope": "ref_gqa_rope",
+    "sp4u2_balanced_learned_docs": "ref_dense_learned_docs",
+    "sp4u2_contiguous_rope_docs_masked": "ref_thd_rope_docs_masked",
 }
 
 
@@ -93,7 +103,7 @@ def _refusals() -> dict:
 
 
 def _run_four_ranks() -> dict:
-    out = _run_cases(CASES_4)
+    out = _run_cases(CASES_4, splits_fn=packed_splits)  # documents end at EOD bytes (unpacked cases: plain bytes)
     out["refusals"] = _refusals()
     return out
 
@@ -105,7 +115,7 @@ def runs4():
 
 @pytest.fixture(scope="module")
 def runs1(runs4):
-    return run_ranks(_run_cases, 1, CASES_1, timeout_s=300, pg_timeout_s=120)[0]
+    return run_ranks(_run_cases, 1, CASES_1, splits_fn=packed_splits, timeout_s=300, pg_timeout_s=120)[0]
 
 
 @pytest.mark.slow
@@ -175,6 +185,8 @@ def _parse(argv, world_size):
     ([*SP4, *U4, "--num-attention-heads", "6", "--num-query-groups", "3", "--hidden-size", "48"], 4,
      r"--num-attention-heads 6 with 3 key/value heads: --lss-ulysses-size \(4\) must divide the number of query "
      r"heads \(6\)"),
+    ([*SP4, *U2, "--lss-kv-head-chunk", "2"], 4,  # 2 KV heads over U = 2: one per rank
+     r"--lss-kv-head-chunk \(1 key/value heads per rank after the all-to-all\) must be an integer in \[1, 1\]"),
     ([*SP4, *U2, "--seq-length", "62"], 4,
      r"--seq-length 62 with --lss-sequence-parallel-size 4 and --lss-ulysses-size 2: sequence length 62 is not "
      r"divisible by"),
@@ -197,3 +209,17 @@ def test_hybrid_arguments_are_accepted_and_printed():
     args.group_query_attention, args.num_query_groups, args.num_attention_heads = False, 1, 6
     with pytest.raises(ValueError, match=r"--num-attention-heads 6 with 6 key/value heads: --lss-ulysses-size \(4\)"):
         validate_lss_args(args, world_size=4)
+
+
+def test_megatron_lm_hook_takes_the_ulysses_size(monkeypatch):
+    """A patched Megatron-LM parses --lss-ulysses-size through the same provider, and refuses it by name."""
+    from lss_plugin.megatron.megatron_lm import lss_extra_args_provider
+    from tests.test_megatron import _megatron_like_parser
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    parser = lss_extra_args_provider(_megatron_like_parser())
+    lss = ["--seq-length", "256", "--attention-dropout", "0", "--lss-sequence-parallel"]
+    args = parser.parse_args([*lss, "--lss-ulysses-size", "4"])
+    assert (args.context_parallel_size, args.lss_ulysses_size) == (8, 4)
+    with pytest.raises(ValueError, match=r"--lss-ulysses-size \(3\) must divide the sequence-parallel size \(8\)"):
+        parser.parse_args([*lss, "--lss-ulysses-size", "3"])

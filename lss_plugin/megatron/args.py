@@ -105,7 +105,7 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
         )
     ulysses = getattr(args, "lss_ulysses_size", 1)
     check_ulysses_size(ulysses, sp, setting="--lss-ulysses-size")
-    _check_heads_per_tp_rank(args, ulysses, tp)
+    _check_heads_per_rank(args, ulysses, tp)
     seq_length = getattr(args, "seq_length", None)
     layout = args.lss_layout
     check_layout(layout, "--lss-layout")
@@ -146,26 +146,32 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     return args
 
 
-def _check_heads_per_tp_rank(args, ulysses: int, tp: int) -> None:
-    """The heads one TP rank attends must split over the Ulysses group (``check_ulysses_heads``).
+def _check_heads_per_rank(args, ulysses: int, tp: int) -> None:
+    """The heads one TP rank attends must split over the Ulysses group (``check_ulysses_heads``),
+    and ``--lss-kv-head-chunk`` must not exceed the KV heads a rank then gathers.
 
     Megatron-LM spells GQA as ``--group-query-attention --num-query-groups G`` (without the first
     flag every head is its own group); the bundled script as ``--num-query-groups G``. A head count
     TP does not divide is left to the check that names TP.
     """
     heads = getattr(args, "num_attention_heads", None)
-    if ulysses == 1 or heads is None:
+    if heads is None:
         return
     groups = getattr(args, "num_query_groups", None)
     if not getattr(args, "group_query_attention", True) or not groups:
         groups = heads
     if heads % tp or groups % tp:
         return
-    try:
-        check_ulysses_heads(heads // tp, groups // tp, ulysses, setting="--lss-ulysses-size")
-    except ValueError as err:
-        per_rank = f" over --tensor-model-parallel-size {tp} ({heads // tp} and {groups // tp} per rank)" if tp > 1 else ""
-        raise ValueError(f"--num-attention-heads {heads} with {groups} key/value heads{per_rank}: {err}") from None
+    kv_heads = groups // tp
+    if ulysses > 1:
+        try:  # KV heads U does not divide are replicated to lcm(KV heads, U) before the all-to-all
+            kv_heads = check_ulysses_heads(heads // tp, groups // tp, ulysses, setting="--lss-ulysses-size") // ulysses
+        except ValueError as err:
+            per_rank = f" over --tensor-model-parallel-size {tp} ({heads // tp} and {groups // tp} per rank)" if tp > 1 else ""
+            raise ValueError(f"--num-attention-heads {heads} with {groups} key/value heads{per_rank}: {err}") from None
+    where = " after the all-to-all" if ulysses > 1 else ""
+    check_kv_head_chunk(getattr(args, "lss_kv_head_chunk", None), kv_heads,
+                        setting=f"--lss-kv-head-chunk ({kv_heads} key/value heads per rank{where})")
 
 
 def _world_size(args, world_size):

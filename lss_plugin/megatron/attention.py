@@ -3,7 +3,9 @@
 Same constructor and ``forward`` signature, same ``[s, b, h, d]`` tensors, so a layer spec swaps it
 in through ``SelfAttentionSubmodules(core_attention=...)``. Each rank holds ``s_local = L / N`` of
 the tokens; ``lss_attention`` gathers K, V over the SP group (Megatron's CP group) and returns
-the complete output for the local queries. No TransformerEngine, no apex.
+the complete output for the local queries. With the hybrid LSS x Ulysses (``--lss-ulysses-size`` U > 1)
+it passes the CP group's registered ``SequenceGroups`` instead: an all-to-all over heads inside
+the Ulysses group, then LSS's gather across the LSS group. No TransformerEngine, no apex.
 
 Masks. LSS applies one mask itself, the causal one in global positions (or none). An
 ``attention_mask`` (Megatron's convention: bool, True = hidden; this rank's queries against keys

@@ -7,7 +7,9 @@ pipeline_model_parallel_size=P)`` with the default order ``tp-cp-ep-dp-pp`` puts
 each TP rank gathers only its own KV heads), and everything in megatron-core that looks at it sees LSS:
 ``get_context_parallel_group()``, the DP x CP group over which ``DistributedDataParallel``
 reduces gradients, ``TransformerConfig.context_parallel_size`` (RoPE sequence length). The layout
-is checked by ``LSSTopology.from_groups``, not assumed.
+is checked by ``LSSTopology.from_groups``, not assumed. Hybrid LSS x Ulysses (``ulysses_size`` U > 1):
+``from_groups`` also cuts every CP group into Ulysses groups of U consecutive CP ranks and LSS groups
+across them; ``lss_group_for`` hands attention, batch split and RoPE rows those ``SequenceGroups``.
 
 What megatron-core gets wrong for LSS, and the plugin corrects:
 - RoPE on a CP rank (``get_pos_emb_on_this_cp_rank``) assumes the balanced 2N-chunk layout (and
