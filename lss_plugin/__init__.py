@@ -8,6 +8,7 @@ from lss_plugin.sharding import LAYOUTS, local_positions, shard_sequence, unshar
 from lss_plugin.topology import (
     LSSTopology,
     ParallelDims,
+    SequenceGroups,
     destroy_topology,
     get_topology,
     init_topology,
@@ -16,7 +17,7 @@ from lss_plugin.topology import (
 
 __all__ = [
     "LAYOUTS", "LSSAttention", "ShardedLoss", "average_gradients", "reduce_loss", "sharded_cross_entropy",
-    "LSSTopology", "ParallelDims", "cu_seqlens_from_eod", "cu_seqlens_from_position_ids", "destroy_topology",
+    "LSSTopology", "ParallelDims", "SequenceGroups", "cu_seqlens_from_eod", "cu_seqlens_from_position_ids", "destroy_topology",
     "get_topology",
     "init_topology", "is_topology_initialized", "local_positions", "lss_attention", "record_collectives",
     "shard_sequence", "unshard_sequence",

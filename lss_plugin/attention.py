@@ -30,7 +30,7 @@ input dtype first (``"input"``: half the bytes, a little more error; see the REA
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -40,12 +40,13 @@ from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segmen
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
-    AUTO, DEFAULT_LAYOUT, auto_head_chunk, check_kv_backward, check_kv_buffer_mib, check_kv_grad_dtype,
-    check_kv_head_chunk, check_layout, kv_buffer_mib_from_env, MiB,
+    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_buffer_mib,
+    check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads, resolve_kv_chunking,
 )
 from lss_plugin.sharding import rank_chunks
-from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes
-from lss_plugin.topology import resolve_sp_group
+from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes, ulysses_peers
+from lss_plugin.topology import resolve_sequence_groups
+from lss_plugin.ulysses import replicate_kv_heads, to_heads, to_sequence
 
 
 @dataclass(frozen=True)
@@ -227,23 +228,6 @@ def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
 # Pure forward / backward with the communication.
 # ---------------------------------------------------------------------------------------------
 
-def _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch, seq_len, kv_heads, head_dim, dtype):
-    """(KV heads per gather, "keep" | "regather") as this call runs them.
-
-    "auto" chunks follow ``auto_head_chunk`` from the shapes (the same on every rank) and the budget:
-    ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule. ``kv_backward="auto"``
-    regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
-    the whole-sequence K, V again, which is what chunking is for not to do."""
-    if kv_head_chunk == AUTO:
-        budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
-        head_bytes = 2 * batch * seq_len * head_dim * dtype.itemsize  # gathered K and V of one KV head
-        chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB)
-    else:
-        chunk = kv_head_chunk or kv_heads
-    if kv_backward == AUTO:
-        kv_backward = "regather" if chunk < kv_heads else "keep"
-    return chunk, kv_backward
-
 
 def _header(plan: _Plan, gather: str, head_chunk_index: int, like: torch.Tensor):
     """This gather's signature row, bit-cast into the buffer's dtype (nothing on a group of one)."""
@@ -359,8 +343,8 @@ def lss_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = "keep",
-    kv_head_chunk: int | None = None,
+    kv_backward: str = DEFAULT_KV_BACKWARD,
+    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK,
     kv_grad_dtype: str = "fp32",
     cu_seqlens: torch.Tensor | None = None,
     kv_buffer_mib: float | None = None,
@@ -368,8 +352,12 @@ def lss_attention(
     """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
 
     q: [b, s_local, H, d]; k, v: [b, s_local, Hkv, d] with H % Hkv == 0 (GQA/MQA; KV heads are
-    communicated un-repeated). Returns [b, s_local, H, d]. ``group`` defaults to the registered
-    topology's SP group. ``causal`` masks by *global* position under ``layout``.
+    communicated un-repeated). Returns [b, s_local, H, d]. ``group``: a ProcessGroup (pure LSS over
+    it), a ``SequenceGroups`` / ``LSSTopology`` (hybrid LSS x Ulysses when its ulysses_size U > 1),
+    or None (the registered topology's). Hybrid: H % U == 0; KV heads are split over the Ulysses
+    group, or replicated to lcm(Hkv, U) when U does not divide them (``check_ulysses_heads``);
+    tokens follow ``local_token_indices(..., ulysses_size=U)``; ``kv_head_chunk`` counts the
+    Hkv' / U KV heads a rank holds after the all-to-all. ``causal`` masks by *global* position under ``layout``.
     ``kv_grad_dtype``: "fp32" (default) reduce-scatters dK/dV of half inputs as float32, "input"
     in the input dtype (half the backward bytes); float32/float64 inputs send their own dtype either way.
     ``cu_seqlens``: packed documents, a 1-D integer tensor of boundaries in *global* positions
@@ -380,46 +368,71 @@ def lss_attention(
     ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked.
     """
     _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib)
-    group = resolve_sp_group(group)
-    sp_size, sp_rank = dist.get_world_size(group), dist.get_rank(group)
-    if sp_rank < 0:
-        raise RuntimeError(f"this rank ({dist.get_rank()}) is not a member of the group given to lss_attention")
+    groups = resolve_sequence_groups(group)
     b, s, h, d = q.shape
     hkv = k.shape[2]
-    seq_len = s * sp_size
+    u = groups.ulysses_size
+    # The LSS part runs on the Ulysses group's tokens (U * s of them, laid out over the R LSS ranks)
+    # with H / U query heads and Hkv' / U KV heads (Hkv' = Hkv, or lcm(Hkv, U) replicated); U = 1: as given.
+    kv_heads = check_ulysses_heads(h, hkv, u) if u > 1 else hkv
+    if u > 1:
+        check_kv_head_chunk(kv_head_chunk, kv_heads // u, "kv_head_chunk (KV heads per rank after the all-to-all)")
+    seq_len = s * groups.sp_size
     bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    head_chunk, kv_backward = _resolve_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, hkv, d, q.dtype)
+    head_chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
+                                                   d, q.dtype.itemsize)
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=head_chunk, softmax_scale=scale,
-        kv_grad_dtype=kv_grad_dtype, documents=digest(bounds),
+        kv_grad_dtype=kv_grad_dtype, documents=digest(bounds), ulysses=u,
     )
-    if sp_size > 1:
+    if groups.sp_size > 1:
         signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
-        group=group,
-        sp_size=sp_size,
-        sp_rank=sp_rank,
+        group=groups.lss_group,
+        sp_size=groups.lss_size,
+        sp_rank=groups.lss_rank,
         causal=bool(causal),
         scale=scale,
         layout=layout,
         kv_backward=kv_backward,
         kv_grad_dtype=kv_grad_dtype,
         head_chunk=head_chunk,
-        groups_per_kv=h // hkv,
-        query_segments=query_segments(rank_chunks(s, sp_rank, sp_size, layout), bounds),
+        groups_per_kv=h // kv_heads,
+        query_segments=query_segments(rank_chunks(u * s, groups.lss_rank, groups.lss_size, layout), bounds),
         signature=signature,
     )
-    precheck_sizes(group, signature, q.device)  # LSS_CHECK_CONSISTENCY: sizes, before the first gather
-    return _LSSAttentionFunction.apply(q, k, v, plan)
+    # LSS_CHECK_CONSISTENCY: sizes (and U), over the whole SP group, before the first collective
+    precheck_sizes(groups.sp_group, signature, q.device)
+    if u == 1:
+        return _LSSAttentionFunction.apply(q, k, v, plan)
+    return _hybrid_attention(q, k, v, plan, groups, kv_heads)
+
+
+def _hybrid_attention(q, k, v, plan: _Plan, groups, kv_heads: int):
+    """LSS x Ulysses: all-to-all in the Ulysses group, the LSS path over the LSS group, all-to-all back.
+
+    q [b, s, H, d], k/v [b, s, Hkv, d] -> [b, s, H, d]. KV heads are replicated to ``kv_heads``
+    first when U does not divide Hkv (autograd sums the copies' gradients). Forward: ONE fused
+    all-to-all of q, k, v (carrying this rank's signature row) + the LSS collectives + ONE back;
+    backward: ONE all-to-all of dout + the LSS collectives + ONE fused all-to-all of dq, dk, dv."""
+    ulysses_group = groups.ulysses_group
+    k, v = replicate_kv_heads(k, kv_heads), replicate_kv_heads(v, kv_heads)
+    row = plan.signature.encode(q.dtype, q.device)  # [SIGNATURE_BYTES / itemsize]
+    qh, kh, vh, rows = to_heads(q, k, v, group=ulysses_group, header=row)  # [b, U*s, H/U | Hkv'/U, d]
+    peers = ulysses_peers(rows, ulysses_group if groups.lss_size == 1 else None)
+    plan = replace(plan, signature=replace(plan.signature, ulysses_peers=peers))
+    out = _LSSAttentionFunction.apply(qh, kh, vh, plan)  # [b, U*s, H/U, d]
+    return to_sequence(out, group=ulysses_group)[0]
 
 
 class LSSAttention(torch.nn.Module):
     """``lss_attention`` with its settings fixed at construction (no parameters)."""
 
     def __init__(self, *, group=None, causal=True, softmax_scale=None, layout=DEFAULT_LAYOUT,
-                 kv_backward="keep", kv_head_chunk=None, kv_grad_dtype="fp32", kv_buffer_mib=None):
+                 kv_backward=DEFAULT_KV_BACKWARD, kv_head_chunk=DEFAULT_KV_HEAD_CHUNK, kv_grad_dtype="fp32",
+                 kv_buffer_mib=None):
         super().__init__()
         check_layout(layout)
         check_kv_backward(kv_backward)

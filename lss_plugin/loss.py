@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lss_plugin.comm import all_reduce_sum
+from lss_plugin.topology import resolve_sp_group
 
 IGNORE_INDEX = -100
 
@@ -46,10 +47,12 @@ def sharded_cross_entropy(
 ) -> ShardedLoss:
     """logits [b, s_local, V], labels [b, s_local] (already shifted, then sharded).
 
-    ``group`` is the SP group (None: one sequence shard, no communication). One scalar all-reduce
-    of the token count over ``group``; never NaN, even for a rank or a group without loss tokens.
+    ``group`` is the SP group, or a ``SequenceGroups`` / ``LSSTopology`` (its whole SP group, also
+    under the hybrid LSS x Ulysses); None: one sequence shard, no communication. One scalar
+    all-reduce of the token count over ``group``; never NaN, even for a rank or a group without loss tokens.
     """
     loss_sum, num_tokens = cross_entropy_sum(logits, labels, ignore_index)
+    group = None if group is None else resolve_sp_group(group)
     sp_size = 1 if group is None else dist.get_world_size(group)
     sequence_tokens = num_tokens
     if sp_size > 1:

@@ -17,6 +17,12 @@ DEFAULT_LAYOUT = "balanced"
 KV_BACKWARD_MODES = ("keep", "regather")  # what a call runs (and its signature carries)
 AUTO = "auto"
 KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked
+# The defaults of every integration: "auto" chunks K, V by heads (pipelined) once the whole-sequence
+# K, V are large enough for chunking to pay (``auto_head_chunk``) and runs unchunked "keep" below
+# that. Measured (docs/bench/overlap.md, 2 ranks, L = 8192): 0.92x the unchunked step on a fast
+# link, 0.87x behind 1 Gbit/s, 0.20x its memory held between forward and backward.
+DEFAULT_KV_BACKWARD = AUTO
+DEFAULT_KV_HEAD_CHUNK = AUTO
 # dK/dV reduce-scatter: "fp32" sends the float32 accumulators of half-precision inputs (exact sum
 # of the ranks' fp32 partials, 2x the bytes); "input" rounds them to the input dtype first.
 KV_GRAD_DTYPES = ("fp32", "input")
@@ -110,3 +116,62 @@ def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None =
         return max(fitting)
     lean = max([c for c in divisors if held(c) <= AUTO_KV_FRACTION * kv_heads * head_bytes] or [1])
     return min(c for c in divisors if c >= lean and c * head_bytes >= min(AUTO_MIN_GATHER_BYTES, kv_heads * head_bytes))
+
+
+def resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch: int, seq_len: int, kv_heads: int,
+                        head_dim: int, itemsize: int) -> tuple[int, str]:
+    """(KV heads per gather, "keep" | "regather") as an ``lss_attention`` call runs its settings.
+
+    "auto" chunks follow ``auto_head_chunk`` from the shapes (the same on every rank) and the budget:
+    ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule. ``kv_backward="auto"``
+    regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
+    the whole-sequence K, V again, which is what chunking is for not to do. Adapters call this to
+    print what "auto" will run."""
+    if kv_head_chunk == AUTO:
+        budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
+        head_bytes = 2 * batch * seq_len * head_dim * itemsize  # gathered K and V of one KV head
+        chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB)
+    else:
+        chunk = kv_head_chunk or kv_heads
+    if kv_backward == AUTO:
+        kv_backward = "regather" if chunk < kv_heads else "keep"
+    return chunk, kv_backward
+
+
+# -- hybrid LSS x Ulysses ---------------------------------------------------------------------
+# The SP group of N = U x R ranks: all-to-all over heads inside Ulysses groups of U consecutive
+# ranks, LSS's fused gather across the R ranks with the same index in each (lss_plugin.ulysses).
+
+def check_ulysses_size(ulysses_size, sp_size: int, setting: str = "ulysses_size") -> int:
+    """The LSS group size R = sp_size / ulysses_size, or a ValueError naming both values."""
+    if not isinstance(ulysses_size, int) or isinstance(ulysses_size, bool) or ulysses_size < 1:
+        raise ValueError(f"{setting} must be a positive integer, got {ulysses_size!r}")
+    if sp_size % ulysses_size != 0:
+        raise ValueError(f"{setting} ({ulysses_size}) must divide the sequence-parallel size ({sp_size})")
+    return sp_size // ulysses_size
+
+
+def ulysses_kv_heads(num_kv_heads: int, ulysses_size: int) -> int:
+    """KV heads after replication for the all-to-all: Hkv when U divides it, else lcm(Hkv, U).
+
+    lcm is the least count that splits evenly over U ranks with every KV head repeated the same
+    number of times, so each rank holds whole GQA groups (its H / U query heads and their KV heads)."""
+    return math.lcm(num_kv_heads, ulysses_size)
+
+
+def check_ulysses_heads(num_heads: int, num_kv_heads: int, ulysses_size: int, setting: str = "ulysses_size") -> int:
+    """KV heads the all-to-all carries (``ulysses_kv_heads``), or a ValueError naming the values.
+
+    Query heads must divide by U (each rank attends H / U of them). KV heads divisible by U are
+    split; otherwise they are replicated to lcm(Hkv, U), which needs H % lcm(Hkv, U) == 0 (it
+    follows from H % U == 0 and H % Hkv == 0, both checked by name here)."""
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
+    if num_heads % ulysses_size != 0:
+        raise ValueError(f"{setting} ({ulysses_size}) must divide the number of query heads ({num_heads}): "
+                         f"each rank of a Ulysses group attends heads / {setting} of them")
+    replicated = ulysses_kv_heads(num_kv_heads, ulysses_size)
+    if num_heads % replicated != 0:
+        raise ValueError(f"{setting} ({ulysses_size}) with {num_kv_heads} key/value heads needs them replicated to "
+                         f"lcm = {replicated}, which must divide the query heads ({num_heads})")
+    return replicated

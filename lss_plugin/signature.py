@@ -5,13 +5,13 @@ settings; ranks that disagree either hang (different buffer sizes) or, worse, pa
 collectives and return wrong numbers without an error. Two guards:
 
 1. In band, on every call (no extra collective). Each K/V all-gather carries the caller's
-   signature, ``SIGNATURE_BYTES`` = 40 bytes bit-cast into the buffer's dtype (20 fp16/bf16, 10
-   fp32 or 5 fp64 elements appended to the rank's packed k, v), so the bits arrive exactly. Every
+   signature, ``SIGNATURE_BYTES`` = 48 bytes bit-cast into the buffer's dtype (24 fp16/bf16, 12
+   fp32 or 6 fp64 elements appended to the rank's packed k, v), so the bits arrive exactly. Every
    rank decodes all N rows and compares them before the gathered K, V are used; all ranks hold
    the same rows, so all reach the same verdict and raise together, with no collective left
    pending: the group stays usable. This catches every field below, on every call, forward
    gathers and backward regathers alike, as long as the ranks' buffers have the same size.
-2. Before the first gather (``LSS_CHECK_CONSISTENCY``): a separate 40-byte all-gather of the
+2. Before the first gather (``LSS_CHECK_CONSISTENCY``): a separate 48-byte all-gather of the
    signature that compares the fields which set the sizes and number of the K/V collectives
    (``SIZE_FIELDS``). A collective whose ranks pass buffers of different sizes cannot be
    survived (it hangs or corrupts memory), so this must happen before it. ``first`` (default):
@@ -23,11 +23,20 @@ collectives and return wrong numbers without an error. Two guards:
 
 The reduce-scatter of dK, dV cannot carry a signature (its rows are summed); it replays the plan
 that the forward gather already checked.
+
+Hybrid LSS x Ulysses (``ulysses`` U > 1): the pre-check runs over the whole SP group (so ranks with
+different U, or different query heads, which size the all-to-all, raise by name before it); the
+forward all-to-all carries every rank's row to its Ulysses group, and each rank's gather row
+carries ``ulysses_peers``: 0 when the U rows it received agree, else a nonzero digest of them.
+Every LSS group holds one rank of each Ulysses group, so a disagreement anywhere in the SP group
+reaches every gather and every rank raises (with a single LSS rank, R = 1, the U rows are compared
+right after the all-to-all, which every rank of the group then holds).
 """
 from __future__ import annotations
 
 import os
 import struct
+import zlib
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -57,14 +66,19 @@ _LAYOUT = (
     ("s_local", "I"),
     ("softmax_scale", "d"),  # the float64 bits: exact equality, no tolerance
     ("documents", "Q"),  # digest of cu_seqlens (lss_plugin.documents.digest); 0 = one document
+    ("ulysses", "H"),  # Ulysses degree U of the hybrid (1 = pure LSS)
+    ("reserved", "H"),  # 0; keeps the row a multiple of 8 bytes and leaves a slot
+    ("ulysses_peers", "I"),  # 0 = the rank's Ulysses group agreed on the call, else a digest of its rows
 )
 _STRUCT = struct.Struct("<" + "".join(code for _, code in _LAYOUT))
-SIGNATURE_BYTES = _STRUCT.size  # 40: a multiple of every float itemsize
+SIGNATURE_BYTES = _STRUCT.size  # 48: a multiple of every float itemsize
 # Settings that share one byte: (name, choices, bit shift); each code is 1..15.
 _KV_MODES = (("kv_backward", KV_BACKWARD_MODES, 0), ("kv_grad_dtype", KV_GRAD_DTYPES, 4))
 # kv_grad_dtype sets the reduce-scatter's size but not the gathers': the forward gather, which
 # carries it in band, always runs before that reduce-scatter, so it need not be a size field.
-SIZE_FIELDS = ("batch", "s_local", "kv_heads", "head_dim", "dtype", "kv_head_chunk")
+SIZE_FIELDS = ("batch", "s_local", "kv_heads", "head_dim", "dtype", "kv_head_chunk", "ulysses")
+# The hybrid's all-to-all also carries the query heads.
+HYBRID_SIZE_FIELDS = SIZE_FIELDS + ("heads",)
 CHECK_MODES = ("first", "always", "never")
 
 
@@ -87,13 +101,20 @@ class CallSignature:
     documents: int = 0
     gather: str = "forward"
     head_chunk_index: int = 0
+    ulysses: int = 1
+    ulysses_peers: int = 0
+
+    @property
+    def size_fields(self) -> tuple:
+        """The fields that size this call's collectives (the same tuple on ranks that agree on U)."""
+        return HYBRID_SIZE_FIELDS if self.ulysses > 1 else SIZE_FIELDS
 
     def at(self, gather: str, head_chunk_index: int) -> "CallSignature":
         """The signature a particular gather of this call carries."""
         return replace(self, gather=gather, head_chunk_index=head_chunk_index)
 
     def size_key(self) -> tuple:
-        return tuple(getattr(self, name) for name in SIZE_FIELDS)
+        return tuple(getattr(self, name) for name in self.size_fields)
 
     def to_bytes(self) -> bytes:
         values = {
@@ -103,6 +124,7 @@ class CallSignature:
             "causal": int(bool(self.causal)),
             "kv_modes": sum(_code(choices, getattr(self, name), name) << shift for name, choices, shift in _KV_MODES),
             "gather": _code(GATHERS, self.gather, "gather"),
+            "reserved": 0,
             **{f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in ("dtype", "layout", "causal", "kv_backward", "kv_grad_dtype", "gather")},
         }
@@ -207,7 +229,7 @@ def precheck_sizes(group, signature: CallSignature, device) -> None:
         mine = signature.encode(torch.uint8, device)  # [SIGNATURE_BYTES]
         everyone = mine.new_empty((size * SIGNATURE_BYTES,))
         all_gather_flat(everyone, mine, group, name="consistency_check")
-        check_rows(everyone.view(size, SIGNATURE_BYTES), SIZE_FIELDS, group=group,
+        check_rows(everyone.view(size, SIGNATURE_BYTES), signature.size_fields, group=group,
                    what="lss_attention call's buffer sizes (LSS_CHECK_CONSISTENCY pre-check)")
     _VERIFIED_SIZES.add(key)
 
@@ -215,7 +237,26 @@ def precheck_sizes(group, signature: CallSignature, device) -> None:
 def check_gathered(rows: torch.Tensor, group) -> None:
     """Guard 1: compare the signature rows ``[N, header_numel]`` that arrived with a K/V gather."""
     check_rows(rows, group=group)
+    peers = decode(rows[0])["ulysses_peers"]  # the rows are equal here
+    if peers != 0:
+        raise RuntimeError(
+            "the ranks of the sequence-parallel group disagree on this lss_attention call: the Ulysses group "
+            f"of every rank of LSS group {torch.distributed.get_process_group_ranks(group)} reported rows that "
+            f"differ (ulysses_peers digest {peers:#x}); every rank raises this and no collective is left "
+            "pending. Compare the calls' shapes and settings across the sequence-parallel ranks.")
 
 
-__all__ = ["CallSignature", "SIGNATURE_BYTES", "SIZE_FIELDS", "check_gathered", "check_rows", "decode",
-           "header_numel", "precheck_sizes"]
+def ulysses_peers(rows: torch.Tensor, group=None) -> int:
+    """``ulysses_peers`` of a rank that received its Ulysses group's rows ``[U, n]``: 0 when they
+    agree, else a nonzero 32-bit digest. ``group`` given (no LSS gather follows, R = 1): raise now,
+    naming the fields; every rank of the Ulysses group holds the same rows."""
+    raw = rows.detach().contiguous().view(torch.uint8).cpu()
+    if bool((raw == raw[0]).all()):
+        return 0
+    if group is not None:
+        check_rows(rows, group=group)
+    return (zlib.crc32(raw.numpy().tobytes()) | 1) & 0xFFFFFFFF
+
+
+__all__ = ["CallSignature", "HYBRID_SIZE_FIELDS", "SIGNATURE_BYTES", "SIZE_FIELDS", "check_gathered", "check_rows",
+           "decode", "header_numel", "precheck_sizes", "ulysses_peers"]

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch.distributed as dist
 
+from lss_plugin.options import check_ulysses_size
 from lss_plugin.runtime import as_timedelta
 
 AXES = ("tp", "sp", "dp", "pp")  # fastest to slowest (Megatron's tp-cp-dp-pp, SP on the CP axis)
@@ -43,9 +44,10 @@ class ParallelDims:
     world_size: int
     tp: int = 1
     pp: int = 1
+    ulysses: int = 1  # hybrid LSS x Ulysses: sp = ulysses x lss (see ``ulysses_groups``)
 
     def __post_init__(self) -> None:
-        for name in ("sp", "dp", "world_size", "tp", "pp"):
+        for name in ("sp", "dp", "world_size", "tp", "pp", "ulysses"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -55,9 +57,11 @@ class ParallelDims:
                 f"pp({self.pp}) = {self.tp * self.sp * self.dp * self.pp} != "
                 f"world_size({self.world_size})"
             )
+        check_ulysses_size(self.ulysses, self.sp, "ulysses")
 
     @classmethod
-    def from_sizes(cls, sp: int, dp: int | None, world_size: int, tp: int = 1, pp: int = 1) -> "ParallelDims":
+    def from_sizes(cls, sp: int, dp: int | None, world_size: int, tp: int = 1, pp: int = 1,
+                   ulysses: int = 1) -> "ParallelDims":
         """``dp=None`` means "whatever is left": world_size / (tp * sp * pp), which must be whole."""
         if dp is None:
             sizes = {"tp": tp, "sp": sp, "pp": pp}
@@ -70,7 +74,7 @@ class ParallelDims:
                     f"tp({tp}) * sp({sp}) * pp({pp}) = {tp * sp * pp} leaves no whole dp"
                 )
             dp = world_size // (tp * sp * pp)
-        return cls(sp=sp, dp=dp, world_size=world_size, tp=tp, pp=pp)
+        return cls(sp=sp, dp=dp, world_size=world_size, tp=tp, pp=pp, ulysses=ulysses)
 
     # -- one-line views, torchtitan style -----------------------------------------------------
     @property
@@ -88,6 +92,11 @@ class ParallelDims:
     @property
     def pp_enabled(self) -> bool:
         return self.pp > 1
+
+    @property
+    def lss(self) -> int:
+        """Ranks of an LSS group (R = sp / ulysses): the Ulysses groups one sequence spans."""
+        return self.sp // self.ulysses
 
     def size(self, axis: str) -> int:
         if axis not in AXES:
@@ -126,6 +135,15 @@ class ParallelDims:
             ranks = [r + i * stride for r in ranks for i in range(self.size(axis))]
         return sorted(ranks)
 
+    def ulysses_groups(self) -> list[list[int]]:
+        """Every Ulysses group: ``ulysses`` consecutive ranks of an SP group (in SP-rank order)."""
+        u = self.ulysses
+        return [sp[i:i + u] for sp in self.all_groups("sp") for i in range(0, self.sp, u)]
+
+    def lss_groups(self) -> list[list[int]]:
+        """Every LSS group: the ranks of an SP group with the same index in each Ulysses group."""
+        return [sp[j::self.ulysses] for sp in self.all_groups("sp") for j in range(self.ulysses)]
+
     def all_groups(self, axes: tuple[str, ...] | str) -> list[list[int]]:
         """Every group along ``axes`` (a partition of the world), in a fixed order for new_group."""
         seen, groups = set(), []
@@ -137,11 +155,30 @@ class ParallelDims:
         return groups
 
 
+class _SequenceCoords:
+    """Where SP rank ``sp_rank`` sits in the hybrid: sp_rank = lss_rank * ulysses_size + ulysses_rank."""
+
+    @property
+    def lss_size(self) -> int:
+        return self.sp_size // self.ulysses_size
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sp_rank % self.ulysses_size
+
+    @property
+    def lss_rank(self) -> int:
+        return self.sp_rank // self.ulysses_size
+
+
 @dataclass(frozen=True)
-class LSSTopology:
+class LSSTopology(_SequenceCoords):
     """This rank's place in the grid and the process groups it talks over.
 
-    ``tp_group``/``pp_group`` are None when that axis has size 1.
+    ``tp_group``/``pp_group`` are None when that axis has size 1. With ``dims.ulysses = U > 1``
+    the SP group is cut into Ulysses groups (``ulysses_group``: U consecutive SP ranks) and LSS
+    groups (``lss_group``: the same index in each Ulysses group); with U = 1 there is no Ulysses
+    group and the LSS group is the SP group.
     """
 
     dims: ParallelDims
@@ -153,6 +190,23 @@ class LSSTopology:
     pp_group: dist.ProcessGroup | None = None
     # Groups this topology created and must destroy (adapters may lend groups they own).
     owned_groups: tuple = field(default=(), repr=False, compare=False)
+    ulysses_group: dist.ProcessGroup | None = None  # None when ulysses_size == 1
+    lss_subgroup: dist.ProcessGroup | None = field(default=None, repr=False)  # None: the SP group
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.dims.ulysses
+
+    @property
+    def lss_group(self) -> dist.ProcessGroup:
+        """The group LSS gathers K, V over: the SP group itself when ulysses_size == 1."""
+        return self.lss_subgroup if self.lss_subgroup is not None else self.sp_group
+
+    @property
+    def sequence_groups(self) -> "SequenceGroups":
+        """What every ``group=`` argument of the core accepts (no collective, no lookup)."""
+        return SequenceGroups(sp_group=self.sp_group, ulysses_group=self.ulysses_group, lss_group=self.lss_group,
+                              sp_size=self.sp_size, sp_rank=self.sp_rank, ulysses_size=self.ulysses_size)
 
     @property
     def sp_size(self) -> int:
@@ -223,16 +277,20 @@ class LSSTopology:
         timeout_s: float | None = None,
         tp_group: dist.ProcessGroup | None = None,
         pp_group: dist.ProcessGroup | None = None,
+        ulysses_size: int = 1,
     ) -> "LSSTopology":
         """Adopt groups built by a framework (Megatron's CP, DP, TP and PP groups, say).
 
-        The groups must follow this module's rank layout; that is checked, not assumed.
+        The groups must follow this module's rank layout; that is checked, not assumed. With
+        ``ulysses_size > 1`` the Ulysses and LSS sub-groups of every SP group are created here:
+        collective over the world, so every rank calls this with the same ``ulysses_size``; they
+        are owned (``destroy_topology`` frees them), the adopted groups are not.
         """
         _require_process_group("LSSTopology.from_groups")
         rank, world = dist.get_rank(), dist.get_world_size()
         given = {"sp": sp_group, "dp": dp_group, "tp": tp_group, "pp": pp_group}
         sizes = {a: (dist.get_world_size(g) if g is not None else 1) for a, g in given.items()}
-        dims = ParallelDims(world_size=world, **sizes)
+        dims = ParallelDims(world_size=world, ulysses=ulysses_size, **sizes)
         wrong = []
         for axis, group in given.items():
             got = dist.get_process_group_ranks(group) if group is not None else [rank]
@@ -245,9 +303,74 @@ class LSSTopology:
                 f"with tp({dims.tp}) sp({dims.sp}) dp({dims.dp}) pp({dims.pp}): rank {rank} has "
                 + ", ".join(wrong)
             )
+        ulysses_group, lss_group, created = _new_sequence_subgroups(dims, rank, as_timedelta(timeout_s))
         return cls(dims=dims, rank=rank, sp_group=sp_group, dp_group=dp_group, timeout_s=timeout_s,
                    tp_group=tp_group if sizes["tp"] > 1 else None,
-                   pp_group=pp_group if sizes["pp"] > 1 else None)
+                   pp_group=pp_group if sizes["pp"] > 1 else None,
+                   owned_groups=created, ulysses_group=ulysses_group, lss_subgroup=lss_group)
+
+
+def _new_sequence_subgroups(dims: ParallelDims, rank: int, timeout):
+    """(this rank's Ulysses group, its LSS group, every group created); (None, None, ()) when
+    ulysses == 1. Collective over the world: every rank creates every group, in the same order."""
+    if dims.ulysses == 1:
+        return None, None, ()
+    mine, created = {}, []
+    for kind, all_ranks in (("ulysses", dims.ulysses_groups()), ("lss", dims.lss_groups())):
+        for i, ranks in enumerate(all_ranks):
+            group = dist.new_group(ranks, timeout=timeout, group_desc=f"lss_{kind}_{i}")
+            created.append(group)
+            if rank in ranks:
+                mine[kind] = group
+    return mine["ulysses"], mine["lss"], tuple(_members_only(created))
+
+
+def _members_only(groups):
+    return [g for g in groups if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER]
+
+
+@dataclass(frozen=True)
+class SequenceGroups(_SequenceCoords):
+    """The groups one sequence is split over: what the core's ``group=`` arguments accept.
+
+    ``ulysses_size`` U = 1: pure LSS over ``sp_group`` (``ulysses_group`` None, ``lss_group`` the
+    SP group). U > 1: SP rank ``sp_rank = lss_rank * U + ulysses_rank``; the all-to-all runs in
+    ``ulysses_group`` (U consecutive SP ranks), LSS's gather in ``lss_group`` (R = N / U ranks).
+    """
+
+    sp_group: dist.ProcessGroup
+    ulysses_group: dist.ProcessGroup | None
+    lss_group: dist.ProcessGroup
+    sp_size: int
+    sp_rank: int
+    ulysses_size: int = 1
+
+    @classmethod
+    def pure(cls, group: dist.ProcessGroup) -> "SequenceGroups":
+        """Pure LSS over ``group`` (today's behaviour for a plain group)."""
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise RuntimeError(f"this rank ({dist.get_rank()}) is not a member of the sequence-parallel group given")
+        return cls(sp_group=group, ulysses_group=None, lss_group=group, sp_size=dist.get_world_size(group),
+                   sp_rank=rank)
+
+    @classmethod
+    def from_groups(cls, sp_group, ulysses_group, lss_group) -> "SequenceGroups":
+        """Groups a framework built itself; their ranks must follow the layout above (checked)."""
+        if ulysses_group is None:
+            return cls.pure(sp_group)
+        sp_ranks = dist.get_process_group_ranks(sp_group)
+        u_ranks, l_ranks = dist.get_process_group_ranks(ulysses_group), dist.get_process_group_ranks(lss_group)
+        sp_rank, u = dist.get_rank(sp_group), len(u_ranks)
+        check_ulysses_size(u, len(sp_ranks), "the Ulysses group's size")
+        expected_u = sp_ranks[sp_rank - sp_rank % u:][:u] if sp_rank >= 0 else None
+        expected_l = sp_ranks[sp_rank % u::u] if sp_rank >= 0 else None
+        if u_ranks != expected_u or l_ranks != expected_l:
+            raise ValueError(f"Ulysses group {u_ranks} and LSS group {l_ranks} of rank {dist.get_rank()} do not "
+                             f"cut the sequence-parallel group {sp_ranks} into Ulysses groups of {u} consecutive "
+                             f"ranks (expected {expected_u}) and LSS groups across them (expected {expected_l})")
+        return cls(sp_group=sp_group, ulysses_group=ulysses_group, lss_group=lss_group,
+                   sp_size=len(sp_ranks), sp_rank=sp_rank, ulysses_size=u)
 
 
 _TOPOLOGY: LSSTopology | None = None  # the one registration, like Megatron's parallel_state
@@ -267,8 +390,13 @@ def init_topology(
     timeout_s: float | None = None,
     tp_size: int = 1,
     pp_size: int = 1,
+    ulysses_size: int = 1,
 ) -> LSSTopology:
     """Build the SP and DP groups (and TP/PP groups when those axes exceed 1) and register them.
+
+    ``ulysses_size`` U > 1 (must divide ``sp_size``): hybrid LSS x Ulysses, each SP group cut into
+    Ulysses groups of U consecutive ranks (all-to-all over heads, inside a node when ranks are
+    packed per node) and LSS groups across them (``LSSTopology.sequence_groups``).
 
     Every rank must call this with the same arguments. The sizes are validated before any group
     is created, so a wrong size fails on every rank with the same message instead of hanging.
@@ -278,7 +406,7 @@ def init_topology(
     """
     _require_process_group("init_topology")
     world, rank = dist.get_world_size(), dist.get_rank()
-    dims = ParallelDims.from_sizes(sp_size, dp_size, world, tp=tp_size, pp=pp_size)
+    dims = ParallelDims.from_sizes(sp_size, dp_size, world, tp=tp_size, pp=pp_size, ulysses=ulysses_size)
     timeout = as_timedelta(timeout_s)
     mine, created = {}, []
     # new_group is collective over the world: every rank creates every group, in the same order.
@@ -290,6 +418,7 @@ def init_topology(
             created.append(group)
             if rank in ranks:
                 mine[axis] = group
+    ulysses_group, lss_group, subgroups = _new_sequence_subgroups(dims, rank, timeout)
     topology = LSSTopology(
         dims=dims,
         rank=rank,
@@ -298,7 +427,9 @@ def init_topology(
         timeout_s=timeout_s,
         tp_group=mine.get("tp"),
         pp_group=mine.get("pp"),
-        owned_groups=tuple(g for g in created if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER),
+        owned_groups=tuple(_members_only(created)) + subgroups,
+        ulysses_group=ulysses_group,
+        lss_subgroup=lss_group,
     )
     register_topology(topology)
     return topology
@@ -333,13 +464,33 @@ def destroy_topology() -> None:
     _TOPOLOGY = None
 
 
-def resolve_sp_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """The group an LSS call runs over: the one given, else the registered topology's SP group."""
+def resolve_sp_group(group) -> dist.ProcessGroup:
+    """The whole sequence-parallel group of ``group`` (a ProcessGroup, SequenceGroups or
+    LSSTopology), else the registered topology's SP group."""
+    if isinstance(group, (SequenceGroups, LSSTopology)):
+        return group.sp_group
     if group is not None:
         return group
+    return _registered("LSS").sp_group
+
+
+def resolve_sequence_groups(group) -> SequenceGroups:
+    """What a ``group=`` argument means: None = the registered topology's groups (hybrid when it
+    was built with ulysses_size > 1), a ProcessGroup = pure LSS over it, a SequenceGroups or an
+    LSSTopology = its groups."""
+    if isinstance(group, SequenceGroups):
+        return group
+    if isinstance(group, LSSTopology):
+        return group.sequence_groups
+    if group is not None:
+        return SequenceGroups.pure(group)
+    return _registered("LSS").sequence_groups
+
+
+def _registered(what: str) -> LSSTopology:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
-            "LSS needs torch.distributed to be initialised and lss_plugin.init_topology() called, "
+            f"{what} needs torch.distributed to be initialised and lss_plugin.init_topology() called, "
             "or an explicit group= argument"
         )
-    return get_topology().sp_group
+    return get_topology()

@@ -137,9 +137,12 @@ def test_targets_report_pass_and_miss():
             row("ulysses", 4, 10, [0.8] * 3), row("allgather_cp", 4, 10, [1.2] * 3), row("usp[u2]", 4, 10, [1.0] * 3, method="usp"),
             row("ulysses", 4, 10, None, attention="gqa", error="ValueError: Ulysses needs heads"),
             row("allgather_cp", 4, 10, [2.0] * 3, attention="gqa"), row("usp[u2]", 4, 10, [0.9] * 3, attention="gqa", method="usp"),
-            row("lss[regather,contiguous]", 1, 0, None, act=400), row("lss[regather,contiguous]", 4, 0, None, act=130)]
+            row("lss[regather,contiguous]", 1, 0, None, act=400), row("lss[regather,contiguous]", 4, 0, None, act=130),
+            row("lss[auto,balanced]", 1, 0, None, act=400), row("lss[auto,balanced]", 4, 0, None, act=105)]
     budget = [{"variant": v, "world_size": w, "longest_seq_len": n, "max_len_searched": 10_000}
               for v, w, n in (("lss[regather,contiguous]", 1, 100), ("lss[regather,contiguous]", 4, 300),
+                              ("lss[auto,balanced]", 1, 100), ("lss[auto,balanced]", 4, 300),
+                              ("lss[auto,balanced]+zero1", 4, 340),
                               ("single", 1, 100), ("megatron_tp_sp", 4, 320))]
     got = {t["target"]: (t["status"], t["value"]) for t in check_targets(rows, budget, 64, 8, 2, world=4)}
     assert got == {
@@ -155,6 +158,9 @@ def test_targets_report_pass_and_miss():
         "LSS regather: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("MISS", 3.0),
         "(extra) lss[regather,contiguous,chunk1]: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("n/a", None),
         "(extra) lss[regather,contiguous] activation memory 1 -> 4 ranks >= 80% of ideal 1/N": ("MISS", 0.769),
+        "LSS default lss[auto,balanced]: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("MISS", 3.0),
+        "LSS default lss[auto,balanced]+zero1: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("PASS", 3.4),
+        "LSS default lss[auto,balanced] activation memory 1 -> 4 ranks >= 90% of ideal 1/N": ("PASS", 0.952),
     }, got
 
 

@@ -56,8 +56,8 @@ def _ds(block=None, **extra):
 
 def test_block_parsed_with_defaults():
     lss = LSSConfig.from_ds_config(_ds({"size": 4}))
-    assert lss == LSSConfig(enabled=True, size=4, layout="balanced", kv_backward="keep",
-                            grad_averaging="auto", kv_head_chunk=None, timeout_s=None)
+    assert lss == LSSConfig(enabled=True, size=4, layout="balanced", kv_backward="auto",
+                            grad_averaging="auto", kv_head_chunk="auto", timeout_s=None)
     assert LSSConfig.from_ds_config(_ds()).enabled is False
     assert LSSConfig.from_ds_config(_ds({"enabled": False, "size": 2})).enabled is False
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",

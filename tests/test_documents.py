@@ -48,10 +48,18 @@ def _rel(a, b):
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1.0)
 
 
-def _one_case(causal, layout, heads, kv_backward, head_chunk, bounds_name, dtype=torch.float64):
+COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor")
+
+
+def _one_case(causal, layout, heads, kv_backward, head_chunk, bounds_name, dtype=torch.float64, ulysses_size=1,
+              counted=COUNTED):
+    """Relative errors of this rank's out, dq, dk, dv and (calls, bytes) of the ``counted`` collectives.
+
+    ``heads``: a name of ``HEADS`` or (heads, kv_heads); ``bounds_name`` None: no ``cu_seqlens``;
+    ``ulysses_size``: tokens laid out for the hybrid over the registered topology."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    h, hkv = HEADS[heads]
-    bounds = BOUNDS[bounds_name]
+    h, hkv = HEADS[heads] if isinstance(heads, str) else heads
+    bounds = BOUNDS[bounds_name or "one_document"]
     gen = torch.Generator().manual_seed(99)  # same full tensors on every rank
     q = torch.randn(B, L, h, D, generator=gen, dtype=dtype)
     k = torch.randn(B, L, hkv, D, generator=gen, dtype=dtype)
@@ -62,9 +70,9 @@ def _one_case(causal, layout, heads, kv_backward, head_chunk, bounds_name, dtype
     ref_out = _reference(*ref_in, bounds, causal)
     ref_out.backward(dout)
 
-    idx = local_token_indices(L, rank, world, layout)
+    idx = local_token_indices(L, rank, world, layout, ulysses_size=ulysses_size)
     local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]
-    cu = torch.tensor(bounds, dtype=torch.int32)
+    cu = torch.tensor(bounds, dtype=torch.int32) if bounds_name else None
     with lss_plugin.record_collectives() as rec:
         out = lss_plugin.lss_attention(*local, causal=causal, layout=layout, kv_backward=kv_backward,
                                        kv_head_chunk=head_chunk, cu_seqlens=cu)
@@ -72,8 +80,7 @@ def _one_case(causal, layout, heads, kv_backward, head_chunk, bounds_name, dtype
     errors = {"out": _rel(out, ref_out[:, idx])}
     for name, mine, ref in zip(("dq", "dk", "dv"), local, ref_in):
         errors[name] = _rel(mine.grad, ref.grad[:, idx])
-    names = ("all_gather_into_tensor", "reduce_scatter_tensor")
-    return errors, {n: rec.calls[n] for n in names}, {n: rec.bytes[n] for n in names}
+    return errors, {n: rec.calls[n] for n in counted}, {n: rec.bytes[n] for n in counted}
 
 
 # Every setting is crossed with causal x layout; the boundaries cycle through BOUNDS so each set of

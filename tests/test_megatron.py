@@ -459,6 +459,9 @@ def test_add_lss_args_is_a_megatron_extra_args_provider():
     assert (args.lss_sequence_parallel_size, args.lss_layout, args.lss_kv_backward) == (2, "balanced", "regather")
     assert parser.parse_args(["--lss-kv-head-chunk", "auto", "--lss-kv-backward", "auto"]).lss_kv_head_chunk == "auto"
     assert parser.parse_args(["--lss-kv-head-chunk", "2"]).lss_kv_head_chunk == 2
+    assert parser.parse_args(["--lss-kv-head-chunk", "all"]).lss_kv_head_chunk is None
+    defaults = parser.parse_args([])
+    assert (defaults.lss_kv_head_chunk, defaults.lss_kv_backward) == ("auto", "auto")
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):  # argparse: "a positive integer or 'auto', got '0'"
             parser.parse_args(["--lss-kv-head-chunk", bad])

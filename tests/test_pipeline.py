@@ -20,6 +20,7 @@ import lss_plugin.attention as attention
 from lss_plugin.comm import CollectiveError
 from lss_plugin.options import (
     AUTO_MIN_GATHER_BYTES, KV_BUFFER_ENV, MiB, auto_head_chunk, check_kv_buffer_mib, kv_buffer_mib_from_env,
+    resolve_kv_chunking,
 )
 from tests.distributed import run_ranks
 from tests.test_attention import B, D, L, _expected_comm
@@ -165,14 +166,14 @@ def test_auto_rule():
 
 
 def test_auto_backward_regathers_exactly_when_chunked():
-    resolve = attention._resolve_chunking  # (chunk, kv_backward, budget MiB, b, L, Hkv, d, dtype)
-    assert resolve("auto", "auto", None, 1, 8192, 8, 64, torch.float32) == (1, "regather")
-    assert resolve("auto", "keep", None, 1, 8192, 8, 64, torch.float32) == (1, "keep")  # explicit wins
-    assert resolve("auto", "auto", None, 1, 256, 8, 64, torch.float32) == (8, "keep")  # short: unchunked
-    assert resolve("auto", "auto", 20, 1, 8192, 8, 64, torch.float32) == (2, "regather")
-    assert resolve("auto", "auto", 40, 1, 8192, 8, 64, torch.float32) == (8, "keep")  # all of K, V fits
-    assert resolve(None, "auto", None, 1, 8192, 8, 64, torch.float32) == (8, "keep")
-    assert resolve(2, "auto", None, 1, 8192, 8, 64, torch.float32) == (2, "regather")
+    resolve = resolve_kv_chunking  # (chunk, kv_backward, budget MiB, b, L, Hkv, d, itemsize)
+    assert resolve("auto", "auto", None, 1, 8192, 8, 64, 4) == (1, "regather")
+    assert resolve("auto", "keep", None, 1, 8192, 8, 64, 4) == (1, "keep")  # explicit wins
+    assert resolve("auto", "auto", None, 1, 256, 8, 64, 4) == (8, "keep")  # short: unchunked
+    assert resolve("auto", "auto", 20, 1, 8192, 8, 64, 4) == (2, "regather")
+    assert resolve("auto", "auto", 40, 1, 8192, 8, 64, 4) == (8, "keep")  # all of K, V fits
+    assert resolve(None, "auto", None, 1, 8192, 8, 64, 4) == (8, "keep")
+    assert resolve(2, "auto", None, 1, 8192, 8, 64, 4) == (2, "regather")
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "64", True])
@@ -189,8 +190,9 @@ def test_budget_settings_that_cannot_be_honoured_are_refused():
         with pytest.raises(ValueError, match="LSS_KV_BUFFER_MIB must be a positive number"):
             kv_buffer_mib_from_env({KV_BUFFER_ENV: raw})
     x = torch.randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match=r"kv_buffer_mib \(64\) is the budget of kv_head_chunk='auto'"):
-        lss_plugin.lss_attention(x, x, x, kv_buffer_mib=64)
+    for chunk in (None, 1):
+        with pytest.raises(ValueError, match=rf"kv_buffer_mib \(64\) is the budget of kv_head_chunk='auto', got kv_head_chunk={chunk}"):
+            lss_plugin.lss_attention(x, x, x, kv_head_chunk=chunk, kv_buffer_mib=64)
     with pytest.raises(ValueError, match="kv_head_chunk must be"):
         lss_plugin.lss_attention(x, x, x, kv_head_chunk="fast")
 

@@ -17,6 +17,7 @@ from lss_plugin.bench.launch import launch
 from lss_plugin.bench.methods import DEFAULT_METHODS, LSS_TP_SIZE, Variant, variants_for
 from lss_plugin.bench.model import ModelDims
 from lss_plugin.bench.run import Case, worker
+from lss_plugin.options import resolve_kv_chunking
 from lss_plugin.plan import GPTSpec, Setup, plan
 from lss_plugin.signature import SIGNATURE_BYTES
 
@@ -37,15 +38,20 @@ def _cases(world):
             for att in ("mha", "gqa") for v in variants_for(DEFAULT_METHODS, world)]
 
 
-def _setup(variant: Variant, world: int) -> Setup:
+def _setup(variant: Variant, world: int, d: ModelDims, seq_len: int) -> Setup:
     if variant.method == "megatron_tp_sp":
         return Setup("megatron_tp_sp", tp=world, kernel=variant.kernel)
     if variant.method == "single":
         return Setup("single", kernel=variant.kernel)
     if variant.method == "lss_tp":
         return Setup("lss", sp=world // LSS_TP_SIZE, tp=LSS_TP_SIZE, kv_backward=variant.kv_backward)
-    return Setup(variant.method, sp=world, kv_backward=variant.kv_backward,
-                 kv_head_chunk=variant.kv_head_chunk, ulysses=variant.ulysses)
+    kv_head_chunk, kv_backward = variant.kv_head_chunk, variant.kv_backward
+    if variant.method == "lss":  # "auto" as the call resolves it (float32, the benchmark's dtype)
+        chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, None, 1, seq_len, d.num_kv_heads,
+                                                 d.hidden_size // d.num_heads, 4)
+        kv_head_chunk = chunk
+    return Setup(variant.method, sp=world, kv_backward=kv_backward,
+                 kv_head_chunk=kv_head_chunk, ulysses=variant.ulysses)
 
 
 def _spec(d: ModelDims) -> GPTSpec:
@@ -68,7 +74,7 @@ def _pairs(measured):
         v = Variant(**c["case"]["variant"])
         d = ModelDims(**c["case"]["dims"])
         try:
-            p = plan(_spec(d), c["case"]["seq_len"], _setup(v, c["world_size"]))
+            p = plan(_spec(d), c["case"]["seq_len"], _setup(v, c["world_size"], d, c["case"]["seq_len"]))
         except ValueError as e:
             # the model refuses fewer KV heads than Ulysses / TP ranks; Ulysses refuses it too
             assert d.num_kv_heads < c["world_size"], (v.name, str(e))

@@ -198,7 +198,7 @@ def test_in_band_check_needs_no_pre_check(sweep):
 
 
 def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
-    """Exact overhead: N x 40 bytes per gather; printed for the README."""
+    """Exact overhead: N x SIGNATURE_BYTES (48) bytes per gather; printed for the README."""
     world, per_rank = sweep
     for dtype, f in per_rank[0]["overhead"].items():
         assert f["calls"] == 8
@@ -223,6 +223,7 @@ VARIANTS = {
     "causal": {"causal": False}, "kv_backward": {"kv_backward": "keep"}, "kv_head_chunk": {"kv_head_chunk": 2},
     "softmax_scale": {"softmax_scale": 0.125000001}, "documents": {"documents": 7}, "gather": {"gather": "forward"},
     "head_chunk_index": {"head_chunk_index": 0}, "kv_grad_dtype": {"kv_grad_dtype": "fp32"},
+    "ulysses": {"ulysses": 2}, "ulysses_peers": {"ulysses_peers": 0x9E3779B9},
 }
 
 
@@ -273,4 +274,4 @@ def test_values_too_wide_for_their_field_are_refused_by_name():
 
     with pytest.raises(ValueError, match="heads=70000 does not fit the 16-bit field"):
         replace(SIG, heads=70000).to_bytes()
-    assert struct.calcsize("<" + "B" * 6 + "H" * 5 + "I" * 2 + "d" + "Q") == SIGNATURE_BYTES == 40
+    assert struct.calcsize("<" + "B" * 6 + "H" * 5 + "I" * 2 + "d" + "Q" + "H" * 2 + "I") == SIGNATURE_BYTES == 48

@@ -40,6 +40,23 @@ class TestParallelDimsValidation:
             ParallelDims(sp=1, dp=1, world_size=1).group_ranks("cp", 0)
 
 
+def test_ulysses_must_divide_sp_and_cuts_each_sp_group():
+    with pytest.raises(ValueError, match=r"ulysses \(3\) must divide the sequence-parallel size \(4\)"):
+        ParallelDims(sp=4, dp=1, world_size=4, ulysses=3)
+    with pytest.raises(ValueError, match="ulysses must be a positive integer, got 0"):
+        ParallelDims.from_sizes(4, None, 8, ulysses=0)
+    dims = ParallelDims.from_sizes(4, None, 8, ulysses=2)
+    assert (dims.dp, dims.lss) == (2, 2)
+    assert dims.ulysses_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]  # consecutive SP ranks
+    assert dims.lss_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]  # the same index in each Ulysses group
+    # under TP the SP ranks are strided; the sub-groups follow the SP order
+    tp = ParallelDims(sp=4, dp=1, world_size=8, tp=2, ulysses=2)
+    assert tp.ulysses_groups() == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert tp.lss_groups() == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    whole = ParallelDims(sp=4, dp=1, world_size=4, ulysses=4)  # pure Ulysses: LSS groups of one
+    assert whole.ulysses_groups() == [[0, 1, 2, 3]] and whole.lss_groups() == [[0], [1], [2], [3]]
+
+
 def test_rank_layout_keeps_sequence_groups_consecutive_without_tp():
     dims = ParallelDims.from_sizes(2, None, 6)
     assert dims.dp == 3
@@ -136,6 +153,38 @@ def _build_groups():
         lss_plugin.init_topology(3)
     except ValueError as e:
         out["error"] = str(e)
+    out["hybrid"] = _hybrid_groups()
+    return out
+
+
+def _hybrid_groups():
+    """init_topology and from_groups with ulysses_size = 2: sub-groups, ranks, a real collective."""
+    from lss_plugin.topology import LSSTopology
+
+    out = {}
+    try:
+        lss_plugin.init_topology(4, ulysses_size=3)
+    except ValueError as e:
+        out["error"] = str(e)
+    for how in ("init", "from_groups"):
+        if how == "init":
+            topo = lss_plugin.init_topology(2, ulysses_size=2)
+        else:
+            base = lss_plugin.init_topology(2)
+            topo = LSSTopology.from_groups(base.sp_group, base.dp_group, ulysses_size=2)
+        sums = {}
+        for kind in ("ulysses", "lss"):
+            t = torch.tensor([float(dist.get_rank())])
+            dist.all_reduce(t, group=getattr(topo, f"{kind}_group"))
+            sums[kind] = t.item()
+        groups = topo.sequence_groups
+        out[how] = dict(
+            ulysses=_ranks(topo.ulysses_group), lss=_ranks(topo.lss_group), sums=sums,
+            sizes=(topo.ulysses_size, topo.lss_size, topo.ulysses_rank, topo.lss_rank),
+            sequence=(groups.sp_size, groups.sp_rank, groups.ulysses_size, groups.ulysses_rank, groups.lss_rank),
+            owned=len(topo.owned_groups),
+        )
+        lss_plugin.destroy_topology()
     return out
 
 
@@ -151,3 +200,13 @@ def test_groups_equal_megatron_parallel_state_on_four_ranks():
                 assert ranks == dims.group_ranks(axis, rank)
                 assert g["sums"][axis] == sum(ranks)
         assert "sequence-parallel size 3 does not divide world_size(4)" in r["error"]
+        hybrid = r["hybrid"]
+        assert "ulysses (3) must divide the sequence-parallel size (4)" in hybrid["error"]
+        for how in ("init", "from_groups"):  # SP = 2 = U: Ulysses groups [0, 1], [2, 3]; LSS groups of one
+            h = hybrid[how]
+            assert h["ulysses"] == [rank - rank % 2, rank - rank % 2 + 1] and h["lss"] == [rank], h
+            assert h["sums"] == {"ulysses": float(2 * (rank - rank % 2) + 1), "lss": float(rank)}, h
+            assert h["sizes"] == (2, 1, rank % 2, 0) and h["sequence"] == (2, rank % 2, 2, rank % 2, 0), h
+        # init: 2 SP + 2 DP groups + 2 Ulysses + 4 LSS groups created, this rank a member of one of each
+        # (non-members get NON_GROUP_MEMBER, not kept); from_groups owns only the sub-groups it made
+        assert hybrid["init"]["owned"] == 4 and hybrid["from_groups"]["owned"] == 2, hybrid

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import replace
 
-from lss_plugin.bench.methods import DEFAULT_METHODS, variants_for
+from lss_plugin.bench.methods import DEFAULT_METHODS, LSS_DEFAULT_VARIANT, variants_for
 from lss_plugin.bench.model import ModelDims
 from lss_plugin.bench.run import BUDGET_REFERENCE, Case, worker
 
@@ -114,13 +114,13 @@ def link_cases(args, world: int, dims_for: dict) -> list[Case]:
 def budget_jobs_for(args, world: int, budget_dims: ModelDims, budget_bytes, unit: int, budget_max: int):
     jobs = []
     for v in variants_for(args.methods, world, args.quick):
-        wanted = (v.name in (BUDGET_REFERENCE, "lss[regather,contiguous,chunk1]")
+        wanted = (v.name in (BUDGET_REFERENCE, "lss[regather,contiguous,chunk1]", LSS_DEFAULT_VARIANT.name)
                   or (v.method in BUDGET_METHODS and v.kernel == "fused"))
         if args.quick:
             wanted = v.name == BUDGET_REFERENCE or (v.method in ("single", "megatron_tp_sp") and v.kernel == "fused")
         # LSS replicates weights over SP: its reference also runs with the AdamW state sharded
         # over the grid (TP+SP here spans every rank with DP = 1, so it has nothing to shard).
-        shard = [False, True] if world > 1 and v.name == BUDGET_REFERENCE else [False]
+        shard = [False, True] if world > 1 and v.name in (BUDGET_REFERENCE, LSS_DEFAULT_VARIANT.name) else [False]
         if wanted:
             jobs += [dict(variant=replace(v, shard_optimizer=s), dims=budget_dims, budget_bytes=budget_bytes,
                           unit=unit, max_len=budget_max, attention="mha", batch_size=args.batch_size)

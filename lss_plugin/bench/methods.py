@@ -29,7 +29,7 @@ class Variant:
     method: str
     layout: str = "contiguous"
     kv_backward: str = "keep"
-    kv_head_chunk: int | None = None
+    kv_head_chunk: int | str | None = None  # "auto": lss_plugin.options.auto_head_chunk
     kernel: str = "fused"
     ulysses: int | None = None
     shard_optimizer: bool = False
@@ -41,6 +41,8 @@ class Variant:
     @property
     def _base_name(self) -> str:
         if self.method == "lss":
+            if self.kv_head_chunk == "auto" and self.kv_backward == "auto":
+                return f"lss[auto,{self.layout}]"  # the defaults of every integration
             chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
             return f"lss[{self.kv_backward},{self.layout}{chunk}]"
         if self.method == "usp":
@@ -185,7 +187,12 @@ def _lss_variants(n, quick):
     out = [Variant("lss", layout, mode) for layout in ("contiguous", "balanced") for mode in ("keep", "regather")]
     if n == 1:  # one rank: the layouts differ in kernel calls only; keep the timing targets' variant
         out = [v for v in out if v.layout == "contiguous" or v.kv_backward == "keep"]
-    return out + [Variant("lss", "contiguous", "regather", kv_head_chunk=1)]  # the memory-lean extreme
+    return out + [Variant("lss", "contiguous", "regather", kv_head_chunk=1),  # the memory-lean extreme
+                  LSS_DEFAULT_VARIANT]
+
+
+# What lss_attention and every adapter run when not told otherwise (balanced, "auto" chunks).
+LSS_DEFAULT_VARIANT = Variant("lss", "balanced", "auto", kv_head_chunk="auto")
 
 
 register(Method("lss", sequence_parallel, _lss_variants, _lss_attention, _layout_indices,

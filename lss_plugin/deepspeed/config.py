@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lss_plugin.options import AUTO, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS
+from lss_plugin.options import AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS
 
 BLOCK_KEY = "lss_sequence_parallel"
 GRAD_AVERAGING_MODES = ("auto", "two_stage", "fused")
@@ -32,9 +32,9 @@ class LSSConfig:
     enabled: bool = False
     size: int = 1  # sequence-parallel ranks per sequence (N)
     layout: str = DEFAULT_LAYOUT  # how a sequence is split: causal load balance by default
-    kv_backward: str = "keep"  # "regather": keep only local K/V, gather again in backward
+    kv_backward: str = DEFAULT_KV_BACKWARD  # "regather": only local K/V kept, gathered again in backward
     grad_averaging: str = "auto"  # "two_stage": SP then DP (ZeRO 0 only); "fused": one SP x DP reduction
-    kv_head_chunk: int | str | None = None  # KV heads gathered at a time (memory bound), or "auto"
+    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK  # KV heads per gather, "auto", or null (all)
     timeout_s: float | None = None  # timeout of the LSS process groups
 
     FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
-from lss_plugin.options import DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
 from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sp_group
 
@@ -43,8 +43,8 @@ class LSSHFOptions:
     """What a registered attention name runs with. ``group=None``: the registered topology's SP group."""
 
     layout: str = DEFAULT_LAYOUT
-    kv_backward: str = "keep"
-    kv_head_chunk: int | None = None
+    kv_backward: str = DEFAULT_KV_BACKWARD
+    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
     group: object = None
 
     def __post_init__(self) -> None:
@@ -60,8 +60,8 @@ def register_lss_attention(
     name: str = DEFAULT_NAME,
     *,
     layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = "keep",
-    kv_head_chunk: int | None = None,
+    kv_backward: str = DEFAULT_KV_BACKWARD,
+    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK,
     group=None,
 ) -> str:
     """Register ``name`` (default ``"lss"``) in transformers' attention and mask registries.

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 
 from lss_plugin.options import (
-    AUTO, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
+    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
     check_ulysses_heads, check_ulysses_size,
 )
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
+ALL_KV_HEADS = "all"  # --lss-kv-head-chunk all: one gather of every KV head (no chunking)
 
 
 def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,15 +35,16 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "and gather K,V with LSS across the N/U groups. U must divide N and the "
                             "query heads per tensor-parallel rank (KV heads U does not divide are "
                             "replicated to lcm(KV heads, U)). Default 1: pure LSS; U = N: pure Ulysses.")
-    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default="keep",
+    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default=DEFAULT_KV_BACKWARD,
                        help="keep the gathered K,V for backward, or regather them (less memory, "
-                            "one more collective per layer); auto: regather exactly when K,V are "
-                            "gathered in head chunks.")
-    group.add_argument("--lss-kv-head-chunk", type=_head_chunk, default=None,
+                            "one more collective per layer); auto (default): regather exactly when "
+                            "K,V are gathered in head chunks.")
+    group.add_argument("--lss-kv-head-chunk", type=_head_chunk, default=DEFAULT_KV_HEAD_CHUNK,
                        help="gather and attend this many KV heads at a time (pipelined: the next "
-                            "chunk's gather overlaps this one's attention), or 'auto' (a small "
-                            "fraction of the whole-sequence K,V; LSS_KV_BUFFER_MIB sets a budget "
-                            "in MiB instead). Default: all KV heads at once.")
+                            "chunk's gather overlaps this one's attention); 'all' for all KV heads "
+                            "at once; 'auto' (default): chunks of a small fraction of the "
+                            "whole-sequence K,V once those are large, all heads below that "
+                            "(LSS_KV_BUFFER_MIB sets a budget in MiB instead).")
     group.add_argument("--lss-grad-averaging", choices=GRAD_AVERAGING_MODES, default="fused",
                        help="Gradient averaging over SP x DP. Megatron's DDP reduces over the "
                             "DP x CP group in one collective, which is the 'fused' mode; "
@@ -51,14 +53,16 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _head_chunk(value: str):
-    """``--lss-kv-head-chunk``: a positive integer or 'auto'."""
+    """``--lss-kv-head-chunk``: a positive integer, 'all' (None: every KV head at once) or 'auto'."""
     if value == AUTO:
         return AUTO
+    if value == ALL_KV_HEADS:
+        return None
     try:
         chunk = int(value)
         check_kv_head_chunk(chunk, setting="--lss-kv-head-chunk")
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a positive integer or 'auto', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"a positive integer, 'all' or 'auto', got {value!r}") from None
     return chunk
 
 
@@ -148,30 +152,43 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
 
 def _check_heads_per_rank(args, ulysses: int, tp: int) -> None:
     """The heads one TP rank attends must split over the Ulysses group (``check_ulysses_heads``),
-    and ``--lss-kv-head-chunk`` must not exceed the KV heads a rank then gathers.
+    and ``--lss-kv-head-chunk`` must not exceed the KV heads a rank then gathers. A head count TP
+    does not divide is left to the check that names TP."""
+    heads, kv_heads = attention_heads(args)
+    if heads is None or heads % tp or kv_heads % tp:
+        return
+    per_rank = kv_heads_per_rank(args)
+    where = " after the all-to-all" if ulysses > 1 else ""
+    check_kv_head_chunk(getattr(args, "lss_kv_head_chunk", None), per_rank,
+                        setting=f"--lss-kv-head-chunk ({per_rank} key/value heads per rank{where})")
+
+
+def attention_heads(args) -> tuple:
+    """(query heads, KV heads) the flags give, (None, None) without ``num_attention_heads``.
 
     Megatron-LM spells GQA as ``--group-query-attention --num-query-groups G`` (without the first
-    flag every head is its own group); the bundled script as ``--num-query-groups G``. A head count
-    TP does not divide is left to the check that names TP.
-    """
+    flag every head is its own group); the bundled script as ``--num-query-groups G``."""
     heads = getattr(args, "num_attention_heads", None)
-    if heads is None:
-        return
     groups = getattr(args, "num_query_groups", None)
     if not getattr(args, "group_query_attention", True) or not groups:
         groups = heads
-    if heads % tp or groups % tp:
-        return
-    kv_heads = groups // tp
-    if ulysses > 1:
-        try:  # KV heads U does not divide are replicated to lcm(KV heads, U) before the all-to-all
-            kv_heads = check_ulysses_heads(heads // tp, groups // tp, ulysses, setting="--lss-ulysses-size") // ulysses
-        except ValueError as err:
-            per_rank = f" over --tensor-model-parallel-size {tp} ({heads // tp} and {groups // tp} per rank)" if tp > 1 else ""
-            raise ValueError(f"--num-attention-heads {heads} with {groups} key/value heads{per_rank}: {err}") from None
-    where = " after the all-to-all" if ulysses > 1 else ""
-    check_kv_head_chunk(getattr(args, "lss_kv_head_chunk", None), kv_heads,
-                        setting=f"--lss-kv-head-chunk ({kv_heads} key/value heads per rank{where})")
+    return heads, groups
+
+
+def kv_heads_per_rank(args) -> int:
+    """KV heads one rank gathers over its LSS group: KV heads / TP, then, with ``--lss-ulysses-size``
+    U > 1, replicated to lcm(., U) if U does not divide them and split over the Ulysses group.
+    Raises ValueError naming the flags when U cannot split this TP rank's heads."""
+    heads, kv_heads = attention_heads(args)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    ulysses = getattr(args, "lss_ulysses_size", 1)
+    if ulysses == 1:
+        return kv_heads // tp
+    try:
+        return check_ulysses_heads(heads // tp, kv_heads // tp, ulysses, setting="--lss-ulysses-size") // ulysses
+    except ValueError as err:
+        per_rank = f" over --tensor-model-parallel-size {tp} ({heads // tp} and {kv_heads // tp} per rank)" if tp > 1 else ""
+        raise ValueError(f"--num-attention-heads {heads} with {kv_heads} key/value heads{per_rank}: {err}") from None
 
 
 def _world_size(args, world_size):

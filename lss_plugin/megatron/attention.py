@@ -39,7 +39,7 @@ from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
 from lss_plugin.comm import all_reduce_sum
-from lss_plugin.options import DEFAULT_LAYOUT, check_ulysses_heads
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_ulysses_heads
 from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
 from lss_plugin.megatron.parallel import lss_group_for
 from lss_plugin.sharding import local_positions
@@ -69,8 +69,8 @@ class LSSDotProductAttention(MegatronModule):
     """
 
     lss_layout: str = DEFAULT_LAYOUT
-    lss_kv_backward: str = "keep"
-    lss_kv_head_chunk: Optional[int] = None
+    lss_kv_backward: str = DEFAULT_KV_BACKWARD
+    lss_kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK
     lss_ulysses_size: Optional[int] = None
 
     def __init__(
@@ -248,8 +248,9 @@ class LSSDotProductAttention(MegatronModule):
         return t.transpose(0, 1)  # sbhd
 
 
-def configured_lss_attention(layout: str = DEFAULT_LAYOUT, kv_backward: str = "keep",
-                             kv_head_chunk: Optional[int] = None, ulysses_size: Optional[int] = None) -> type:
+def configured_lss_attention(layout: str = DEFAULT_LAYOUT, kv_backward: str = DEFAULT_KV_BACKWARD,
+                             kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
+                             ulysses_size: Optional[int] = None) -> type:
     """A subclass of LSSDotProductAttention carrying these options (specs pass classes)."""
     return type(
         "LSSDotProductAttention",

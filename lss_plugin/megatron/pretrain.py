@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+from lss_plugin.megatron.args import add_lss_args, kv_heads_per_rank, validate_lss_args
+from lss_plugin.options import DEFAULT_KV_HEAD_CHUNK, resolve_kv_chunking
 from lss_plugin.topology import ParallelDims
 
 
@@ -466,6 +467,17 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _kv_mode(args) -> str:
+    """What each attention call runs: its KV heads per gather and keep/regather, "auto" resolved."""
+    kv_heads = kv_heads_per_rank(args)  # after TP and the hybrid's all-to-all
+    head_dim = args.hidden_size // args.num_attention_heads
+    itemsize = 4  # this script trains in float32
+    setting = getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK)
+    chunk, mode = resolve_kv_chunking(setting, args.lss_kv_backward, None, args.micro_batch_size,
+                                      args.seq_length, kv_heads, head_dim, itemsize)
+    return mode if chunk == kv_heads else f"{mode} kv_head_chunk={chunk}/{kv_heads}"
+
+
 def describe(args) -> str:
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     tp_part = f"tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''}"
@@ -475,8 +487,7 @@ def describe(args) -> str:
         hybrid = f" (ulysses={ulysses} x lss={sp // ulysses})" if ulysses > 1 else ""
         return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={sp}{hybrid} x "
                 f"dp={args.data_parallel_size}{pp_part} layout={args.lss_layout} "
-                f"kv_backward={args.lss_kv_backward}"
-                + (f" kv_head_chunk={args.lss_kv_head_chunk}" if getattr(args, "lss_kv_head_chunk", None) else ""))
+                f"kv_backward={_kv_mode(args)}")
     return f"Megatron {tp_part} x dp={args.data_parallel_size}{pp_part}"
 
 

@@ -17,7 +17,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from lss_plugin.options import DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
 from lss_plugin.megatron.attention import configured_lss_attention
 from lss_plugin.megatron.self_attention import LSSSelfAttention
 
@@ -48,8 +48,8 @@ def get_gpt_layer_lss_spec(
     qk_l2_norm: Optional[bool] = False,
     *,
     layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = "keep",
-    kv_head_chunk: Optional[int | str] = None,
+    kv_backward: str = DEFAULT_KV_BACKWARD,
+    kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
     transformer_impl: Optional[str] = None,
     ulysses_size: Optional[int] = None,
 ) -> ModuleSpec:
@@ -98,7 +98,7 @@ def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
         layout=args.lss_layout,
         kv_backward=args.lss_kv_backward,
-        kv_head_chunk=getattr(args, "lss_kv_head_chunk", None),
+        kv_head_chunk=getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK),
         transformer_impl=getattr(args, "transformer_impl", "local"),
         ulysses_size=getattr(args, "lss_ulysses_size", 1),
     )

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lss_plugin.attention import lss_attention
-from lss_plugin.options import DEFAULT_LAYOUT
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT
 from lss_plugin.sharding import local_positions
 
 
@@ -56,8 +56,8 @@ class GPTConfig:
 class LSSAttentionOptions:
     group: object = None  # None: the registered topology's SP group
     layout: str = DEFAULT_LAYOUT
-    kv_backward: str = "keep"
-    kv_head_chunk: int | None = None
+    kv_backward: str = DEFAULT_KV_BACKWARD
+    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
