@@ -7,6 +7,8 @@
     torchrun --nproc-per-node 2 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_tp_sp.args
     # both: TP = 2 (+ Megatron SP) x LSS = 2; add --pipeline-model-parallel-size P for stages
     torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss_tp.args
+    # hybrid LSS x Ulysses: all-to-all over heads inside ranks 0-1 and 2-3, LSS's gather across them
+    torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss.args --lss-ulysses-size 2
     # packed documents (Wikipedia pages end at an EOD byte): no attention across them, positions
     # restart, no loss at EOD inputs; under LSS one THD sequence per micro-batch, global cu_seqlens
     torchrun --nproc-per-node 4 examples/pretrain_gpt_lss.py @configs/megatron_gpt_small_lss.args \

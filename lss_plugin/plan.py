@@ -17,11 +17,12 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
-from lss_plugin.options import check_kv_grad_dtype
+from lss_plugin.options import check_kv_grad_dtype, check_ulysses_heads, ulysses_kv_heads
 from lss_plugin.signature import SIGNATURE_BYTES
 
-METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp")
-SP_METHODS = ("lss", "ulysses", "ring", "allgather_cp", "usp")
+METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp", "lss_ulysses")
+SP_METHODS = ("lss", "ulysses", "ring", "allgather_cp", "usp", "lss_ulysses")
+ULYSSES_METHODS = ("usp", "lss_ulysses")  # the SP methods split into Ulysses groups of ``ulysses`` ranks
 _WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
          "send": lambda n: 1.0, "recv": lambda n: 0.0}
@@ -56,6 +57,8 @@ class Setup:
 
     ``lss`` with ``tp > 1`` is LSS over ``sp`` ranks x Megatron TP + SP over ``tp`` ranks (the
     benchmark's ``lss_tp``): each TP rank gathers its ``hkv / tp`` KV heads over its SP group.
+    ``usp`` and ``lss_ulysses`` (issue 17's hybrid: all-to-all inside Ulysses groups of ``ulysses``
+    consecutive ranks, LSS's fused K/V gather across them) take the Ulysses group size ``ulysses``.
     """
 
     method: str
@@ -68,7 +71,7 @@ class Setup:
     dtype_bytes: int = 4  # parameters and activations (fp32 4, bf16 2)
     batch_size: int = 1  # sequences per rank (micro-batch)
     kernel: str = "fused"  # single / megatron_tp_sp: fused (SDPA) | unfused (Megatron's dense local)
-    ulysses: int | None = None  # usp only: Ulysses group size (the ring has sp / ulysses ranks)
+    ulysses: int | None = None  # usp / lss_ulysses: Ulysses group size (the other axis has sp / ulysses ranks)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,14 +79,15 @@ class Setup:
         if self.kernel not in ("fused", "unfused") or (self.kernel == "unfused" and self.method in SP_METHODS):
             raise ValueError(f"kernel must be 'fused', or 'unfused' for single/megatron_tp_sp; got "
                              f"{self.kernel!r} for {self.method}")
-        if (self.method == "usp") != (self.ulysses is not None) or (
+        if (self.method in ULYSSES_METHODS) != (self.ulysses is not None) or (
                 self.ulysses is not None and (self.ulysses < 1 or self.sp % self.ulysses)):
-            raise ValueError(f"ulysses (the Ulysses group size of usp) must divide sp({self.sp}) and is "
-                             f"for usp only; got ulysses={self.ulysses} for {self.method}")
+            raise ValueError(f"ulysses (the Ulysses group size of {'/'.join(ULYSSES_METHODS)}) must divide "
+                             f"sp({self.sp}) and is for those only; got ulysses={self.ulysses} for {self.method}")
         if self.method == "megatron_tp_sp" and self.sp != 1:
             raise ValueError(f"megatron_tp_sp splits the sequence over its TP group: sp must be 1, got {self.sp}")
         if self.kv_head_chunk is not None and (self.method != "lss" or self.kv_head_chunk < 1):
-            raise ValueError(f"kv_head_chunk applies to lss only and must be >= 1, got {self.kv_head_chunk}")
+            raise ValueError(f"kv_head_chunk applies to lss only (not modelled for {self.method}) and "
+                             f"must be >= 1, got {self.kv_head_chunk}")
         check_kv_grad_dtype(self.kv_grad_dtype)
         if self.method in SP_METHODS and self.method != "lss" and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
@@ -97,11 +101,20 @@ class Setup:
 
 @dataclass
 class Collective:
+    """``calls`` calls of one collective, ``payload_bytes`` each (the counters' convention).
+
+    ``group`` names which ranks of the SP group take part (``lss_plugin.plan_links`` routes the
+    bytes by it): ``sp`` all N, ``ulysses`` the U consecutive ranks of a Ulysses group, ``strided``
+    the R = N / U ranks with the same index in every Ulysses group (USP's ring, the hybrid's LSS
+    group); ``tp`` Megatron's TP group; ``dp_sp`` / ``dp`` the gradient all-reduce.
+    """
+
     type: str
     payload_bytes: int  # per call
     group_size: int
     calls: int
     what: str = ""
+    group: str = ""
 
     @property
     def total_payload(self) -> int:
@@ -189,45 +202,90 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
     if s.method in SP_METHODS:
         n = s.sp
         s_local = seq_len // n
-        kv_full = 2 * b * seq_len * (spec.hkv // s.tp) * dh * dt  # packed K and V, this TP rank's heads
         block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V of one rank (tp is 1 but for lss)
         if s.method == "lss":
-            gathers = 2 if s.kv_backward == "regather" else 1
-            chunks = (spec.hkv // s.tp) // (s.kv_head_chunk or spec.hkv // s.tp)  # one collective per head chunk
-            signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
-            out.append(Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
-                                  "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")")))
-            # half inputs send their float32 dK,dV accumulators unless kv_grad_dtype="input"
-            grad_dt = 4 if dt < 4 and s.kv_grad_dtype == "fp32" else dt
-            out.append(Collective("reduce_scatter", kv_full // chunks // dt * grad_dt, n, layers * chunks,
-                                  "packed dK,dV (bwd)"))
+            out += _lss_kv_collectives(b * seq_len * dh, spec.hkv // s.tp, n, s, layers, "sp")
+        elif s.method == "lss_ulysses":
+            u, r = s.ulysses, n // s.ulysses
+            g = ulysses_kv_heads(spec.hkv, u)
+            # q, k, v in one all-to-all carrying every rank's call signature to its Ulysses group
+            out += _all_to_alls(b * s_local * dh * dt, spec.num_heads, g, u, layers, "ulysses",
+                                fused=True, signatures=u * SIGNATURE_BYTES)
+            # the LSS group gathers all L tokens of this rank's g / U KV heads
+            out += _lss_kv_collectives(b * seq_len * dh, g // u, r, s, layers, "strided")
         elif s.method == "allgather_cp":
-            out.append(Collective("all_gather", kv_full // 2, n, 4 * layers, "K and V separately, fwd + bwd"))
-            out.append(Collective("reduce_scatter", kv_full // 2, n, 2 * layers, "dK and dV separately (bwd)"))
+            kv_one = b * seq_len * spec.hkv * dh * dt  # K or V of all L positions
+            out.append(Collective("all_gather", kv_one, n, 4 * layers, "K and V separately, fwd + bwd", "sp"))
+            out.append(Collective("reduce_scatter", kv_one, n, 2 * layers, "dK and dV separately (bwd)", "sp"))
         elif s.method == "ring":
-            hops = (n - 1) + (n - 1) + n if n > 1 else 0  # fwd K/V, bwd K/V, bwd dK/dV
-            out.append(Collective("send", block, n, hops * layers, "K,V and dK,dV blocks"))
-            out.append(Collective("recv", block, n, hops * layers, "K,V and dK,dV blocks"))
+            out += _ring_collectives(block, n, layers, "sp")
         else:  # ulysses, usp: 4 all-to-alls (q, k, v, out) each way in the Ulysses group
             u = n if s.method == "ulysses" else s.ulysses
-            if u > 1:
-                for what, heads in (("q", spec.num_heads), ("k", spec.hkv), ("v", spec.hkv), ("out", spec.num_heads)):
-                    out.append(Collective("all_to_all", b * s_local * heads * dh * dt, u, 2 * layers,
-                                          f"{what} (fwd + bwd)"))
-            r = n // u  # usp's ring: the Ulysses group's tokens, 1/u of the KV heads: same bytes as a block
-            if r > 1:
-                hops = 3 * r - 2
-                out.append(Collective("send", block, r, hops * layers, "ring K,V and dK,dV blocks"))
-                out.append(Collective("recv", block, r, hops * layers, "ring K,V and dK,dV blocks"))
+            out += _all_to_alls(b * s_local * dh * dt, spec.num_heads, spec.hkv, u, layers,
+                                "sp" if u == n else "ulysses", fused=s.method == "usp")
+            # usp's ring: the Ulysses group's tokens, 1/u of the KV heads: same bytes as a block
+            out += _ring_collectives(block, n // u, layers, "strided")
         out += _tp_sp_collectives(spec, s_local, s, params)  # LSS x TP: Megatron SP inside the TP group
         # megatron DDP: one all-reduce of the fp32 grad buffer over DP x SP; token count
-        out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)"))
-        out.append(Collective("all_reduce", 4, n * s.dp, 1, "loss token count"))
+        out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)", "dp_sp"))
+        out.append(Collective("all_reduce", 4, n * s.dp, 1, "loss token count", "dp_sp"))
     else:
         out += _tp_sp_collectives(spec, seq_len, s, params)
-        out.append(Collective("all_reduce", params["total"] * grad_bytes, s.dp, 1, "grads (DP)"))
-        out.append(Collective("all_reduce", 4, s.dp, 1, "loss token count"))
+        out.append(Collective("all_reduce", params["total"] * grad_bytes, s.dp, 1, "grads (DP)", "dp"))
+        out.append(Collective("all_reduce", 4, s.dp, 1, "loss token count", "dp"))
     return out
+
+
+def _lss_kv_collectives(token_elements: int, heads: int, n: int, s: Setup, layers: int,
+                        group: str) -> list[Collective]:
+    """LSS's fused collectives over ``n`` ranks for ``heads`` KV heads; ``token_elements`` =
+    b x L x d (all L positions of one head).
+
+    Per layer: one gather of packed K,V (two with ``regather``), each carrying the n call
+    signatures, and one reduce-scatter of packed dK,dV, whose items are float32 for half inputs
+    unless kv_grad_dtype="input"; with ``kv_head_chunk`` one of each per head chunk.
+    """
+    if n == 1:
+        return []
+    dt = s.dtype_bytes
+    kv_full = 2 * token_elements * heads * dt  # packed K and V of all L positions
+    gathers = 2 if s.kv_backward == "regather" else 1
+    chunks = heads // (s.kv_head_chunk or heads)  # one collective per head chunk
+    signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
+    grad_dt = 4 if dt < 4 and s.kv_grad_dtype == "fp32" else dt
+    return [Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
+                       "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")"), group),
+            Collective("reduce_scatter", kv_full // chunks // dt * grad_dt, n, layers * chunks,
+                       "packed dK,dV (bwd)", group)]
+
+
+def _all_to_alls(token_bytes: int, heads: int, kv_heads: int, u: int, layers: int, group: str,
+                 fused: bool = False, signatures: int = 0) -> list[Collective]:
+    """Ulysses's all-to-alls over ``u`` ranks; ``token_bytes`` = b x s_local x d x itemsize (one
+    head of this rank's tokens). DeepSpeed's (``fused=False``): q, k, v, out forward and their
+    inverses backward, 8 per layer. ``lss_plugin.ulysses`` (USP, the hybrid; ``fused=True``):
+    q, k, v in ONE all-to-all (+ ``signatures`` bytes: the hybrid's call-signature row, one per
+    destination rank), out, and backward dout and dq, dk, dv: 4 per layer, the same K,V bytes."""
+    if u == 1:
+        return []
+    if not fused:
+        return [Collective("all_to_all", token_bytes * h, u, 2 * layers, f"{what} (fwd + bwd)", group)
+                for what, h in (("q", heads), ("k", kv_heads), ("v", kv_heads), ("out", heads))]
+    qkv = token_bytes * (heads + 2 * kv_heads)
+    return [Collective("all_to_all", qkv + signatures, u, layers,
+                       "q, k, v" + (" + signature rows" if signatures else "") + " (fwd)", group),
+            Collective("all_to_all", qkv, u, layers, "dq, dk, dv (bwd)", group),
+            Collective("all_to_all", token_bytes * heads, u, 2 * layers, "out (fwd), dout (bwd)", group)]
+
+
+def _ring_collectives(block: int, r: int, layers: int, group: str) -> list[Collective]:
+    """Ring attention over ``r`` ranks: per layer r - 1 hops of K,V forward, r - 1 of K,V and r of
+    the dK,dV accumulators backward, each a send and a receive of one packed block."""
+    if r == 1:
+        return []
+    hops = 3 * r - 2
+    return [Collective(kind, block, r, hops * layers, "ring K,V and dK,dV blocks", group)
+            for kind in ("send", "recv")]
 
 
 def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> list[Collective]:
@@ -239,13 +297,13 @@ def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> li
     return [
         Collective("all_gather", unit, t, 6 * layers + 3,
                    "per layer: fwd QKV/FC1 inputs, bwd re-gather of both inputs and "
-                   "proj/FC2 output grads; output layer fwd+bwd, embedding bwd"),
+                   "proj/FC2 output grads; output layer fwd+bwd, embedding bwd", "tp"),
         Collective("reduce_scatter", unit, t, 4 * layers + 1,
-                   "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd"),
-        Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)"),
-        Collective("all_reduce", b * tokens * 4, t, 3, "vocab-parallel cross entropy"),
+                   "per layer: fwd proj/FC2 outputs, bwd QKV/FC1 input grads; output layer bwd", "tp"),
+        Collective("all_reduce", unit, t, 1, "vocab-parallel word embedding (fwd)", "tp"),
+        Collective("all_reduce", b * tokens * 4, t, 3, "vocab-parallel cross entropy", "tp"),
         Collective("all_reduce", params["sequence_parallel"] * 4, t, 1,
-                   "sequence-parallel norm/bias grads (TP)"),
+                   "sequence-parallel norm/bias grads (TP)", "tp"),
     ]
 
 
@@ -270,7 +328,9 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
       of all L positions (this TP rank's heads); Ulysses / USP q, k, v after the all-to-all (the
       QKV output is freed) and the output again after the reverse all-to-all; Megatron's dense
       local attention ([unfused]) q, k, v (GQA: K/V repeated to all heads), its output and the
-      softmax probabilities [b, a, L, L];
+      softmax probabilities [b, a, L, L]; the hybrid ``lss_ulysses`` (a PREDICTION by analogy, not
+      yet compared with the tracker: the benchmark has no such row yet) Ulysses's tensors with
+      Hkv replicated to ``ulysses_kv_heads`` plus, with ``keep``, all L positions of its KV heads / U;
     - around the layers: embedding output, final LN output, logits (softmax computed in place),
       cross-entropy bookkeeping.
     """
@@ -297,6 +357,12 @@ def activation_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> dict:
         lse = b * a * sq * fp32
         if s.method in ("ulysses", "usp"):
             attention = b * sq * ((a + 2 * g) + 2 * a) * dh * dt + lse
+        elif s.method == "lss_ulysses":  # NOT yet checked against the tracker (see the docstring)
+            u = s.ulysses
+            gu = ulysses_kv_heads(g, u)  # KV heads after replication, g / U of them per rank
+            attention = b * sq * ((a + 2 * gu) + 2 * a) * dh * dt + lse
+            if s.kv_backward == "keep" and u < n:
+                attention += 2 * b * L * (gu // u) * dh * dt  # the gathered K,V of its g / U heads
         else:  # lss, ring, allgather_cp: QKV output, output, log-sum-exp
             attention = b * sq * ((a + 2 * g) + _q_copy(a, g) + a) * dh * dt + lse
             if s.method == "lss" and s.kv_backward == "keep":
@@ -331,8 +397,11 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     positions = spec.max_positions or seq_len
     largest_param = max(spec.vocab_size * h // s.tp, positions * h, spec.ffn * h // s.tp)
     generic = largest_param * 4 + b * sl * h * dt  # fp32 grad before the main_grad add
-    if s.method == "lss" and s.sp > 1:
-        kv_elements = 2 * b * L * (s.kv_head_chunk or spec.hkv // s.tp) * dh  # one gather's K,V
+    gathered_heads = {"lss": spec.hkv // s.tp,
+                      "lss_ulysses": ulysses_kv_heads(spec.hkv, s.ulysses or 1) // (s.ulysses or 1)}
+    lss_group = s.sp // (s.ulysses or 1) if s.method == "lss_ulysses" else s.sp
+    if s.method in gathered_heads and lss_group > 1:
+        kv_elements = 2 * b * L * (s.kv_head_chunk or gathered_heads[s.method]) * dh  # one gather's K,V
         factor = 2.2 if s.kv_backward == "keep" else 2.75
         acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
         grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
@@ -371,6 +440,8 @@ def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
     if setup.method == "usp" and (spec.num_heads % setup.ulysses or spec.hkv % setup.ulysses):
         raise ValueError(f"usp's Ulysses size {setup.ulysses} must divide heads({spec.num_heads}) and "
                          f"kv heads({spec.hkv})")
+    if setup.method == "lss_ulysses":  # the core's own check: H % U, KV heads replicated to lcm(Hkv, U)
+        check_ulysses_heads(spec.num_heads, spec.hkv, setup.ulysses, setting="ulysses")
     counts = parameter_counts(spec, seq_len, setup.tp)
     p = counts["total"]
     master = 4 if setup.dtype_bytes < 4 else 0  # fp32 master weights for bf16/fp16 training
@@ -426,8 +497,9 @@ def _label(s: Setup) -> str:
         return f"megatron_tp_sp{unfused} tp{s.tp} dp{s.dp}"
     if s.method == "single":
         return f"single{unfused} dp{s.dp}"
-    if s.method == "usp":
-        return f"usp[u{s.ulysses}] sp{s.sp} dp{s.dp}"
+    if s.method in ULYSSES_METHODS:
+        backward = f"{s.kv_backward}," if s.method == "lss_ulysses" else ""
+        return f"{s.method}[{backward}u{s.ulysses}] sp{s.sp} dp{s.dp}"
     return f"{s.method} sp{s.sp} dp{s.dp}"
 
 
@@ -518,7 +590,22 @@ def main(argv=None) -> int:
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype-bytes", type=int, default=2)
+    links = p.add_argument_group(
+        "which scheme? (--ranks): attention bytes inside / across node groups of --ulysses consecutive "
+        "ranks and the fastest scheme, for --heads, --kv-heads, --head-dim, --seq-len (lss_plugin.plan_links)")
+    links.add_argument("--ranks", type=int, help="N, the sequence-parallel ranks")
+    links.add_argument("--ulysses", type=int, default=1, help="U, ranks per node group / Ulysses group")
+    links.add_argument("--head-dim", type=int)
+    links.add_argument("--batch", type=int, default=1)
+    links.add_argument("--intra-gbit", type=float, default=100.0, help="per-rank Gbit/s inside a node group")
+    links.add_argument("--inter-gbit", type=float, default=10.0, help="per-rank Gbit/s across node groups")
+    links.add_argument("--kv-grad-dtype", default="fp32", help="LSS's dK,dV reduce-scatter items: fp32 | input")
+    links.add_argument("--backend", default="nccl",
+                       help="nccl | gloo (gloo's reduce-scatter sends as much as an all-reduce)")
+    links.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
+    if args.ranks is not None:
+        return _which_scheme(p, args)
     if args.paper:
         print(paper_tables())
         return 0
@@ -557,6 +644,23 @@ def main(argv=None) -> int:
     print(tp_x_lss_view(PAPER_MODEL, 16_384, 8, dtype_bytes=4))
     print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
           "recomputation; fused attention kernels unless marked [unfused]).")
+    return 0
+
+
+def _which_scheme(parser: argparse.ArgumentParser, args) -> int:
+    from lss_plugin.plan_links import Links, report
+
+    missing = [flag for flag, value in (("--heads", args.heads), ("--head-dim", args.head_dim),
+                                        ("--seq-len", args.seq_len)) if value is None]
+    if missing:
+        parser.error(f"--ranks needs {', '.join(missing)}")
+    spec = GPTSpec(args.layers or 1, args.heads * args.head_dim, args.heads, args.kv_heads, vocab_size=args.vocab)
+    try:
+        links = Links(args.ranks, args.ulysses, args.intra_gbit, args.inter_gbit, args.backend)
+        print(report(spec, args.seq_len, links, as_json=args.json, dtype_bytes=args.dtype_bytes,
+                     batch_size=args.batch, kv_grad_dtype=args.kv_grad_dtype))
+    except ValueError as e:
+        parser.error(str(e))
     return 0
 
 

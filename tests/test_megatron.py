@@ -81,6 +81,7 @@ def _run_cases(cases: dict, check_attention_module: bool = False, splits_fn=synt
             "losses": [r["loss"] for r in records],
             "grad_norms": [r["grad_norm"] for r in records],
             "kv_collectives": {k: (rec.calls[k], rec.bytes[k]) for k in KV_COLLECTIVES},
+            "calls": dict(rec.calls),  # every collective the plugin counted (the hybrid's all-to-all)
             "tokens": [r["num_tokens"] for r in records],
             "probes": {k: v.numpy() for k, v in records[0]["probes"].items()} if records else {},
             "val_bpc": [r["val_bpc"] for r in records if "val_bpc" in r],

@@ -193,3 +193,247 @@ def test_kv_grad_dtype_sets_the_reduce_scatter_item_size():
     assert payload(dtype_bytes=4) == payload(dtype_bytes=4, kv_grad_dtype="input") == kv_elements * 4
     with pytest.raises(ValueError, match="kv_grad_dtype must be one of"):
         Setup("lss", sp=4, kv_grad_dtype="bf16")
+
+
+# -- bytes inside / across node groups (lss_plugin.plan_links): pure cost-model checks ---------
+
+# N = 4 ranks in node groups of U = 2, fp32, b = 1, H = 4, d = 8, L = 64 (s = 16 tokens per rank);
+# bandwidths chosen so that times are bytes / 1e9 inside and bytes / 1e8 across.
+SMALL = dict(heads=4, head_dim=8, seq_len=64)
+FAST_INSIDE = dict(intra_gbit=8.0, inter_gbit=0.8)
+
+
+def _links_plans(kv_heads, ranks=4, node=2, heads=4, head_dim=8, seq_len=64, intra_gbit=8.0, inter_gbit=0.8,
+                 backend="nccl", **setting):
+    from lss_plugin.plan_links import Links, compare
+
+    spec = GPTSpec(1, heads * head_dim, heads, kv_heads)
+    links = Links(ranks, node, intra_gbit, inter_gbit, backend)
+    setting.setdefault("dtype_bytes", 4)
+    return {p.scheme: p for p in compare(spec, seq_len, links, **setting)}, links
+
+
+def test_link_bytes_match_hand_computation():
+    plans, _ = _links_plans(kv_heads=2)
+    sig = SIGNATURE_BYTES
+    # lss[keep]: gather 2*64*2*8*4 = 8192 B + 4 signatures, reduce-scatter 8192 B, each 3/4 on the
+    # wire; the rank-order ring 0>1>2>3>0 has inside hops (0>1, 2>3) and across hops (1>2, 3>0)
+    lss_sent = (8192 + 4 * sig) * 3 // 4 + 8192 * 3 // 4
+    assert (plans["lss[keep]"].inside_bytes, plans["lss[keep]"].across_bytes) == (lss_sent, lss_sent)
+    regather = 2 * (8192 + 4 * sig) * 3 // 4 + 8192 * 3 // 4
+    assert plans["lss[regather]"].across_bytes == regather
+    # allgather_cp: 4 gathers and 2 reduce-scatters of K or V alone (4096 B), 3/4 on the wire
+    assert plans["allgather_cp"].across_bytes == plans["allgather_cp"].inside_bytes == 6 * 4096 * 3 // 4
+    # ring: 3N-2 = 10 hops of a packed K,V block 2*16*2*8*4 = 2048 B; ranks 1 and 3 send all across
+    assert plans["ring"].across_bytes == plans["ring"].inside_bytes == 10 * 2048
+    # hybrid: all-to-alls of q, k, v (+ U = 2 signature rows) and out (2048 + 1024 + 1024 + 2048 B
+    # each way) half to the peer, all inside; LSS gather / reduce-scatter over R = 2 of Hkv / U = 1
+    # head (4096 B), half across
+    hybrid = plans["lss_ulysses[keep,u2]"]
+    assert hybrid.inside_bytes == (2 * (2048 + 1024 + 1024 + 2048) + 2 * sig) // 2
+    assert hybrid.across_bytes == (4096 + 2 * sig) // 2 + 4096 // 2
+    # usp: the same all-to-alls; ring of R = 2: 3R-2 = 4 hops of a 2048 B block, all across
+    assert (plans["usp[u2]"].inside_bytes, plans["usp[u2]"].across_bytes) == (6144, 4 * 2048)
+    # times: bytes / 1e9 inside, / 1e8 across; per collective the slower class, collectives added
+    assert hybrid.time_s == pytest.approx((6144 + sig) / 1e9 + (4096 + 2 * sig) // 2 / 1e8 + 2048 / 1e8, rel=1e-12)
+    assert plans["lss[keep]"].time_s == pytest.approx(lss_sent / 1e8, rel=1e-12)
+    assert plans["ulysses"].refused == "Ulysses sp(4) must divide heads(4) and kv heads(2)"
+
+
+def test_link_split_adds_up_to_the_counted_bytes():
+    """Where every group lies inside or across node groups (all but a ring over the whole SP group
+    spanning several), the busiest rank's inside + across is what plan.collectives says a rank
+    sends, which test_communication_bytes_exact checks against the benchmark's counters."""
+    from lss_plugin.options import ulysses_kv_heads
+    from lss_plugin.plan_links import ATTENTION_GROUPS
+
+    for kv_heads, ranks, node in ((2, 4, 2), (1, 4, 2), (2, 8, 4), (4, 8, 2), (4, 4, 4), (4, 4, 1)):
+        plans, _ = _links_plans(kv_heads, ranks, node, heads=8, seq_len=128, dtype_bytes=2)
+        for p in plans.values():
+            if not p.runs or (p.setup.method in ("lss", "allgather_cp", "ring", "ulysses") and 1 < node < ranks):
+                continue
+            spec = GPTSpec(1, 8 * 8, 8, kv_heads)
+            sent = sum(c.total_sent for c in plan(spec, 128, p.setup).collectives
+                       if c.group in ATTENTION_GROUPS and c.type != "recv")
+            assert p.inside_bytes + p.across_bytes == sent, (p.scheme, kv_heads, ranks, node)
+            if node == 1:
+                assert p.inside_bytes == 0, p.scheme
+            if node == ranks:
+                assert p.across_bytes == 0, p.scheme
+    # KV heads replicated to lcm(Hkv, U) when U does not divide them, never more
+    assert [ulysses_kv_heads(h, u) for h, u in ((1, 4), (2, 4), (3, 2), (4, 2), (8, 4))] == [4, 4, 6, 4, 8]
+    plans, _ = _links_plans(kv_heads=1, heads=4)  # MQA at U = 2: k and v carry 2 heads each
+    assert plans["lss_ulysses[keep,u2]"].inside_bytes == (2 * (2048 + 1024 + 1024 + 2048) + 2 * SIGNATURE_BYTES) // 2
+
+
+def test_predicted_winner_flips_the_expected_way():
+    from lss_plugin.plan_links import fastest
+
+    big = dict(heads=32, head_dim=128, seq_len=131072, ranks=8, node=4, dtype_bytes=2)
+    # GQA with 8 KV heads, 4x faster links inside: the hybrid gathers Hkv / U = 2 heads across
+    # instead of LSS's 8 and beats LSS, USP (3R-2 ring hops vs 2 collectives) and even Ulysses
+    plans, links = _links_plans(kv_heads=8, intra_gbit=400, inter_gbit=100, **big)
+    assert fastest(list(plans.values())).scheme == "lss_ulysses[keep,u4]"
+    # across: LSS's ring sends 7/8 of 8 heads' K,V, the hybrid's 1/2 of 2 heads' (signatures aside)
+    assert plans["lss[keep]"].across_bytes / plans["lss_ulysses[keep,u4]"].across_bytes == pytest.approx(7, rel=1e-6)
+    assert plans["lss[keep]"].time_s > 4 * plans["lss_ulysses[keep,u4]"].time_s
+    # 2 KV heads < N: Ulysses and USP cannot run; the hybrid replicates KV heads to U and wins
+    plans, _ = _links_plans(kv_heads=2, intra_gbit=400, inter_gbit=100, **big)
+    assert not plans["ulysses"].runs and not plans["usp[u4]"].runs
+    assert fastest(list(plans.values())).scheme == "lss_ulysses[keep,u4]"
+    # U = 1: no hybrid rows (it would be LSS itself); with Ulysses impossible pure LSS wins
+    plans, _ = _links_plans(kv_heads=2, intra_gbit=400, inter_gbit=100, **dict(big, node=1))
+    assert not any(name.startswith(("lss_ulysses", "usp")) for name in plans)
+    assert fastest(list(plans.values())).scheme == "lss[keep]"
+    # MQA with equal links: the all-to-alls inside cost more than the hybrid saves across -> LSS;
+    # the same model with 10x faster links inside -> the hybrid
+    plans, links = _links_plans(kv_heads=1, intra_gbit=100, inter_gbit=100, **big)
+    assert fastest(list(plans.values())).scheme == "lss[keep]"
+    # its largest term: dK,dV of all L = 131072 positions, 1 head, d = 128, fp32: 128 MiB, 7/8 sent
+    assert plans["lss[keep]"].dominant(links) == {
+        "what": "reduce-scatter of packed dK,dV", "link": "across", "bytes": 112 * 2**20,
+        "time_s": 112 * 2**20 / 12.5e9}
+    plans, _ = _links_plans(kv_heads=1, intra_gbit=1000, inter_gbit=100, **big)
+    assert fastest(list(plans.values())).scheme == "lss_ulysses[keep,u4]"
+
+
+def test_gloo_reduce_scatter_sends_what_an_all_reduce_sends():
+    """backend="gloo" doubles the reduce-scatters' bytes only (measured on a private loopback:
+    1.502 x the buffer per rank at N = 4 against 0.751 for the all-gather; docs/benchmark.md)."""
+    nccl, _ = _links_plans(kv_heads=2)
+    gloo, _ = _links_plans(kv_heads=2, backend="gloo")
+    for scheme, (rs_nccl, others) in {"lss[keep]": (8192 * 3 // 4, (8192 + 4 * SIGNATURE_BYTES) * 3 // 4),
+                                      "lss_ulysses[keep,u2]": (4096 // 2, (4096 + 2 * SIGNATURE_BYTES) // 2)}.items():
+        assert nccl[scheme].across_bytes == rs_nccl + others
+        assert gloo[scheme].across_bytes == 2 * rs_nccl + others, scheme
+    assert gloo["usp[u2]"].across_bytes == nccl["usp[u2]"].across_bytes  # ring sends, all-to-alls unchanged
+    assert gloo["lss_ulysses[keep,u2]"].inside_bytes == nccl["lss_ulysses[keep,u2]"].inside_bytes
+
+
+def test_links_refuse_by_name():
+    from lss_plugin.plan_links import Links, link_plan
+
+    with pytest.raises(ValueError, match=r"ulysses \(3\) must divide the sequence-parallel size \(8\)"):
+        Links(8, 3, 100, 10)
+    with pytest.raises(ValueError, match=r"bandwidths must be > 0 Gbit/s, got intra 100, inter 0"):
+        Links(8, 2, 100, 0)
+    with pytest.raises(ValueError, match=r"backend must be one of \('nccl', 'gloo'\), got 'mpi'"):
+        Links(8, 2, 100, 10, "mpi")
+    with pytest.raises(ValueError, match=r"must divide sp\(8\) .* got ulysses=3 for lss_ulysses"):
+        Setup("lss_ulysses", sp=8, ulysses=3)
+    refused = link_plan(GPTSpec(1, 48, 6, 2), 64, Setup("lss_ulysses", sp=8, ulysses=4), Links(8, 4, 100, 10))
+    assert not refused.runs and refused.refused == (
+        "ulysses (4) must divide the number of query heads (6): each rank of a Ulysses group attends heads / "
+        "ulysses of them")
+    plans, _ = _links_plans(kv_heads=2, heads=6, ranks=4, node=2)
+    assert plans["ulysses"].refused == "Ulysses sp(4) must divide heads(6) and kv heads(2)"
+    assert plans["usp[u2]"].runs and plans["lss_ulysses[keep,u2]"].runs  # 2 divides 6 and 2
+
+
+def test_which_scheme_cli_prints_the_models_figures(capsys):
+    import json
+
+    from lss_plugin.plan import main
+    from lss_plugin.plan_links import Links, compare, fastest
+
+    args = ["--ranks", "8", "--ulysses", "4", "--heads", "32", "--kv-heads", "2", "--head-dim", "128",
+            "--seq-len", "131072", "--intra-gbit", "400", "--inter-gbit", "100", "--layers", "2"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plans = compare(GPTSpec(2, 32 * 128, 32, 2), 131072, Links(8, 4, 400, 100))
+    assert out["fastest"] == fastest(plans).scheme == "lss_ulysses[keep,u4]"
+    assert [s["scheme"] for s in out["schemes"]] == [p.scheme for p in plans]
+    by_name = {s["scheme"]: s for s in out["schemes"]}
+    assert by_name["ulysses"]["runs"] is False and "kv heads(2)" in by_name["ulysses"]["refused"]
+    assert by_name["lss[keep]"]["across_bytes"] == 2 * plans[0].across_bytes // 2  # 2 layers counted
+    # the reason names the winner's largest term: the all-to-alls inside, 2 layers x (U-1)/U x
+    # 2 ways x (2 x 32 + 2 x lcm(2, 4)) heads x 16384 tokens x 128 x 2 B = 864 MiB at 400 Gbit/s
+    assert out["why"].startswith("lss_ulysses[keep,u4] is predicted fastest, ")
+    assert ("its largest term is the all-to-alls of q, k, v, out and their gradients inside node groups (864.00 MiB per rank "
+            "at 400 Gbit/s), where lss[keep]'s is the reduce-scatters of packed dK,dV across node groups "
+            "(448.00 MiB per rank at 100 Gbit/s)") in out["why"]
+    # allgather_cp ties lss[keep] (within 0.1%, listed later): with bf16 inputs LSS reduce-scatters
+    # dK,dV in fp32, which costs what allgather_cp's second gather of K and V costs
+    assert plans[-2].scheme == "allgather_cp" and plans[0].time_s == pytest.approx(plans[-2].time_s, rel=1e-5)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.strip().startswith("lss_ulysses[keep,u4]"))
+    assert row.rstrip().endswith("<- fastest") and f"{plans[3].time_s * 1e3:.3f}" in row
+    with pytest.raises(SystemExit):
+        main(["--ranks", "8", "--heads", "32"])
+    assert "--ranks needs --head-dim, --seq-len" in capsys.readouterr().err
+
+
+# -- the real hybrid lss_attention against the link model (world 4) ---------------------------
+
+HYBRID_SHAPE = dict(batch=2, seq_len=32, heads=4, head_dim=8)  # L divisible by 2N; float64
+
+
+def _hybrid_rank(cases):
+    """Forward + backward of lss_attention under each (ulysses, kv_heads, kv_backward) topology on
+    this rank: the collectives it recorded and the ranks of its Ulysses and LSS groups."""
+    import torch
+    import torch.distributed as dist
+
+    import lss_plugin
+    from lss_plugin.sharding import local_token_indices
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    b, seq, h, d = (HYBRID_SHAPE[k] for k in ("batch", "seq_len", "heads", "head_dim"))
+    out = []
+    for ulysses, kv_heads, kv_backward in cases:
+        topo = lss_plugin.init_topology(world, ulysses_size=ulysses)
+        gen = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(b, seq, n, d, generator=gen, dtype=torch.float64) for n in (h, kv_heads, kv_heads))
+        idx = local_token_indices(seq, rank, world, "balanced", ulysses_size=ulysses)
+        local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]
+        with lss_plugin.record_collectives() as rec:
+            o = lss_plugin.lss_attention(*local, causal=True, layout="balanced", kv_backward=kv_backward,
+                                         kv_head_chunk=None)  # one gather per layer, as the model
+            o.backward(torch.ones_like(o))
+        groups = {name: dist.get_process_group_ranks(g) if g is not None else [rank]
+                  for name, g in (("ulysses", topo.ulysses_group), ("lss", topo.lss_group))}
+        out.append({"case": (ulysses, kv_heads, kv_backward), "calls": dict(rec.calls),
+                    "bytes": dict(rec.bytes), "groups": groups})
+    return out
+
+
+HYBRID_CASES = [(2, 2, "keep"), (2, 1, "regather"), (2, 1, "keep"), (4, 2, "keep"), (1, 2, "keep")]
+
+
+def test_real_hybrid_bytes_inside_and_across_match_the_model():
+    """lss_attention at world 4 (U = 2: GQA, MQA replicated to 2 KV heads, keep and regather; U = 4;
+    U = 1 = pure LSS), recorded by lss_plugin.comm.record_collectives: the payload of its
+    all-to-alls, gathers and reduce-scatters equals the model's per type EXACTLY, its Ulysses group
+    lies inside one node group and its LSS group across them, so the bytes the model routes inside
+    (all-to-alls) and across (gather + reduce-scatter) are the recorded ones on the wire."""
+    from tests.distributed import run_ranks
+
+    from lss_plugin.plan_links import Links, link_plan
+
+    names = {"all_to_all": "all_to_all_single", "all_gather": "all_gather_into_tensor",
+             "reduce_scatter": "reduce_scatter_tensor"}
+    b, seq, h, d = (HYBRID_SHAPE[k] for k in ("batch", "seq_len", "heads", "head_dim"))
+    for rank, results in enumerate(run_ranks(_hybrid_rank, 4, HYBRID_CASES, timeout_s=600)):
+        for r in results:
+            ulysses, kv_heads, kv_backward = r["case"]
+            node = list(range(rank // ulysses * ulysses, (rank // ulysses + 1) * ulysses))
+            assert r["groups"]["ulysses"] == node, r  # consecutive ranks: one node group
+            assert [g // ulysses for g in r["groups"]["lss"]] == list(range(4 // ulysses)), r  # one per node group
+            setup = Setup("lss_ulysses" if ulysses > 1 else "lss", sp=4, ulysses=ulysses if ulysses > 1 else None,
+                          kv_backward=kv_backward, dtype_bytes=8, batch_size=b)
+            spec = GPTSpec(1, h * d, h, kv_heads)
+            model = plan(spec, seq, setup)
+            want_bytes = {names[t]: v for t, v in model.bytes_by_type().items() if t in names and v}
+            want_calls = {names[t]: v for t, v in model.calls_by_type().items() if t in names and v}
+            # the first call's separate signature pre-check (LSS_CHECK_CONSISTENCY) is not per step
+            got_bytes = {k: v for k, v in r["bytes"].items() if v and k != "consistency_check"}
+            assert got_bytes == want_bytes, (rank, r["case"], got_bytes, want_bytes)
+            got_calls = {k: v for k, v in r["calls"].items() if v and k != "consistency_check"}
+            assert got_calls == want_calls, (rank, r["case"], r["calls"])
+            routed = link_plan(spec, seq, setup, Links(4, ulysses, 100, 10))
+            u, lss_ranks = ulysses, 4 // ulysses
+            inside = r["bytes"].get("all_to_all_single", 0) * (u - 1) // u
+            across = (r["bytes"].get("all_gather_into_tensor", 0) + r["bytes"].get("reduce_scatter_tensor", 0)) \
+                * (lss_ranks - 1) // lss_ranks
+            assert (routed.inside_bytes, routed.across_bytes) == (inside, across), (rank, r["case"])

@@ -1,7 +1,8 @@
 """megatron-core adapter: ``--lss-sequence-parallel`` for a Megatron GPT.
 
 - ``add_lss_args`` / ``validate_lss_args``: the flags (an ``extra_args_provider``) and their checks.
-- ``initialize_lss_model_parallel``: megatron-core parallel state with LSS as the CP group.
+- ``initialize_lss_model_parallel``: megatron-core parallel state with LSS as the CP group
+  (``ulysses_size`` U > 1: hybrid LSS x Ulysses inside it).
 - ``LSSDotProductAttention`` / ``get_gpt_layer_lss_spec``: core attention and the layer spec
   (``LSSSelfAttention``: the RoPE rows of packed documents).
 - ``read_packed_seq_params`` / ``packed_seq_params_from_eod``: packed documents (global boundaries).

@@ -10,6 +10,7 @@ import argparse
 
 from lss_plugin.options import (
     AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
+    check_ulysses_heads, check_ulysses_size,
 )
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
@@ -28,6 +29,12 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="balanced (default): 2N chunks, rank s holds chunks s and 2N-1-s (even "
                             "causal work; L divisible by 2N); contiguous: rank s holds tokens "
                             "[s*L/N, (s+1)*L/N) (the LSS paper's layout).")
+    group.add_argument("--lss-ulysses-size", type=int, default=1,
+                       help="Hybrid LSS x Ulysses: split the N sequence-parallel ranks into groups of "
+                            "U consecutive ones (inside a node) that exchange heads by all-to-all, "
+                            "and gather K,V with LSS across the N/U groups. U must divide N and the "
+                            "query heads per tensor-parallel rank (KV heads U does not divide are "
+                            "replicated to lcm(KV heads, U)). Default 1: pure LSS; U = N: pure Ulysses.")
     group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default=DEFAULT_KV_BACKWARD,
                        help="keep the gathered K,V for backward, or regather them (less memory, "
                             "one more collective per layer); auto (default): regather exactly when "
@@ -71,6 +78,8 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
                 f"--lss-sequence-parallel-size {args.lss_sequence_parallel_size} given without "
                 "--lss-sequence-parallel"
             )
+        if getattr(args, "lss_ulysses_size", 1) != 1:
+            raise ValueError(f"--lss-ulysses-size {args.lss_ulysses_size} given without --lss-sequence-parallel")
         return args
 
     world_size = _world_size(args, world_size)
@@ -98,11 +107,22 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             f"world_size({world_size}) % (sp({sp}) * tp({tp}) * pp({pp})) = "
             f"{world_size % (sp * tp * pp)} != 0"
         )
+    ulysses = getattr(args, "lss_ulysses_size", 1)
+    check_ulysses_size(ulysses, sp, setting="--lss-ulysses-size")
+    _check_heads_per_rank(args, ulysses, tp)
     seq_length = getattr(args, "seq_length", None)
     layout = args.lss_layout
     check_layout(layout, "--lss-layout")
     chunks = sp if layout == "contiguous" else 2 * sp
-    if seq_length is not None and seq_length % chunks != 0:
+    if seq_length is not None and ulysses > 1:
+        from lss_plugin.sharding import check_seq_len  # the hybrid's rule: N and 2N/U (balanced)
+
+        try:
+            check_seq_len(seq_length, sp, layout, ulysses)
+        except ValueError as err:
+            raise ValueError(f"--seq-length {seq_length} with --lss-sequence-parallel-size {sp} and "
+                             f"--lss-ulysses-size {ulysses}: {err}") from None
+    elif seq_length is not None and seq_length % chunks != 0:
         raise ValueError(
             f"--seq-length {seq_length} is not divisible by {chunks} "
             f"({'N' if layout == 'contiguous' else '2N'} for the {layout} layout with "
@@ -128,6 +148,47 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
                          "set --attention-dropout 0")
     args.lss_sequence_parallel_size = sp
     return args
+
+
+def _check_heads_per_rank(args, ulysses: int, tp: int) -> None:
+    """The heads one TP rank attends must split over the Ulysses group (``check_ulysses_heads``),
+    and ``--lss-kv-head-chunk`` must not exceed the KV heads a rank then gathers. A head count TP
+    does not divide is left to the check that names TP."""
+    heads, kv_heads = attention_heads(args)
+    if heads is None or heads % tp or kv_heads % tp:
+        return
+    per_rank = kv_heads_per_rank(args)
+    where = " after the all-to-all" if ulysses > 1 else ""
+    check_kv_head_chunk(getattr(args, "lss_kv_head_chunk", None), per_rank,
+                        setting=f"--lss-kv-head-chunk ({per_rank} key/value heads per rank{where})")
+
+
+def attention_heads(args) -> tuple:
+    """(query heads, KV heads) the flags give, (None, None) without ``num_attention_heads``.
+
+    Megatron-LM spells GQA as ``--group-query-attention --num-query-groups G`` (without the first
+    flag every head is its own group); the bundled script as ``--num-query-groups G``."""
+    heads = getattr(args, "num_attention_heads", None)
+    groups = getattr(args, "num_query_groups", None)
+    if not getattr(args, "group_query_attention", True) or not groups:
+        groups = heads
+    return heads, groups
+
+
+def kv_heads_per_rank(args) -> int:
+    """KV heads one rank gathers over its LSS group: KV heads / TP, then, with ``--lss-ulysses-size``
+    U > 1, replicated to lcm(., U) if U does not divide them and split over the Ulysses group.
+    Raises ValueError naming the flags when U cannot split this TP rank's heads."""
+    heads, kv_heads = attention_heads(args)
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    ulysses = getattr(args, "lss_ulysses_size", 1)
+    if ulysses == 1:
+        return kv_heads // tp
+    try:
+        return check_ulysses_heads(heads // tp, kv_heads // tp, ulysses, setting="--lss-ulysses-size") // ulysses
+    except ValueError as err:
+        per_rank = f" over --tensor-model-parallel-size {tp} ({heads // tp} and {kv_heads // tp} per rank)" if tp > 1 else ""
+        raise ValueError(f"--num-attention-heads {heads} with {kv_heads} key/value heads{per_rank}: {err}") from None
 
 
 def _world_size(args, world_size):

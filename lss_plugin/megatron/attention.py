@@ -3,7 +3,9 @@
 Same constructor and ``forward`` signature, same ``[s, b, h, d]`` tensors, so a layer spec swaps it
 in through ``SelfAttentionSubmodules(core_attention=...)``. Each rank holds ``s_local = L / N`` of
 the tokens; ``lss_attention`` gathers K, V over the SP group (Megatron's CP group) and returns
-the complete output for the local queries. No TransformerEngine, no apex.
+the complete output for the local queries. With the hybrid LSS x Ulysses (``--lss-ulysses-size`` U > 1)
+it passes the CP group's registered ``SequenceGroups`` instead: an all-to-all over heads inside
+the Ulysses group, then LSS's gather across the LSS group. No TransformerEngine, no apex.
 
 Masks. LSS applies one mask itself, the causal one in global positions (or none). An
 ``attention_mask`` (Megatron's convention: bool, True = hidden; this rank's queries against keys
@@ -37,9 +39,10 @@ from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
 from lss_plugin.comm import all_reduce_sum
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT
-from lss_plugin.megatron.batch import lss_token_index
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_ulysses_heads
 from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
+from lss_plugin.megatron.parallel import lss_group_for
+from lss_plugin.sharding import local_positions
 
 # Mask types LSS reproduces -> whether its own mask is causal. The padding variants are exact
 # only while their mask pads nothing (checked per call).
@@ -58,14 +61,17 @@ CP_COMM_TYPES = (None, "lss")
 class LSSDotProductAttention(MegatronModule):
     """Core attention over a sequence split across the LSS (= Megatron CP) group.
 
-    Options travel on the class (``lss_layout``, ``lss_kv_backward``, ``lss_kv_head_chunk``):
-    ``get_gpt_layer_lss_spec`` makes a configured subclass, because megatron-core builds
-    modules from a spec with a fixed set of constructor arguments.
+    Options travel on the class (``lss_layout``, ``lss_kv_backward``, ``lss_kv_head_chunk``,
+    ``lss_ulysses_size``): ``get_gpt_layer_lss_spec`` makes a configured subclass, because
+    megatron-core builds modules from a spec with a fixed set of constructor arguments.
+    ``lss_ulysses_size`` None follows the registered topology; a value must match it
+    (``lss_plugin.megatron.parallel.lss_group_for``).
     """
 
     lss_layout: str = DEFAULT_LAYOUT
     lss_kv_backward: str = DEFAULT_KV_BACKWARD
     lss_kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK
+    lss_ulysses_size: Optional[int] = None
 
     def __init__(
         self,
@@ -90,6 +96,8 @@ class LSSDotProductAttention(MegatronModule):
         self.tp_group = pg_collection.tp
         # The SP group is wherever Megatron keeps its CP group (lss_plugin.megatron.parallel).
         self.sp_group = getattr(pg_collection, "cp", None)
+        # What lss_attention runs over: the CP group (pure LSS), or its Ulysses x LSS SequenceGroups.
+        self.sequence_group, self.ulysses_size = lss_group_for(self.sp_group, self.lss_ulysses_size)
 
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         unsupported = []
@@ -117,6 +125,13 @@ class LSSDotProductAttention(MegatronModule):
         self.hidden_size_per_attention_head = divide(projection_size, config.num_attention_heads)
         self.num_attention_heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.num_query_groups_per_partition = divide(config.num_query_groups, tp_size)
+        if self.ulysses_size > 1:  # the heads this TP rank attends are split over the Ulysses group
+            heads, kv_heads = self.num_attention_heads_per_partition, self.num_query_groups_per_partition
+            try:
+                check_ulysses_heads(heads, kv_heads, self.ulysses_size)
+            except ValueError as err:
+                raise ValueError(f"LSSDotProductAttention with {heads} query and {kv_heads} key/value heads per "
+                                 f"tensor-parallel rank: {err}") from None
         # DotProductAttention divides by layer_number for query-key layer scaling and multiplies
         # it back inside its fp32 softmax: the net scale is the plain one.
         self.softmax_scale = (
@@ -135,7 +150,7 @@ class LSSDotProductAttention(MegatronModule):
     def _check_attention_mask(self, mask: torch.Tensor, mask_type: AttnMaskType, s_local: int) -> None:
         """Refuse a mask that hides anything beyond what LSS applies itself (see the module doc)."""
         group = self.sp_group
-        rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+        size = group.size() if group is not None else 1
         seq_len = s_local * size
         if mask.dim() != 4 or mask.shape[-1] != seq_len or mask.shape[-2] not in (1, s_local):
             raise ValueError(
@@ -146,7 +161,8 @@ class LSSDotProductAttention(MegatronModule):
         hidden = mask.bool()  # [b, 1, s_local or 1, L]
         causal = _CAUSAL_BY_MASK_TYPE[mask_type]
         if causal:
-            positions = lss_token_index(seq_len, rank, size, self.lss_layout, device=mask.device)  # [s_local]
+            positions = (torch.arange(seq_len, device=mask.device) if group is None else  # [s_local]
+                         local_positions(seq_len, self.sequence_group, self.lss_layout, device=mask.device))
             future = torch.arange(seq_len, device=mask.device)[None, :] > positions[:, None]  # [s_local, L]
             hidden = hidden & ~future
         extra = hidden.sum(dtype=torch.int64).reshape(1)
@@ -204,7 +220,7 @@ class LSSDotProductAttention(MegatronModule):
         # K, V keep their ng (GQA) heads so only ng heads travel over the SP group.
         out = lss_attention(
             q, k, v,
-            group=self.sp_group,
+            group=self.sequence_group,
             causal=_CAUSAL_BY_MASK_TYPE[mask_type],
             softmax_scale=self.softmax_scale,
             layout=self.lss_layout,
@@ -233,11 +249,12 @@ class LSSDotProductAttention(MegatronModule):
 
 
 def configured_lss_attention(layout: str = DEFAULT_LAYOUT, kv_backward: str = DEFAULT_KV_BACKWARD,
-                             kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK) -> type:
+                             kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
+                             ulysses_size: Optional[int] = None) -> type:
     """A subclass of LSSDotProductAttention carrying these options (specs pass classes)."""
     return type(
         "LSSDotProductAttention",
         (LSSDotProductAttention,),
         {"lss_layout": layout, "lss_kv_backward": kv_backward, "lss_kv_head_chunk": kv_head_chunk,
-         "__module__": __name__},
+         "lss_ulysses_size": ulysses_size, "__module__": __name__},
     )

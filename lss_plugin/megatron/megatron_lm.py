@@ -9,7 +9,8 @@ builds the parallel groups and the model. LSS enters at each step:
   ``--cp-comm-type lss`` (LSS does its own communication; Megatron-LM's default ``p2p`` is
   replaced, any other choice refused). Rank 0 prints one line naming every value it changed.
   Flags that would replace the LSS attention or split documents are refused by name.
-- ``lss_layer_spec``: registers the CP group as the LSS topology and returns the LSS layer spec.
+- ``lss_layer_spec``: registers the CP group as the LSS topology (with ``--lss-ulysses-size`` U > 1
+  its Ulysses x LSS sub-groups too) and returns the LSS layer spec.
 - ``lss_finish_model``: RoPE rows for the LSS layout.
 - ``lss_model_config``: both of the above for Megatron-LM core_v0.19, which builds the model from
   a ``GPTModelConfig`` (core_v0.16.1's patch calls them from ``gpt_builders.gpt_builder``).
@@ -127,14 +128,15 @@ def lss_layer_spec(args):
 
     megatron_core_traits()  # refuses a megatron-core release the adapter does not support
     if not is_topology_initialized():
-        register_megatron_groups(timeout_s=60.0 * getattr(args, "distributed_timeout_minutes", 10))
+        register_megatron_groups(timeout_s=60.0 * getattr(args, "distributed_timeout_minutes", 10),
+                                 ulysses_size=args.lss_ulysses_size)
     return get_gpt_layer_lss_spec_from_args(args)
 
 
 def lss_finish_model(model, args):
     from lss_plugin.megatron.rope import use_lss_rotary_embedding
 
-    use_lss_rotary_embedding(model, args.lss_layout)
+    use_lss_rotary_embedding(model, args.lss_layout, args.lss_ulysses_size)
     return model
 
 
@@ -159,4 +161,4 @@ def lss_model_config(model_config, args):
 def lss_get_batch(batch: dict, args) -> dict:
     from lss_plugin.megatron.batch import get_batch_on_this_lss_rank
 
-    return get_batch_on_this_lss_rank(batch, args.lss_layout)
+    return get_batch_on_this_lss_rank(batch, args.lss_layout, ulysses_size=args.lss_ulysses_size)

@@ -127,7 +127,7 @@ def build_gpt_model(args, shape: GPTShape):
     )
     _init_from_names(model, config, args.seed)
     if lss:
-        use_lss_rotary_embedding(model, args.lss_layout)
+        use_lss_rotary_embedding(model, args.lss_layout, args.lss_ulysses_size)
     from lss_plugin.runtime import default_device
 
     model.to(default_device())

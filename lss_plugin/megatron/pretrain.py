@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+from lss_plugin.megatron.args import add_lss_args, kv_heads_per_rank, validate_lss_args
 from lss_plugin.options import DEFAULT_KV_HEAD_CHUNK, resolve_kv_chunking
 from lss_plugin.topology import ParallelDims
 
@@ -205,12 +205,12 @@ def setup_parallel(args):
 
     apply_cpu_shim()
     init_distributed(timeout_s=args.timeout_s)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if args.lss_sequence_parallel:
-        from lss_plugin.megatron.parallel import initialize_lss_model_parallel
+    from lss_plugin.megatron.parallel import destroy_lss_model_parallel, initialize_lss_model_parallel
 
+    destroy_lss_model_parallel()  # a previous run's groups in this process, if any
+    if args.lss_sequence_parallel:
         initialize_lss_model_parallel(args.lss_sequence_parallel_size, timeout_s=args.timeout_s,
+                                      ulysses_size=args.lss_ulysses_size,
                                       tensor_model_parallel_size=args.tensor_model_parallel_size,
                                       pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     else:
@@ -300,7 +300,7 @@ def local_microbatch(window: torch.Tensor, args, loss_mask_fn=None) -> dict:
         packed_seq_params = packed_seq_params_from_eod(tokens.to(device), EOD_BYTE, args.reset_position_ids)
     batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
     if args.lss_sequence_parallel:
-        batch = get_batch_on_this_lss_rank(batch, args.lss_layout)  # [b, L/N] each
+        batch = get_batch_on_this_lss_rank(batch, args.lss_layout, ulysses_size=args.lss_ulysses_size)  # [b, L/N]
     batch = {k: v.contiguous().to(device) for k, v in batch.items()}
     batch["attention_mask"] = attention_mask.to(device) if attention_mask is not None else None
     batch["packed_seq_params"] = packed_seq_params
@@ -419,7 +419,8 @@ def _manifest(args, shape, splits) -> dict:
                      "pp": args.pipeline_model_parallel_size,
                      "lss_sp": args.lss_sequence_parallel_size if args.lss_sequence_parallel else 1,
                      "dp": args.data_parallel_size,
-                     "lss_layout": args.lss_layout if args.lss_sequence_parallel else None},
+                     "lss_layout": args.lss_layout if args.lss_sequence_parallel else None,
+                     "lss_ulysses": args.lss_ulysses_size},
         "data": {"source": os.path.basename(str(splits.source)), "sha256": splits.sha256},
     }
 
@@ -468,8 +469,7 @@ def _log(msg: str) -> None:
 
 def _kv_mode(args) -> str:
     """What each attention call runs: its KV heads per gather and keep/regather, "auto" resolved."""
-    tp = args.tensor_model_parallel_size
-    kv_heads = (args.num_query_groups or args.num_attention_heads) // tp
+    kv_heads = kv_heads_per_rank(args)  # after TP and the hybrid's all-to-all
     head_dim = args.hidden_size // args.num_attention_heads
     itemsize = 4  # this script trains in float32
     setting = getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK)
@@ -483,7 +483,9 @@ def describe(args) -> str:
     tp_part = f"tp={tp}{'+sp' if args.sequence_parallel and tp > 1 else ''}"
     pp_part = f" x pp={pp}" if pp > 1 else ""
     if args.lss_sequence_parallel:
-        return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={args.lss_sequence_parallel_size} x "
+        sp, ulysses = args.lss_sequence_parallel_size, args.lss_ulysses_size
+        hybrid = f" (ulysses={ulysses} x lss={sp // ulysses})" if ulysses > 1 else ""
+        return (f"LSS {tp_part + ' x ' if tp > 1 else ''}sp={sp}{hybrid} x "
                 f"dp={args.data_parallel_size}{pp_part} layout={args.lss_layout} "
                 f"kv_backward={_kv_mode(args)}")
     return f"Megatron {tp_part} x dp={args.data_parallel_size}{pp_part}"
@@ -551,9 +553,9 @@ def main(argv=None) -> int:
         print(f"pretrain_gpt_lss: error: {err}", file=sys.stderr)
         return 2
     train(args)
-    from megatron.core import parallel_state
+    from lss_plugin.megatron.parallel import destroy_lss_model_parallel
 
-    parallel_state.destroy_model_parallel()
+    destroy_lss_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

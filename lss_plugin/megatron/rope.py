@@ -27,24 +27,26 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import (
 )
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
+from lss_plugin.megatron.parallel import lss_group_for
 from lss_plugin.options import DEFAULT_LAYOUT
-from lss_plugin.sharding import local_positions, local_token_indices
+from lss_plugin.sharding import local_positions
 
 
-def _rows_of_this_rank(emb: torch.Tensor, group, layout: str) -> torch.Tensor:
-    """``emb`` [L, ...] for the whole sequence -> [L/N, ...], rows = this rank's global positions."""
+def _rows_of_this_rank(emb: torch.Tensor, group, layout: str, ulysses_size=None) -> torch.Tensor:
+    """``emb`` [L, ...] for the whole sequence -> [L/N, ...], rows = this rank's global positions
+    (``group`` Megatron's CP group; with the hybrid, ``ulysses_size`` > 1, its Ulysses x LSS layout)."""
     if group is None or group.size() == 1:
         return emb
-    index = torch.as_tensor(local_token_indices(emb.shape[0], group.rank(), group.size(), layout),
-                            dtype=torch.long, device=emb.device)
-    return emb.index_select(0, index)
+    groups, _ = lss_group_for(group, ulysses_size)
+    return emb.index_select(0, local_positions(emb.shape[0], groups, layout, device=emb.device))
 
 
 def packed_rope_rows(table: torch.Tensor, documents, group, layout: str) -> torch.Tensor:
     """This rank's rows of megatron-core's THD RoPE table, for packed documents under LSS.
 
     ``table`` [M, 1, 1, d] (positions 0..M-1), ``documents`` a ``PackedDocuments`` (global
-    boundaries, L = ``cu[-1]``) -> [L/N, 1, 1, d]. The rows are those megatron-core's
+    boundaries, L = ``cu[-1]``), ``group`` the CP group or its Ulysses x LSS ``SequenceGroups``
+    -> [L/N, 1, 1, d]. The rows are those megatron-core's
     ``_apply_rotary_pos_emb_thd`` gives the same tokens on one CP rank (0.16.1 and 0.19.x alike,
     ``lss_plugin.megatron.compat``): a table of exactly L rows is read at each token's position in
     the whole sequence; any other table at its position inside its document (so M must cover the
@@ -65,6 +67,7 @@ class _LSSRows:
     """Mixin: the layout these rows follow, and the group (the call's, else the module's CP group)."""
 
     lss_layout: str = DEFAULT_LAYOUT
+    lss_ulysses_size = None  # the hybrid's U (None: the registered topology's)
     lss_rows_in_attention: bool = False  # every layer fed is an LSSSelfAttention (packed rows)
 
     def _group(self, cp_group):
@@ -89,7 +92,7 @@ class LSSRotaryEmbedding(_LSSRows, RotaryEmbedding):
             self._packed_table(cp_group)
             return self.get_emb(max_seq_len, offset)
         emb = self.get_emb(max_seq_len, offset)  # [L, 1, 1, d] for the whole sequence
-        return _rows_of_this_rank(emb, self._group(cp_group), self.lss_layout)
+        return _rows_of_this_rank(emb, self._group(cp_group), self.lss_layout, self.lss_ulysses_size)
 
 
 class LSSYarnRotaryEmbedding(_LSSRows, YarnRotaryEmbedding):
@@ -101,7 +104,7 @@ class LSSYarnRotaryEmbedding(_LSSRows, YarnRotaryEmbedding):
             self._packed_table(cp_group)
             return self.get_emb(max_seq_len, offset)  # whole table and mscale
         emb, mscale = self.get_emb(max_seq_len, offset)  # [L, 1, 1, d]
-        return _rows_of_this_rank(emb, self._group(cp_group), self.lss_layout), mscale
+        return _rows_of_this_rank(emb, self._group(cp_group), self.lss_layout, self.lss_ulysses_size), mscale
 
 
 class LSSMultimodalRotaryEmbedding(_LSSRows, MultimodalRotaryEmbedding):
@@ -114,7 +117,7 @@ class LSSMultimodalRotaryEmbedding(_LSSRows, MultimodalRotaryEmbedding):
             emb = super().forward(position_ids, mrope_section, cp_group=None)  # [L, b, 1, d]
         finally:
             self.cp_group = saved
-        return _rows_of_this_rank(emb, group, self.lss_layout)
+        return _rows_of_this_rank(emb, group, self.lss_layout, self.lss_ulysses_size)
 
 
 _LSS_CLASS = {
@@ -124,7 +127,8 @@ _LSS_CLASS = {
 }
 
 
-def adopt_rotary(rotary: torch.nn.Module, layout: str, rows_in_attention: bool = False) -> torch.nn.Module:
+def adopt_rotary(rotary: torch.nn.Module, layout: str, rows_in_attention: bool = False,
+                 ulysses_size: int | None = None) -> torch.nn.Module:
     """Turn a megatron-core rotary module (inside a GPTModel) into its LSS class, in place.
 
     In place because GPTModel owns the instance; these modules hold no parameters or buffers
@@ -140,11 +144,13 @@ def adopt_rotary(rotary: torch.nn.Module, layout: str, rows_in_attention: bool =
     rotary.__class__ = _LSS_CLASS[base]
     rotary.lss_layout = layout
     rotary.lss_rows_in_attention = rows_in_attention
+    rotary.lss_ulysses_size = ulysses_size
     return rotary
 
 
-def use_lss_rotary_embedding(gpt_model, layout: str) -> None:
-    """Make a megatron-core GPTModel's rotary embedding follow the LSS layout (no-op without one)."""
+def use_lss_rotary_embedding(gpt_model, layout: str, ulysses_size: int | None = None) -> None:
+    """Make a megatron-core GPTModel's rotary embedding follow the LSS layout (no-op without one);
+    ``ulysses_size``: the hybrid's U (None: the registered topology's)."""
     from lss_plugin.megatron.self_attention import LSSSelfAttention
 
     model = getattr(gpt_model, "module", gpt_model)
@@ -154,4 +160,4 @@ def use_lss_rotary_embedding(gpt_model, layout: str) -> None:
         layers = list(decoder.layers) if decoder is not None else []
         rows_in_attention = all(isinstance(getattr(layer, "self_attention", None), LSSSelfAttention)
                                 for layer in layers)
-        adopt_rotary(rotary, layout, rows_in_attention)
+        adopt_rotary(rotary, layout, rows_in_attention, ulysses_size)

@@ -41,6 +41,7 @@ class LSSSelfAttention(SelfAttention):
         params = arguments["packed_seq_params"]
         core = self.core_attention
         group, layout = core.sp_group, core.lss_layout
+        rows_of = core.sequence_group  # whose tokens: the CP group, or its Ulysses x LSS groups
         sp_size = group.size() if group is not None else 1
         hidden = arguments["hidden_states"]  # [s_local (/ TP with Megatron SP), b, hidden]
         s_local = hidden.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
@@ -61,8 +62,8 @@ class LSSSelfAttention(SelfAttention):
                     f"megatron-core applies that many RoPE rows to the whole sequence of {documents.seq_len}")
             return
         if isinstance(rotary, tuple):
-            arguments["rotary_pos_emb"] = tuple(t if t is None else packed_rope_rows(t, documents, group, layout)
+            arguments["rotary_pos_emb"] = tuple(t if t is None else packed_rope_rows(t, documents, rows_of, layout)
                                                 for t in rotary)
         else:
-            arguments["rotary_pos_emb"] = packed_rope_rows(rotary, documents, group, layout)  # [s_local, 1, 1, d]
+            arguments["rotary_pos_emb"] = packed_rope_rows(rotary, documents, rows_of, layout)  # [s_local, 1, 1, d]
         arguments["packed_seq_params"] = dataclasses.replace(params, qkv_format="sbhd")

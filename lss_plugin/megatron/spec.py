@@ -51,6 +51,7 @@ def get_gpt_layer_lss_spec(
     kv_backward: str = DEFAULT_KV_BACKWARD,
     kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
     transformer_impl: Optional[str] = None,
+    ulysses_size: Optional[int] = None,
 ) -> ModuleSpec:
     """megatron-core's GPT layer spec with ``LSSDotProductAttention`` as core attention.
 
@@ -58,7 +59,8 @@ def get_gpt_layer_lss_spec(
     from ``TransformerConfig.normalization`` instead of ``normalization``). ``transformer_impl``:
     ``"transformer_engine"`` (TE spec), ``"local"`` (local spec) or None (TE when importable). The
     other keyword-only ones choose the LSS layout (must match the batch split), the K/V backward
-    mode and head chunking.
+    mode, head chunking and the hybrid's Ulysses size (None: the registered topology's; a value
+    must match it when the layers are built).
     """
     check_layout(layout)
     check_kv_backward(kv_backward)
@@ -76,7 +78,7 @@ def get_gpt_layer_lss_spec(
                          "SelfAttention: LSS cannot place its packed-document RoPE rows there")
     attention.module = LSSSelfAttention
     attention.submodules.core_attention = configured_lss_attention(
-        layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk
+        layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, ulysses_size=ulysses_size
     )
     return spec
 
@@ -98,4 +100,5 @@ def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
         kv_backward=args.lss_kv_backward,
         kv_head_chunk=getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK),
         transformer_impl=getattr(args, "transformer_impl", "local"),
+        ulysses_size=getattr(args, "lss_ulysses_size", 1),
     )
