@@ -17,7 +17,7 @@ from lss_plugin.bench.launch import launch
 from lss_plugin.bench.methods import DEFAULT_METHODS, LSS_TP_SIZE, Variant, variants_for
 from lss_plugin.bench.model import ModelDims
 from lss_plugin.bench.run import Case, worker
-from lss_plugin.options import resolve_kv_chunking
+from lss_plugin.options import resolve_kv_chunking, ulysses_kv_heads
 from lss_plugin.plan import GPTSpec, Setup, plan
 from lss_plugin.signature import SIGNATURE_BYTES
 
@@ -46,10 +46,12 @@ def _setup(variant: Variant, world: int, d: ModelDims, seq_len: int) -> Setup:
     if variant.method == "lss_tp":
         return Setup("lss", sp=world // LSS_TP_SIZE, tp=LSS_TP_SIZE, kv_backward=variant.kv_backward)
     kv_head_chunk, kv_backward = variant.kv_head_chunk, variant.kv_backward
-    if variant.method == "lss":  # "auto" as the call resolves it (float32, the benchmark's dtype)
-        chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, None, 1, seq_len, d.num_kv_heads,
+    if variant.method in ("lss", "lss_ulysses"):  # "auto" as the call resolves it (float32, the benchmark's dtype)
+        u = variant.ulysses or 1
+        kv_heads = ulysses_kv_heads(d.num_kv_heads, u) // u  # what a rank gathers (after the all-to-all)
+        chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, None, 1, seq_len, kv_heads,
                                                  d.hidden_size // d.num_heads, 4)
-        kv_head_chunk = chunk
+        kv_head_chunk = None if variant.method == "lss_ulysses" and chunk == kv_heads else chunk
     return Setup(variant.method, sp=world, kv_backward=kv_backward,
                  kv_head_chunk=kv_head_chunk, ulysses=variant.ulysses)
 

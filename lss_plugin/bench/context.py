@@ -52,7 +52,7 @@ class ParallelContext:
             from lss_plugin.megatron.parallel import initialize_lss_model_parallel
 
             extra = {"tensor_model_parallel_size": layout.tp} if layout.tp > 1 else {}
-            initialize_lss_model_parallel(layout.cp, timeout_s=timeout_s, **extra)
+            initialize_lss_model_parallel(layout.cp, timeout_s=timeout_s, ulysses_size=layout.ulysses, **extra)
         else:
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp, context_parallel_size=layout.cp,

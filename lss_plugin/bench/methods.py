@@ -45,8 +45,8 @@ class Variant:
                 return f"lss[auto,{self.layout}]"  # the defaults of every integration
             chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
             return f"lss[{self.kv_backward},{self.layout}{chunk}]"
-        if self.method == "usp":
-            return f"usp[u{self.ulysses}]"
+        if self.method in ("usp", "lss_ulysses"):
+            return f"{self.method}[u{self.ulysses}]"
         return self.method + ("[unfused]" if self.kernel == "unfused" else "")
 
 
@@ -56,12 +56,14 @@ class Layout:
 
     ``sp_group``: the CP ranks form a sequence-parallel group registered as Megatron's CP group
     (``lss_plugin.megatron.parallel.initialize_lss_model_parallel``); otherwise plain Megatron
-    parallel state (Megatron sequence parallelism whenever tp > 1).
+    parallel state (Megatron sequence parallelism whenever tp > 1). ``ulysses``: that SP group is
+    registered as the hybrid LSS x Ulysses with Ulysses groups of this many ranks.
     """
 
     tp: int = 1
     cp: int = 1
     sp_group: bool = False
+    ulysses: int = 1
 
 
 def tensor_parallel(world_size: int) -> Layout:
@@ -156,6 +158,12 @@ def _layout_indices(variant, seq_len, sp_rank, sp_size):
     return local_token_indices(seq_len, sp_rank, sp_size, variant.layout)
 
 
+def _hybrid_indices(variant, seq_len, sp_rank, sp_size):
+    from lss_plugin.sharding import local_token_indices
+
+    return local_token_indices(seq_len, sp_rank, sp_size, variant.layout, ulysses_size=variant.ulysses)
+
+
 def _usp_indices(variant, seq_len, sp_rank, sp_size):
     from lss_plugin.baselines.usp import usp_token_indices
 
@@ -210,6 +218,15 @@ register(Method(
     "usp", sequence_parallel,
     lambda n, quick: [Variant("usp", "balanced", ulysses=usp_ulysses_size(n))] if usp_ulysses_size(n) else [],
     _sp_baseline, _usp_indices, "lss_plugin.kernels block_forward/backward (LSE merge) in the ring"))
+
+# lss_ulysses (issue 17): the hybrid with USP's split (Ulysses groups of half the ranks, LSS across
+# the two halves), on the default LSS settings; from 4 ranks up, as USP.
+register(Method(
+    "lss_ulysses", lambda n: Layout(cp=n, sp_group=True, ulysses=usp_ulysses_size(n) or 1),
+    lambda n, quick: ([Variant("lss_ulysses", "balanced", "auto", kv_head_chunk="auto", ulysses=usp_ulysses_size(n))]
+                      if usp_ulysses_size(n) else []),
+    _lss_attention, _hybrid_indices,
+    "lss_plugin.kernels block_forward/backward (LSE merge) on H/U heads after the all-to-all"))
 
 LSS_TP_SIZE = 2  # lss_tp: tensor-parallel size; LSS takes the remaining N / 2 ranks
 register(Method(
