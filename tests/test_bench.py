@@ -138,7 +138,9 @@ def test_targets_report_pass_and_miss():
             row("ulysses", 4, 10, None, attention="gqa", error="ValueError: Ulysses needs heads"),
             row("allgather_cp", 4, 10, [2.0] * 3, attention="gqa"), row("usp[u2]", 4, 10, [0.9] * 3, attention="gqa", method="usp"),
             row("lss[regather,contiguous]", 1, 0, None, act=400), row("lss[regather,contiguous]", 4, 0, None, act=130),
-            row("lss[auto,balanced]", 1, 0, None, act=400), row("lss[auto,balanced]", 4, 0, None, act=105)]
+            row("lss[auto,balanced]", 1, 0, None, act=400), row("lss[auto,balanced]", 4, 0, [1.0] * 3, act=105),
+            row("lss[auto,balanced]", 4, 0, [1.0] * 3, attention="gqa"),
+            row("lss_ulysses[u2]", 4, 20, [0.9] * 3), row("lss_ulysses[u2]", 4, 20, [0.8] * 3, attention="gqa")]
     budget = [{"variant": v, "world_size": w, "longest_seq_len": n, "max_len_searched": 10_000}
               for v, w, n in (("lss[regather,contiguous]", 1, 100), ("lss[regather,contiguous]", 4, 300),
                               ("lss[auto,balanced]", 1, 100), ("lss[auto,balanced]", 4, 300),
@@ -161,6 +163,11 @@ def test_targets_report_pass_and_miss():
         "LSS default lss[auto,balanced]: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("MISS", 3.0),
         "LSS default lss[auto,balanced]+zero1: longest sequence in budget 1 -> 4 ranks grows >= Megatron TP+SP's": ("PASS", 3.4),
         "LSS default lss[auto,balanced] activation memory 1 -> 4 ranks >= 90% of ideal 1/N": ("PASS", 0.952),
+        # the hybrid against the best of the others, per round: 0.9 / min(1.0, 0.8, 1.0); 0.8 / min(1.0, 0.9)
+        "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/ulysses/usp[u2] (MHA, 4 ranks, no link limit)": ("MISS", 1.125),
+        "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/ulysses/usp[u2] (MHA, 4 ranks, 1 Gbit/s link)": ("n/a", None),
+        "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/usp[u2] (GQA, 4 ranks, no link limit)": ("PASS", 0.889),
+        "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/usp[u2] (GQA, 4 ranks, 1 Gbit/s link)": ("n/a", None),
     }, got
 
 

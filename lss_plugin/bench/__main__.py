@@ -23,7 +23,7 @@ from lss_plugin.bench.model import ModelDims
 from lss_plugin.bench.run import BUDGET_REFERENCE, Case, worker
 
 # LSS variants timed behind the slow link (the others differ from these in memory, not traffic)
-LINK_LSS = ("lss[keep,balanced]", "lss[keep,contiguous]", "lss[regather,balanced]")
+LINK_LSS = ("lss[keep,balanced]", "lss[keep,contiguous]", "lss[regather,balanced]", LSS_DEFAULT_VARIANT.name)
 BUDGET_METHODS = ("single", "megatron_tp_sp", "allgather_cp")  # besides LSS regather (+ chunk1)
 
 

@@ -149,7 +149,7 @@ def _time_target(rows, name, threshold, lss, bases, link, world, attention="mha"
     base_rows = [_find(rows, b, world=world, link=link, attention=attention) for b in bases]
     if not lss or any(r is None for r in base_rows):
         return _target(name, None, threshold, None, "not run: needs " + ", ".join(
-            [LSS_MAIN] + list(bases)) + f" at {world} ranks" + (f", {link:g} Gbit/s" if link else ""))
+            [lss["variant"] if lss else LSS_MAIN] + list(bases)) + f" at {world} ranks" + (f", {link:g} Gbit/s" if link else ""))
     pr = paired_ratio(lss, base_rows)
     if pr is None:
         return _target(name, None, threshold, None, "no paired timings")
@@ -209,6 +209,17 @@ def check_targets(rows, budget, hidden_size, num_heads, gqa_kv_heads, world=4, l
         out.append(_time_target(rows, name, 1.0, lss_gqa, [base], None, world, attention="gqa"))
         if out[-1]["status"] == "PASS" and out[-1]["value"] >= 1.0:
             out[-1]["status"] = "MISS"  # faster means strictly below 1
+    # 6. (issue 17) where the hybrid beats LSS's default, Ulysses and USP (Ulysses cannot run GQA with
+    # fewer KV heads than ranks, so the GQA comparison is against the others)
+    hybrid = [r["variant"] for r in rows if r["method"] == "lss_ulysses" and r["world_size"] == world]
+    for attention in ("mha", "gqa"):
+        rivals = [LSS_DEFAULT] + (["ulysses"] if attention == "mha" else []) + usp[:1]
+        for link in (None, link_gbit):
+            where = "no link limit" if link is None else f"{link:g} Gbit/s link"
+            name = (f"(issue 17) {hybrid[0] if hybrid else 'lss_ulysses'} step / best of {'/'.join(rivals)} "
+                    f"({attention.upper()}, {world} ranks, {where})")
+            row = _find(rows, hybrid[0], world=world, link=link, attention=attention) if hybrid else None
+            out.append(_time_target(rows, name, 1.0, row, rivals, link, world, attention=attention))
     # 5. longest sequence within the budget, growth from 1 to N ranks
     fits = {(b["variant"], b["world_size"]): b for b in budget if not b.get("error")}
 
