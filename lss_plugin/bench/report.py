@@ -212,8 +212,9 @@ def check_targets(rows, budget, hidden_size, num_heads, gqa_kv_heads, world=4, l
     # 6. (issue 17) where the hybrid beats LSS's default, Ulysses and USP (Ulysses cannot run GQA with
     # fewer KV heads than ranks, so the GQA comparison is against the others)
     hybrid = [r["variant"] for r in rows if r["method"] == "lss_ulysses" and r["world_size"] == world]
+    lss_rival = LSS_DEFAULT if _find(rows, LSS_DEFAULT, world=world) else LSS_MAIN  # (--quick has no default row)
     for attention in ("mha", "gqa"):
-        rivals = [LSS_DEFAULT] + (["ulysses"] if attention == "mha" else []) + usp[:1]
+        rivals = [lss_rival] + (["ulysses"] if attention == "mha" else []) + usp[:1]
         for link in (None, link_gbit):
             where = "no link limit" if link is None else f"{link:g} Gbit/s link"
             name = (f"(issue 17) {hybrid[0] if hybrid else 'lss_ulysses'} step / best of {'/'.join(rivals)} "
