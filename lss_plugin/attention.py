@@ -38,7 +38,6 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
 from lss_plugin.comm import InFlight, start_gather_kv, start_reduce_scatter_kv
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments

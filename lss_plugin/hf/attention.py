@@ -36,7 +36,9 @@ import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.options import (
+    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout,
+)
 from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
 
