@@ -19,8 +19,8 @@ AUTO = "auto"
 KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked
 # The defaults of every integration: "auto" chunks K, V by heads (pipelined) once the whole-sequence
 # K, V are large enough for chunking to pay (``auto_head_chunk``) and runs unchunked "keep" below
-# that. Measured (docs/bench/overlap.md, 2 ranks, L = 8192): 0.92x the unchunked step on a fast
-# link, 0.87x behind 1 Gbit/s, 0.20x its memory held between forward and backward.
+# that. Measured (docs/bench/overlap.md, 2 ranks, L = 8192): 0.93x the unchunked step on a fast
+# link, 0.90x behind 1 Gbit/s, 0.20x its memory held between forward and backward.
 DEFAULT_KV_BACKWARD = AUTO
 DEFAULT_KV_HEAD_CHUNK = AUTO
 # dK/dV reduce-scatter: "fp32" sends the float32 accumulators of half-precision inputs (exact sum
