@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
