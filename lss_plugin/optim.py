@@ -62,3 +62,45 @@ def local_state_tensors(optimizer: torch.optim.Optimizer):
 def local_state_numel(optimizer: torch.optim.Optimizer) -> int:
     """Elements of the tensor state (e.g. Adam's moments) this rank holds; step counters excluded."""
     return sum(v.numel() for v in local_state_tensors(optimizer) if v.dim() > 0)
+
+
+def _is_sharded(optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def _params(optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_param_states(optimizer: torch.optim.Optimizer) -> dict:
+    """parameter -> its optimizer state (tensors on CPU), for every parameter, on every rank.
+
+    Collective over a ``sharded_optimizer``'s group: each parameter's state is broadcast from the
+    one rank that holds it (found by an all-reduce, so nothing private of torch's ZeRO is read).
+    This is what a full-state checkpoint needs: it then resumes on any grid, sharded or not.
+    An unsharded optimizer's states are returned as they are, without communication."""
+    params = _params(optimizer)
+    if not _is_sharded(optimizer):
+        return {p: optimizer.state.get(p, {}) for p in params}
+    group, local = optimizer.process_group, {p for g in optimizer.optim.param_groups for p in g["params"]}
+    rank = dist.get_rank(group)
+    owners = torch.tensor([rank if p in local else 0 for p in params], device=params[0].device)
+    dist.all_reduce(owners, group=group)  # each parameter has exactly one owner
+    states = {}
+    for p, owner in zip(params, owners.tolist()):
+        state = [{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in optimizer.optim.state.get(p, {}).items()}
+                 if owner == rank else None]
+        dist.broadcast_object_list(state, src=dist.get_global_rank(group, owner), group=group)
+        states[p] = state[0]
+    return states
+
+
+def load_param_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, state: dict) -> None:
+    """Restore one parameter's optimizer state; a ``sharded_optimizer`` keeps it only on the rank
+    that owns the parameter (every rank may be given every parameter's state)."""
+    if not _is_sharded(optimizer):
+        optimizer.state[param] = state
+    elif any(param is p for g in optimizer.optim.param_groups for p in g["params"]):
+        optimizer.optim.state[param] = state

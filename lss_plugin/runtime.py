@@ -58,7 +58,7 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
         return
     if not launched():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -69,7 +69,8 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     dist.init_process_group(backend=backend, timeout=as_timedelta(timeout_s))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a one-host rendezvous; the launchers here share it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -9,16 +9,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lss_plugin.runtime import free_port
 
 
 def _rank_main(fn, rank, world_size, port, pg_timeout_s, results, args, kwargs, env):

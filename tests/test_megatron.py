@@ -434,8 +434,6 @@ def _parse(argv, world_size):
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "65"], 2,
      r"--seq-length 65 is not divisible by --tensor-model-parallel-size 2"),
     (["--max-position-embeddings", "32"], 1, r"--max-position-embeddings 32 < --seq-length 64"),
-    (["--use-distributed-optimizer", "--save", "ckpt"], 1,
-     r"--use-distributed-optimizer with --save ckpt / --load None: the full-state checkpoint"),
 ])
 def test_invalid_arguments_are_rejected_with_the_values(argv, world, message):
     with pytest.raises(ValueError, match=message):

@@ -4,7 +4,9 @@ Megatron: the real GPTModel of examples/pretrain_gpt_lss.py with ``--use-distrib
 under LSS SP=2 x DP=2 (the DP x CP group has 4 ranks) must give the unsharded one-rank losses and
 clipping norms within LOSS_RTOL per iteration, and the AdamW moments held per rank must add up to
 those of the unsharded optimizer, each rank within the greedy partition's bound of 1/4 of them;
-so must TP=2 x SP=2 (each TP rank's state sharded over its 2-rank DP x CP group).
+so must TP=2 x SP=2 (each TP rank's state sharded over its 2-rank DP x CP group). Its full-state
+checkpoint (each parameter's moments gathered from the rank that holds them) must resume the
+one-rank losses on the same grid, on TP=2 x SP=2 (re-sharded over 2 ranks) and on one unsharded rank.
 Plain PyTorch: ``sharded_optimizer`` over 4 ranks after ``lss_plugin.average_gradients`` must give
 the same parameters as an unsharded AdamW on the same gradients, step for step. Benchmark: the
 budget search's ``+zero1`` LSS variant gives the same loss with its static bytes smaller by exactly
@@ -16,7 +18,9 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
-from tests.test_megatron import BASE, LOSS_RTOL, synthetic_splits
+from tests.test_megatron import ITERS as CKPT_ITERS
+from tests.test_megatron import (BASE, LOSS_RTOL, RESUME_ITERS, _assert_losses_match, _run_cases, case,
+                                 synthetic_splits)
 
 ITERS = 3
 ARGV = BASE + ["--train-iters", str(ITERS)]
@@ -106,19 +110,31 @@ def _bench_cases():
             "adam_bytes": 2 * 4 * numel + 4 * 16}
 
 
-def _four_ranks():
-    lss = ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--use-distributed-optimizer"]
-    return {"zero": _train(ARGV + lss), "zero_tp": _train(ARGV + lss + ["--tensor-model-parallel-size", "2"]),
-            "plain": _plain_steps(), "bench": _bench_cases()}
+ZERO_SP2 = ["--lss-sequence-parallel", "--lss-sequence-parallel-size", "2", "--use-distributed-optimizer"]
+TP2 = ["--tensor-model-parallel-size", "2"]
 
 
-def _one_rank():
-    return _train(ARGV)
+def _four_ranks(ckpt):
+    resumes = {  # saved at CKPT_ITERS by SP=2 x DP=2 sharded, resumed to RESUME_ITERS
+        "save": case("learned_absolute", False, *ZERO_SP2, "--save", ckpt, "--save-interval", str(CKPT_ITERS)),
+        "same_grid": case("learned_absolute", False, *ZERO_SP2, "--load", ckpt, iters=RESUME_ITERS),
+        "tp2xsp2": case("learned_absolute", False, *ZERO_SP2, *TP2, "--load", ckpt, iters=RESUME_ITERS),
+    }
+    return {"zero": _train(ARGV + ZERO_SP2), "zero_tp": _train(ARGV + ZERO_SP2 + TP2),
+            "plain": _plain_steps(), "bench": _bench_cases(), "resumes": _run_cases(resumes)}
+
+
+def _one_rank(ckpt):
+    resumes = {"ref": case("learned_absolute", False, iters=RESUME_ITERS),
+               "unsharded": case("learned_absolute", False, "--load", ckpt, iters=RESUME_ITERS)}
+    return {**_train(ARGV), "resumes": _run_cases(resumes)}
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return run_ranks(_four_ranks, 4, timeout_s=300, pg_timeout_s=120), run_ranks(_one_rank, 1, timeout_s=120)
+def runs(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("zero_ckpt") / "sp2xdp2")
+    return (run_ranks(_four_ranks, 4, ckpt, timeout_s=420, pg_timeout_s=120),
+            run_ranks(_one_rank, 1, ckpt, timeout_s=180))
 
 
 def _assert_one_rank_losses(per_rank, ref, dp_cp_size):
@@ -174,3 +190,15 @@ def test_benchmark_counts_the_sharded_optimizer_state(runs):
     # every byte of the AdamW state is dropped by exactly three of the four ranks
     assert sum(saved) == 3 * ranks[0]["bench"]["adam_bytes"], (saved, ranks[0]["bench"]["adam_bytes"])
     assert all(s > 0 for s in saved), saved
+
+
+def test_a_sharded_optimizer_checkpoint_resumes_on_any_grid(runs):
+    """The moments each rank held were gathered into the checkpoint: resuming sharded on the same
+    grid, re-sharded under TP=2 x SP=2, or unsharded on one rank continues the one-rank losses."""
+    ranks, (one,) = runs
+    ref = one["resumes"]["ref"]
+    for out in ranks:
+        _assert_losses_match(out["resumes"]["save"], ref, range(1, CKPT_ITERS + 1))
+        for name in ("same_grid", "tp2xsp2"):
+            _assert_losses_match(out["resumes"][name], ref, range(CKPT_ITERS + 1, RESUME_ITERS + 1))
+    _assert_losses_match(one["resumes"]["unsharded"], ref, range(CKPT_ITERS + 1, RESUME_ITERS + 1))

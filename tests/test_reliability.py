@@ -84,7 +84,7 @@ def _train_until_a_rank_fails(failure, timeout_s):
     torch.manual_seed(0)
     model = GPT(GPTConfig(max_seq_length=48, hidden_size=32, num_heads=4), LSSAttentionOptions())
     tokens = torch.randint(0, 256, (2, 49), generator=torch.Generator().manual_seed(0))
-    idx = local_token_indices(48, topo.sp_rank, 3, "contiguous")
+    idx = local_token_indices(48, topo.sp_rank, 3)  # the layout the model's attention and positions use
     positions = lss_plugin.local_positions(48)
     started = None
     try:

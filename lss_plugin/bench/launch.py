@@ -9,16 +9,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lss_plugin.runtime import free_port
 
 
 def _rank_main(fn, rank, world_size, port, pg_timeout_s, threads, results, args, kwargs):
@@ -54,7 +49,7 @@ def launch(fn, world_size: int, *args, timeout_s: float = 1800.0, pg_timeout_s: 
     """``fn(*args, **kwargs)`` on ``world_size`` ranks; per-rank results, or RuntimeError/TimeoutError."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, pg_timeout_s, threads,
                                                   results, args, kwargs)) for r in range(world_size)]
     for p in procs:

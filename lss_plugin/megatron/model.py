@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from lss_plugin.optim import full_param_states, load_param_state
 
 VOCAB_SIZE = 256  # byte-level, as enwik8 models are
 
@@ -268,10 +269,12 @@ def load_full_model_state(model, state: dict) -> None:
 
 
 def full_optimizer_state(model, optimizer: torch.optim.Optimizer) -> dict:
-    """Per-parameter optimizer state keyed by parameter name, TP-gathered (collective over TP)."""
+    """Per-parameter optimizer state keyed by parameter name, TP-gathered (collective over TP, and
+    over DP x CP for ``--use-distributed-optimizer``)."""
+    states = full_param_states(optimizer)  # collective over a sharded optimizer's DP x CP group
     per_param = {}
     for name, p in named_trainable(model):
-        state = optimizer.state.get(p, {})
+        state = states.get(p, {})
         per_param[name] = {
             k: (gather_tp(v, p).cpu().clone() if torch.is_tensor(v) and v.dim() > 0 else
                 (v.cpu().clone() if torch.is_tensor(v) else v))
@@ -290,10 +293,10 @@ def load_full_optimizer_state(model, optimizer: torch.optim.Optimizer, saved: di
         if name not in params:
             continue  # another pipeline stage's parameter
         p = params[name]
-        optimizer.state[p] = {
+        load_param_state(optimizer, p, {
             k: (shard_tp(v, p).to(p.device).clone() if torch.is_tensor(v) and v.dim() > 0 else v)
             for k, v in state.items()
-        }
+        })
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise ValueError(f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint "
                          f"{len(saved['param_groups'])}")

@@ -150,9 +150,6 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ValueError(f"--num-query-groups {groups} must divide --num-attention-heads "
                          f"{args.num_attention_heads} and be divisible by TP {tp}")
     _validate_documents(args)
-    if args.use_distributed_optimizer and (args.save or args.load):
-        raise ValueError(f"--use-distributed-optimizer with --save {args.save} / --load {args.load}: the "
-                         "full-state checkpoint of this script does not gather a sharded optimizer state")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.max_position_embeddings < args.seq_length:
