@@ -44,8 +44,9 @@ from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segmen
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
-    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_buffer_mib,
-    check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads, resolve_kv_chunking,
+    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_buffer_budget,
+    check_kv_buffer_mib, check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads,
+    resolve_kv_chunking,
 )
 from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes, ulysses_peers
@@ -105,10 +106,7 @@ def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softma
     check_kv_backward(kv_backward)
     check_kv_grad_dtype(kv_grad_dtype)
     check_kv_head_chunk(kv_head_chunk, hkv)
-    check_kv_buffer_mib(kv_buffer_mib)
-    if kv_buffer_mib is not None and kv_head_chunk != AUTO:
-        raise ValueError(f"kv_buffer_mib ({kv_buffer_mib!r}) is the budget of kv_head_chunk='auto', "
-                         f"got kv_head_chunk={kv_head_chunk!r}")
+    check_kv_buffer_budget(kv_buffer_mib, kv_head_chunk)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
 

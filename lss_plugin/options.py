@@ -76,6 +76,26 @@ def check_kv_buffer_mib(value, setting: str = "kv_buffer_mib") -> None:
         raise ValueError(f"{setting} must be a positive number of MiB (or None), got {value!r}")
 
 
+def check_kv_buffer_budget(kv_buffer_mib, kv_head_chunk, setting: str = "kv_buffer_mib",
+                           chunk_setting: str = "kv_head_chunk", spell=repr) -> None:
+    """``check_kv_buffer_mib``, and a budget only with ``kv_head_chunk="auto"``: a numeric chunk or
+    None (all KV heads) fixes the chunk, so a budget beside it would be ignored; refused naming both
+    settings. Adapters pass their own spellings (``spell`` writes a chunk value as they do)."""
+    check_kv_buffer_mib(kv_buffer_mib, setting)
+    if kv_buffer_mib is not None and kv_head_chunk != AUTO:
+        raise ValueError(f"{setting} ({kv_buffer_mib!r}) is the budget of {chunk_setting}={spell(AUTO)}, "
+                         f"got {chunk_setting}={spell(kv_head_chunk)}")
+
+
+def check_attention_settings(layout, kv_backward, kv_head_chunk, kv_buffer_mib=None) -> None:
+    """The settings an adapter fixes for every ``lss_attention`` call it makes, checked when it is
+    configured (before any model runs) with ``lss_attention``'s own spellings."""
+    check_layout(layout)
+    check_kv_backward(kv_backward)
+    check_kv_head_chunk(kv_head_chunk)
+    check_kv_buffer_budget(kv_buffer_mib, kv_head_chunk)
+
+
 def kv_buffer_mib_from_env(environ=None) -> float | None:
     """The budget of ``LSS_KV_BUFFER_MIB`` (unset or empty: None); a bad value is refused by name."""
     raw = (os.environ if environ is None else environ).get(KV_BUFFER_ENV, "").strip()

@@ -57,14 +57,20 @@ def _ds(block=None, **extra):
 def test_block_parsed_with_defaults():
     lss = LSSConfig.from_ds_config(_ds({"size": 4}))
     assert lss == LSSConfig(enabled=True, size=4, layout="balanced", kv_backward="auto",
-                            grad_averaging="auto", kv_head_chunk="auto", timeout_s=None, ulysses_size=1)
+                            grad_averaging="auto", kv_head_chunk="auto", timeout_s=None, ulysses_size=1,
+                            kv_buffer_mib=None)
     assert LSSConfig.from_ds_config(_ds()).enabled is False
     assert LSSConfig.from_ds_config(_ds({"enabled": False, "size": 2})).enabled is False
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",
-            "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30, "ulysses_size": 2}
+            "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30, "ulysses_size": 2, "kv_buffer_mib": None}
     assert LSSConfig.from_ds_config(_ds(full)).to_dict() == full
     auto = dict(full, kv_backward="auto", kv_head_chunk="auto")  # pipelined head chunks sized by lss_attention
     assert LSSConfig.from_ds_config(_ds(auto)).attention_kwargs()["kv_head_chunk"] == "auto"
+    budget = LSSConfig.from_ds_config(_ds({"size": 2, "kv_buffer_mib": 64})).attention_kwargs()
+    assert budget == {"layout": "balanced", "kv_backward": "auto", "kv_head_chunk": "auto", "kv_buffer_mib": 64}
+    from lss_plugin.models.gpt import LSSAttentionOptions
+
+    assert LSSAttentionOptions(**budget).kv_buffer_mib == 64  # the model options the example builds from it
     assert LSSConfig.from_ds_config(_ds({"size": 2}, sequence_parallel_size=2)).size == 2
 
 
@@ -77,6 +83,12 @@ def test_block_parsed_with_defaults():
     ({"size": 2, "kv_backward": "drop"}, {}, '"kv_backward" must be one of'),
     ({"size": 2, "grad_averaging": "sum"}, {}, '"grad_averaging" must be one of'),
     ({"size": 2, "kv_head_chunk": 0}, {}, '"kv_head_chunk" must be a positive integer, "auto" or null, got 0'),
+    ({"size": 2, "kv_head_chunk": 2, "kv_buffer_mib": 64}, {},
+     '"lss_sequence_parallel": "kv_buffer_mib" (64) is the budget of "kv_head_chunk"="auto", got "kv_head_chunk"=2'),
+    ({"size": 2, "kv_head_chunk": None, "kv_buffer_mib": 64}, {},
+     '"kv_buffer_mib" (64) is the budget of "kv_head_chunk"="auto", got "kv_head_chunk"=null'),
+    ({"size": 2, "kv_buffer_mib": 0}, {}, '"kv_buffer_mib" must be a positive number of MiB (or None), got 0'),
+    ({"size": 2, "kv_buffer_mib": "64"}, {}, '"kv_buffer_mib" must be a positive number of MiB (or None), got \'64\''),
     ({"size": 2, "timeout_s": -1}, {}, '"timeout_s" must be a positive number or null, got -1'),
     ({"size": 2, "enabled": "yes"}, {}, '"enabled" must be true or false'),
     ([2], {}, "must be a JSON object"),

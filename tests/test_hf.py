@@ -9,11 +9,14 @@ One 4-rank spawn runs everything multi-rank, engine after engine: real DeepSpeed
 (lss_plugin.hf.deepspeed_initialize) at SP=4 and SP=2 x DP=2 for Llama (GQA), GPT-2 (learned
 absolute positions) and Mistral (sliding-window config wider than the sequence), a head count
 that SP does not divide, right padding with unequal token counts, the plain-torch path with
-lss_plugin.average_gradients, and the settings LSS refuses.
+lss_plugin.average_gradients, and the settings LSS refuses. The block's "kv_buffer_mib" sized for one
+KV head per gather reaches the attention through deepspeed_initialize: the collectives of
+"kv_head_chunk": 1 with "regather" and the one-process losses, a larger LSS_KV_BUFFER_MIB set beside it.
 """
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -100,9 +103,10 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False, ulysses=1):
+def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False, ulysses=1, block=None):
     """STEPS steps of a ZeRO-2 engine next to the one-process model trained with the same SGD
-    (``ulysses`` > 1: the block's "ulysses_size", the hybrid LSS x Ulysses; tests/test_deepspeed_hybrid.py).
+    (``ulysses`` > 1: the block's "ulysses_size", the hybrid LSS x Ulysses; tests/test_deepspeed_hybrid.py;
+    ``block``: more keys of the "lss_sequence_parallel" block).
 
     Returns per step (ref loss, LSS loss, max grad rel. error) and the max parameter rel. error
     after the last step. DeepSpeed clips gradients at 1.0 unless told otherwise: clipping is off.
@@ -124,7 +128,7 @@ def _ds_case(model_type, sp, heads, kv_heads, layout, padded=False, ulysses=1):
         "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // dp,
         "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
         "gradient_clipping": 0.0,
-        "lss_sequence_parallel": {"size": sp, "layout": layout, "ulysses_size": ulysses},
+        "lss_sequence_parallel": {"size": sp, "layout": layout, "ulysses_size": ulysses, **(block or {})},
     }
     engine, *_ = hf.deepspeed_initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), config=ds_config)
@@ -233,10 +237,35 @@ DS_CASES = [
 ]
 
 
+# The budget cases: 3 KV heads (head dim 4), micro-batch 2 of L = 16 in float32 at SP=2 x DP=2, so one
+# KV head of gathered K,V is 2 * 2 * 16 * 4 * 4 B = 1 KiB. 2.5 KiB holds two one-head chunks in
+# flight but not the three heads unchunked (3 KiB): one head per gather.
+BUDGET_CASE = ("llama", 2, 3, 3, "contiguous", False)
+ONE_HEAD_BUDGET_MIB = 2.5 * 1024 / 2**20
+BUDGET_BLOCKS = {"budget": {"kv_buffer_mib": ONE_HEAD_BUDGET_MIB},
+                 "chunk1_regather": {"kv_head_chunk": 1, "kv_backward": "regather"}}
+
+
+def _budget_cases():
+    """Each block of BUDGET_BLOCKS on BUDGET_CASE: (steps, params_err, collective calls). The budget
+    runs beside a LSS_KV_BUFFER_MIB that alone would gather all heads at once: the block's wins."""
+    from lss_plugin import record_collectives
+    from lss_plugin.options import KV_BUFFER_ENV
+
+    out = {}
+    for name, block in BUDGET_BLOCKS.items():
+        env = {KV_BUFFER_ENV: "1024"} if "kv_buffer_mib" in block else {}
+        with mock.patch.dict(os.environ, env), record_collectives() as rec:
+            steps, params_err = _ds_case(*BUDGET_CASE, block=block)
+        out[name] = (steps, params_err, dict(rec.calls))
+    return out
+
+
 def _four_rank_cases():
     out = {"plain": _plain_torch_case(), "refusals": _refusals(), "ds": {}}
     for case in DS_CASES:
         out["ds"][case] = _ds_case(*case)
+    out["budget"] = _budget_cases()
     return out
 
 
@@ -274,6 +303,23 @@ def test_plain_torch_average_gradients_with_padding(four_ranks):
     for ref_loss, loss, grad_err in (r["plain"] for r in four_ranks):
         assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
         assert grad_err <= RTOL
+
+
+def test_block_kv_buffer_mib_reaches_the_attention(four_ranks):
+    """The block's budget (one KV head per gather) issues what "kv_head_chunk": 1 with "regather"
+    issues, and both train as the one-process model does."""
+    for rank_out in four_ranks:
+        budget, chunked = (rank_out["budget"][name] for name in BUDGET_BLOCKS)
+        for steps, params_err, _ in (budget, chunked):
+            _assert_matches(BUDGET_CASE, steps, params_err)
+        assert budget[2] == chunked[2], (budget[2], chunked[2])
+        # per step: one micro-batch x 2 layers x 3 one-head chunks, gathered again in backward
+        assert (budget[2]["all_gather_into_tensor"], budget[2]["reduce_scatter_tensor"]) == (
+            STEPS * 2 * 3 * 2, STEPS * 2 * 3), budget[2]
+    steps, params_err, _ = four_ranks[0]["budget"]["budget"]
+    print(f"\nHF + DeepSpeed, block kv_buffer_mib={ONE_HEAD_BUDGET_MIB:.6g} (one KV head per gather): worst rel. "
+          f"loss {max(abs(l - r) / abs(r) for r, l, _ in steps):.2e}, gradients {max(e for _, _, e in steps):.2e}, "
+          f"parameters {params_err:.2e} (tolerance {RTOL})")
 
 
 def test_refused_settings_name_themselves(four_ranks):

@@ -8,17 +8,23 @@ reduction, the 1-rank gradient of a parameter. Half the cases drop tokens from t
 mask that leaves ranks with different token counts: a mean of per-rank means (Megatron's default
 reduction) would be wrong there. Checkpoints resume across (T, N, D, P): SP=4 on SP=2, on 1 rank
 and on TP=2 x SP=2; TP=2 and TP=2 x SP=2 on 1 rank; TP=2 x SP=2 on DP=2; PP=2 x SP=2 on 1 rank,
-continuing the losses of an uninterrupted run. Runs are batched into three spawns (4, 2, 1 ranks).
+continuing the losses of an uninterrupted run. ``--lss-kv-buffer-mib`` sized for one KV head per
+gather issues exactly the collectives of ``--lss-kv-head-chunk 1`` with regather (and the 1-rank
+losses), though a larger ``LSS_KV_BUFFER_MIB`` is set beside it. Runs are batched into three spawns
+(4, 2, 1 ranks).
 """
 from __future__ import annotations
 
 import argparse
+import os
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 from lss_plugin.megatron.args import add_lss_args, validate_lss_args
+from lss_plugin.options import KV_BUFFER_ENV
 from lss_plugin.signature import SIGNATURE_BYTES
 from tests.distributed import run_ranks
 
@@ -54,12 +60,12 @@ VARIANT = ["--swiglu", "--normalization", "RMSNorm", "--untie-embeddings-and-out
            "--disable-bias-linear"]
 
 
-def case(pos, masked, *extra, iters=ITERS):
+def case(pos, masked, *extra, iters=ITERS, env=None):
     argv = BASE + ["--position-embedding-type", pos, "--train-iters", str(iters), *extra]
     probes = (QKV, NORM, POS) if pos == "learned_absolute" else (QKV, NORM)
     if "--swiglu" in extra:
         probes += (FC1,)
-    return {"argv": argv, "masked": masked, "probes": probes}
+    return {"argv": argv, "masked": masked, "probes": probes, "env": env or {}}
 
 
 def _run_cases(cases: dict, check_attention_module: bool = False, splits_fn=synthetic_splits) -> dict:
@@ -73,7 +79,7 @@ def _run_cases(cases: dict, check_attention_module: bool = False, splits_fn=synt
     splits, out = splits_fn(), {}
     for name, spec in cases.items():
         args = parse_args(spec["argv"])
-        with record_collectives() as rec:
+        with mock.patch.dict(os.environ, spec.get("env", {})), record_collectives() as rec:
             records = train(args, loss_mask_fn=uneven_loss_mask if spec["masked"] else None,
                             probe_params=spec["probes"], splits=splits)
         out[name] = {
@@ -136,6 +142,10 @@ def _check_attention_refusals() -> str:
 TP2_LSS2 = ["--tensor-model-parallel-size", "2", "--lss-sequence-parallel",
             "--lss-sequence-parallel-size", "2"]
 MHA = ["--num-query-groups", "4"]
+# With MHA (4 KV heads, head dim 8) and micro-batch 2 at L = 64 in float32, one KV head of gathered
+# K,V is 2 * 2 * 64 * 8 * 4 B = 8 KiB. This budget holds two one-head chunks in flight (16 KiB)
+# but not two of two heads, nor all four unchunked (32 KiB): the most it fits is one head per gather.
+ONE_HEAD_MIB = "0.02"
 CONTIGUOUS = ["--lss-layout", "contiguous"]  # the default is balanced
 
 
@@ -181,6 +191,11 @@ def cases_2(ckpt):
         # the default layout (balanced), K,V pipelined one KV head at a time, regathered ("auto")
         "sp2_balanced_rope_chunked": case("rope", False, *lss, "--lss-kv-head-chunk", "1",
                                           "--lss-kv-backward", "auto"),
+        # the budget flag wins over a LSS_KV_BUFFER_MIB that alone would gather all 4 heads at once
+        "sp2_mha_rope_budget": case("rope", True, *lss, *MHA, "--lss-kv-buffer-mib", ONE_HEAD_MIB,
+                                    env={KV_BUFFER_ENV: "1024"}),
+        "sp2_mha_rope_chunk1_regather": case("rope", True, *lss, *MHA, "--lss-kv-head-chunk", "1",
+                                             "--lss-kv-backward", "regather"),
         "tp2sp_learned_masked": case("learned_absolute", True, *tpsp),
         "tp2sp_rope": case("rope", False, *tpsp, "--save", ckpt["tp2"], "--save-interval", str(ITERS)),
         "tp2sp_swiglu_rmsnorm_untied": case("learned_absolute", True, *tpsp, *VARIANT),
@@ -245,6 +260,8 @@ REFERENCE = {  # parallel case -> 1-rank reference case
     "sp2xdp2_balanced_rope_masked": "ref_rope_masked",
     "sp2_contiguous_learned_masked": "ref_learned_masked",
     "sp2_balanced_rope_chunked": "ref_rope",
+    "sp2_mha_rope_budget": "ref_mha_rope_masked",
+    "sp2_mha_rope_chunk1_regather": "ref_mha_rope_masked",
     "tp2sp_learned_masked": "ref_learned_masked",
     "tp2sp_rope": "ref_rope",
     "tp2sp_swiglu_rmsnorm_untied": "ref_swiglu_rmsnorm_untied_masked",
@@ -348,6 +365,19 @@ def test_each_tp_rank_gathers_only_its_own_kv_heads(runs4):
 
 
 @pytest.mark.slow
+def test_kv_buffer_budget_reaches_every_attention_call(runs2):
+    """``--lss-kv-buffer-mib`` (one KV head per gather) runs what ``--lss-kv-head-chunk 1
+    --lss-kv-backward regather`` runs: the same collectives, calls and bytes (the losses of both
+    match one rank: test_losses_and_gradients_match_one_rank)."""
+    for results in runs2:
+        budget, chunked = results["sp2_mha_rope_budget"], results["sp2_mha_rope_chunk1_regather"]
+        assert budget["calls"] == chunked["calls"] and budget["kv_collectives"] == chunked["kv_collectives"]
+        # per iteration: 2 micro-batches x 2 layers x 4 one-head chunks, gathered again in backward
+        (gathers, _), (scatters, _) = (budget["kv_collectives"][k] for k in KV_COLLECTIVES)
+        assert (gathers, scatters) == (ITERS * 2 * 2 * 4 * 2, ITERS * 2 * 2 * 4), (gathers, scatters)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,ref", [("sp4_balanced_learned", "ref_learned"),
                                       ("pp2xsp2_balanced_swiglu_rmsnorm_untied",
                                        "ref_swiglu_rmsnorm_untied_masked")])
@@ -434,6 +464,15 @@ def _parse(argv, world_size):
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "65"], 2,
      r"--seq-length 65 is not divisible by --tensor-model-parallel-size 2"),
     (["--max-position-embeddings", "32"], 1, r"--max-position-embeddings 32 < --seq-length 64"),
+    # a budget is only the budget of --lss-kv-head-chunk auto
+    (["--lss-sequence-parallel", "--lss-kv-head-chunk", "1", "--lss-kv-buffer-mib", "64"], 2,
+     r"--lss-kv-buffer-mib \(64.0\) is the budget of --lss-kv-head-chunk=auto, got --lss-kv-head-chunk=1"),
+    (["--lss-sequence-parallel", "--lss-kv-head-chunk", "all", "--lss-kv-buffer-mib", "64"], 2,
+     r"--lss-kv-buffer-mib \(64.0\) is the budget of --lss-kv-head-chunk=auto, got --lss-kv-head-chunk=all"),
+    (["--lss-sequence-parallel", "--lss-kv-buffer-mib", "0"], 2,
+     r"--lss-kv-buffer-mib must be a positive number of MiB \(or None\), got 0.0"),
+    (["--lss-sequence-parallel", "--lss-kv-buffer-mib", "nan"], 2, r"--lss-kv-buffer-mib must be a positive number"),
+    (["--lss-kv-buffer-mib", "64"], 1, r"--lss-kv-buffer-mib 64.0 given without --lss-sequence-parallel"),
 ])
 def test_invalid_arguments_are_rejected_with_the_values(argv, world, message):
     with pytest.raises(ValueError, match=message):
@@ -459,7 +498,8 @@ def test_add_lss_args_is_a_megatron_extra_args_provider():
     assert parser.parse_args(["--lss-kv-head-chunk", "2"]).lss_kv_head_chunk == 2
     assert parser.parse_args(["--lss-kv-head-chunk", "all"]).lss_kv_head_chunk is None
     defaults = parser.parse_args([])
-    assert (defaults.lss_kv_head_chunk, defaults.lss_kv_backward) == ("auto", "auto")
+    assert (defaults.lss_kv_head_chunk, defaults.lss_kv_backward, defaults.lss_kv_buffer_mib) == ("auto", "auto", None)
+    assert parser.parse_args(["--lss-kv-buffer-mib", "64"]).lss_kv_buffer_mib == 64.0
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):  # argparse: "a positive integer or 'auto', got '0'"
             parser.parse_args(["--lss-kv-head-chunk", bad])
@@ -470,6 +510,24 @@ def test_add_lss_args_is_a_megatron_extra_args_provider():
     with pytest.raises(ValueError, match=r"virtual pipeline stages \(num_virtual_stages_per_pipeline_rank=2\)"):
         args.num_virtual_stages_per_pipeline_rank = 2
         validate_lss_args(args, world_size=4)
+
+
+def test_printed_kv_mode_follows_the_budget_flag_before_the_environment(monkeypatch):
+    """pretrain.py prints the chunking every call runs (``resolve_kv_chunking``, as lss_attention):
+    the flag's budget, else LSS_KV_BUFFER_MIB's, else the default rule (all 4 heads at this size)."""
+    from lss_plugin.megatron.pretrain import _kv_mode
+
+    lss = ["--lss-sequence-parallel", *MHA]
+    monkeypatch.setenv(KV_BUFFER_ENV, "1024")
+    assert _kv_mode(_parse(lss, 2)) == "keep"
+    assert _kv_mode(_parse([*lss, "--lss-kv-buffer-mib", ONE_HEAD_MIB], 2)) == "regather kv_head_chunk=1/4"
+    monkeypatch.setenv(KV_BUFFER_ENV, ONE_HEAD_MIB)
+    assert _kv_mode(_parse(lss, 2)) == "regather kv_head_chunk=1/4"
+    assert _kv_mode(_parse([*lss, "--lss-kv-buffer-mib", "1024"], 2)) == "keep"
+    monkeypatch.delenv(KV_BUFFER_ENV)
+    assert _kv_mode(_parse(lss, 2)) == "keep"
+    with pytest.raises(ValueError, match=r"kv_buffer_mib / LSS_KV_BUFFER_MIB = 0.01 MiB is below .* 0.015625 MiB"):
+        _kv_mode(_parse([*lss, "--lss-kv-buffer-mib", "0.01"], 2))
 
 
 def _megatron_like_parser():

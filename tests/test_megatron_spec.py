@@ -79,6 +79,10 @@ def test_spec_arguments_are_checked_by_name():
         get_gpt_layer_lss_spec(kv_backward="drop")
     with pytest.raises(ValueError, match="kv_head_chunk must be a positive integer, 'auto' or None, got 0"):
         get_gpt_layer_lss_spec(kv_head_chunk=0)
+    with pytest.raises(ValueError, match=r"kv_buffer_mib \(64\) is the budget of kv_head_chunk='auto', got kv_head_chunk=None"):
+        get_gpt_layer_lss_spec(kv_head_chunk=None, kv_buffer_mib=64)
+    with pytest.raises(ValueError, match="kv_buffer_mib must be a positive number of MiB"):
+        get_gpt_layer_lss_spec(kv_buffer_mib=-1)
 
 
 def test_from_args_follows_transformer_impl_and_defaults_to_local():
@@ -86,6 +90,9 @@ def test_from_args_follows_transformer_impl_and_defaults_to_local():
     for extra in ({}, {"transformer_impl": "local"}):
         args = argparse.Namespace(lss_layout="contiguous", lss_kv_backward="keep", **extra)
         _same_except_core_attention(get_gpt_layer_lss_spec_from_args(args), local)
+    args = argparse.Namespace(lss_layout="balanced", lss_kv_backward="auto", lss_kv_buffer_mib=8.0)
+    core = get_gpt_layer_lss_spec_from_args(args).submodules.self_attention.submodules.core_attention
+    assert (core.lss_kv_head_chunk, core.lss_kv_buffer_mib) == ("auto", 8.0)  # what each call passes lss_attention
 
 
 # --- with TransformerEngine (GPU machines; `make gpu-check`) ------------------------------------

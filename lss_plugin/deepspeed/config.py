@@ -22,7 +22,7 @@ from typing import Any
 
 from lss_plugin.options import (
     AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS,
-    check_ulysses_heads, check_ulysses_size,
+    check_kv_buffer_budget, check_ulysses_heads, check_ulysses_size,
 )
 
 BLOCK_KEY = "lss_sequence_parallel"
@@ -47,9 +47,10 @@ class LSSConfig:
     kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK  # KV heads per gather, "auto", or null (all)
     timeout_s: float | None = None  # timeout of the LSS process groups
     ulysses_size: int = 1  # U: Ulysses all-to-all inside runs of U consecutive SP ranks, LSS across them
+    kv_buffer_mib: float | None = None  # budget of kv_head_chunk "auto" in MiB (null: LSS_KV_BUFFER_MIB)
 
     FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s",
-              "ulysses_size")
+              "ulysses_size", "kv_buffer_mib")
 
     def __post_init__(self) -> None:
         where = f'"{BLOCK_KEY}"'
@@ -72,6 +73,8 @@ class LSSConfig:
             raise LSSConfigError(f'{where}: "timeout_s" must be a positive number or null, got {self.timeout_s!r}')
         with _as_config_error():
             check_ulysses_size(self.ulysses_size, self.size, setting=f'{where}: "ulysses_size"')
+            check_kv_buffer_budget(self.kv_buffer_mib, self.kv_head_chunk, f'{where}: "kv_buffer_mib"',
+                                   '"kv_head_chunk"', spell=json.dumps)
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None) -> "LSSConfig":
@@ -140,7 +143,8 @@ class LSSConfig:
 
     def attention_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``lss_plugin.lss_attention`` / the model's LSS options."""
-        return {"layout": self.layout, "kv_backward": self.kv_backward, "kv_head_chunk": self.kv_head_chunk}
+        return {"layout": self.layout, "kv_backward": self.kv_backward, "kv_head_chunk": self.kv_head_chunk,
+                "kv_buffer_mib": self.kv_buffer_mib}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

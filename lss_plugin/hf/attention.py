@@ -37,7 +37,7 @@ import torch.distributed as dist
 from lss_plugin.attention import lss_attention
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
 from lss_plugin.options import (
-    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout,
+    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings,
 )
 from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
@@ -49,17 +49,17 @@ DEFAULT_NAME = "lss"
 class LSSHFOptions:
     """What a registered attention name runs with. ``group=None``: the registered topology's sequence
     groups (the hybrid LSS x Ulysses when it was built with ``ulysses_size`` > 1); a ProcessGroup: pure
-    LSS over it; a ``SequenceGroups``: those groups."""
+    LSS over it; a ``SequenceGroups``: those groups. ``kv_buffer_mib``: the budget of
+    ``kv_head_chunk="auto"`` (``lss_attention``'s; None: ``LSS_KV_BUFFER_MIB``, else the default rule)."""
 
     layout: str = DEFAULT_LAYOUT
     kv_backward: str = DEFAULT_KV_BACKWARD
     kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
     group: object = None
+    kv_buffer_mib: float | None = None
 
     def __post_init__(self) -> None:
-        check_layout(self.layout)
-        check_kv_backward(self.kv_backward)
-        check_kv_head_chunk(self.kv_head_chunk)
+        check_attention_settings(self.layout, self.kv_backward, self.kv_head_chunk, self.kv_buffer_mib)
 
 
 _OPTIONS: dict[str, LSSHFOptions] = {}
@@ -72,6 +72,7 @@ def register_lss_attention(
     kv_backward: str = DEFAULT_KV_BACKWARD,
     kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK,
     group=None,
+    kv_buffer_mib: float | None = None,
 ) -> str:
     """Register ``name`` (default ``"lss"``) in transformers' attention and mask registries.
 
@@ -84,7 +85,8 @@ def register_lss_attention(
 
     if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") or "/" in name:
         raise ValueError(f"attention name must be a new plain name (not a built-in or hub kernel), got {name!r}")
-    _OPTIONS[name] = LSSHFOptions(layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, group=group)
+    _OPTIONS[name] = LSSHFOptions(layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, group=group,
+                                  kv_buffer_mib=kv_buffer_mib)
     AttentionInterface.register(name, lss_attention_forward)
     AttentionMaskInterface.register(name, lss_attention_mask)
     return name
@@ -291,6 +293,7 @@ def lss_attention_forward(
         layout=options.layout,
         kv_backward=options.kv_backward,
         kv_head_chunk=options.kv_head_chunk,
+        kv_buffer_mib=options.kv_buffer_mib,
         cu_seqlens=cu_seqlens,
     )
     return out, None  # out [b, s_local, H, d]

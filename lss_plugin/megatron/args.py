@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from lss_plugin.options import (
-    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward, check_kv_head_chunk, check_layout,
-    check_ulysses_heads, check_ulysses_size,
+    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward,
+    check_kv_buffer_budget, check_kv_head_chunk, check_layout, check_ulysses_heads, check_ulysses_size,
 )
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
@@ -44,7 +44,11 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "chunk's gather overlaps this one's attention); 'all' for all KV heads "
                             "at once; 'auto' (default): chunks of a small fraction of the "
                             "whole-sequence K,V once those are large, all heads below that "
-                            "(LSS_KV_BUFFER_MIB sets a budget in MiB instead).")
+                            "(--lss-kv-buffer-mib or LSS_KV_BUFFER_MIB set a budget instead).")
+    group.add_argument("--lss-kv-buffer-mib", type=float, default=None, metavar="MIB",
+                       help="budget of --lss-kv-head-chunk auto, in MiB: the most KV heads per gather "
+                            "whose gathered K,V (two chunks in flight) fit it; wins over "
+                            "LSS_KV_BUFFER_MIB. Refused with a numeric or 'all' --lss-kv-head-chunk.")
     group.add_argument("--lss-grad-averaging", choices=GRAD_AVERAGING_MODES, default="fused",
                        help="Gradient averaging over SP x DP. Megatron's DDP reduces over the "
                             "DP x CP group in one collective, which is the 'fused' mode; "
@@ -66,6 +70,11 @@ def _head_chunk(value: str):
     return chunk
 
 
+def _spell_head_chunk(chunk) -> str:
+    """A parsed ``--lss-kv-head-chunk`` as typed: None is 'all'."""
+    return ALL_KV_HEADS if chunk is None else str(chunk)
+
+
 def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Check the LSS flags against the rest of the launch; fill ``lss_sequence_parallel_size``.
 
@@ -80,6 +89,8 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             )
         if getattr(args, "lss_ulysses_size", 1) != 1:
             raise ValueError(f"--lss-ulysses-size {args.lss_ulysses_size} given without --lss-sequence-parallel")
+        if getattr(args, "lss_kv_buffer_mib", None) is not None:
+            raise ValueError(f"--lss-kv-buffer-mib {args.lss_kv_buffer_mib} given without --lss-sequence-parallel")
         return args
 
     world_size = _world_size(args, world_size)
@@ -136,6 +147,10 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             "--sequence-parallel splits each rank's tokens over the TP group)"
         )
     check_kv_backward(args.lss_kv_backward, "--lss-kv-backward")
+    # a budget is only the budget of --lss-kv-head-chunk auto (the rule lss_attention applies)
+    check_kv_buffer_budget(getattr(args, "lss_kv_buffer_mib", None),
+                           getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK),
+                           "--lss-kv-buffer-mib", "--lss-kv-head-chunk", spell=_spell_head_chunk)
     if args.lss_grad_averaging != "fused":
         raise ValueError(
             f"--lss-grad-averaging {args.lss_grad_averaging} is not supported with megatron-core's "

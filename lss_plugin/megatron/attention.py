@@ -62,8 +62,8 @@ class LSSDotProductAttention(MegatronModule):
     """Core attention over a sequence split across the LSS (= Megatron CP) group.
 
     Options travel on the class (``lss_layout``, ``lss_kv_backward``, ``lss_kv_head_chunk``,
-    ``lss_ulysses_size``): ``get_gpt_layer_lss_spec`` makes a configured subclass, because
-    megatron-core builds modules from a spec with a fixed set of constructor arguments.
+    ``lss_kv_buffer_mib``, ``lss_ulysses_size``): ``get_gpt_layer_lss_spec`` makes a configured
+    subclass, because megatron-core builds modules from a spec with a fixed set of constructor arguments.
     ``lss_ulysses_size`` None follows the registered topology; a value must match it
     (``lss_plugin.megatron.parallel.lss_group_for``).
     """
@@ -71,6 +71,7 @@ class LSSDotProductAttention(MegatronModule):
     lss_layout: str = DEFAULT_LAYOUT
     lss_kv_backward: str = DEFAULT_KV_BACKWARD
     lss_kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK
+    lss_kv_buffer_mib: Optional[float] = None  # the budget of kv_head_chunk="auto" (None: LSS_KV_BUFFER_MIB)
     lss_ulysses_size: Optional[int] = None
 
     def __init__(
@@ -226,6 +227,7 @@ class LSSDotProductAttention(MegatronModule):
             layout=self.lss_layout,
             kv_backward=self.lss_kv_backward,
             kv_head_chunk=self.lss_kv_head_chunk,
+            kv_buffer_mib=self.lss_kv_buffer_mib,
             cu_seqlens=cu_seqlens,
         )  # [b, s_local, np, hn]
         if qkv_format == "thd":
@@ -250,11 +252,11 @@ class LSSDotProductAttention(MegatronModule):
 
 def configured_lss_attention(layout: str = DEFAULT_LAYOUT, kv_backward: str = DEFAULT_KV_BACKWARD,
                              kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
-                             ulysses_size: Optional[int] = None) -> type:
+                             ulysses_size: Optional[int] = None, kv_buffer_mib: Optional[float] = None) -> type:
     """A subclass of LSSDotProductAttention carrying these options (specs pass classes)."""
     return type(
         "LSSDotProductAttention",
         (LSSDotProductAttention,),
         {"lss_layout": layout, "lss_kv_backward": kv_backward, "lss_kv_head_chunk": kv_head_chunk,
-         "lss_ulysses_size": ulysses_size, "__module__": __name__},
+         "lss_kv_buffer_mib": kv_buffer_mib, "lss_ulysses_size": ulysses_size, "__module__": __name__},
     )

@@ -470,7 +470,8 @@ def _kv_mode(args) -> str:
     head_dim = args.hidden_size // args.num_attention_heads
     itemsize = 4  # this script trains in float32
     setting = getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK)
-    chunk, mode = resolve_kv_chunking(setting, args.lss_kv_backward, None, args.micro_batch_size,
+    budget = getattr(args, "lss_kv_buffer_mib", None)  # None: LSS_KV_BUFFER_MIB, as lss_attention reads it
+    chunk, mode = resolve_kv_chunking(setting, args.lss_kv_backward, budget, args.micro_batch_size,
                                       args.seq_length, kv_heads, head_dim, itemsize)
     return mode if chunk == kv_heads else f"{mode} kv_head_chunk={chunk}/{kv_heads}"
 

@@ -17,7 +17,7 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_head_chunk, check_layout
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings
 from lss_plugin.megatron.attention import configured_lss_attention
 from lss_plugin.megatron.self_attention import LSSSelfAttention
 
@@ -52,6 +52,7 @@ def get_gpt_layer_lss_spec(
     kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
     transformer_impl: Optional[str] = None,
     ulysses_size: Optional[int] = None,
+    kv_buffer_mib: Optional[float] = None,
 ) -> ModuleSpec:
     """megatron-core's GPT layer spec with ``LSSDotProductAttention`` as core attention.
 
@@ -59,12 +60,11 @@ def get_gpt_layer_lss_spec(
     from ``TransformerConfig.normalization`` instead of ``normalization``). ``transformer_impl``:
     ``"transformer_engine"`` (TE spec), ``"local"`` (local spec) or None (TE when importable). The
     other keyword-only ones choose the LSS layout (must match the batch split), the K/V backward
-    mode, head chunking and the hybrid's Ulysses size (None: the registered topology's; a value
-    must match it when the layers are built).
+    mode, head chunking, the hybrid's Ulysses size (None: the registered topology's; a value
+    must match it when the layers are built) and the budget of ``kv_head_chunk="auto"`` in MiB
+    (``lss_attention``'s ``kv_buffer_mib``; None: ``LSS_KV_BUFFER_MIB``, else the default rule).
     """
-    check_layout(layout)
-    check_kv_backward(kv_backward)
-    check_kv_head_chunk(kv_head_chunk)
+    check_attention_settings(layout, kv_backward, kv_head_chunk, kv_buffer_mib)
     common = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
                   qk_l2_norm=qk_l2_norm)
     if _resolve_impl(transformer_impl) == "transformer_engine":
@@ -78,7 +78,8 @@ def get_gpt_layer_lss_spec(
                          "SelfAttention: LSS cannot place its packed-document RoPE rows there")
     attention.module = LSSSelfAttention
     attention.submodules.core_attention = configured_lss_attention(
-        layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, ulysses_size=ulysses_size
+        layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, ulysses_size=ulysses_size,
+        kv_buffer_mib=kv_buffer_mib,
     )
     return spec
 
@@ -101,4 +102,5 @@ def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
         kv_head_chunk=getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK),
         transformer_impl=getattr(args, "transformer_impl", "local"),
         ulysses_size=getattr(args, "lss_ulysses_size", 1),
+        kv_buffer_mib=getattr(args, "lss_kv_buffer_mib", None),
     )

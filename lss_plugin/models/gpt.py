@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lss_plugin.attention import lss_attention
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT
+from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings
 from lss_plugin.sharding import local_positions
 
 
@@ -60,6 +60,10 @@ class LSSAttentionOptions:
     layout: str = DEFAULT_LAYOUT
     kv_backward: str = DEFAULT_KV_BACKWARD
     kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
+    kv_buffer_mib: float | None = None  # budget of kv_head_chunk="auto" (None: LSS_KV_BUFFER_MIB)
+
+    def __post_init__(self):
+        check_attention_settings(self.layout, self.kv_backward, self.kv_head_chunk, self.kv_buffer_mib)  # before any forward
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +108,7 @@ class SelfAttention(nn.Module):
         else:
             out = lss_attention(q, k, v, group=self.lss.group, causal=True, layout=self.lss.layout,
                                 kv_backward=self.lss.kv_backward, kv_head_chunk=self.lss.kv_head_chunk,
-                                cu_seqlens=cu_seqlens)
+                                kv_buffer_mib=self.lss.kv_buffer_mib, cu_seqlens=cu_seqlens)
         return self.proj(out.reshape(b, s, c.hidden_size))
 
 
