@@ -44,8 +44,8 @@ from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segmen
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
-    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_kv_backward, check_kv_buffer_budget,
-    check_kv_buffer_mib, check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads,
+    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings, check_kv_backward,
+    check_kv_buffer_budget, check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads,
     resolve_kv_chunking,
 )
 from lss_plugin.sharding import rank_chunks
@@ -436,11 +436,8 @@ class LSSAttention(torch.nn.Module):
                  kv_backward=DEFAULT_KV_BACKWARD, kv_head_chunk=DEFAULT_KV_HEAD_CHUNK, kv_grad_dtype="fp32",
                  kv_buffer_mib=None):
         super().__init__()
-        check_layout(layout)
-        check_kv_backward(kv_backward)
+        check_attention_settings(layout, kv_backward, kv_head_chunk, kv_buffer_mib)  # refused here, not at a call
         check_kv_grad_dtype(kv_grad_dtype)
-        check_kv_head_chunk(kv_head_chunk)
-        check_kv_buffer_mib(kv_buffer_mib)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
         self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
         self.kv_grad_dtype, self.kv_buffer_mib = kv_grad_dtype, kv_buffer_mib

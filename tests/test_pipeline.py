@@ -193,6 +193,8 @@ def test_budget_settings_that_cannot_be_honoured_are_refused():
     for chunk in (None, 1):
         with pytest.raises(ValueError, match=rf"kv_buffer_mib \(64\) is the budget of kv_head_chunk='auto', got kv_head_chunk={chunk}"):
             lss_plugin.lss_attention(x, x, x, kv_head_chunk=chunk, kv_buffer_mib=64)
+        with pytest.raises(ValueError, match=r"kv_buffer_mib \(64\) is the budget"):  # the module: when built
+            lss_plugin.LSSAttention(kv_head_chunk=chunk, kv_buffer_mib=64)
     with pytest.raises(ValueError, match="kv_head_chunk must be"):
         lss_plugin.lss_attention(x, x, x, kv_head_chunk="fast")
 
