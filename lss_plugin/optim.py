@@ -75,7 +75,7 @@ def _params(optimizer) -> list[torch.Tensor]:
 
 
 def full_param_states(optimizer: torch.optim.Optimizer) -> dict:
-    """parameter -> its optimizer state (tensors on CPU), for every parameter, on every rank.
+    """parameter -> its optimizer state, for every parameter, on every rank (a sharded one's on CPU).
 
     Collective over a ``sharded_optimizer``'s group: each parameter's state is broadcast from the
     one rank that holds it (found by an all-reduce, so nothing private of torch's ZeRO is read).
