@@ -13,7 +13,6 @@ state, activations saved for backward, and the transient K/V buffer of LSS.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -467,7 +466,8 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:10.3f}"
 
 
-def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup], memory_gib: float | None = None) -> str:
+def setups_table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup], memory_gib: float | None = None) -> str:
+    """The predicted per-rank memory and bytes sent of each setup, one row each (``memory_gib``: a fits column)."""
     fits = f" {'fits ' + format(memory_gib, 'g') + ' GiB':>12}" if memory_gib else ""
     lines = [f"PREDICTION (cost model, nothing measured) - {title}",
              f"  model: {spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_heads}/"
@@ -478,17 +478,18 @@ def _table(title: str, spec: GPTSpec, seq_len: int, setups: list[Setup], memory_
         try:
             pl = plan(spec, seq_len, s)
         except ValueError as e:
-            lines.append(f"  {_label(s):34} {s.world_size:>6}  not possible: {e}")
+            lines.append(f"  {setup_label(s):34} {s.world_size:>6}  not possible: {e}")
             continue
         m = pl.memory
         fit = f" {'yes' if m['peak'] <= memory_gib * 2**30 else 'NO':>12}" if memory_gib else ""
-        lines.append(f"  {_label(s):34} {s.world_size:>6} {_gib(m['params'])} {_gib(m['grads'] + m['optimizer'])} "
+        lines.append(f"  {setup_label(s):34} {s.world_size:>6} {_gib(m['params'])} {_gib(m['grads'] + m['optimizer'])} "
                      f"{_gib(m['activations'])} {_gib(m['transient'])} {_gib(m['peak'])} "
                      f"{pl.sent_bytes / 2**30:14.3f}{fit}")
     return "\n".join(lines)
 
 
-def _label(s: Setup) -> str:
+def setup_label(s: Setup) -> str:
+    """A setup's short name in tables, e.g. ``lss[keep] sp8 dp1`` or ``usp[u2] sp8 dp1``."""
     if s.method == "lss":
         chunk = f",chunk{s.kv_head_chunk}" if s.kv_head_chunk else ""
         return f"lss[{s.kv_backward}{chunk}] {f'tp{s.tp} ' if s.tp > 1 else ''}sp{s.sp} dp{s.dp}"
@@ -531,7 +532,7 @@ def paper_tables() -> str:
                   Setup("megatron_tp_sp", tp=12, dp=gpus // 12, dtype_bytes=fp32),
                   Setup("megatron_tp_sp", tp=12, dp=gpus // 12, dtype_bytes=fp32, kernel="unfused"),
                   Setup("ulysses", sp=12, dp=gpus // 12, dtype_bytes=fp32)]
-        out.append(_table(f"{gpus:,} GPUs, L = {L:,} (LSS / all-gather CP: SP {sp} x DP {dp})", spec, L,
+        out.append(setups_table(f"{gpus:,} GPUs, L = {L:,} (LSS / all-gather CP: SP {sp} x DP {dp})", spec, L,
                           setups, memory_gib=PAPER_GPU_GIB))
     return "\n\n".join(out)
 
@@ -565,104 +566,16 @@ def tp_x_lss_view(spec: GPTSpec, seq_len: int, ranks: int, dtype_bytes: int = 2)
     only by TP's in-node collectives, which shrink by N.
     """
     setups = tp_lss_splits(spec, seq_len, ranks, dtype_bytes)
-    lines = [_table(f"TP x LSS on {ranks} ranks (one node)", spec, seq_len, setups)]
+    lines = [setups_table(f"TP x LSS on {ranks} ranks (one node)", spec, seq_len, setups)]
     plans = [plan(spec, seq_len, s) for s in setups]
     for measure, key in (("peak memory", lambda p: p.memory["peak"]), ("bytes sent", lambda p: p.sent_bytes)):
         best = min(plans, key=key).setup
         split = best.method == "lss" and best.tp > 1
-        lines.append(f"  lowest {measure}: {_label(best)} ({'a T x N split' if split else 'one scheme alone'})")
+        lines.append(f"  lowest {measure}: {setup_label(best)} ({'a T x N split' if split else 'one scheme alone'})")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lss_plugin.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paper", action="store_true",
-                   help="only the paper's setups (its GPU counts and length; assumptions labelled)")
-    p.add_argument("--layers", type=int, help="plan a custom model instead of the built-in settings")
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--ffn", type=int)
-    p.add_argument("--vocab", type=int, default=256)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--sp", type=int, default=1)
-    p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dtype-bytes", type=int, default=2)
-    links = p.add_argument_group(
-        "which scheme? (--ranks): attention bytes inside / across node groups of --ulysses consecutive "
-        "ranks and the fastest scheme, for --heads, --kv-heads, --head-dim, --seq-len (lss_plugin.plan_links)")
-    links.add_argument("--ranks", type=int, help="N, the sequence-parallel ranks")
-    links.add_argument("--ulysses", type=int, default=1, help="U, ranks per node group / Ulysses group")
-    links.add_argument("--head-dim", type=int)
-    links.add_argument("--batch", type=int, default=1)
-    links.add_argument("--intra-gbit", type=float, default=100.0, help="per-rank Gbit/s inside a node group")
-    links.add_argument("--inter-gbit", type=float, default=10.0, help="per-rank Gbit/s across node groups")
-    links.add_argument("--kv-grad-dtype", default="fp32", help="LSS's dK,dV reduce-scatter items: fp32 | input")
-    links.add_argument("--backend", default="nccl",
-                       help="nccl | gloo (gloo's reduce-scatter sends as much as an all-reduce)")
-    links.add_argument("--json", action="store_true", help="machine-readable output")
-    args = p.parse_args(argv)
-    if args.ranks is not None:
-        return _which_scheme(p, args)
-    if args.paper:
-        print(paper_tables())
-        return 0
-    if args.layers:
-        spec = GPTSpec(args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab)
-        world = args.sp * args.dp * args.tp
-        sp, dt = world // args.dp, args.dtype_bytes
-        setups = [Setup("lss", sp=sp, dp=args.dp, dtype_bytes=dt),
-                  Setup("lss", sp=sp, dp=args.dp, kv_backward="regather", dtype_bytes=dt),
-                  Setup("allgather_cp", sp=sp, dp=args.dp, dtype_bytes=dt),
-                  Setup("megatron_tp_sp", tp=sp, dp=args.dp, dtype_bytes=dt),
-                  Setup("ulysses", sp=sp, dp=args.dp, dtype_bytes=dt),
-                  Setup("ring", sp=sp, dp=args.dp, dtype_bytes=dt)]
-        u = math.gcd(sp, math.gcd(spec.num_heads, spec.hkv))  # the largest Ulysses group the heads allow
-        if 1 < u < sp:
-            setups.append(Setup("usp", sp=sp, dp=args.dp, ulysses=u, dtype_bytes=dt))
-        print(_table("custom", spec, args.seq_len, setups))
-        return 0
-    print(paper_tables())
-    print()
-    modern = GPTSpec(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_hidden_size=4 * 4096,
-                     vocab_size=128_256, max_positions=1)  # RoPE: no position table
-    M = 1_048_576
-    print(_table("modern setting: 8B-class GQA model (32 layers, hidden 4096, 32/8 heads), bf16, "
-                 "L = 1,048,576 on 1,024 GPUs", modern, M, [
-                     Setup("lss", sp=1024, dtype_bytes=2), Setup("lss", sp=1024, kv_backward="regather", dtype_bytes=2),
-                     Setup("lss", sp=1024, kv_backward="regather", kv_head_chunk=1, dtype_bytes=2),
-                     Setup("allgather_cp", sp=1024, dtype_bytes=2),
-                     Setup("ring", sp=1024, dtype_bytes=2),
-                     Setup("usp", sp=1024, ulysses=8, dtype_bytes=2),
-                     Setup("ulysses", sp=8, dp=128, dtype_bytes=2),
-                     Setup("megatron_tp_sp", tp=8, dp=128, dtype_bytes=2)]))
-    print()
-    print(tp_x_lss_view(modern, 131_072, 8))
-    print()
-    print(tp_x_lss_view(PAPER_MODEL, 16_384, 8, dtype_bytes=4))
-    print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
-          "recomputation; fused attention kernels unless marked [unfused]).")
-    return 0
+if __name__ == "__main__":  # python -m lss_plugin.plan: the command line is plan_cli's (it reads plan_links too)
+    from lss_plugin.plan_cli import main
 
-
-def _which_scheme(parser: argparse.ArgumentParser, args) -> int:
-    from lss_plugin.plan_links import Links, report
-
-    missing = [flag for flag, value in (("--heads", args.heads), ("--head-dim", args.head_dim),
-                                        ("--seq-len", args.seq_len)) if value is None]
-    if missing:
-        parser.error(f"--ranks needs {', '.join(missing)}")
-    spec = GPTSpec(args.layers or 1, args.heads * args.head_dim, args.heads, args.kv_heads, vocab_size=args.vocab)
-    try:
-        links = Links(args.ranks, args.ulysses, args.intra_gbit, args.inter_gbit, args.backend)
-        print(report(spec, args.seq_len, links, as_json=args.json, dtype_bytes=args.dtype_bytes,
-                     batch_size=args.batch, kv_grad_dtype=args.kv_grad_dtype))
-    except ValueError as e:
-        parser.error(str(e))
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

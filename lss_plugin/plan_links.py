@@ -48,7 +48,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from lss_plugin.options import check_ulysses_size
-from lss_plugin.plan import Collective, GPTSpec, Setup, _label, plan
+from lss_plugin.plan import Collective, GPTSpec, Setup, setup_label, plan
 
 ATTENTION_GROUPS = ("sp", "ulysses", "strided")  # plan.Collective.group of attention collectives
 TIE = 1e-3  # times within 0.1% are a tie, won by the scheme listed first (simpler, fewer calls)
@@ -195,7 +195,7 @@ def link_plan(spec: GPTSpec, seq_len: int, setup: Setup, links: Links) -> LinkPl
     ``lss_plugin.plan.plan`` refuses the setting (heads not divisible, say)."""
     if setup.sp != links.ranks:
         raise ValueError(f"setup sp({setup.sp}) must be the ranks N={links.ranks} of the links")
-    label = _label(setup).rsplit(" sp", 1)[0]
+    label = setup_label(setup).rsplit(" sp", 1)[0]
     try:
         collectives = plan(spec, seq_len, setup).collectives
     except ValueError as e:

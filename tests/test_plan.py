@@ -335,7 +335,7 @@ def test_links_refuse_by_name():
 def test_which_scheme_cli_prints_the_models_figures(capsys):
     import json
 
-    from lss_plugin.plan import main
+    from lss_plugin.plan_cli import main
     from lss_plugin.plan_links import Links, compare, fastest
 
     args = ["--ranks", "8", "--ulysses", "4", "--heads", "32", "--kv-heads", "2", "--head-dim", "128",

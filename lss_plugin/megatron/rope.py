@@ -151,13 +151,12 @@ def adopt_rotary(rotary: torch.nn.Module, layout: str, rows_in_attention: bool =
 def use_lss_rotary_embedding(gpt_model, layout: str, ulysses_size: int | None = None) -> None:
     """Make a megatron-core GPTModel's rotary embedding follow the LSS layout (no-op without one);
     ``ulysses_size``: the hybrid's U (None: the registered topology's)."""
-    from lss_plugin.megatron.self_attention import LSSSelfAttention
-
     model = getattr(gpt_model, "module", gpt_model)
     rotary = getattr(model, "rotary_pos_emb", None)
     if rotary is not None:
         decoder = getattr(model, "decoder", None)
         layers = list(decoder.layers) if decoder is not None else []
-        rows_in_attention = all(isinstance(getattr(layer, "self_attention", None), LSSSelfAttention)
+        # LSSSelfAttention says so by a class attribute (it imports this module, so not by isinstance)
+        rows_in_attention = all(getattr(getattr(layer, "self_attention", None), "picks_packed_rope_rows", False)
                                 for layer in layers)
         adopt_rotary(rotary, layout, rows_in_attention, ulysses_size)

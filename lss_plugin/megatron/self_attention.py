@@ -30,6 +30,10 @@ _FORWARD = inspect.signature(SelfAttention.forward)
 class LSSSelfAttention(SelfAttention):
     """``SelfAttention`` whose packed-document RoPE rows follow the LSS layout (module doc)."""
 
+    # Read by ``rope.use_lss_rotary_embedding``: the rotary module may hand on megatron-core's whole THD
+    # table, because this layer picks the rows.
+    picks_packed_rope_rows = True
+
     def forward(self, *args, **kwargs):
         call = _FORWARD.bind(self, *args, **kwargs)
         if call.arguments.get("packed_seq_params") is not None and isinstance(self.core_attention,
