@@ -9,7 +9,6 @@ from lss_plugin.hf.attention import (
     LSSHFOptions,
     lss_attention_forward,
     lss_attention_mask,
-    lss_options,
     register_lss_attention,
 )
 from lss_plugin.hf.batch import (
@@ -27,6 +26,7 @@ from lss_plugin.hf.batch import (
 from lss_plugin.hf.deepspeed import deepspeed_initialize
 from lss_plugin.hf.packing import flash_attn_kwargs, pack_windows, packed_boundaries
 from lss_plugin.hf.models import build_causal_lm, small_causal_lm_config
+from lss_plugin.hf.registry import lss_options
 
 register_lss_attention()
 

@@ -23,9 +23,9 @@ Under a hybrid LSS x Ulysses topology (``init_topology(..., ulysses_size=U)``, o
 ``SequenceGroups``, so ``lss_attention`` runs the all-to-all over heads inside each Ulysses group and
 the fused gather across them, and position ids are checked against the hybrid's token layout.
 
-The layout and memory options of a registered name live in a small table next to the registration
-(the registries themselves are process-global), so ``shard_causal_lm_batch`` can read the same
-layout the attention uses.
+The layout and memory options of a registered name live in a small table (``lss_plugin.hf.registry``; the
+registries themselves are process-global), so ``shard_causal_lm_batch`` can read the same layout the
+attention uses without importing it.
 """
 from __future__ import annotations
 
@@ -36,13 +36,11 @@ import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
+from lss_plugin.hf.registry import DEFAULT_NAME, options_for_config, set_options
 from lss_plugin.options import (
     DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings,
 )
-from lss_plugin.sharding import chunks_per_rank
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
-
-DEFAULT_NAME = "lss"
 
 
 @dataclass(frozen=True)
@@ -60,9 +58,6 @@ class LSSHFOptions:
 
     def __post_init__(self) -> None:
         check_attention_settings(self.layout, self.kv_backward, self.kv_head_chunk, self.kv_buffer_mib)
-
-
-_OPTIONS: dict[str, LSSHFOptions] = {}
 
 
 def register_lss_attention(
@@ -85,23 +80,15 @@ def register_lss_attention(
 
     if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") or "/" in name:
         raise ValueError(f"attention name must be a new plain name (not a built-in or hub kernel), got {name!r}")
-    _OPTIONS[name] = LSSHFOptions(layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, group=group,
-                                  kv_buffer_mib=kv_buffer_mib)
+    set_options(name, LSSHFOptions(layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, group=group,
+                                   kv_buffer_mib=kv_buffer_mib))
     AttentionInterface.register(name, lss_attention_forward)
     AttentionMaskInterface.register(name, lss_attention_mask)
     return name
 
 
-def lss_options(name: str = DEFAULT_NAME) -> LSSHFOptions:
-    if name not in _OPTIONS:
-        raise KeyError(f"attention implementation {name!r} is not registered by lss_plugin.hf "
-                       f"(registered: {sorted(_OPTIONS)}); call register_lss_attention({name!r}, ...)")
-    return _OPTIONS[name]
-
-
 def _options_for(config) -> LSSHFOptions:
-    name = getattr(config, "_attn_implementation", None) or DEFAULT_NAME
-    return _OPTIONS.get(name, _OPTIONS.get(DEFAULT_NAME, LSSHFOptions()))
+    return options_for_config(config) or LSSHFOptions()
 
 
 def _sp_size(options: LSSHFOptions) -> int:
@@ -297,8 +284,3 @@ def lss_attention_forward(
         cu_seqlens=cu_seqlens,
     )
     return out, None  # out [b, s_local, H, d]
-
-
-def parts_per_sequence(sp_size: int, layout: str) -> int:
-    """The global length must be a multiple of this (N for contiguous, 2N for balanced)."""
-    return sp_size * chunks_per_rank(layout)

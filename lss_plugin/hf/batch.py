@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from lss_plugin.hf.packing import (
     FLASH_ATTN_KWARGS, flash_attn_kwargs, ignore_cross_document_targets, packed_boundaries,
 )
+from lss_plugin.hf.registry import lss_options, parts_per_sequence
 from lss_plugin.sharding import check_seq_len, local_positions, shard_sequence
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
 
@@ -130,8 +131,6 @@ def shard_causal_lm_batch(
     ``DataCollatorWithFlattening`` returns, so ``shard_causal_lm_batch(**collated)`` works. Position ids
     that are not packing (offsets, jumps) and disagreeing boundaries are refused by name.
     """
-    from lss_plugin.hf.attention import lss_options
-
     options = lss_options(attn_implementation)
     layout = options.layout if layout is None else layout
     if layout != options.layout:
@@ -192,8 +191,6 @@ def pad_for_layout(inputs: Mapping, parts: int | None = None, *, attn_implementa
     ``position_ids`` restart at 0, ``cu_seq_lens_*`` gain its end), so it joins no real document.
     """
     if parts is None:
-        from lss_plugin.hf.attention import lss_options, parts_per_sequence
-
         options = lss_options(attn_implementation)
         parts = parts_per_sequence(dist.get_world_size(resolve_sp_group(options.group)), options.layout)
     input_ids = inputs["input_ids"]  # [b, L]
@@ -274,8 +271,6 @@ class LSSCausalLMCollator:
         self.max_length = max_length
 
     def __call__(self, examples: Sequence[Mapping]) -> ShardedBatch:
-        from lss_plugin.hf.attention import lss_options, parts_per_sequence
-
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         options = lss_options(self.attn_implementation)

@@ -11,7 +11,8 @@ attention, the batch sharding (``shard_causal_lm_batch``) and the DeepSpeed bloc
 """
 from __future__ import annotations
 
-from lss_plugin.hf.attention import DEFAULT_NAME, _OPTIONS, register_lss_attention
+from lss_plugin.hf.attention import register_lss_attention
+from lss_plugin.hf.registry import DEFAULT_NAME, is_registered
 
 
 def deepspeed_initialize(model=None, *, attn_implementation: str | None = None, **kwargs):
@@ -26,7 +27,7 @@ def deepspeed_initialize(model=None, *, attn_implementation: str | None = None, 
     config = getattr(model, "config", None)
     name = attn_implementation or getattr(config, "_attn_implementation", None)
     block = _block(kwargs)
-    if block is not None and block.enabled and name not in _OPTIONS:
+    if block is not None and block.enabled and not is_registered(name):
         raise ValueError(
             f"the DeepSpeed config enables \"lss_sequence_parallel\" but the model's attention is {name!r}: "
             f"build it with attn_implementation={DEFAULT_NAME!r} or call model.set_attn_implementation({DEFAULT_NAME!r})"

@@ -48,7 +48,8 @@ from transformers import Trainer
 
 from lss_plugin.comm import all_reduce_sum
 from lss_plugin.deepspeed.config import LSSConfig, LSSConfigError, load_config
-from lss_plugin.hf.attention import DEFAULT_NAME, _OPTIONS, parts_per_sequence, register_lss_attention
+from lss_plugin.hf.attention import register_lss_attention
+from lss_plugin.hf.registry import DEFAULT_NAME, is_registered, lss_options, parts_per_sequence
 from lss_plugin.hf.batch import IGNORE_INDEX, pad_for_layout, shard_causal_lm_batch
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS
 from lss_plugin.loss import cross_entropy_sum
@@ -253,7 +254,7 @@ def use_lss_attention(model, lss: LSSConfig) -> str:
     block's options; any other attention becomes ``"lss"``.
     """
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    name = current if current in _OPTIONS else DEFAULT_NAME
+    name = current if is_registered(current) else DEFAULT_NAME
     register_lss_attention(name, **lss.attention_kwargs())
     if current != name:
         if not hasattr(model, "set_attn_implementation"):
@@ -275,8 +276,6 @@ def shard_trainer_batch(inputs: dict, attn_implementation: str, sp_size: int) ->
         )
     if "input_ids" not in inputs:
         raise ValueError(f"LSSTrainer needs input_ids in every batch, got keys {sorted(inputs)}")
-    from lss_plugin.hf.attention import lss_options
-
     # right padding is exact: under a causal mask no real token sees it, its labels are ignored
     inputs = pad_for_layout(inputs, parts_per_sequence(sp_size, lss_options(attn_implementation).layout))
     if inputs.get("shift_labels") is not None:  # already the target of every position: it wins over labels
