@@ -41,6 +41,9 @@ import torch
 
 from lss_plugin.comm import InFlight, start_gather_kv, start_reduce_scatter_kv
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
+# short local names for the GQA helpers the schedule below calls many times
+from lss_plugin.heads import fold_query_groups as _fold, repeat_kv_heads as _repeat_heads
+from lss_plugin.heads import sum_head_groups as _sum_head_groups, unfold_query_groups as _unfold
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
@@ -114,21 +117,6 @@ def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softma
 # ---------------------------------------------------------------------------------------------
 # Local attention of one head chunk: query chunks against the gathered, globally ordered K, V.
 # ---------------------------------------------------------------------------------------------
-
-def _fold(x: torch.Tensor, g: int) -> torch.Tensor:
-    """[b, hkv*g, n, ...] -> [b, hkv, g*n, ...]: GQA query groups become extra query rows."""
-    if g == 1:
-        return x
-    b, h, n = x.shape[:3]
-    return x.reshape(b, h // g, g * n, *x.shape[3:])
-
-
-def _unfold(x: torch.Tensor, g: int) -> torch.Tensor:
-    if g == 1:
-        return x
-    b, hkv, gn = x.shape[:3]
-    return x.reshape(b, hkv * g, gn // g, *x.shape[3:])
-
 
 def _merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial softmax results over disjoint key sets by log-sum-exp.
@@ -213,17 +201,6 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
             dkv[0, :, :, start:end] += dk_b
             dkv[1, :, :, start:end] += dv_b
     return dq, dkv
-
-
-def _repeat_heads(x: torch.Tensor, g: int) -> torch.Tensor:
-    return x if g == 1 else x.repeat_interleave(g, dim=1)
-
-
-def _sum_head_groups(x: torch.Tensor, g: int) -> torch.Tensor:
-    if g == 1:
-        return x
-    b, h, n, d = x.shape
-    return x.view(b, h // g, g, n, d).sum(2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ whose ``wait()`` blocks until it is done and then unpacks (reorders into global 
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,40 +30,18 @@ from lss_plugin.sharding import rank_chunks
 
 @dataclass
 class CollectiveRecord:
-    """Calls and payload bytes per collective name, filled while ``record_collectives`` is open.
-
-    Timing (diagnostics for the benchmark): ``blocked_s`` = time this rank's thread spent blocked
-    waiting for each collective (the whole call for a blocking one, ``wait()`` for a started one);
-    ``spans`` = (name, issued, finished) per collective in ``time.perf_counter`` seconds, the
-    finish taken by a callback on the work's future. ``hidden_fraction`` = 1 - blocked / busy, where
-    busy is the time at least one collective was in flight: the share of communication that overlapped
-    computation. On CUDA the wait only orders streams, so these are CPU-side times.
-    """
+    """Calls and payload bytes per collective name, filled while ``record_collectives`` is open."""
 
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
-    blocked_s: Counter = field(default_factory=Counter)
-    spans: list = field(default_factory=list)
 
     def add(self, name: str, nbytes: int) -> None:
         self.calls[name] += 1
         self.bytes[name] += int(nbytes)
 
-    def busy_s(self) -> float:
-        """Length of the union of the collectives' [issued, finished] intervals."""
-        total, reach = 0.0, float("-inf")
-        for _, start, end in sorted((s for s in self.spans if s[2] is not None), key=lambda s: s[1]):
-            if end > reach:
-                total += end - max(start, reach)
-                reach = end
-        return total
-
-    def hidden_fraction(self) -> float | None:
-        busy = self.busy_s()
-        return None if busy <= 0 else max(0.0, 1.0 - sum(self.blocked_s.values()) / busy)
-
 
 _ACTIVE_RECORDS: list[CollectiveRecord] = []  # diagnostics only; empty unless a test/bench listens
+_LISTENERS: list = []  # see listen_to_collectives; empty unless the benchmark times
 
 
 @contextlib.contextmanager
@@ -79,6 +55,19 @@ def record_collectives():
         _ACTIVE_RECORDS.remove(record)
 
 
+@contextlib.contextmanager
+def listen_to_collectives(listener):
+    """While open, tell ``listener`` about every started collective (the benchmark's timing,
+    ``lss_plugin.bench.timing``): ``listener.issued(pending, work)`` once it is issued,
+    ``listener.waiting(pending)`` and ``listener.waited(pending)`` around the blocking part of its
+    ``wait()``. Collectives with nothing to send (a group of one) are not reported."""
+    _LISTENERS.append(listener)
+    try:
+        yield listener
+    finally:
+        _LISTENERS.remove(listener)
+
+
 class CollectiveError(RuntimeError):
     """A plugin collective failed or timed out (a peer died or stalled); says which and where."""
 
@@ -89,9 +78,10 @@ def _note(name: str, tensor: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _collective(name: str, group, tensor: torch.Tensor | None = None):
-    """Count a collective (when ``tensor`` is given) and turn a backend failure into an error
-    naming it and its group; used around issuing a collective and around waiting for it."""
+def counted_collective(name: str, group, tensor: torch.Tensor | None = None):
+    """Count a collective (when ``tensor`` is given: its bytes under ``name``) and turn a backend failure
+    into a ``CollectiveError`` naming it and its group; wrap both issuing a collective and waiting for it
+    (``with counted_collective("all_to_all", group, send): dist.all_to_all_single(...)``)."""
     if tensor is not None:
         _note(name, tensor)
     try:
@@ -128,12 +118,9 @@ class Pending:
     def __init__(self, name: str, group, work, finish, buffers=()):
         self.name, self.group = name, group
         self._work, self._finish, self._buffers = work, finish, buffers
-        self._span = None
-        if work is not None and _ACTIVE_RECORDS:  # timing only while someone listens
-            span = self._span = [name, time.perf_counter(), None]  # (name, issued, finished)
-            for record in _ACTIVE_RECORDS:
-                record.spans.append(span)
-            _when_done(work, lambda: _finished(span))
+        if work is not None:
+            for listener in _LISTENERS:
+                listener.issued(self, work)
 
     @property
     def done(self) -> bool:
@@ -142,37 +129,17 @@ class Pending:
     def wait(self):
         if self._finish is None:
             raise RuntimeError(f"lss_plugin: wait() called twice on a {self.name}")
-        started = time.perf_counter()
-        with _collective(self.name, self.group):
+        listeners = list(_LISTENERS) if self._work is not None else []
+        for listener in listeners:
+            listener.waiting(self)
+        with counted_collective(self.name, self.group):
             if self._work is not None:
                 self._work.wait()
-        if self._span is not None:
-            for record in _ACTIVE_RECORDS:
-                record.blocked_s[self.name] += time.perf_counter() - started
-            _finished(self._span)  # the future's callback may run just after wait() returns
+        for listener in listeners:
+            listener.waited(self)
         # the work object references its tensors too (gloo's, NCCL's): drop it with the buffers
         finish, self._finish, self._buffers, self._work = self._finish, None, (), None
         return finish()
-
-
-def _finished(span: list) -> None:
-    if span[2] is None:
-        span[2] = time.perf_counter()
-
-
-def _when_done(work, callback) -> None:
-    """Run ``callback()`` when ``work`` completes: on the work's future (the backend's thread), or,
-    where the backend gives none (gloo's reduce-scatter), on a watcher thread that waits for it."""
-    try:
-        work.get_future().then(lambda _: callback())
-    except RuntimeError:
-        def watch():
-            try:
-                work.wait()
-            except Exception:  # noqa: BLE001 - the caller's own wait() reports the failure
-                pass
-            callback()
-        threading.Thread(target=watch, daemon=True).start()
 
 
 class InFlight:
@@ -208,13 +175,13 @@ class InFlight:
 
 def start_all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group, name="all_gather_into_tensor"):
     """Issue: output [N * tensor.shape[0], ...] = the ranks' ``tensor`` concatenated along dim 0."""
-    with _collective(name, group, output):
+    with counted_collective(name, group, output):
         return _all_gather_flat(output, tensor, group=group, async_op=True)
 
 
 def start_reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group):
     """Issue: output = this rank's dim-0 slice of the sum of the ranks' ``tensor`` [N * output.shape[0], ...]."""
-    with _collective("reduce_scatter_tensor", group, tensor):
+    with counted_collective("reduce_scatter_tensor", group, tensor):
         return _reduce_scatter_flat(output, tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
@@ -233,7 +200,7 @@ def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> No
 def all_reduce_sum(tensor: torch.Tensor, group) -> None:
     """In-place sum over ``group``; nothing is sent (or counted) for a group of one."""
     if dist.get_world_size(group) > 1:
-        with _collective("all_reduce", group, tensor):
+        with counted_collective("all_reduce", group, tensor):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lss_plugin.comm import _collective
+from lss_plugin.comm import counted_collective
 
 NAME = "all_to_all_single"
 
@@ -28,7 +28,7 @@ NAME = "all_to_all_single"
 def _exchange(send: torch.Tensor, group) -> torch.Tensor:
     """send [U, ...] (slice j for rank j) -> recv [U, ...] (slice j from rank j)."""
     recv = torch.empty_like(send)
-    with _collective(NAME, group, send):
+    with counted_collective(NAME, group, send):
         dist.all_to_all_single(recv, send, group=group)
     return recv
 

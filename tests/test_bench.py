@@ -222,3 +222,41 @@ def test_overlap_rows_pair_rounds_and_check_issue_16_targets():
     meta = {"args": {"ranks": 2, "num_layers": 2, "seq_len": 64, "num_heads": 8, "kv_heads": 8, "head_dim": 8,
                      "layout": "balanced", "repetitions": 3}}
     assert len(table({"fast": fast, "slow": slow}, meta)) == 4 + 6 + 3 + 4
+
+
+def test_hidden_fraction_is_blocked_time_over_the_union_of_in_flight_spans():
+    from lss_plugin.bench.timing import CollectiveTimer
+
+    timer = CollectiveTimer()
+    timer.spans = [["reduce_scatter_tensor", 0.0, 1.0], ["all_gather_into_tensor", 0.5, 2.0],
+                   ["all_gather_into_tensor", 3.0, 4.0], ["all_gather_into_tensor", 5.0, None]]  # unfinished: out
+    timer.blocked_s.update({"all_gather_into_tensor": 0.5, "reduce_scatter_tensor": 0.25})
+    assert timer.busy_s() == 3.0  # [0, 2] and [3, 4]
+    assert timer.hidden_fraction() == 0.75
+    assert CollectiveTimer().hidden_fraction() is None
+
+
+def _timed_kv_collectives():
+    from lss_plugin.bench.timing import time_collectives
+    from lss_plugin.comm import record_collectives, start_gather_kv, start_reduce_scatter_kv
+
+    k = torch.ones(1, 4, 2, 3)  # [b, s_local, hkv, d]
+    with record_collectives() as rec, time_collectives() as timer:
+        kv, _ = start_gather_kv(k, k, None, "contiguous").wait()  # [2, b, hkv, L, d]
+        start_reduce_scatter_kv(kv, None, "contiguous").wait()
+    start_gather_kv(k, k, None, "contiguous").wait()  # after the block: not timed
+    return {"blocked": dict(timer.blocked_s), "spans": [list(s) for s in timer.spans], "open": len(timer._open),
+            "calls": dict(rec.calls)}
+
+
+def test_timer_sees_every_started_collective_through_comms_listener():
+    # comm.py only reports issue and wait; the spans and blocked time are the benchmark's (bench.timing).
+    from tests.distributed import run_ranks
+
+    for out in run_ranks(_timed_kv_collectives, 2, timeout_s=120):
+        names = ["all_gather_into_tensor", "reduce_scatter_tensor"]
+        assert out["calls"] == {name: 1 for name in names}
+        assert [s[0] for s in out["spans"]] == names
+        assert all(s[2] is not None and s[2] >= s[1] for s in out["spans"])  # finished after issued
+        assert sorted(out["blocked"]) == names and all(v >= 0 for v in out["blocked"].values())
+        assert out["open"] == 0  # every waited collective released

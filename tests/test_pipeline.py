@@ -197,15 +197,3 @@ def test_budget_settings_that_cannot_be_honoured_are_refused():
             lss_plugin.LSSAttention(kv_head_chunk=chunk, kv_buffer_mib=64)
     with pytest.raises(ValueError, match="kv_head_chunk must be"):
         lss_plugin.lss_attention(x, x, x, kv_head_chunk="fast")
-
-
-def test_hidden_fraction_is_blocked_time_over_the_union_of_in_flight_spans():
-    from lss_plugin.comm import CollectiveRecord
-
-    record = CollectiveRecord()
-    record.spans = [["reduce_scatter_tensor", 0.0, 1.0], ["all_gather_into_tensor", 0.5, 2.0],
-                    ["all_gather_into_tensor", 3.0, 4.0], ["all_gather_into_tensor", 5.0, None]]  # unfinished: out
-    record.blocked_s.update({"all_gather_into_tensor": 0.5, "reduce_scatter_tensor": 0.25})
-    assert record.busy_s() == 3.0  # [0, 2] and [3, 4]
-    assert record.hidden_fraction() == 0.75
-    assert CollectiveRecord().hidden_fraction() is None

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-# GQA helpers shared with LSS's own local attention (fold query groups into rows, repeat / sum KV heads)
-from lss_plugin.attention import _fold, _repeat_heads as _repeat, _sum_head_groups as _sum_groups, _unfold
+from lss_plugin.heads import fold_query_groups, repeat_kv_heads, sum_head_groups, unfold_query_groups
 from lss_plugin.kernels import block_backward, block_forward
 from lss_plugin.sharding import Chunk
 
@@ -74,20 +73,20 @@ def task_forward(q, k, v, scale: float, diagonal: bool):
     """q [b, H, n, d], k/v [b, Hkv, m, d] -> out [b, H, n, d], lse [b, H, n] of one block."""
     g = q.shape[1] // k.shape[1]
     if diagonal:
-        return block_forward(q, _repeat(k, g), _repeat(v, g), scale, True)
-    out, lse = block_forward(_fold(q, g), k, v, scale, False)
-    return _unfold(out, g), _unfold(lse, g)
+        return block_forward(q, repeat_kv_heads(k, g), repeat_kv_heads(v, g), scale, True)
+    out, lse = block_forward(fold_query_groups(q, g), k, v, scale, False)
+    return unfold_query_groups(out, g), unfold_query_groups(lse, g)
 
 
 def task_backward(dout, q, k, v, out, lse, scale: float, diagonal: bool):
     """dq [b, H, n, d], dk/dv [b, Hkv, m, d] of one block, from the row's merged out and lse."""
     g = q.shape[1] // k.shape[1]
     if diagonal:
-        dq, dk, dv = block_backward(dout, q, _repeat(k, g), _repeat(v, g), out, lse, scale, True)
-        return dq, _sum_groups(dk, g), _sum_groups(dv, g)
-    dq, dk, dv = block_backward(_fold(dout, g), _fold(q, g), k, v, _fold(out, g), _fold(lse, g),
-                                scale, False)
-    return _unfold(dq, g), dk, dv
+        dq, dk, dv = block_backward(dout, q, repeat_kv_heads(k, g), repeat_kv_heads(v, g), out, lse, scale, True)
+        return dq, sum_head_groups(dk, g), sum_head_groups(dv, g)
+    dq, dk, dv = block_backward(fold_query_groups(dout, g), fold_query_groups(q, g), k, v,
+                                fold_query_groups(out, g), fold_query_groups(lse, g), scale, False)
+    return unfold_query_groups(dq, g), dk, dv
 
 
 class RowMerger:

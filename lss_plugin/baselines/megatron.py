@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lss_plugin.megatron.attention import _CAUSAL, LSSDotProductAttention
+from lss_plugin.megatron.attention import CAUSAL_MASK_TYPES, LSSDotProductAttention
 
 
 class _BaselineCoreAttention(LSSDotProductAttention):
@@ -35,7 +35,7 @@ class _BaselineCoreAttention(LSSDotProductAttention):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         self._check_mask_type(mask_type)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, d]
-        out = self.attend(q, k, v, mask_type in _CAUSAL)
+        out = self.attend(q, k, v, mask_type in CAUSAL_MASK_TYPES)
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, self.hidden_size_per_partition)
 

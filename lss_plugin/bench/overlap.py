@@ -11,8 +11,8 @@ contiguous layout's causal load imbalance):
 - ``chunk1``: one KV head per collective, regather, pipelined.
 
 Per variant: the step time (round-robin rounds, each round's time is the slowest rank's; ratios to
-``default`` paired per round), LSS's communication from ``lss_plugin.record_collectives`` over one
-step (busy = time at least one LSS collective was in flight, blocked = time the rank waited for one,
+``default`` paired per round), LSS's communication from ``lss_plugin.record_collectives`` and
+``bench.timing.time_collectives`` over one step (busy = time at least one LSS collective was in flight, blocked = time the rank waited for one,
 hidden = 1 - blocked / busy; Megatron's gradient all-reduce is not an LSS collective and not in it),
 and memory from ``bench.memory.LiveTensorTracker``: of one ``lss_attention`` call of the layer's
 shape (activation bytes held between its forward and backward, and its peak; inputs and gradients
@@ -98,7 +98,8 @@ def overlap_worker(names, layout, dims, seq_len, steps, repetitions, measure_mem
 
     import lss_plugin
     from lss_plugin.bench.context import Contexts
-    from lss_plugin.bench.run import Case, _barrier, build, timed_steps, tracked_step
+    from lss_plugin.bench.run import Case, build, timed_steps, tracked_step
+    from lss_plugin.bench.timing import sync_ranks, time_collectives
     from lss_plugin.bench.model import make_batch
 
     world = dist.get_world_size()
@@ -109,12 +110,12 @@ def overlap_worker(names, layout, dims, seq_len, steps, repetitions, measure_mem
         trainer = build(Case(variant, dims, seq_len), world, contexts)
         batch = make_batch(variant, seq_len, 1, dims.vocab_size, world)
         trainer.step(batch)  # warm-up (and the size pre-check)
-        with lss_plugin.record_collectives() as rec:
-            _barrier()
+        with lss_plugin.record_collectives() as rec, time_collectives() as timer:
+            sync_ranks()
             trainer.step(batch)
-            _barrier()
-        row = {"calls": dict(rec.calls), "bytes": dict(rec.bytes), "blocked_s": sum(rec.blocked_s.values()),
-               "busy_s": rec.busy_s(), "hidden_fraction": rec.hidden_fraction()}
+            sync_ranks()
+        row = {"calls": dict(rec.calls), "bytes": dict(rec.bytes), "blocked_s": sum(timer.blocked_s.values()),
+               "busy_s": timer.busy_s(), "hidden_fraction": timer.hidden_fraction()}
         if measure_memory:
             row["model"] = tracked_step(trainer, batch)
             row["attention"] = attention_memory(variant, seq_len, dims.num_heads, dims.num_kv_heads, dims.head_dim)

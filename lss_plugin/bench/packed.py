@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import lss_plugin
+from lss_plugin.bench.timing import sync_ranks
 from lss_plugin.documents import visible_pairs
 
 MiB = 2**20
@@ -38,13 +39,6 @@ def _step(q, k, v, dout, cu, layout):
     out = lss_plugin.lss_attention(q, k, v, causal=True, layout=layout, cu_seqlens=cu)
     out.backward(dout)
     q.grad = k.grad = v.grad = None
-
-
-def _barrier():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    if dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def packed_worker(seq_len: int, heads: int, head_dim: int, doc_lens: list, layout: str = "balanced",
@@ -71,10 +65,10 @@ def packed_worker(seq_len: int, heads: int, head_dim: int, doc_lens: list, layou
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
             step_s = []
             for _ in range(steps):
-                _barrier()
+                sync_ranks()
                 t0 = time.perf_counter()
                 _step(q, k, v, dout, cases[name], layout)
-                _barrier()
+                sync_ranks()
                 step_s.append(time.perf_counter() - t0)
             times[name].append(statistics.median(step_s))
     return {"rank": dist.get_rank(), "times": times, "comm": comm,

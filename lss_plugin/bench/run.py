@@ -25,6 +25,7 @@ from lss_plugin.bench.context import Contexts
 from lss_plugin.bench.memory import LiveTensorTracker, peak_rss_bytes, release_free_heap, reset_peak_rss
 from lss_plugin.bench.methods import method_of
 from lss_plugin.bench.model import ModelDims, Trainer, Variant, build_model, make_batch
+from lss_plugin.bench.timing import sync_ranks
 
 BUDGET_REFERENCE = "lss[regather,contiguous]"
 
@@ -53,13 +54,6 @@ class CaseResult:
     attention_ops: list = field(default_factory=list)
     peak_rss_bytes: int = 0
     error: str | None = None
-
-
-def _barrier() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # a barrier alone does not wait for queued GPU work
-    if dist.get_world_size() > 1:
-        dist.barrier()
 
 
 class AttentionOpProbe(TorchDispatchMode):
@@ -99,10 +93,10 @@ def tracked_step(trainer: Trainer, batch: dict) -> dict:
 def timed_steps(trainer: Trainer, batch: dict, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
-        _barrier()
+        sync_ranks()
         start = time.perf_counter()
         trainer.step(batch)
-        _barrier()
+        sync_ranks()
         times.append(time.perf_counter() - start)
     return times
 

@@ -52,7 +52,8 @@ _CAUSAL_BY_MASK_TYPE = {
     AttnMaskType.no_mask: False,
     AttnMaskType.padding: False,
 }
-_CAUSAL = tuple(t for t, causal in _CAUSAL_BY_MASK_TYPE.items() if causal)  # read by lss_plugin.bench.model
+# The causal ones, for code that stands in for this module's attention (lss_plugin.baselines.megatron).
+CAUSAL_MASK_TYPES = tuple(t for t, causal in _CAUSAL_BY_MASK_TYPE.items() if causal)
 # cp_comm_type picks the communication of Megatron's context-parallel attention, which LSS
 # replaces: only "unset" or "lss" are honest values (see lss_plugin.megatron.megatron_lm).
 CP_COMM_TYPES = (None, "lss")
