@@ -56,7 +56,7 @@ class ExampleArguments:
 
     @property
     def separator(self) -> bytes:
-        from lss_plugin.hf.packing import parse_separator
+        from lss_plugin.data import parse_separator
 
         return parse_separator(self.document_separator)
 
@@ -90,7 +90,7 @@ class ByteDocuments(torch.utils.data.Dataset):
     ``max_length`` bytes: ``{"input_ids"}`` of varying lengths, for ``DataCollatorWithFlattening``."""
 
     def __init__(self, tokens, max_length: int, separator: bytes, limit: int | None = None):
-        from lss_plugin.hf.packing import document_spans
+        from lss_plugin.data import document_spans
 
         self.tokens = tokens
         self.spans = document_spans(tokens, separator, max_length)[:limit]

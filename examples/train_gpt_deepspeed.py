@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.ignore_byte is not None and not 0 <= args.ignore_byte <= 255:
         raise ValueError(f"--ignore-byte must be a byte value 0-255, got {args.ignore_byte}")
-    from lss_plugin.hf.packing import parse_separator
+    from lss_plugin.data import parse_separator
 
     args.separator = parse_separator(args.document_separator)
     return args

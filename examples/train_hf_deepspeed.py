@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.ulysses_size is not None:
         args.deepspeed_config = with_ulysses_size(args.deepspeed_config, args.ulysses_size)
-    from lss_plugin.hf.packing import parse_separator
+    from lss_plugin.data import parse_separator
 
     args.separator = parse_separator(args.document_separator)
     for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads", "log_interval"):

@@ -17,7 +17,10 @@ Documents (for Megatron's ``--reset-attention-mask``/``--reset-position-ids``/``
 a Wikipedia XML dump ends every article with the line ``</page>``; ``with_document_ends`` replaces
 the newline after it by ``EOD_BYTE`` (0x03, ASCII "end of text", which XML 1.0 forbids, so the dump
 never holds it). That byte is the EOD token, the last token of its document as in megatron-core's GPT
-dataset; lengths and offsets are unchanged. Any 0x03 already in a file counts as an EOD too.
+dataset; lengths and offsets are unchanged. Any 0x03 already in a file counts as an EOD too. Where
+documents are found by their start instead (transformers' packing, ``lss_plugin.hf.packing.pack_windows``,
+and the Trainer example), one starts at every ``PAGE_SEPARATOR`` (``document_spans``; ``parse_separator``
+reads another separator from the command line).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import fcntl
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +46,7 @@ import torch
 VOCAB_SIZE = 256
 EOD_BYTE = 0x03  # the EOD token of packed documents (ASCII "end of text")
 DOCUMENT_END = b"</page>\n"  # how a Wikipedia XML dump ends each article
+PAGE_SEPARATOR = b"<page>"  # how it starts one (the document starts of pack_windows / document_spans)
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)  # train / validation / test, as enwik8's 90M / 5M / 5M
 
 GENSIM_REQUIREMENT = "gensim==4.4.0"
@@ -119,6 +124,26 @@ def mark_document_ends(tokens: np.ndarray, end: bytes, eod: int) -> np.ndarray:
         found &= data[last - (n - 1) + i] == byte
     data[last[found]] = eod
     return data
+
+
+def parse_separator(text: str) -> bytes:
+    """A command-line separator with Python escapes (``"<page>"``, ``"\\n"``) as the bytes it stands for."""
+    separator = text.encode("utf-8").decode("unicode_escape").encode("latin-1")
+    if not separator:
+        raise ValueError("the document separator must not be empty")
+    return separator
+
+
+def document_spans(tokens, separator: bytes = PAGE_SEPARATOR, max_length: int | None = None) -> list[tuple[int, int]]:
+    """``[start, end)`` of the documents of a byte stream (np.uint8 array): one starts at 0 and at every
+    occurrence of ``separator``; each is cut into pieces of at most ``max_length`` bytes (training examples)."""
+    data = tokens.tobytes()
+    starts = [0] + [m.start() for m in re.finditer(re.escape(separator), data) if m.start() > 0]
+    spans = []
+    for start, end in zip(starts, starts[1:] + [len(data)]):
+        step = max_length or end - start
+        spans += [(a, min(a + step, end)) for a in range(start, end, step)]
+    return spans
 
 
 def split_bytes(data: np.ndarray, source: str = "<array>", sha256: str = "") -> ByteSplits:

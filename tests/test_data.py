@@ -189,3 +189,22 @@ def test_bits_per_character():
     assert bits_per_character(10 * math.log(256), 10) == pytest.approx(8.0, rel=1e-15)
     with pytest.raises(ValueError, match="num_tokens must be positive, got 0"):
         bits_per_character(1.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents found by their start (the Trainer example, pack_windows)
+
+def test_document_spans_start_at_every_page_and_are_cut_to_max_length():
+    text = b"head<page>ab<page>abcdefg"  # 4 + 8 + 13 bytes
+    tokens = np.frombuffer(text, dtype=np.uint8)
+    assert data.document_spans(tokens) == [(0, 4), (4, 12), (12, 25)]
+    assert data.document_spans(tokens, max_length=5) == [(0, 4), (4, 9), (9, 12), (12, 17), (17, 22), (22, 25)]
+    assert data.document_spans(np.frombuffer(b"<page>x", dtype=np.uint8)) == [(0, 7)]  # one start at 0, not two
+    assert data.document_spans(tokens, separator=b"\n") == [(0, 25)]  # no separator: one document
+
+
+def test_parse_separator_reads_python_escapes():
+    assert data.parse_separator("<page>") == data.PAGE_SEPARATOR
+    assert data.parse_separator("\\n\\x03") == b"\n\x03"
+    with pytest.raises(ValueError, match="must not be empty"):
+        data.parse_separator("")

@@ -14,10 +14,9 @@ sequence, so query and key boundaries must be the same, and every source of boun
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
+from lss_plugin.data import PAGE_SEPARATOR
 from lss_plugin.documents import check_cu_seqlens, cu_seqlens_from_position_ids
 
 # transformers' FlashAttentionKwargs (modeling_flash_attention_utils), the names models forward.
@@ -93,31 +92,6 @@ def ignore_cross_document_targets(shift_labels: torch.Tensor, cu_seqlens: torch.
     return out
 
 
-# Where a document starts in the byte-level data (lss_plugin.data): the page element of a Wikipedia XML
-# dump (enwik8 and the gensim excerpt are such dumps).
-PAGE_SEPARATOR = b"<page>"
-
-
-def parse_separator(text: str) -> bytes:
-    """A command-line separator with Python escapes (``"<page>"``, ``"\\n"``) as the bytes it stands for."""
-    separator = text.encode("utf-8").decode("unicode_escape").encode("latin-1")
-    if not separator:
-        raise ValueError("the document separator must not be empty")
-    return separator
-
-
-def document_spans(tokens, separator: bytes = PAGE_SEPARATOR, max_length: int | None = None) -> list[tuple[int, int]]:
-    """``[start, end)`` of the documents of a byte stream (np.uint8 array): one starts at 0 and at every
-    occurrence of ``separator``; each is cut into pieces of at most ``max_length`` bytes (training examples)."""
-    data = tokens.tobytes()
-    starts = [0] + [m.start() for m in re.finditer(re.escape(separator), data) if m.start() > 0]
-    spans = []
-    for start, end in zip(starts, starts[1:] + [len(data)]):
-        step = max_length or end - start
-        spans += [(a, min(a + step, end)) for a in range(start, end, step)]
-    return spans
-
-
 def pack_windows(windows: torch.Tensor, separator: bytes = PAGE_SEPARATOR, ignore_index: int = -100) -> dict:
     """Byte windows ``[b, L + 1]`` (inputs and their next byte, as ``lss_plugin.data.sample_batch`` gives
     them) -> one packed row, as ``DataCollatorWithFlattening`` would pack the documents in them.
@@ -148,5 +122,5 @@ def _head(bounds) -> str:
     return str(bounds if len(bounds) <= 6 else bounds[:3] + ["..."] + bounds[-2:])
 
 
-__all__ = ["FLASH_ATTN_KWARGS", "PAGE_SEPARATOR", "boundaries_from_flash_kwargs", "flash_attn_kwargs",
-           "document_spans", "ignore_cross_document_targets", "pack_windows", "packed_boundaries", "parse_separator"]
+__all__ = ["FLASH_ATTN_KWARGS", "boundaries_from_flash_kwargs", "flash_attn_kwargs", "ignore_cross_document_targets",
+           "pack_windows", "packed_boundaries"]
