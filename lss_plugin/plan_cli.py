@@ -2,8 +2,8 @@
 
 Without ``--ranks`` it prints ``lss_plugin.plan``'s memory and communication tables (the paper's setups, a
 modern 1M-token setting, or ``--layers/--hidden/...``); with ``--ranks N`` it asks ``lss_plugin.plan_links``
-which scheme is fastest over node groups of ``--ulysses`` ranks. It lives apart from both so that neither
-module imports the other's caller.
+which scheme is fastest over node groups of ``--ulysses`` ranks. It lives apart from both, so that
+``plan_links`` imports ``plan`` and ``plan`` imports neither (``tests/test_structure.py``: no import cycles).
 """
 from __future__ import annotations
 
