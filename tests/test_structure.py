@@ -8,6 +8,7 @@ where the module is ``__main__`` and importing it under its own name is a second
 """
 import ast
 import pathlib
+import tempfile
 import unittest
 
 PACKAGE = "lss_plugin"
@@ -79,6 +80,27 @@ def imports(modules: dict[str, pathlib.Path]):
                         yield importer, provider, alias.name
 
 
+def private_attribute_uses(modules: dict[str, pathlib.Path]):
+    """Yield (importer, provider, name) for ``alias._name`` where ``alias`` is an imported lss_plugin module."""
+    for importer, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {}
+        for node in import_nodes(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules:
+                        aliases[alias.asname or alias.name] = alias.name
+            else:
+                provider = resolve(importer, path.name == "__init__.py", node.level, node.module)
+                for alias in node.names:
+                    if f"{provider}.{alias.name}" in modules:
+                        aliases[alias.asname or alias.name] = f"{provider}.{alias.name}"
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                yield importer, aliases[node.value.id], node.attr
+
+
 def import_graph(modules: dict[str, pathlib.Path]) -> dict[str, set[str]]:
     graph = {name: set() for name in modules}
     for importer, provider, _ in imports(modules):
@@ -123,9 +145,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def private_imports(modules: dict[str, pathlib.Path]) -> list[tuple[str, str, str]]:
-    return sorted({(importer, provider, name) for importer, provider, name in imports(modules)
-                   if name is not None and name.startswith("_") and not name.startswith("__")
-                   and importer != provider} - PRIVATE_ALLOWED)
+    imported = {(importer, provider, name) for importer, provider, name in imports(modules)
+                if name is not None and name.startswith("_") and not name.startswith("__")}
+    return sorted({use for use in imported | set(private_attribute_uses(modules)) if use[0] != use[1]}
+                  - PRIVATE_ALLOWED)
 
 
 class TestStructure(unittest.TestCase):
@@ -144,6 +167,17 @@ class TestStructure(unittest.TestCase):
     def test_only_a_main_guard_is_left_out(self):
         tree = ast.parse("import a\ndef f():\n    import b\nif __name__ == '__main__':\n    import c\n")
         self.assertEqual(sorted(n.names[0].name for n in import_nodes(tree)), ["a", "b"])
+
+    def test_private_finder_sees_imported_names_and_module_attributes(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            pkg = pathlib.Path(tmp)
+            (pkg / "__init__.py").write_text("")
+            (pkg / "a.py").write_text("_x = _y = _z = 1\n")
+            (pkg / "b.py").write_text("from pkg.a import _x\nimport pkg.a as m\nfrom . import a\n"
+                                      "def f():\n    return m._y + a._z + a.__name__\n")
+            modules = {"pkg": pkg / "__init__.py", "pkg.a": pkg / "a.py", "pkg.b": pkg / "b.py"}
+            self.assertEqual(private_imports(modules), [("pkg.b", "pkg.a", name) for name in ("_x", "_y", "_z")])
+            self.assertEqual(cycles(import_graph(modules)), [])
 
     def test_no_import_cycles(self):
         self.assertEqual(cycles(import_graph(package_modules())), [])
