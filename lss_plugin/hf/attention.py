@@ -12,6 +12,9 @@ machinery only ever sees local lengths. The mask function here therefore builds 
 that the pattern is one ``lss_attention`` reproduces exactly (causal, or a sliding window wider than
 the whole sequence; no padding) and returns ``None``; anything else is refused with the setting to
 change. The attention function then runs ``lss_attention`` with the causal mask in global positions.
+Both read this rank's data (its padding mask, its position ids), so neither raises alone: a refusal
+is deferred to the ``lss_attention`` call's verdict, which raises it on every rank of the SP group
+(``lss_plugin.verdict``).
 
 Packed documents reach the attention function as transformers' FlashAttentionKwargs
 (``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``) holding the *global* boundaries
