@@ -221,3 +221,15 @@ def test_boundaries_from_eod_tokens():
     assert cu_seqlens_from_eod(tokens, eod).tolist() == [0, 3, 5, 8]
     assert cu_seqlens_from_eod(torch.tensor([eod, 1, 2]), eod).tolist() == [0, 1, 3]
     assert cu_seqlens_from_eod(torch.tensor([1, 2, 3]), eod).tolist() == [0, 3]
+
+
+def test_host_copies_are_reused_per_tensor_version():
+    """Every layer of a forward passes the same boundaries: read once, again only after an in-place change."""
+    from lss_plugin.documents import host_bounds
+
+    cu = torch.tensor([0, 5, L], dtype=torch.int32)
+    first = host_bounds(cu)
+    assert first == (0, 5, L) and host_bounds(cu) is first  # the cached tuple, no second read
+    cu[1] = 7  # bumps the version counter
+    assert host_bounds(cu) == (0, 7, L)
+    assert host_bounds(torch.tensor([0, 3, L])) == (0, 3, L)  # another tensor: its own values
