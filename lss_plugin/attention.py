@@ -5,10 +5,12 @@ Three layers, as ring-flash-attention builds them:
   ``_LSSAttentionFunction``             a thin autograd.Function,
   ``lss_attention``                     the public call, shaped like flash-attn / SDPA.
 
-Per call (per KV-head chunk): forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter
-of packed (dk, dv), plus 1 all-gather again when ``kv_backward="regather"``. Every all-gather
-carries the call's signature and every rank checks all of them before using K, V
-(``lss_plugin.signature``); there is no other collective except the size pre-check.
+Per call: forward and backward each start with ONE 64-byte all-gather over the SP group, the
+verdict (``lss_plugin.verdict``): every rank's local checks and call signature, decided together
+before any variable-size collective, so a refusal raises on every rank. Then, per KV-head chunk:
+forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter of packed (dk, dv), plus 1
+all-gather again when ``kv_backward="regather"``. Every K/V all-gather also carries the signature
+in band (``lss_plugin.signature``), compared on the device and reported by the next verdict.
 
 Pipelined head chunks: with ``kv_head_chunk=c < Hkv`` the chunks' collectives overlap computation.
 Forward starts the gather of chunk i+1 before attending chunk i; backward starts the regather of
@@ -35,7 +37,7 @@ input dtype first (``"input"``: half the bytes, a little more error; see the REA
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +46,7 @@ from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segmen
 # short local names for the GQA helpers the schedule below calls many times
 from lss_plugin.heads import fold_query_groups as _fold, repeat_kv_heads as _repeat_heads
 from lss_plugin.heads import sum_head_groups as _sum_head_groups, unfold_query_groups as _unfold
-from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call
+from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call, select_kernel
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
     DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings, check_kv_backward,
@@ -52,9 +54,10 @@ from lss_plugin.options import (
     resolve_kv_chunking,
 )
 from lss_plugin.sharding import rank_chunks
-from lss_plugin.signature import CallSignature, check_gathered, precheck_sizes, ulysses_peers
+from lss_plugin.signature import CallSignature, check_mode
 from lss_plugin.topology import resolve_sequence_groups
 from lss_plugin.ulysses import replicate_kv_heads, to_heads, to_sequence
+from lss_plugin.verdict import LocalVerdict, describe_inputs, note_in_band, settle
 
 
 @dataclass(frozen=True)
@@ -240,8 +243,8 @@ class _Prefetched:
         if i == len(self._slices):
             raise StopIteration
         kv, headers = self._pending.wait()
-        if headers is not None:
-            check_gathered(headers, self._plan.group)  # before anything uses kv
+        if headers is not None:  # [N, n]: compared on the device, reported by the next verdict
+            note_in_band(headers)
         self._index += 1
         self._pending = self._start(i + 1) if i + 1 < len(self._slices) else None
         return (*self._slices[i], kv)
@@ -346,8 +349,28 @@ def lss_attention(
     "auto" (``lss_plugin.options.auto_head_chunk``, within ``kv_buffer_mib`` MiB when given, else
     ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked.
     """
+    groups = resolve_sequence_groups(group)  # no group to settle on: the same refusal on every rank
+    # Every local check leaves its verdict; ONE fixed-size all-gather decides for the whole SP group
+    # before any variable-size collective (lss_plugin.verdict), so a refusal is every rank's.
+    local = LocalVerdict(lambda: describe_inputs(q, k, v, cu_seqlens))
+    call = local.attempt(_plan_call, q, k, v, groups, causal, softmax_scale, layout, kv_backward, kv_head_chunk,
+                         kv_grad_dtype, cu_seqlens, kv_buffer_mib)
+    settle(local, groups.sp_group, None if call is None else call[0].signature.to_bytes())
+    plan, kv_heads = call
+    if groups.ulysses_size == 1:
+        out = _LSSAttentionFunction.apply(q, k, v, plan)
+    else:
+        out = _hybrid_attention(q, k, v, plan, groups, kv_heads)
+    return _BackwardVerdict.apply(out, groups.sp_group, plan.signature) if groups.sp_size > 1 else out
+
+
+def _plan_call(q, k, v, groups, causal, softmax_scale, layout, kv_backward, kv_head_chunk, kv_grad_dtype,
+               cu_seqlens, kv_buffer_mib):
+    """Every check of one call that reads only this rank's inputs and settings, and its plan; no collective.
+    Returns (plan, KV heads after the hybrid's replication)."""
     _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib)
-    groups = resolve_sequence_groups(group)
+    check_mode()  # LSS_CHECK_CONSISTENCY: only its retired value is refused (lss_plugin.signature)
+    select_kernel(q)  # LSS_ATTENTION_KERNEL: a kernel that cannot run here is refused before any collective
     b, s, h, d = q.shape
     hkv = k.shape[2]
     u = groups.ulysses_size
@@ -366,8 +389,7 @@ def lss_attention(
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=head_chunk, softmax_scale=scale,
         kv_grad_dtype=kv_grad_dtype, documents=digest(bounds), ulysses=u,
     )
-    if groups.sp_size > 1:
-        signature.to_bytes()  # a value too wide for its field fails here, before any collective
+    signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
         group=groups.lss_group,
         sp_size=groups.lss_size,
@@ -382,11 +404,23 @@ def lss_attention(
         query_segments=query_segments(rank_chunks(u * s, groups.lss_rank, groups.lss_size, layout), bounds),
         signature=signature,
     )
-    # LSS_CHECK_CONSISTENCY: sizes (and U), over the whole SP group, before the first collective
-    precheck_sizes(groups.sp_group, signature, q.device)
-    if u == 1:
-        return _LSSAttentionFunction.apply(q, k, v, plan)
-    return _hybrid_attention(q, k, v, plan, groups, kv_heads)
+    return plan, kv_heads
+
+
+class _BackwardVerdict(torch.autograd.Function):
+    """Identity on the call's output whose backward settles a verdict (signature at gather "backward")
+    over the SP group before any backward collective of the call: a rank in this backward meeting a
+    rank in another call's forward (or backward) raises on every rank instead of pairing collectives."""
+
+    @staticmethod
+    def forward(ctx, out, sp_group, signature):
+        ctx.sp_group, ctx.signature = sp_group, signature
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        settle(LocalVerdict(), ctx.sp_group, ctx.signature.at("backward", 0).to_bytes())
+        return dout, None, None
 
 
 def _hybrid_attention(q, k, v, plan: _Plan, groups, kv_heads: int):
@@ -400,8 +434,7 @@ def _hybrid_attention(q, k, v, plan: _Plan, groups, kv_heads: int):
     k, v = replicate_kv_heads(k, kv_heads), replicate_kv_heads(v, kv_heads)
     row = plan.signature.encode(q.dtype, q.device)  # [SIGNATURE_BYTES / itemsize]
     qh, kh, vh, rows = to_heads(q, k, v, group=ulysses_group, header=row)  # [b, U*s, H/U | Hkv'/U, d]
-    peers = ulysses_peers(rows, ulysses_group if groups.lss_size == 1 else None)
-    plan = replace(plan, signature=replace(plan.signature, ulysses_peers=peers))
+    note_in_band(rows)  # [U, n]: compared on the device, reported by the next verdict
     out = _LSSAttentionFunction.apply(qh, kh, vh, plan)  # [b, U*s, H/U, d]
     return to_sequence(out, group=ulysses_group)[0]
 

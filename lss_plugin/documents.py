@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +30,34 @@ class Segment:
     doc_end: int
 
 
+# Host copies of boundary tensors: every layer of one forward passes the same tensor, which is read
+# (one device sync on a GPU) once. Keyed by the tensor object and its version counter, so an in-place
+# change, or a new tensor that reuses a freed one's id, is read again.
+_HOST_COPIES: dict[int, tuple] = {}  # id -> (weakref, _version, bounds)
+_HOST_COPIES_MAX = 8
+
+
+def host_bounds(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """``cu_seqlens.tolist()`` as ints, read from the device once per tensor version."""
+    hit = _HOST_COPIES.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    bounds = tuple(int(x) for x in cu_seqlens.tolist())
+    if len(_HOST_COPIES) >= _HOST_COPIES_MAX:
+        _HOST_COPIES.pop(next(iter(_HOST_COPIES)))  # the oldest entry
+    _HOST_COPIES[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
+    return bounds
+
+
 def check_cu_seqlens(cu_seqlens, seq_len: int) -> tuple[int, ...]:
-    """Validated boundaries as a tuple of ints (a host copy: one device sync for a GPU tensor)."""
+    """Validated boundaries as a tuple of ints (``host_bounds``: one device read per tensor version)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex \
             or cu_seqlens.dtype == torch.bool:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got shape {tuple(cu_seqlens.shape)} "
                          f"dtype {cu_seqlens.dtype}")
-    bounds = tuple(int(x) for x in cu_seqlens.tolist())
+    bounds = host_bounds(cu_seqlens)
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != seq_len:
         head = list(bounds[:3]) + (["..."] if len(bounds) > 4 else []) + list(bounds[-1:] if len(bounds) > 3 else [])
         raise ValueError(f"cu_seqlens must start at 0 and end at the global sequence length {seq_len} "
@@ -122,5 +142,5 @@ def cu_seqlens_from_eod(tokens: torch.Tensor, eod_token: int) -> torch.Tensor:
     return torch.cat([ends.new_zeros(1), ends, ends.new_tensor([t.numel()])]).to(torch.int32)
 
 
-__all__ = ["Segment", "check_cu_seqlens", "cu_seqlens_from_eod", "cu_seqlens_from_position_ids", "digest",
+__all__ = ["Segment", "check_cu_seqlens", "host_bounds", "cu_seqlens_from_eod", "cu_seqlens_from_position_ids", "digest",
            "positions_in_documents", "query_segments", "visible_pairs"]

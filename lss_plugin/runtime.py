@@ -13,6 +13,20 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+# What ProcessGroupNCCL does when a collective fails or outlives the group's timeout: 1 = its watchdog
+# aborts the communicator and tears the process down (the launcher then restarts the job). A failed
+# NCCL collective leaves nothing to recover in-process; see docs/reliability.md.
+NCCL_ERROR_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+NCCL_ERROR_DEFAULT = "1"
+
+
+def set_nccl_error_handling() -> str | None:
+    """Make NCCL's error handling explicit before the plugin creates an NCCL process group (read when a
+    group is constructed): the user's ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is kept, else 1 (tear down).
+    Nothing for other backends. Returns the value in force (None without NCCL)."""
+    if not (dist.is_available() and dist.is_nccl_available()):
+        return None
+    return os.environ.setdefault(NCCL_ERROR_ENV, NCCL_ERROR_DEFAULT)
 
 
 def default_device() -> torch.device:
@@ -63,6 +77,8 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = backend or default_backend()
+    if backend == "nccl":
+        set_nccl_error_handling()
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)

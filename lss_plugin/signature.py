@@ -1,51 +1,50 @@
-"""Cross-rank agreement of an ``lss_attention`` call: the call signature and its two guards.
+"""Cross-rank agreement of an ``lss_attention`` call: the call signature, and where it is compared.
 
 Every rank of a sequence-parallel group must call ``lss_attention`` with the same shapes and
 settings; ranks that disagree either hang (different buffer sizes) or, worse, pair up same-sized
-collectives and return wrong numbers without an error. Two guards:
+collectives and return wrong numbers without an error. ``CallSignature`` is what they must agree
+on, packed into ``SIGNATURE_BYTES`` = 48 bytes (``to_bytes``; little-endian, no padding).
 
-1. In band, on every call (no extra collective). Each K/V all-gather carries the caller's
-   signature, ``SIGNATURE_BYTES`` = 48 bytes bit-cast into the buffer's dtype (24 fp16/bf16, 12
-   fp32 or 6 fp64 elements appended to the rank's packed k, v), so the bits arrive exactly. Every
-   rank decodes all N rows and compares them before the gathered K, V are used; all ranks hold
-   the same rows, so all reach the same verdict and raise together, with no collective left
-   pending: the group stays usable. This catches every field below, on every call, forward
-   gathers and backward regathers alike, as long as the ranks' buffers have the same size.
-2. Before the first gather (``LSS_CHECK_CONSISTENCY``): a separate 48-byte all-gather of the
-   signature that compares the fields which set the sizes and number of the K/V collectives
-   (``SIZE_FIELDS``). A collective whose ranks pass buffers of different sizes cannot be
-   survived (it hangs or corrupts memory), so this must happen before it. ``first`` (default):
-   once per group and size key seen by this rank; ``always``: every call; ``never``: off.
-   Under ``first``, a size mismatch on a later call between size keys that every rank has
-   already used is not caught here; it ends in the group's timeout (``CollectiveError``) or a
-   backend error instead of a wrong result. ``always`` closes that gap at one tiny collective
-   per call.
+The rule (one collective schedule for every rank, whatever its history or environment):
+1. The verdict (``lss_plugin.verdict``). EVERY forward and EVERY backward of an ``lss_attention``
+   call over an SP group of N > 1 ranks starts with exactly ONE all-gather of 64 bytes per rank:
+   the signature (gather "forward" or "backward") and a status word carrying this rank's local
+   checks. It runs on every rank on every call; nothing a rank remembers or reads from its
+   environment changes whether it runs, so every rank issues the same collectives in the same
+   order. All rows are compared on every rank, so a disagreement in any field (sizes or not), a
+   forward meeting a backward, or a rank's local refusal raises the same error on every rank before
+   the first variable-size collective (a collective whose ranks pass buffers of different sizes
+   cannot be survived: it hangs or corrupts memory).
+2. In band (no extra collective). Each K/V all-gather (and the hybrid's all-to-all) carries the
+   signature bit-cast into the buffer's dtype (24 fp16/bf16, 12 fp32 or 6 fp64 elements appended
+   to the rank's packed k, v), so the bits arrive exactly. The rows are compared on the device
+   (no host read per gather) and a disagreement, which after an agreed verdict only collectives
+   issued outside ``lss_attention`` on the same group can cause, is reported by the next verdict.
+The reduce-scatter of dK, dV cannot carry a signature (its rows are summed); the backward's
+verdict checked the call before it.
 
-The reduce-scatter of dK, dV cannot carry a signature (its rows are summed); it replays the plan
-that the forward gather already checked.
+``LSS_CHECK_CONSISTENCY`` is retired with the size pre-check it used to steer: its ``first``
+default cached verified sizes per process, so ranks with different histories disagreed about
+whether to run the pre-check (one entered it, another the K/V gather). It is read once per process;
+``always`` and ``first`` both mean the rule above; ``never`` would make the number of collectives
+depend on one rank's environment and is refused, through the verdict, on every rank.
 
-Hybrid LSS x Ulysses (``ulysses`` U > 1): the pre-check runs over the whole SP group (so ranks with
-different U, or different query heads, which size the all-to-all, raise by name before it); the
-forward all-to-all carries every rank's row to its Ulysses group, and each rank's gather row
-carries ``ulysses_peers``: 0 when the U rows it received agree, else a nonzero digest of them.
-Every LSS group holds one rank of each Ulysses group, so a disagreement anywhere in the SP group
-reaches every gather and every rank raises (with a single LSS rank, R = 1, the U rows are compared
-right after the all-to-all, which every rank of the group then holds).
+Hybrid LSS x Ulysses (``ulysses`` U > 1): the verdict runs over the whole SP group, so ranks with
+different U, or different query heads, which size the all-to-all, raise by name before it.
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
-import zlib
 from dataclasses import dataclass, fields, replace
 
 import torch
 
-from lss_plugin.comm import all_gather_flat
 from lss_plugin.options import KV_BACKWARD_MODES, KV_GRAD_DTYPES, LAYOUTS
 
 SIGNATURE_FORMAT = 1  # first byte of every row; a row from a foreign collective fails on it
-GATHERS = ("forward", "regather")  # which gather of a call carries the row
+GATHERS = ("forward", "regather", "backward")  # which gather of a call carries the row (backward: its verdict)
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 # (field, struct code): little-endian, no padding. Widths bound the values; encode() refuses
@@ -68,18 +67,14 @@ _LAYOUT = (
     ("documents", "Q"),  # digest of cu_seqlens (lss_plugin.documents.digest); 0 = one document
     ("ulysses", "H"),  # Ulysses degree U of the hybrid (1 = pure LSS)
     ("reserved", "H"),  # 0; keeps the row a multiple of 8 bytes and leaves a slot
-    ("ulysses_peers", "I"),  # 0 = the rank's Ulysses group agreed on the call, else a digest of its rows
+    ("ulysses_peers", "I"),  # reserved (0): the verdict compares the whole SP group's rows
 )
 _STRUCT = struct.Struct("<" + "".join(code for _, code in _LAYOUT))
 SIGNATURE_BYTES = _STRUCT.size  # 48: a multiple of every float itemsize
 # Settings that share one byte: (name, choices, bit shift); each code is 1..15.
 _KV_MODES = (("kv_backward", KV_BACKWARD_MODES, 0), ("kv_grad_dtype", KV_GRAD_DTYPES, 4))
-# kv_grad_dtype sets the reduce-scatter's size but not the gathers': the forward gather, which
-# carries it in band, always runs before that reduce-scatter, so it need not be a size field.
-SIZE_FIELDS = ("batch", "s_local", "kv_heads", "head_dim", "dtype", "kv_head_chunk", "ulysses")
-# The hybrid's all-to-all also carries the query heads.
-HYBRID_SIZE_FIELDS = SIZE_FIELDS + ("heads",)
-CHECK_MODES = ("first", "always", "never")
+CHECK_ENV = "LSS_CHECK_CONSISTENCY"
+CHECK_MODES = ("always", "first")  # both: the verdict on every call (the module doc)
 
 
 @dataclass(frozen=True)
@@ -104,17 +99,9 @@ class CallSignature:
     ulysses: int = 1
     ulysses_peers: int = 0
 
-    @property
-    def size_fields(self) -> tuple:
-        """The fields that size this call's collectives (the same tuple on ranks that agree on U)."""
-        return HYBRID_SIZE_FIELDS if self.ulysses > 1 else SIZE_FIELDS
-
     def at(self, gather: str, head_chunk_index: int) -> "CallSignature":
         """The signature a particular gather of this call carries."""
         return replace(self, gather=gather, head_chunk_index=head_chunk_index)
-
-    def size_key(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.size_fields)
 
     def to_bytes(self) -> bytes:
         values = {
@@ -171,8 +158,7 @@ def decode(row: torch.Tensor) -> dict:
     return values
 
 
-def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss_attention call",
-               group=None) -> None:
+def check_rows(rows: torch.Tensor, ranks=None, what="lss_attention call", group=None) -> None:
     """Raise RuntimeError naming every field on which the rows ``[N, n]`` differ, per rank.
 
     ``ranks`` (global rank of each row; else those of ``group``, else 0..N-1) only label the
@@ -182,11 +168,8 @@ def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss
     if bool((raw == raw[0]).all()):
         return
     decoded = [decode(r) for r in raw]
-    names = fields_to_compare or list(decoded[0])
-    diffs = {name: [d[name] for d in decoded] for name in names
+    diffs = {name: [d[name] for d in decoded] for name in decoded[0]
              if len({repr(d[name]) for d in decoded}) > 1}
-    if not diffs:  # the rows differ only in fields this guard does not own
-        return
     if ranks is None:
         ranks = torch.distributed.get_process_group_ranks(group) if group is not None else range(len(decoded))
     ranks = list(ranks)
@@ -195,68 +178,22 @@ def check_rows(rows: torch.Tensor, fields_to_compare=None, ranks=None, what="lss
     first = decoded[0]
     raise RuntimeError(
         f"the ranks of the sequence-parallel group disagree on this {what} "
-        f"({first['gather']} gather, KV head chunk {first['head_chunk_index']}); every rank raises "
+        f"(rank {ranks[0]}: {first['gather']}, KV head chunk {first['head_chunk_index']}); every rank raises "
         f"this and no collective is left pending. Differing fields: {detail}"
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Guard 2: the size pre-check.
-# ---------------------------------------------------------------------------------------------
-
-_VERIFIED_SIZES: set = set()
-
-
+@functools.lru_cache(maxsize=1)
 def check_mode() -> str:
-    mode = os.environ.get("LSS_CHECK_CONSISTENCY", "first")
+    """``LSS_CHECK_CONSISTENCY``, read once per process (a refusal is not cached: it recurs on every call)."""
+    mode = os.environ.get(CHECK_ENV, "").strip() or "always"
     if mode not in CHECK_MODES:
-        raise ValueError(f"LSS_CHECK_CONSISTENCY must be one of {CHECK_MODES}, got {mode!r}")
+        raise ValueError(
+            f"{CHECK_ENV}={mode!r}: lss_attention settles one 64-byte verdict over the sequence-parallel group on "
+            f"every call and cannot skip it on one rank (its peers would pair their next collective with a "
+            f"different one); accepted: {CHECK_MODES}, both meaning that, or unset")
     return mode
 
 
-def precheck_sizes(group, signature: CallSignature, device) -> None:
-    """Raise on every rank of ``group`` unless all agree on ``SIZE_FIELDS`` (one small all-gather).
-
-    Skipped under ``first`` when this rank already verified the size key on this group: the
-    group's name (public, the same on every rank, never reused) and the size fields.
-    """
-    mode = check_mode()
-    key = (group.group_name, signature.size_key())
-    if mode == "never" or (mode == "first" and key in _VERIFIED_SIZES):
-        return
-    size = group.size()
-    if size > 1:
-        mine = signature.encode(torch.uint8, device)  # [SIGNATURE_BYTES]
-        everyone = mine.new_empty((size * SIGNATURE_BYTES,))
-        all_gather_flat(everyone, mine, group, name="consistency_check")
-        check_rows(everyone.view(size, SIGNATURE_BYTES), signature.size_fields, group=group,
-                   what="lss_attention call's buffer sizes (LSS_CHECK_CONSISTENCY pre-check)")
-    _VERIFIED_SIZES.add(key)
-
-
-def check_gathered(rows: torch.Tensor, group) -> None:
-    """Guard 1: compare the signature rows ``[N, header_numel]`` that arrived with a K/V gather."""
-    check_rows(rows, group=group)
-    peers = decode(rows[0])["ulysses_peers"]  # the rows are equal here
-    if peers != 0:
-        raise RuntimeError(
-            "the ranks of the sequence-parallel group disagree on this lss_attention call: the Ulysses group "
-            f"of every rank of LSS group {torch.distributed.get_process_group_ranks(group)} reported rows that "
-            f"differ (ulysses_peers digest {peers:#x}); every rank raises this and no collective is left "
-            "pending. Compare the calls' shapes and settings across the sequence-parallel ranks.")
-
-
-def ulysses_peers(rows: torch.Tensor, group=None) -> int:
-    """``ulysses_peers`` of a rank that received its Ulysses group's rows ``[U, n]``: 0 when they
-    agree, else a nonzero 32-bit digest. ``group`` given (no LSS gather follows, R = 1): raise now,
-    naming the fields; every rank of the Ulysses group holds the same rows."""
-    raw = rows.detach().contiguous().view(torch.uint8).cpu()
-    if bool((raw == raw[0]).all()):
-        return 0
-    if group is not None:
-        check_rows(rows, group=group)
-    return (zlib.crc32(raw.numpy().tobytes()) | 1) & 0xFFFFFFFF
-
-
-__all__ = ["CallSignature", "HYBRID_SIZE_FIELDS", "SIGNATURE_BYTES", "SIZE_FIELDS", "check_gathered", "check_rows",
-           "decode", "header_numel", "precheck_sizes", "ulysses_peers"]
+__all__ = ["CallSignature", "SIGNATURE_BYTES", "check_mode", "check_rows",
+           "decode", "header_numel"]

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch.distributed as dist
 
 from lss_plugin.options import check_ulysses_size
-from lss_plugin.runtime import as_timedelta
+from lss_plugin.runtime import as_timedelta, set_nccl_error_handling
 
 AXES = ("tp", "sp", "dp", "pp")  # fastest to slowest (Megatron's tp-cp-dp-pp, SP on the CP axis)
 
@@ -410,6 +410,8 @@ def init_topology(
     world, rank = dist.get_world_size(), dist.get_rank()
     dims = ParallelDims.from_sizes(sp_size, dp_size, world, tp=tp_size, pp=pp_size, ulysses=ulysses_size)
     timeout = as_timedelta(timeout_s)
+    if dist.get_backend() == "nccl":
+        set_nccl_error_handling()  # the groups below are NCCL's too (read at construction)
     mine, created = {}, []
     # new_group is collective over the world: every rank creates every group, in the same order.
     for axis in ("sp", "dp", "tp", "pp"):

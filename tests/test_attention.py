@@ -13,6 +13,7 @@ import torch.distributed as dist
 import lss_plugin
 from lss_plugin.sharding import local_token_indices
 from lss_plugin.signature import SIGNATURE_BYTES
+from lss_plugin.verdict import ROW_BYTES
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
 
@@ -44,11 +45,12 @@ def _one_case(rank, world, causal, layout, heads, kv_backward, head_chunk, dtype
         "dk": (local[1].grad - ref_in[1].grad[:, idx]).abs().max().item() / ref_in[1].grad.abs().max().item(),
         "dv": (local[2].grad - ref_in[2].grad[:, idx]).abs().max().item() / ref_in[2].grad.abs().max().item(),
     }
-    calls = {name: rec.calls[name] for name in ("all_gather_into_tensor", "reduce_scatter_tensor")}
-    nbytes = {name: rec.bytes[name] for name in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+    calls = {name: rec.calls[name] for name in COUNTED}
+    nbytes = {name: rec.bytes[name] for name in COUNTED}
     return errors, calls, nbytes
 
 
+COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor", "verdict")
 CASES = list(itertools.product(
     (True, False), ("contiguous", "balanced"), tuple(HEADS), ("keep", "regather"), (None, 1)
 ))
@@ -75,14 +77,15 @@ def _expected_comm(world, heads, kv_backward, head_chunk, itemsize, kv_grad_dtyp
     chunk = head_chunk or hkv
     n_chunks = -(-hkv // chunk)
     if world == 1:
-        return {"all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}, {
-            "all_gather_into_tensor": 0, "reduce_scatter_tensor": 0}
+        return dict.fromkeys(COUNTED, 0), dict.fromkeys(COUNTED, 0)
     rounds = 2 if kv_backward == "regather" else 1  # gathers of every head: forward (+ regather)
     all_heads = 2 * b * seq * hkv * d * itemsize  # packed [k; v] of every KV head, all L positions
     all_grads = 2 * b * seq * hkv * d * grad_itemsize  # packed [dk; dv]
     signatures = world * SIGNATURE_BYTES  # each rank's 48-byte call signature rides in every gather
-    return ({"all_gather_into_tensor": rounds * n_chunks, "reduce_scatter_tensor": n_chunks},
-            {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), "reduce_scatter_tensor": all_grads})
+    # the verdict: one 64-byte row per rank at the start of the forward and of the backward
+    return ({"all_gather_into_tensor": rounds * n_chunks, "reduce_scatter_tensor": n_chunks, "verdict": 2},
+            {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), "reduce_scatter_tensor": all_grads,
+             "verdict": 2 * world * ROW_BYTES})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

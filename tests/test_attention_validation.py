@@ -1,4 +1,5 @@
-"""Bad input to lss_attention fails on every rank with the values named, before any collective."""
+"""Bad input to lss_attention fails on every rank with the values named, at the call's verdict (one
+fixed-size all-gather, ``lss_plugin.verdict``) before any variable-size collective."""
 import pytest
 import torch
 import torch.distributed as dist

@@ -48,7 +48,7 @@ def _rel(a, b):
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1.0)
 
 
-COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor")
+COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor", "verdict")
 
 
 def _one_case(causal, layout, heads, kv_backward, head_chunk, bounds_name, dtype=torch.float64, ulysses_size=1,
@@ -168,8 +168,8 @@ def test_bad_boundaries_name_the_values(bad, match):
 
 
 def _bad_boundaries_on_every_rank():
-    """Each call must raise locally before its gather; a call that reached it would hang this test's
-    ranks (one raising, one waiting) until the group timeout instead of returning the messages."""
+    """Each call must be refused by the verdict alone (its two fixed-size all-gathers), before any K/V
+    gather; a call that reached one would fail this test (the counts) or hang it until the group timeout."""
     lss_plugin.init_topology(dist.get_world_size())
     x = torch.randn(1, L // 2, 2, D)
     messages = []
@@ -180,7 +180,7 @@ def _bad_boundaries_on_every_rank():
                 messages.append(None)
             except ValueError as exc:
                 messages.append(str(exc))
-        assert not rec.calls, rec.calls
+        assert dict(rec.calls) == {"verdict": 1, "verdict_messages": 1}, rec.calls
     return messages
 
 
@@ -221,3 +221,15 @@ def test_boundaries_from_eod_tokens():
     assert cu_seqlens_from_eod(tokens, eod).tolist() == [0, 3, 5, 8]
     assert cu_seqlens_from_eod(torch.tensor([eod, 1, 2]), eod).tolist() == [0, 1, 3]
     assert cu_seqlens_from_eod(torch.tensor([1, 2, 3]), eod).tolist() == [0, 3]
+
+
+def test_host_copies_are_reused_per_tensor_version():
+    """Every layer of a forward passes the same boundaries: read once, again only after an in-place change."""
+    from lss_plugin.documents import host_bounds
+
+    cu = torch.tensor([0, 5, L], dtype=torch.int32)
+    first = host_bounds(cu)
+    assert first == (0, 5, L) and host_bounds(cu) is first  # the cached tuple, no second read
+    cu[1] = 7  # bumps the version counter
+    assert host_bounds(cu) == (0, 7, L)
+    assert host_bounds(torch.tensor([0, 3, L])) == (0, 3, L)  # another tensor: its own values

@@ -10,7 +10,8 @@ magnitude (absolute below 1), as ``tests/test_documents.py``.
 Communication per call (``record_collectives``), U > 1, R = 4 / U LSS ranks, Hkv' KV heads after
 replication, c KV heads per gather: all-to-all 4 (ONE fused q/k/v in + ONE out back in forward;
 ONE dout + ONE fused dq/dk/dv in backward); the LSS gathers and reduce-scatters of the existing path
-over the LSS group of R ranks (none when R = 1). U = 1 sends exactly what pure LSS sends.
+over the LSS group of R ranks (none when R = 1); the verdict (one 64-byte row per rank over the whole
+SP group at the start of the forward and of the backward). U = 1 sends exactly what pure LSS sends.
 """
 import itertools
 import re
@@ -22,7 +23,8 @@ import torch.distributed as dist
 import lss_plugin
 from lss_plugin.options import check_ulysses_heads, check_ulysses_size
 from lss_plugin.sharding import local_token_indices
-from lss_plugin.signature import SIGNATURE_BYTES, ulysses_peers
+from lss_plugin.signature import SIGNATURE_BYTES
+from lss_plugin.verdict import ROW_BYTES
 from tests.distributed import run_ranks
 from tests.test_attention import _expected_comm
 from tests.test_documents import B, BOUNDS, D, L
@@ -33,7 +35,7 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1), "h6_kv2": (6, 2), "h6_kv3"
 KV = [("keep", None), ("regather", 1), ("auto", "auto")]
 DOCS = BOUNDS["random_a"]  # packed cases
 TOL = 1e-10
-A2A, GATHER, SCATTER = "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor"
+A2A, GATHER, SCATTER, VERDICT = "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "verdict"
 
 
 def _heads_for(u):
@@ -42,7 +44,7 @@ def _heads_for(u):
 
 def _one_case(u, causal, layout, heads, kv_backward, head_chunk, packed):
     return one_documents_case(causal, layout, HEADS[heads], kv_backward, head_chunk, "random_a" if packed else None,
-                              ulysses_size=u, counted=(A2A, GATHER, SCATTER))
+                              ulysses_size=u, counted=(A2A, GATHER, SCATTER, VERDICT))
 
 
 def _cases(u):
@@ -85,7 +87,8 @@ def _shards(u):
 
 
 def _refusals():
-    """Every refusal must come before any collective (a rank that reached one would hang the others)."""
+    """Every refusal must come from the verdict, before any variable-size collective (a rank that reached
+    one would hang the others); every disagreement is named over the whole SP group."""
     topo = lss_plugin.get_topology()  # U = 2
     x4, x3, x2, x1 = (torch.randn(1, L // WORLD, n, D, dtype=torch.float64) for n in (4, 3, 2, 1))
     messages = {}
@@ -101,7 +104,8 @@ def _refusals():
                 messages[name] = None
             except ValueError as exc:
                 messages[name] = str(exc)
-        assert not rec.calls, (name, rec.calls)
+        # "length" is local_positions, no attention call: nothing sent
+        assert dict(rec.calls) == ({} if name == "length" else {"verdict": 1, "verdict_messages": 1}), (name, rec.calls)
     # Ranks 0, 1 call the hybrid (U = 2), ranks 2, 3 pure LSS over the same SP group.
     group = None if dist.get_rank() < 2 else topo.sp_group
     try:
@@ -109,7 +113,7 @@ def _refusals():
         messages["different_u"] = None
     except RuntimeError as exc:
         messages["different_u"] = str(exc)
-    # Settings that do not size a collective, differing between ranks: caught in band.
+    # Settings that do not size a collective, differing between ranks: caught by the verdict too.
     for name, causal_ranks in (("causal_one_rank", {0}), ("causal_per_ulysses_index", {0, 2})):
         try:
             lss_plugin.lss_attention(x4, x2, x2, causal=dist.get_rank() in causal_ranks)
@@ -150,11 +154,12 @@ def _expected_hybrid(u, heads, kv_backward, head_chunk):
     rounds = 2 if kv_backward == "regather" else 1
     element = B * s * D * 8
     a2a = element * (2 * (h + 2 * kvh) + 2 * h) + u * SIGNATURE_BYTES  # the row rides in the first one
+    verdict = WORLD * ROW_BYTES * 2  # over the whole SP group, at the start of the forward and the backward
     if r == 1:
-        return {A2A: 4, GATHER: 0, SCATTER: 0}, {A2A: a2a, GATHER: 0, SCATTER: 0}
+        return {A2A: 4, GATHER: 0, SCATTER: 0, VERDICT: 2}, {A2A: a2a, GATHER: 0, SCATTER: 0, VERDICT: verdict}
     kv_all = 2 * B * L * per_rank * D * 8
-    return ({A2A: 4, GATHER: rounds * n_chunks, SCATTER: n_chunks},
-            {A2A: a2a, GATHER: rounds * (kv_all + n_chunks * r * SIGNATURE_BYTES), SCATTER: kv_all})
+    return ({A2A: 4, GATHER: rounds * n_chunks, SCATTER: n_chunks, VERDICT: 2},
+            {A2A: a2a, GATHER: rounds * (kv_all + n_chunks * r * SIGNATURE_BYTES), SCATTER: kv_all, VERDICT: verdict})
 
 
 @pytest.fixture(scope="module")
@@ -230,13 +235,12 @@ def test_refusals_come_before_any_collective_and_every_rank_raises(results):
         assert m["chunk"] and "kv_head_chunk (KV heads per rank after the all-to-all)" in m["chunk"], m
         assert m["length"] and "sequence length 26" in m["length"], m
         assert m["different_u"] and re.search(r"ulysses: rank 0=2, rank 1=2, rank 2=1, rank 3=1", m["different_u"]), m
-        # rank 0 alone causal: its LSS group names the field; the other LSS group hears it from its Ulysses peers
-        if rank in (0, 2):
-            assert m["causal_one_rank"] and "causal: rank 0=True, rank 2=False" in m["causal_one_rank"], m
-        else:
-            assert m["causal_one_rank"] and "ulysses_peers" in m["causal_one_rank"], m
-        # every LSS group agrees within itself (ranks 0, 2 causal; 1, 3 not): only the peers' digest sees it
-        assert m["causal_per_ulysses_index"] and "ulysses_peers" in m["causal_per_ulysses_index"], m
+        # the verdict spans the whole SP group: every rank names every rank's value
+        assert m["causal_one_rank"] and "causal: rank 0=True, rank 1=False, rank 2=False, rank 3=False" \
+            in m["causal_one_rank"], m
+        # every LSS group agrees within itself (ranks 0, 2 causal; 1, 3 not): the SP-wide verdict still sees it
+        assert m["causal_per_ulysses_index"] and "causal: rank 0=True, rank 1=False, rank 2=True, rank 3=False" \
+            in m["causal_per_ulysses_index"], m
         assert m["usable_after"] == (1, L // WORLD, 4, D)
 
 
@@ -255,18 +259,3 @@ def test_ulysses_sizes_and_heads_are_checked_by_name():
         check_ulysses_heads(6, 2, 4)
     with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of key/value heads \(4\)"):
         check_ulysses_heads(6, 4, 2)
-
-
-def test_peers_digest_is_zero_only_when_the_rows_agree():
-    from dataclasses import replace
-
-    from lss_plugin.signature import CallSignature, check_rows
-
-    sig = CallSignature(batch=1, s_local=4, heads=4, kv_heads=2, head_dim=8, dtype=torch.float64, layout="balanced",
-                        causal=True, kv_backward="keep", kv_head_chunk=1, softmax_scale=0.5, ulysses=2)
-    same = torch.stack([sig.encode(torch.float64)] * 2)
-    other = torch.stack([sig.encode(torch.float64), replace(sig, causal=False).encode(torch.float64)])
-    assert ulysses_peers(same) == 0
-    assert ulysses_peers(other) != 0
-    with pytest.raises(RuntimeError, match="causal: rank 0=True, rank 1=False"):
-        check_rows(other)

@@ -1,16 +1,17 @@
 """Ranks that disagree on a later call of lss_attention fail together, naming what differs.
 
 The issue's repro: every rank calls once with layout="contiguous" and once with "balanced" (in
-agreement, so any first-call check has seen both), then the ranks disagree. Every signature field
-reachable through the API gets the same treatment on 2 and 3 ranks: the mismatching call must raise
-RuntimeError on EVERY rank naming the field and each rank's value, and afterwards the group must
-still compute exact attention (float32, 1e-5 relative to the one-process reference).
-Fields only a misaligned collective or a future API can set (format, head_chunk_index,
+agreement, so any per-process memory of earlier calls has seen both), then the ranks disagree. Every
+signature field reachable through the API gets the same treatment on 2 and 3 ranks, whether it sizes
+a collective or not: the call's verdict (``lss_plugin.verdict``, one 64-byte all-gather before any
+K/V collective) must raise RuntimeError on EVERY rank naming the field and each rank's value, and
+afterwards the group must still compute exact attention (float32, 1e-5 relative to the one-process
+reference). The in-band rows of the K/V gathers are compared on the device and reported by the next
+verdict. Fields only a misaligned collective or a future API can set (format, head_chunk_index,
 documents) are checked on fabricated rows, without processes.
 """
 from __future__ import annotations
 
-import os
 import re
 import struct
 
@@ -20,14 +21,8 @@ import torch.distributed as dist
 
 import lss_plugin
 from lss_plugin.sharding import local_token_indices
-from lss_plugin.signature import (
-    SIGNATURE_BYTES,
-    SIZE_FIELDS,
-    CallSignature,
-    check_rows,
-    decode,
-    header_numel,
-)
+from lss_plugin.signature import SIGNATURE_BYTES, CallSignature, check_rows, decode, header_numel
+from lss_plugin.verdict import note_in_band
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
 
@@ -35,8 +30,8 @@ BASE = dict(b=1, s=4, h=4, hkv=2, d=8, dtype=torch.float32, layout="contiguous",
             kv_backward="keep", chunk=None, scale=None, kv_grad_dtype="fp32")
 
 # case -> (fields the error must name, settings of every rank, settings of the LAST rank).
-# Each pair keeps every rank's K/V buffer the same size, so the in-band signature must catch it.
-IN_BAND = {
+# Pairs that keep every rank's K/V buffer the same size:
+SAME_SIZE = {
     "layout": (("layout",), {}, {"layout": "balanced"}),  # the issue's repro
     "causal": (("causal",), {}, {"causal": False}),
     "heads": (("heads",), {}, {"h": 2}),
@@ -49,7 +44,7 @@ IN_BAND = {
     "kv_heads_and_head_dim": (("kv_heads", "head_dim"), {}, {"hkv": 4, "d": 4}),
     "kv_head_chunk": (("batch", "kv_head_chunk"), {"b": 2, "chunk": 1}, {"b": 1, "chunk": 2}),
 }
-# Pairs whose buffers differ in size: the LSS_CHECK_CONSISTENCY pre-check's job (mode "always").
+# Pairs whose buffers differ in size (a K/V gather between them could not be survived):
 SIZES = {
     "s_local": (("s_local",), {}, {"s": 6}),
     "batch": (("batch",), {}, {"b": 2}),
@@ -128,23 +123,28 @@ def _overhead():
     return figures
 
 
+def _in_band_reported_by_the_next_verdict():
+    """Rows that differ (as a gather misaligned from outside lss_attention would bring them; every rank of
+    the group holds the same rows) are compared on the device and raise at the next call's verdict."""
+    sig = CallSignature(batch=1, s_local=4, heads=4, kv_heads=2, head_dim=8, dtype=torch.float32, layout="balanced",
+                        causal=True, kv_backward="keep", kv_head_chunk=2, softmax_scale=0.5)
+    note_in_band(torch.stack([sig.encode(torch.float32), sig.at("regather", 0).encode(torch.float32)]))
+    try:
+        _call({})
+        return None
+    except RuntimeError as e:
+        return str(e)
+
+
 def _sweep():
     lss_plugin.init_topology(dist.get_world_size(), timeout_s=60)
-    os.environ["LSS_CHECK_CONSISTENCY"] = "first"
-    in_band = _disagree(IN_BAND)
+    same_size = _disagree(SAME_SIZE)
     regather = _regather_meets_forward()
     after_regather = _still_exact()
-    os.environ["LSS_CHECK_CONSISTENCY"] = "always"
     sizes = _disagree(SIZES)
-    os.environ["LSS_CHECK_CONSISTENCY"] = "never"
-    last = dist.get_rank() == dist.get_world_size() - 1
-    try:  # a first call, with the pre-check off: the in-band signature alone
-        _call({"layout": "balanced" if last else "contiguous", "causal": not last})
-        first_call = None
-    except RuntimeError as e:
-        first_call = str(e)
-    return {"in_band": in_band, "regather": (regather, after_regather), "sizes": sizes,
-            "first_call": first_call, "overhead": _overhead()}
+    in_band = _in_band_reported_by_the_next_verdict()
+    return {"same_size": same_size, "regather": (regather, after_regather), "sizes": sizes,
+            "in_band": (in_band, _still_exact()), "overhead": _overhead()}
 
 
 def _assert_names(message, fields, world):
@@ -159,42 +159,38 @@ def sweep(request):
     return world, run_ranks(_sweep, world, timeout_s=300)
 
 
-def test_later_call_mismatches_raise_on_every_rank_in_band(sweep):
+@pytest.mark.parametrize("kind", ["same_size", "sizes"])
+def test_later_call_mismatches_raise_on_every_rank_at_the_verdict(sweep, kind):
     world, per_rank = sweep
+    cases = SAME_SIZE if kind == "same_size" else SIZES
+    messages_0 = per_rank[0][kind][0]
     for result in per_rank:
-        messages, errors_after = result["in_band"]
-        for name, (fields, _, _) in IN_BAND.items():
+        messages, errors_after = result[kind]
+        for name, (fields, _, _) in cases.items():
             _assert_names(messages[name], fields, world)
-            assert "disagree" in messages[name] and "pre-check" not in messages[name]
+            assert "disagree" in messages[name] and messages[name] == messages_0[name]  # the same on every rank
             assert errors_after[name] < 1e-5, (name, errors_after[name])
-    # The issue's repro, spelled out: values per rank are named.
-    msg = per_rank[0]["in_band"][0]["layout"]
-    assert "rank 0='contiguous'" in msg and f"rank {world - 1}='balanced'" in msg
+    if kind == "same_size":  # the issue's repro, spelled out: values per rank are named
+        msg = messages_0["layout"]
+        assert "rank 0='contiguous'" in msg and f"rank {world - 1}='balanced'" in msg
 
 
-def test_backward_regather_checks_its_gather_too(sweep):
+def test_a_backward_meeting_a_forward_raises_at_their_verdicts(sweep):
     world, per_rank = sweep
     for result in per_rank:
         message, error_after = result["regather"]
         _assert_names(message, ("gather",), world)
-        assert "rank 0='regather'" in message and f"rank {world - 1}='forward'" in message
+        assert "rank 0='backward'" in message and f"rank {world - 1}='forward'" in message
         assert error_after < 1e-5
 
 
-def test_size_mismatches_are_caught_by_the_pre_check_before_the_gather(sweep):
+def test_in_band_rows_that_differ_raise_at_the_next_verdict_on_every_rank(sweep):
     world, per_rank = sweep
     for result in per_rank:
-        messages, errors_after = result["sizes"]
-        for name, (fields, _, _) in SIZES.items():
-            _assert_names(messages[name], fields, world)
-            assert "LSS_CHECK_CONSISTENCY pre-check" in messages[name]
-            assert errors_after[name] < 1e-5, (name, errors_after[name])
-
-
-def test_in_band_check_needs_no_pre_check(sweep):
-    world, per_rank = sweep
-    for result in per_rank:
-        _assert_names(result["first_call"], ("layout", "causal"), world)
+        message, error_after = result["in_band"]
+        assert message is not None and "carried signature rows that differed" in message, message
+        assert f"on ranks {list(range(world))}" in message, message
+        assert error_after < 1e-5
 
 
 def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
@@ -257,16 +253,6 @@ def test_a_row_from_a_foreign_collective_fails_on_its_format():
     rows = torch.stack([SIG.encode(torch.float32), torch.zeros(header_numel(torch.float32))])
     with pytest.raises(RuntimeError, match=r"format: rank 0=1, rank 1=0"):
         check_rows(rows)
-
-
-def test_the_size_guard_compares_size_fields_only():
-    from dataclasses import replace
-
-    rows = torch.stack([SIG.encode(torch.uint8), replace(SIG, layout="contiguous", causal=False).encode(torch.uint8)])
-    check_rows(rows, SIZE_FIELDS)  # not its fields: no error
-    rows = torch.stack([SIG.encode(torch.uint8), replace(SIG, s_local=4).encode(torch.uint8)])
-    with pytest.raises(RuntimeError, match="s_local: rank 0=8, rank 1=4"):
-        check_rows(rows, SIZE_FIELDS)
 
 
 def test_values_too_wide_for_their_field_are_refused_by_name():

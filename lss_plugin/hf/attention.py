@@ -12,6 +12,9 @@ machinery only ever sees local lengths. The mask function here therefore builds 
 that the pattern is one ``lss_attention`` reproduces exactly (causal, or a sliding window wider than
 the whole sequence; no padding) and returns ``None``; anything else is refused with the setting to
 change. The attention function then runs ``lss_attention`` with the causal mask in global positions.
+Both read this rank's data (its padding mask, its position ids), so neither raises alone: a refusal
+is deferred to the ``lss_attention`` call's verdict, which raises it on every rank of the SP group
+(``lss_plugin.verdict``).
 
 Packed documents reach the attention function as transformers' FlashAttentionKwargs
 (``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``) holding the *global* boundaries
@@ -29,18 +32,21 @@ attention uses without importing it.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
+from lss_plugin.documents import host_bounds
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
 from lss_plugin.hf.registry import DEFAULT_NAME, options_for_config, set_options
 from lss_plugin.options import (
     DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings,
 )
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
+from lss_plugin.verdict import defer
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,20 @@ def lss_attention_mask(
     config=None,
     **kwargs,
 ):
-    """``AttentionMaskInterface`` entry: ``None`` (global causal mask, applied inside LSS) or an error."""
+    """``AttentionMaskInterface`` entry: ``None`` (global causal mask, applied inside LSS); a refusal is
+    deferred to the next ``lss_attention`` call's verdict (``lss_plugin.verdict.defer``), which then
+    raises it on every rank of the SP group: the padding mask is this rank's alone, and raising here
+    would leave the other ranks waiting in their first collective."""
+    try:
+        _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size,
+                            config)
+    except ValueError as err:
+        defer(err)
+    return None
+
+
+def _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size,
+                        config) -> None:
     from transformers.masking_utils import causal_mask_function
 
     model = type(config).__name__ if config is not None else "the model"
@@ -148,10 +167,10 @@ def lss_attention_mask(
             "call the model with use_cache=False"
         )
     if mask_function is causal_mask_function:
-        return None
+        return
     if _is_sliding_window_causal(mask_function) and local_size is not None:
         _check_sliding_window(local_size, q_length * _sp_size(_options_for(config)), config)
-        return None
+        return
     raise ValueError(
         f"attn_implementation='lss' cannot reproduce the mask pattern {model} asked for "
         f"({getattr(mask_function, '__qualname__', mask_function)!r}). LSS supports the plain causal mask and "
@@ -188,6 +207,10 @@ def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions, cu_se
     from lss_plugin.sharding import local_positions
 
     groups = resolve_sequence_groups(options.group)  # the hybrid's layout too, when the topology has one
+    key = (s_local, options.layout, groups, None if cu_seqlens is None else host_bounds(cu_seqlens))
+    last = _POSITIONS_PASSED[0] if _POSITIONS_PASSED else None
+    if last is not None and last[0]() is position_ids and last[1:] == (position_ids._version, key):
+        return  # the same tensor every layer of this forward already passed: no device read
     seq_len = s_local * groups.sp_size
     expected = local_positions(seq_len, groups, options.layout, device=position_ids.device, cu_seqlens=cu_seqlens)
     rows = position_ids.reshape(-1, position_ids.shape[-1])
@@ -201,6 +224,10 @@ def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions, cu_se
             "lss_plugin.hf.shard_causal_lm_batch (for packed documents give it the whole batch's restarting "
             "position_ids; its model_inputs() carry the global boundaries)"
         )
+    _POSITIONS_PASSED[:] = [(weakref.ref(position_ids), position_ids._version, key)]
+
+
+_POSITIONS_PASSED: list = []  # [(weakref, _version, key)] of the last position_ids that passed
 
 
 # Keyword arguments transformers passes that do not change the attention LSS computes (position_ids
@@ -239,8 +266,33 @@ def lss_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` entry. query [b, H, s_local, d], key/value [b, Hkv, s_local, d] -> ([b, s_local, H, d], None)."""
     config = getattr(module, "config", None)
-    model = type(config).__name__ if config is not None else type(module).__name__
     options = _options_for(config)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    try:
+        cu_seqlens = _check_call(module, config, options, query, key, attention_mask, dropout, sliding_window,
+                                 softcap, kwargs)
+    except Exception as err:  # noqa: BLE001 - refused by lss_attention's verdict on every rank, not here alone
+        defer(err)
+        cu_seqlens = None
+    out = lss_attention(
+        query.transpose(1, 2),  # [b, s_local, H, d]
+        key.transpose(1, 2),  # [b, s_local, Hkv, d]: KV heads go through the gather un-repeated
+        value.transpose(1, 2),
+        group=options.group,
+        causal=bool(causal),
+        softmax_scale=scaling,
+        layout=options.layout,
+        kv_backward=options.kv_backward,
+        kv_head_chunk=options.kv_head_chunk,
+        kv_buffer_mib=options.kv_buffer_mib,
+        cu_seqlens=cu_seqlens,
+    )
+    return out, None  # out [b, s_local, H, d]
+
+
+def _check_call(module, config, options, query, key, attention_mask, dropout, sliding_window, softcap, kwargs):
+    """The attention function's own checks of this rank's arguments; the global ``cu_seqlens`` (or None)."""
+    model = type(config).__name__ if config is not None else type(module).__name__
     if attention_mask is not None:
         raise ValueError(
             f"attn_implementation='lss' received a materialised attention mask of shape "
@@ -261,6 +313,7 @@ def lss_attention_forward(
         raise ValueError(f"attn_implementation='lss' does not support attention logit softcapping ({model}: softcap={softcap})")
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"attn_implementation='lss' does not support additive position biases ({model})")
+    kwargs = dict(kwargs)
     packing = {name: kwargs.pop(name) for name in FLASH_ATTN_KWARGS if name in kwargs}
     _refuse_unknown_kwargs(kwargs, model)
     sp_size = _sp_size(options)
@@ -268,19 +321,4 @@ def lss_attention_forward(
     _check_sliding_window(sliding_window, seq_len, config)
     cu_seqlens = boundaries_from_flash_kwargs(seq_len, **packing)  # global [n_docs + 1] or None
     _check_position_ids(kwargs.get("position_ids"), query.shape[2], options, cu_seqlens)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-
-    out = lss_attention(
-        query.transpose(1, 2),  # [b, s_local, H, d]
-        key.transpose(1, 2),  # [b, s_local, Hkv, d]: KV heads go through the gather un-repeated
-        value.transpose(1, 2),
-        group=options.group,
-        causal=bool(causal),
-        softmax_scale=scaling,
-        layout=options.layout,
-        kv_backward=options.kv_backward,
-        kv_head_chunk=options.kv_head_chunk,
-        kv_buffer_mib=options.kv_buffer_mib,
-        cu_seqlens=cu_seqlens,
-    )
-    return out, None  # out [b, s_local, H, d]
+    return cu_seqlens

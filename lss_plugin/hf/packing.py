@@ -50,7 +50,7 @@ def boundaries_from_flash_kwargs(seq_len: int, cu_seq_lens_q=None, cu_seq_lens_k
         if value is not None and int(value) != longest:
             raise ValueError(f"packed documents: {name} = {int(value)} but the longest document of cu_seq_lens_q is "
                              f"{longest} tokens")
-    return torch.tensor(bounds_q, dtype=torch.int32, device=cu_seq_lens_q.device)
+    return cu_seq_lens_q  # checked as is; every layer then reuses its host copy (documents.host_bounds)
 
 
 def packed_boundaries(seq_len: int, position_ids: torch.Tensor | None = None, **flash_kwargs) -> torch.Tensor | None:

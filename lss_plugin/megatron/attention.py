@@ -13,9 +13,9 @@ in global positions, ``[b, 1, s_local or 1, L]``, as ``get_batch_on_this_lss_ran
 is accepted only when it hides nothing that mask type does not already hide: a causal mask passed
 along with ``causal``/``padding_causal``, an all-visible mask with ``no_mask``/``padding``.
 Padding and document masks are refused with ``NotImplementedError``, never dropped, on every
-rank of the SP group: the count of pairs the mask would add is summed over the group (a tiny
-all-reduce, only when a mask is passed), because a padding mask usually changes the rows of some
-ranks only. Pass ``attention_mask=None`` (Megatron-LM: ``--no-create-attention-mask-in-dataloader``)
+rank of the SP group: a padding mask usually changes the rows of some ranks only, so each rank's
+count of pairs the mask would add goes into the verdict of the ``lss_attention`` call that follows
+(``lss_plugin.verdict``), which raises on every rank naming each rank's count. Pass ``attention_mask=None`` (Megatron-LM: ``--no-create-attention-mask-in-dataloader``)
 to skip the check.
 
 Packed documents: ``packed_seq_params`` ("thd", or "sbhd"/"bshd" with batch 1) whose ``cu_seqlens``
@@ -38,11 +38,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
-from lss_plugin.comm import all_reduce_sum
 from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_ulysses_heads
 from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
 from lss_plugin.megatron.parallel import lss_group_for
 from lss_plugin.sharding import local_positions
+from lss_plugin.verdict import defer
 
 # Mask types LSS reproduces -> whether its own mask is causal. The padding variants are exact
 # only while their mask pads nothing (checked per call).
@@ -167,15 +167,11 @@ class LSSDotProductAttention(MegatronModule):
                          local_positions(seq_len, self.sequence_group, self.lss_layout, device=mask.device))
             future = torch.arange(seq_len, device=mask.device)[None, :] > positions[:, None]  # [s_local, L]
             hidden = hidden & ~future
-        extra = hidden.sum(dtype=torch.int64).reshape(1)
-        if size > 1:  # every rank must reach the same verdict, before lss_attention's collectives
-            all_reduce_sum(extra, group)
-        extra = int(extra.item())
+        extra = int(hidden.sum(dtype=torch.int64))  # this rank's rows only: forward() defers the refusal
         if extra:
             raise NotImplementedError(
                 f"attn_mask_type={mask_type.name} with an attention_mask that hides {extra} (query, key) pairs "
-                f"{'a causal mask shows' if causal else 'of an unmasked attention'} (summed over the sequence-"
-                f"parallel group): LSS applies "
+                f"{'a causal mask shows' if causal else 'of an unmasked attention'} in this rank's rows: LSS applies "
                 f"{'only the causal mask (global positions)' if causal else 'no mask'} and would drop them. Padding "
                 "and document masks are not supported: right-pad and drop padded tokens from the loss (loss_mask), "
                 "or pass attention_mask=None"
@@ -207,17 +203,11 @@ class LSSDotProductAttention(MegatronModule):
         q, k, v = (self._to_bshd(t, qkv_format, name) for t, name in ((query, "query"), (key, "key"),
                                                                       (value, "value")))
         batch, s_local = q.shape[0], q.shape[1]
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            sp_size = self.sp_group.size() if self.sp_group is not None else 1
-            documents = read_packed_seq_params(packed_seq_params, s_local * sp_size, batch, self.sp_group)
-            cu_seqlens = documents.cu_seqlens
-            if attention_mask is not None:
-                raise NotImplementedError(
-                    "attention_mask together with packed_seq_params: LSS takes the documents from cu_seqlens "
-                    "and applies only its own (causal) mask inside them; pass attention_mask=None")
-        elif attention_mask is not None:
-            self._check_attention_mask(attention_mask, mask_type, s_local)
+        try:  # this rank's data: refused by lss_attention's verdict on every rank, not here alone
+            cu_seqlens = self._documents(packed_seq_params, attention_mask, mask_type, batch, s_local)
+        except (ValueError, NotImplementedError) as err:
+            defer(err)
+            cu_seqlens = None
 
         # K, V keep their ng (GQA) heads so only ng heads travel over the SP group.
         out = lss_attention(
@@ -236,6 +226,20 @@ class LSSDotProductAttention(MegatronModule):
         if qkv_format == "bshd":
             return out.reshape(batch, s_local, self.hidden_size_per_partition)
         return out.transpose(0, 1).reshape(s_local, batch, self.hidden_size_per_partition)
+
+    def _documents(self, packed_seq_params, attention_mask, mask_type, batch: int, s_local: int):
+        """The global document boundaries (or None), after checking the mask and packing this rank was given."""
+        if packed_seq_params is not None:
+            sp_size = self.sp_group.size() if self.sp_group is not None else 1
+            documents = read_packed_seq_params(packed_seq_params, s_local * sp_size, batch, self.sp_group)
+            if attention_mask is not None:
+                raise NotImplementedError(
+                    "attention_mask together with packed_seq_params: LSS takes the documents from cu_seqlens "
+                    "and applies only its own (causal) mask inside them; pass attention_mask=None")
+            return documents.cu_seqlens
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, mask_type, s_local)
+        return None
 
     @staticmethod
     def _to_bshd(t: torch.Tensor, qkv_format: str, name: str) -> torch.Tensor:
