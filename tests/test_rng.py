@@ -273,3 +273,76 @@ def test_hf_lss_ranks_draw_independent_masks_at_rate_p():
     assert r0["weights"] == r1["weights"]
     assert not _same_masks(r0["masks"], r1["masks"])
     _assert_one_device_statistics(r0["masks"], r1["masks"])
+
+
+# --------------------------------------------------------------------------------------------
+# LSSTrainer (transformers.Trainer + DeepSpeed), SP = 2: a resume from checkpoint-2 draws step 3's masks
+
+TRAINER_STEPS, TRAINER_SEQ = 3, 32
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.randint(0, 256, (TRAINER_SEQ,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _trainer_run(out_dir: str, ds_config: str, save: bool, resume: str | None) -> dict:
+    from accelerate.state import AcceleratorState
+    from transformers import TrainingArguments
+
+    import lss_plugin.hf as hf
+    from lss_plugin.hf.trainer import configure_accelerate_for_deepspeed
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator_config = None
+    if not torch.cuda.is_available():  # accelerate would see one process on a CPU-only host
+        configure_accelerate_for_deepspeed()
+        accelerator_config = {"use_configured_state": True}
+    args = TrainingArguments(
+        output_dir=out_dir, deepspeed=ds_config, max_steps=TRAINER_STEPS, per_device_train_batch_size=2,
+        learning_rate=1e-3, seed=7, report_to="none", logging_steps=1, disable_tqdm=True,
+        save_strategy="steps" if save else "no", save_steps=2, accelerator_config=accelerator_config)
+    config = hf.small_causal_lm_config("gpt2", hidden_size=32, num_heads=4, num_layers=2,
+                                       max_positions=TRAINER_SEQ, resid_pdrop=P, embd_pdrop=P)
+    model = hf.build_causal_lm(config, attn_implementation="sdpa", seed=args.seed)
+    trainer = hf.LSSTrainer(model=model, args=args, train_dataset=_Windows())
+    try:
+        with DropoutMasks() as masks:
+            trainer.train(resume_from_checkpoint=resume)
+    finally:
+        trainer.close()
+    return {**masks.result(), "global_step": trainer.state.global_step}
+
+
+def _trainer_runs(out_dir: str, ds_config: str) -> dict:
+    import os
+
+    full = _trainer_run(out_dir, ds_config, save=True, resume=None)
+    resumed = _trainer_run(out_dir + "-resumed", ds_config, save=False,
+                           resume=os.path.join(out_dir, "checkpoint-2"))
+    return {"full": full, "resumed": resumed}
+
+
+def test_lss_trainer_ranks_differ_and_resume_draws_the_uninterrupted_masks(tmp_path):
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "ds_config_hf_trainer_lss.json")) as f:
+        config = json.load(f)
+    config["lss_sequence_parallel"] = {"enabled": True, "size": 2}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    r0, r1 = run_ranks(_trainer_runs, 2, str(tmp_path / "out"), str(path), timeout_s=900)
+    assert not _same_masks(r0["full"], r1["full"])
+    _assert_one_device_statistics(r0["full"], r1["full"])
+    for rank, out in enumerate((r0, r1)):
+        full, resumed = out["full"], out["resumed"]
+        assert full["global_step"] == resumed["global_step"] == TRAINER_STEPS
+        per_step = len(full["kept"]) // TRAINER_STEPS
+        assert len(resumed["kept"]) == per_step > 0, (len(resumed["kept"]), len(full["kept"]))
+        assert _same_masks(resumed, {"kept": full["kept"][-per_step:]}), f"rank {rank}: step 3 drew other masks"
