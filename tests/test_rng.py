@@ -7,9 +7,11 @@ included) through a ``TorchFunctionMode``, on 2 ranks with hidden dropout p = 0.
   the weights are identical on both ranks after init, and a run resumed from a checkpoint draws
   exactly the masks of the uninterrupted run. Megatron's own TP semantics stay: TP = 2 without
   Megatron SP draws one mask on both TP ranks (they hold the same activations), TP = 2 with SP
-  one per TP rank (its tracker's stream);
+  one per TP rank (its tracker's stream). Megatron-LM's ``lss_finish_model`` hook moves the
+  streams only after the last virtual-pipeline chunk is built;
 - GPT-2 (resid_pdrop = embd_pdrop = 0.1) under ``lss_plugin.hf.deepspeed_initialize``, SP = 2:
-  the same statistics, weights identical after the engine is built.
+  the same statistics, weights identical after the engine is built; under ``LSSTrainer`` the same,
+  and a resume from checkpoint-2 draws the uninterrupted run's step-3 masks.
 Tolerances are binomial: a rate within 4 sigma of its expectation over the recorded elements.
 """
 from __future__ import annotations
@@ -180,7 +182,9 @@ def _megatron_runs(ckpt_dir: str) -> dict:
     splits, out = synthetic_splits(), {}
     args = parse_args(MEGATRON_BASE + LSS + ["--train-iters", "1"])
     setup_parallel(args)
-    out["weights"] = _digest(full_model_state(build_gpt_model(args, GPTShape.from_args(args))))
+    model = build_gpt_model(args, GPTShape.from_args(args))
+    out["weights"] = _digest(full_model_state(model))
+    out["megatron_lm_hook"] = _megatron_lm_hook_streams(model.module, args)
     parallel_state.destroy_model_parallel()
     runs = {
         "lss": LSS + ["--train-iters", str(ITERS)],
@@ -199,6 +203,30 @@ def _megatron_runs(ckpt_dir: str) -> dict:
     return out
 
 
+def _megatron_lm_hook_streams(gpt_model, args) -> dict:
+    """Megatron-LM's ``lss_finish_model`` hook with two virtual-pipeline chunks: the streams stay
+    while chunk 0 is finished (chunk 1 is still to be built from them) and are this rank's after chunk 1."""
+    import copy
+
+    from lss_plugin.megatron.megatron_lm import lss_finish_model
+    from lss_plugin.rng import seed_megatron_rng
+
+    hook_args = copy.copy(args)
+    hook_args.virtual_pipeline_model_parallel_size, hook_args.data_parallel_random_init = 2, False
+    torch.manual_seed(99)  # Megatron-LM's _set_random_seed: one seed on every CP rank
+    before = torch.get_rng_state()
+    gpt_model.vp_stage = 0
+    lss_finish_model(gpt_model, hook_args)
+    kept_after_chunk_0 = torch.equal(torch.get_rng_state(), before)
+    gpt_model.vp_stage = 1
+    lss_finish_model(gpt_model, hook_args)
+    after_chunk_1 = torch.get_rng_state()
+    seed_megatron_rng(args.seed)
+    return {"kept_after_chunk_0": kept_after_chunk_0,
+            "seeded_after_chunk_1": torch.equal(after_chunk_1, torch.get_rng_state()),
+            "draw": torch.rand(8).numpy()}
+
+
 @pytest.fixture(scope="module")
 def megatron_runs(tmp_path_factory):
     return run_ranks(_megatron_runs, 2, str(tmp_path_factory.mktemp("rng_ckpt")), timeout_s=600)
@@ -209,6 +237,13 @@ def test_megatron_lss_ranks_draw_independent_masks_at_rate_p(megatron_runs):
     assert r0["weights"] == r1["weights"]  # the fork comes after the weights
     assert not _same_masks(r0["lss"], r1["lss"])
     _assert_one_device_statistics(r0["lss"], r1["lss"])
+
+
+def test_megatron_lm_hook_forks_after_the_last_chunk(megatron_runs):
+    r0, r1 = (out["megatron_lm_hook"] for out in megatron_runs)
+    assert r0["kept_after_chunk_0"] and r1["kept_after_chunk_0"]
+    assert r0["seeded_after_chunk_1"] and r1["seeded_after_chunk_1"]
+    assert not np.array_equal(r0["draw"], r1["draw"])  # the CP (LSS) ranks left Megatron-LM's one seed
 
 
 def test_megatron_resume_draws_the_masks_of_the_uninterrupted_run(megatron_runs):
