@@ -13,6 +13,7 @@ from lss_plugin.deepspeed.config import BLOCK_KEY, LSSConfig, LSSConfigError, de
 from lss_plugin.deepspeed.mpu import LSSMpu
 from lss_plugin.deepspeed.reduction import install_lss_gradient_averaging
 from lss_plugin.deepspeed.zero3 import check_partition_groups, partition_over_grid
+from lss_plugin.rng import fork_sequence_parallel_rng
 from lss_plugin.runtime import as_timedelta, init_distributed, launched
 from lss_plugin.topology import init_topology
 
@@ -79,6 +80,7 @@ def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, 
     if stage == 3:
         partition_over_grid(model, lss_mpu, passthrough["config"])
     engine, engine_optimizer, dataloader, scheduler = deepspeed.initialize(mpu=lss_mpu, **passthrough)
+    fork_sequence_parallel_rng(topology.sp_rank)  # the weights are built: dropout streams of its own per SP rank
     if stage == 3:
         check_partition_groups(engine, lss_mpu.get_sequence_data_parallel_world_size())
     description = install_lss_gradient_averaging(engine, topology, lss.grad_averaging)

@@ -134,9 +134,24 @@ def lss_layer_spec(args):
 
 
 def lss_finish_model(model, args):
+    """RoPE rows for the LSS layout; after the last model chunk, dropout streams per LSS rank.
+
+    Megatron-LM's ``_set_random_seed`` gives its context-parallel ranks one seed; reseeding after
+    the last chunk is built keeps the weights of every chunk identical on the LSS ranks.
+    """
+    from megatron.core import parallel_state
+
     from lss_plugin.megatron.rope import use_lss_rotary_embedding
+    from lss_plugin.rng import seed_megatron_rng
 
     use_lss_rotary_embedding(model, args.lss_layout, args.lss_ulysses_size)
+    chunks = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    stage = getattr(model, "vp_stage", None)
+    if chunks is None or stage is None or stage == chunks - 1:
+        seed = args.seed
+        if getattr(args, "data_parallel_random_init", False):  # Megatron-LM's _set_random_seed
+            seed += 10 * parallel_state.get_data_parallel_rank()
+        seed_megatron_rng(seed)
     return model
 
 

@@ -127,6 +127,9 @@ def build_gpt_model(args, shape: GPTShape):
         post_process=parallel_state.is_pipeline_last_stage(),
     )
     _init_from_names(model, config, args.seed)
+    from lss_plugin.rng import seed_megatron_rng
+
+    seed_megatron_rng(args.seed)  # after the weights: dropout streams of its own per LSS rank
     if lss:
         use_lss_rotary_embedding(model, args.lss_layout, args.lss_ulysses_size)
     from lss_plugin.runtime import default_device

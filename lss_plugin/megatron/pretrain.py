@@ -426,13 +426,19 @@ def save(model, optimizer, args, shape, splits, iteration: int) -> str:
     from lss_plugin.checkpoint import save_checkpoint
     from lss_plugin.megatron.model import full_model_state, full_optimizer_state
 
+    from megatron.core import tensor_parallel
+
+    from lss_plugin.rng import all_rank_rng_states
+
+    manifest = _manifest(args, shape, splits)
     state = {  # gathered on every TP rank (collective); rank 0 writes
         "model": full_model_state(model),
         "optimizer": full_optimizer_state(model, optimizer),
         "iteration": iteration,
-        "rng": {"torch": torch.get_rng_state()},
+        # every rank's dropout streams (they differ per LSS, TP and PP rank): collective over the world
+        "rng": all_rank_rng_states(manifest["topology"], tensor_parallel.get_cuda_rng_tracker()),
     }
-    return save_checkpoint(args.save, iteration, state, _manifest(args, shape, splits))
+    return save_checkpoint(args.save, iteration, state, manifest)
 
 
 def load(model, optimizer, args, shape, splits) -> int:
@@ -446,9 +452,23 @@ def load(model, optimizer, args, shape, splits) -> int:
     iteration, state, _ = load_checkpoint(args.load, expected_manifest=_manifest(args, shape, splits))
     load_full_model_state(model, state["model"])
     load_full_optimizer_state(model, optimizer, state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _restore_rng(state.get("rng"), args, shape, splits, iteration)
     _log(f"loaded checkpoint iteration {iteration} from {args.load}")
     return int(iteration)
+
+
+def _restore_rng(saved, args, shape, splits, iteration: int) -> None:
+    """This rank's saved streams under the same layout; under another, fresh streams per rank
+    from ``(seed + iteration)`` (the saved ones belong to other coordinates)."""
+    from megatron.core import tensor_parallel
+
+    from lss_plugin.rng import restore_rank_rng_state, seed_megatron_rng
+
+    layout = _manifest(args, shape, splits)["topology"]
+    if not restore_rank_rng_state(saved, layout, tensor_parallel.get_cuda_rng_tracker()):
+        seed_megatron_rng(args.seed + iteration)
+        _log(f"checkpoint RNG streams belong to another layout: dropout streams reseeded from "
+             f"--seed {args.seed} + iteration {iteration}")
 
 
 # --------------------------------------------------------------------------------------------
