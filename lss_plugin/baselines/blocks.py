@@ -11,8 +11,7 @@ a causal mask a query chunk sees an earlier key chunk fully, its own chunk as th
 merges neighbouring chunks so one kernel call covers, e.g., both query halves of a zigzag rank.
 
 Tensors are ``[b, heads, s, d]``; ``lse`` is ``[b, heads, s]``. K/V may have fewer heads (GQA):
-fully visible blocks fold the query groups into extra query rows (K/V are never copied); diagonal
-blocks repeat the block's K/V heads locally, which is what LSS does too.
+the kernels take them as LSS hands them over (natively, or through ``lss_plugin.kernels.gqa``).
 """
 from __future__ import annotations
 
@@ -20,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-# GQA helpers shared with LSS's own local attention (fold query groups into rows, repeat / sum KV heads)
-from lss_plugin.attention import _fold, _repeat_heads as _repeat, _sum_head_groups as _sum_groups, _unfold
 from lss_plugin.kernels import block_backward, block_forward
 from lss_plugin.sharding import Chunk
 
@@ -72,22 +69,12 @@ def plan_tasks(q_chunks, k_chunks, causal: bool) -> list[Task]:
 
 def task_forward(q, k, v, scale: float, diagonal: bool):
     """q [b, H, n, d], k/v [b, Hkv, m, d] -> out [b, H, n, d], lse [b, H, n] of one block."""
-    g = q.shape[1] // k.shape[1]
-    if diagonal:
-        return block_forward(q, _repeat(k, g), _repeat(v, g), scale, True)
-    out, lse = block_forward(_fold(q, g), k, v, scale, False)
-    return _unfold(out, g), _unfold(lse, g)
+    return block_forward(q, k, v, scale, diagonal)
 
 
 def task_backward(dout, q, k, v, out, lse, scale: float, diagonal: bool):
     """dq [b, H, n, d], dk/dv [b, Hkv, m, d] of one block, from the row's merged out and lse."""
-    g = q.shape[1] // k.shape[1]
-    if diagonal:
-        dq, dk, dv = block_backward(dout, q, _repeat(k, g), _repeat(v, g), out, lse, scale, True)
-        return dq, _sum_groups(dk, g), _sum_groups(dv, g)
-    dq, dk, dv = block_backward(_fold(dout, g), _fold(q, g), k, v, _fold(out, g), _fold(lse, g),
-                                scale, False)
-    return _unfold(dq, g), dk, dv
+    return block_backward(dout, q, k, v, out, lse, scale, diagonal)
 
 
 class RowMerger:
