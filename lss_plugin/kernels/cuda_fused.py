@@ -21,11 +21,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 from typing import Optional
 
 import torch
 
-from lss_plugin.kernels.base import Kernel
+from lss_plugin.kernels.base import Kernel, compute_dtype
 
 HALF = (torch.float16, torch.bfloat16)
 _EFFICIENT_LSE_ALIGN = 32  # the memory-efficient kernel pads its lse rows to a multiple of this
@@ -201,21 +202,23 @@ def _flash_attn_unavailable():
 
 def flash_attn_version(module) -> str:
     """The installed flash-attn's version as its package says it (for error messages)."""
-    top = importlib.import_module(module.__name__.split(".")[0]) if "." in module.__name__ else module
+    top = sys.modules.get(module.__name__.partition(".")[0], module)  # the package, imported with module
     return f"{module.__name__} {getattr(top, '__version__', 'of unknown version')}"
 
 
-def pick_lse(res, batch: int, heads: int, sq: int, version: str) -> torch.Tensor:
-    """The softmax log-sum-exp in ``_flash_attn_forward``'s returned tuple: the float32 tensor of
-    shape [b, h, sq] after ``out``. FA2 <= 2.6 returns (out, q, k, v, out_padded, softmax_lse,
-    S_dmask, rng_state), FA2 >= 2.7 (out, softmax_lse, S_dmask, rng_state), FA3 (out, softmax_lse,
-    out_accum, softmax_lse_accum); q, k, v are half and 4-D, the accumulators have a splits dim."""
+def pick_lse(res, batch: int, heads: int, sq: int, version: str, dtype=torch.float32) -> torch.Tensor:
+    """The softmax log-sum-exp in ``_flash_attn_forward``'s returned tuple: the ``dtype`` (float32
+    for flash-attn's half inputs) tensor of shape [b, h, sq] after ``out``. FA2 <= 2.6 returns (out,
+    q, k, v, out_padded, softmax_lse, S_dmask, rng_state), FA2 >= 2.7 (out, softmax_lse, S_dmask,
+    rng_state), FA3 (out, softmax_lse, out_accum, softmax_lse_accum); q, k, v are half and 4-D, the
+    accumulators have a splits dim."""
     want = (batch, heads, sq)
     for t in res[1:]:
-        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == want:
+        if isinstance(t, torch.Tensor) and t.dtype == dtype and tuple(t.shape) == want:
             return t
     got = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in res]
-    raise RuntimeError(f"{version}: _flash_attn_forward returned no float32 log-sum-exp of shape {list(want)} "
+    name = str(dtype).removeprefix("torch.")
+    raise RuntimeError(f"{version}: _flash_attn_forward returned no {name} log-sum-exp of shape {list(want)} "
                        f"[b, h, sq]; it returned {got}. This flash-attn version is not supported by "
                        "lss_plugin.kernels.cuda_fused (set LSS_ATTENTION_KERNEL to another kernel)")
 
@@ -227,7 +230,7 @@ def flash_attn_forward(q, k, v, scale: float, causal: bool, module=None):
     qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     res = _call_by_name(module._flash_attn_forward, _fa_forward_values(qs, ks, vs, scale, causal))
     b, h, sq = q.shape[:3]
-    lse = pick_lse(res, b, h, sq, flash_attn_version(module))
+    lse = pick_lse(res, b, h, sq, flash_attn_version(module), compute_dtype(q.dtype))
     return res[0].transpose(1, 2), lse
 
 
