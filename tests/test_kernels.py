@@ -452,25 +452,29 @@ def test_half_precision_error_against_float64_math(dtype, heads, sq, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_kernels_against_float64_math_and_sdpa(dtype):
-    """Every CUDA kernel this machine runs, on whole causal blocks and bottom-right prefix blocks:
-    within 1.2x of single-device SDPA's error (same dtype, float64 math on the GPU as reference)."""
+    """Every CUDA kernel this machine runs, on whole causal blocks and bottom-right prefix blocks,
+    with and without GQA (natively or through kernels.gqa): within 1.2x of single-device SDPA's
+    error (same dtype, float64 math on the GPU as reference)."""
     ran = []
     for name in kernels.runnable_kernels():
         kernel = kernels.KERNELS[name]
-        for b, h, sq, sk, d in ((2, 4, 512, 512, 64), (2, 4, 256, 768, 128)):
+        for b, h, sq, sk, d in ((2, 4, 512, 512, 64), (2, 4, 256, 768, 128), (2, (8, 2), 512, 512, 64),
+                                (2, (8, 2), 256, 768, 128)):
             q, k, v, dout = _inputs(b, h, sq, sk, d, device="cuda")
             if kernel.unsupported(q.to(dtype)) or not _bottom_right_ok(kernel, sq, sk, True):
                 continue
+            fwd, bwd = ((kernel.forward, kernel.backward) if kernel.gqa_native or q.shape[1] == k.shape[1] else
+                        (lambda *a: gqa.forward(kernel, *a), lambda *a: gqa.backward(kernel, *a)))
             scale = 1 / math.sqrt(d)
             ref_out, ref_lse = math_kernel.forward(q, k, v, scale, True)
             refs = (ref_out, *math_kernel.backward(dout, q, k, v, ref_out, ref_lse, scale, True))
             qh, kh, vh, doh = (t.to(dtype) for t in (q, k, v, dout))
-            out, lse = kernel.forward(qh, kh, vh, scale, True)
-            got = (out, *kernel.backward(doh, qh, kh, vh, out, lse, scale, True))
+            out, lse = fwd(qh, kh, vh, scale, True)
+            got = (out.to(dtype), *(g.to(dtype) for g in bwd(doh, qh, kh, vh, out.to(dtype), lse, scale, True)))
             # SDPA's causal mask is top-left: give it the bottom-right mask explicitly.
             mask = ~torch.ones(sq, sk, dtype=torch.bool, device="cuda").triu(sk - sq + 1)
             s_in = [t.clone().requires_grad_() for t in (qh, kh, vh)]
-            s_out = F.scaled_dot_product_attention(*s_in, attn_mask=mask, scale=scale)
+            s_out = F.scaled_dot_product_attention(*s_in, attn_mask=mask, scale=scale, enable_gqa=True)
             s_out.backward(doh)
             base = (s_out, *(t.grad for t in s_in))
             for what, g, bl, r in zip(("out", "dq", "dk", "dv"), got, base, refs):
@@ -504,6 +508,7 @@ def test_gpu_check_timing_table_rows():
     inputs beside SDPA (timings are printed on a GPU, never asserted)."""
     from lss_plugin.bench.gpu_check import timing_table
 
-    rows = timing_table([(1, 2, 64, 8, torch.float32)], repeats=1, device="cpu")
+    rows = timing_table([(1, 2, 64, 8, torch.float32), (1, (4, 2), 64, 8, torch.float32)], repeats=1, device="cpu")
     names = [row.split("|")[1].strip() for row in rows[2:]]
-    assert names == ["SDPA (single device)", "cpu_flash", "tiled"]
+    assert names == ["SDPA (single device)", "cpu_flash", "tiled"] * 2
+    assert "1 x 4/2 x 64 x 8" in rows[-1]
