@@ -28,9 +28,15 @@ Packed documents (``cu_seqlens``) change only which key ranges each query segmen
 
 Precision: for float16/bfloat16 inputs the block merges (running out and log-sum-exp of a query
 chunk), the dq and dK/dV accumulators and the GQA head-group sums are float32
-(``kernels.base.compute_dtype``); each result is rounded to the input dtype once. The dK/dV
-reduce-scatter sends those float32 sums (``kv_grad_dtype="fp32"``, default) or rounds them to the
-input dtype first (``"input"``: half the bytes, a little more error; see the README).
+(``kernels.base.compute_dtype``); each result is rounded to the input dtype once. A causal query
+chunk is ONE kernel call over its prefix and diagonal (no merge) when the kernel aligns its mask
+bottom-right and takes GQA natively (``cpu_flash``, ``tiled``, ``math``, ``flash_attn``); the
+CPU kernels return float32 blocks (``Kernel.fp32_out`` / ``fp32_grads``), flash-attn rounds a
+chunk's out once inside the kernel. Only torch's CUDA SDPA ops (``sdpa_*``: top-left causal, no
+GQA) still take a chunk with a prefix in two calls whose half outputs are merged in float32.
+The dK/dV reduce-scatter sends those float32 sums (``kv_grad_dtype="fp32"``, default) or rounds
+them to the input dtype first (``"input"``: half the bytes, a little more error; see the README).
+``python -m lss_plugin.bench.precision`` prints the error per rank and tensor beside SDPA's.
 """
 from __future__ import annotations
 
