@@ -30,9 +30,15 @@ Packed documents (``cu_seqlens``) change only which key ranges each query segmen
 
 Precision: for float16/bfloat16 inputs the block merges (running out and log-sum-exp of a query
 chunk), the dq and dK/dV accumulators and the GQA head-group sums are float32
-(``kernels.base.compute_dtype``); each result is rounded to the input dtype once. The dK/dV
-reduce-scatter sends those float32 sums (``kv_grad_dtype="fp32"``, default) or rounds them to the
-input dtype first (``"input"``: half the bytes, a little more error; see the README).
+(``kernels.base.compute_dtype``); each result is rounded to the input dtype once. A causal query
+chunk is ONE kernel call over its prefix and diagonal (no merge) when the kernel aligns its mask
+bottom-right and takes GQA natively (``cpu_flash``, ``tiled``, ``math``, ``flash_attn``); the
+CPU kernels return float32 blocks (``Kernel.fp32_out`` / ``fp32_grads``), flash-attn rounds a
+chunk's out once inside the kernel. Only torch's CUDA SDPA ops (``sdpa_*``: top-left causal, no
+GQA) still take a chunk with a prefix in two calls whose half outputs are merged in float32.
+The dK/dV reduce-scatter sends those float32 sums (``kv_grad_dtype="fp32"``, default) or rounds
+them to the input dtype first (``"input"``: half the bytes, a little more error; see the README).
+``python -m lss_plugin.bench.precision`` prints the error per rank and tensor beside SDPA's.
 """
 from __future__ import annotations
 
@@ -137,7 +143,7 @@ def _visible_blocks(seg: Segment, causal: bool, one_call: bool = False):
 
     Keys of other documents (and, causally, later keys) are never computed. ``one_call``: the kernel
     aligns a causal mask bottom-right, so the prefix and the diagonal block are one causal range
-    [doc_start, end) (one call, no merge)."""
+    [doc_start, end) (one call, no merge: the segment's out is rounded once, as on one device)."""
     end = seg.global_start + seg.length
     if not causal:
         return [(seg.doc_start, seg.doc_end, False)]
@@ -150,26 +156,24 @@ def _visible_blocks(seg: Segment, causal: bool, one_call: bool = False):
     return blocks
 
 
-def _one_call(qc, plan: _Plan) -> bool:
-    """Prefix and diagonal in one kernel call: without GQA (with it, the prefix's KV heads would have
-    to be repeated, which only the diagonal block does) and with a bottom-right causal kernel."""
-    return plan.causal and plan.groups_per_kv == 1 and causal_prefix_in_one_call(qc)
+def _one_call(qh, kv, plan: _Plan) -> bool:
+    """Prefix and diagonal in one kernel call: the kernel aligns a causal mask bottom-right and takes
+    GQA natively (else the prefix's KV heads would be repeated; kernels.gqa repeats only diagonals)."""
+    return plan.causal and causal_prefix_in_one_call(qh, kv.shape[2])
 
 
 def _attend_forward(qh, kv, plan: _Plan):
-    """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] -> out [b, hq, s_local, d], lse [b, hq, s_local]."""
-    g = plan.groups_per_kv
+    """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] -> out [b, hq, s_local, d], lse [b, hq, s_local].
+
+    Blocks come back from the kernel in the input dtype or float32 (``Kernel.fp32_out``); merges
+    are float32 and each segment's out is rounded to the input dtype once, here."""
+    one_call = _one_call(qh, kv, plan)
     outs, lses = [], []
     for seg in plan.query_segments:
         qc = qh[:, :, seg.local_start:seg.local_start + seg.length]  # [b, hq, n, d]
         out = lse = None
-        for start, end, diagonal in _visible_blocks(seg, plan.causal, _one_call(qc, plan)):
-            k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]  # [b, hkv, m, d]
-            if diagonal:  # causal range (diagonal, or prefix + diagonal): KV heads expanded locally, never sent
-                o, l = block_forward(qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), plan.scale, True)
-            else:
-                o, l = block_forward(_fold(qc, g), k_blk, v_blk, plan.scale, False)
-                o, l = _unfold(o, g), _unfold(l, g)
+        for start, end, causal in _visible_blocks(seg, plan.causal, one_call):
+            o, l = block_forward(qc, kv[0, :, :, start:end], kv[1, :, :, start:end], plan.scale, causal)  # k/v [b, hkv, m, d]
             out, lse = (o, l) if out is None else _merge(out, lse, o, l)
         outs.append(out.to(qh.dtype))  # the one rounding of a merged (float32) out
         lses.append(lse)
@@ -180,26 +184,18 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
     """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys).
 
     Both accumulate in ``compute_dtype`` (float32 for half inputs): a key's gradient sums the
-    contributions of every query chunk and GQA group before it is rounded or sent."""
-    g = plan.groups_per_kv
+    contributions of every query chunk (and, inside the kernel or ``kernels.gqa``, GQA group)
+    before it is rounded or sent. Kernels with ``fp32_out`` hand them over unrounded."""
     acc = compute_dtype(qh.dtype)
     dq = torch.zeros_like(qh, dtype=acc)
     dkv = torch.zeros_like(kv, dtype=acc)  # keys no local query sees (other documents) stay zero
+    one_call = _one_call(qh, kv, plan)
     for seg in plan.query_segments:
         rows = slice(seg.local_start, seg.local_start + seg.length)
         qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-        for start, end, diagonal in _visible_blocks(seg, plan.causal, _one_call(qc, plan)):
-            k_blk, v_blk = kv[0, :, :, start:end], kv[1, :, :, start:end]
-            if diagonal:
-                dq_b, dk_b, dv_b = block_backward(
-                    doc, qc, _repeat_heads(k_blk, g), _repeat_heads(v_blk, g), oc, lc, plan.scale, True
-                )
-                dk_b, dv_b = _sum_head_groups(dk_b.to(acc), g), _sum_head_groups(dv_b.to(acc), g)
-            else:
-                dq_b, dk_b, dv_b = block_backward(
-                    _fold(doc, g), _fold(qc, g), k_blk, v_blk, _fold(oc, g), _fold(lc, g), plan.scale, False
-                )
-                dq_b = _unfold(dq_b, g)
+        for start, end, causal in _visible_blocks(seg, plan.causal, one_call):
+            dq_b, dk_b, dv_b = block_backward(doc, qc, kv[0, :, :, start:end], kv[1, :, :, start:end], oc, lc,
+                                              plan.scale, causal)  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
             dq[:, :, rows] += dq_b
             dkv[0, :, :, start:end] += dk_b
             dkv[1, :, :, start:end] += dv_b

@@ -47,6 +47,13 @@ def _attention_cases():
     causal_mask = torch.ones(L, L, dtype=torch.bool).triu(1)[None, None]  # [1, 1, L, L], True = hidden
     key_padding = (torch.arange(L) >= L - 2)[None, None, None, :]  # the last two keys are padding
     documents = causal_mask | (torch.arange(L)[:, None] // 4 != torch.arange(L)[None, :] // 4)  # two documents
+    # The padding keys hidden from the queries before them only: 2 * (L - 2) pairs, every one of them
+    # in a query's future (a check that compared local positions, or ignored causality, refuses it).
+    padding_in_future = key_padding & (torch.arange(L) < L - 2)[None, None, :, None]  # [1, 1, L, L]
+    assert padding_in_future.sum() == 2 * (L - 2) and not (padding_in_future & ~causal_mask).any()
+    # ... and one pair more that causality shows: query L - 2 and its own key (j <= i is visible).
+    padding_one_visible = padding_in_future.clone()
+    padding_one_visible[..., L - 2, L - 2] = True
     results = {}
     for layout in LAYOUTS:
         cls = configured_lss_attention(layout=layout)
@@ -75,12 +82,13 @@ def _attention_cases():
                 "padding_causal, no mask": error(AttnMaskType.padding_causal, None, True),
                 "padding_causal, causal mask": error(AttnMaskType.padding_causal, causal_mask, True),
                 "padding_causal, key padding hidden by causality anyway":
-                    error(AttnMaskType.padding_causal, (torch.arange(L) > 20)[None, None, None, :], True),
+                    error(AttnMaskType.padding_causal, padding_in_future, True),
                 "no_mask, all visible": error(AttnMaskType.no_mask, torch.zeros(1, 1, 1, L, dtype=torch.bool), False),
                 "padding, no padding": error(AttnMaskType.padding, torch.zeros(B, 1, 1, L, dtype=torch.bool), False),
             },
             "refused": {
                 "padding_causal": refusal(AttnMaskType.padding_causal, causal_mask | key_padding),
+                "padding_causal, one visible pair": refusal(AttnMaskType.padding_causal, padding_one_visible),
                 "causal": refusal(AttnMaskType.causal, documents),
                 "no_mask": refusal(AttnMaskType.no_mask, key_padding),
                 "padding": refusal(AttnMaskType.padding, key_padding),
@@ -181,6 +189,8 @@ def test_padding_and_document_masks_are_refused_on_every_rank_by_mask_type(per_r
                 assert refused[mask_type] is not None and refused[mask_type].startswith("NotImplementedError"), refused
                 assert f"attn_mask_type={mask_type} " in refused[mask_type], refused[mask_type]
             assert refused["shape"].startswith("ValueError") and "attention_mask of shape (1, 1, 4, 4)" in refused["shape"]
+            one = refused["padding_causal, one visible pair"]  # the one pair on the causal boundary, on every rank
+            assert one is not None and "hides 1 (query, key) pairs a causal mask shows" in one, one
 
 
 def test_cp_comm_type_is_refused_by_name(per_rank):

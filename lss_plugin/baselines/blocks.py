@@ -11,8 +11,7 @@ a causal mask a query chunk sees an earlier key chunk fully, its own chunk as th
 merges neighbouring chunks so one kernel call covers, e.g., both query halves of a zigzag rank.
 
 Tensors are ``[b, heads, s, d]``; ``lse`` is ``[b, heads, s]``. K/V may have fewer heads (GQA):
-fully visible blocks fold the query groups into extra query rows (K/V are never copied); diagonal
-blocks repeat the block's K/V heads locally, which is what LSS does too.
+the kernels take them as LSS hands them over (natively, or through ``lss_plugin.kernels.gqa``).
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lss_plugin.heads import fold_query_groups, repeat_kv_heads, sum_head_groups, unfold_query_groups
 from lss_plugin.kernels import block_backward, block_forward
 from lss_plugin.sharding import Chunk
 
@@ -71,22 +69,12 @@ def plan_tasks(q_chunks, k_chunks, causal: bool) -> list[Task]:
 
 def task_forward(q, k, v, scale: float, diagonal: bool):
     """q [b, H, n, d], k/v [b, Hkv, m, d] -> out [b, H, n, d], lse [b, H, n] of one block."""
-    g = q.shape[1] // k.shape[1]
-    if diagonal:
-        return block_forward(q, repeat_kv_heads(k, g), repeat_kv_heads(v, g), scale, True)
-    out, lse = block_forward(fold_query_groups(q, g), k, v, scale, False)
-    return unfold_query_groups(out, g), unfold_query_groups(lse, g)
+    return block_forward(q, k, v, scale, diagonal)
 
 
 def task_backward(dout, q, k, v, out, lse, scale: float, diagonal: bool):
     """dq [b, H, n, d], dk/dv [b, Hkv, m, d] of one block, from the row's merged out and lse."""
-    g = q.shape[1] // k.shape[1]
-    if diagonal:
-        dq, dk, dv = block_backward(dout, q, repeat_kv_heads(k, g), repeat_kv_heads(v, g), out, lse, scale, True)
-        return dq, sum_head_groups(dk, g), sum_head_groups(dv, g)
-    dq, dk, dv = block_backward(fold_query_groups(dout, g), fold_query_groups(q, g), k, v,
-                                fold_query_groups(out, g), fold_query_groups(lse, g), scale, False)
-    return unfold_query_groups(dq, g), dk, dv
+    return block_backward(dout, q, k, v, out, lse, scale, diagonal)
 
 
 class RowMerger:

@@ -5,12 +5,15 @@
    CUDA kernel against float64 math and within 1.2x of SDPA's error in float32/bfloat16/float16,
    the TransformerEngine spec), then every other ``gpu``-marked test.
 3. Forward + backward of one whole causal block per LSS kernel beside single-device SDPA
-   (``F.scaled_dot_product_attention(is_causal=True)``), median of a few CUDA-event-timed runs.
+   (``F.scaled_dot_product_attention(is_causal=True)``), median of a few CUDA-event-timed runs; GQA
+   configurations go through ``kernels.block_forward`` / ``block_backward`` as LSS calls them
+   (natively on GQA-native kernels such as flash-attn, else through ``kernels.gqa``).
 A few minutes on one GPU. Without CUDA it says so and exits 0. Exit code 1 if a test failed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -51,30 +54,50 @@ def _median_ms(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _forced(name: str):
+    """LSS_ATTENTION_KERNEL=name inside the block (kernels.block_forward picks by it)."""
+    from lss_plugin.kernels import ENV_VAR
+
+    before = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR)
+        else:
+            os.environ[ENV_VAR] = before
+
+
 def timing_table(configs, repeats: int, device: str = "cuda") -> list[str]:
+    """Rows per config ``(b, heads or (heads, kv_heads), L, d, dtype)``."""
     from lss_plugin import kernels
 
     lines = ["| kernel | dtype | b x heads x L x d | fwd+bwd ms | x SDPA |", "|---|---|---|---|---|"]
-    for b, h, seq, d, dtype in configs:
+    for b, heads, seq, d, dtype in configs:
+        h, hkv = heads if isinstance(heads, tuple) else (heads, heads)
         gen = torch.Generator(device=device).manual_seed(0)
-        q, k, v, dout = (torch.randn(b, h, seq, d, device=device, dtype=dtype, generator=gen) for _ in range(4))
+        q, dout = (torch.randn(b, h, seq, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        k, v = (torch.randn(b, hkv, seq, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
         scale = d ** -0.5
 
         def sdpa():
             qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
-            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(dout)
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=hkv != h).backward(dout)
 
         base = _median_ms(sdpa, repeats, device)
-        shape = f"{b} x {h} x {seq} x {d}"
+        shape = f"{b} x {h}/{hkv} x {seq} x {d}"
         lines.append(f"| SDPA (single device) | {str(dtype)[6:]} | {shape} | {base:.2f} | 1.00 |")
         for name in kernels.runnable_kernels():
             kernel = kernels.KERNELS[name]
             if name == "math" or kernel.unsupported(q):  # math: the [b, h, L, L] reference, not a contender
                 continue
 
-            def lss_block(kernel=kernel):
-                out, lse = kernel.forward(q, k, v, scale, True)
-                kernel.backward(dout, q, k, v, out, lse, scale, True)
+            def lss_block(name=name):
+                with _forced(name):
+                    out, lse = kernels.block_forward(q, k, v, scale, True)
+                    kernels.block_backward(dout, q, k, v, out.to(q.dtype), lse, scale, True)
 
             ms = _median_ms(lss_block, repeats, device)
             lines.append(f"| {name} | {str(dtype)[6:]} | {shape} | {ms:.2f} | {ms / base:.2f} |")
@@ -98,7 +121,8 @@ def main(argv=None) -> int:
         print(f"  {name:<15} {kernels.unavailable_reason(name) or 'runs here'}")
     ok = True if args.no_tests else run_tests()
     configs = [(1, 16, 4096, 128, torch.bfloat16), (1, 16, 16384, 128, torch.bfloat16),
-               (1, 16, 4096, 64, torch.float16), (1, 8, 4096, 64, torch.float32)]
+               (1, 16, 4096, 64, torch.float16), (1, (32, 8), 4096, 128, torch.bfloat16),
+               (1, 8, 4096, 64, torch.float32)]
     print("\n".join(timing_table(configs, args.repeats)))
     print("gpu-check: tests " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1

@@ -7,13 +7,17 @@ attention do), so a kernel must expose ``lse``; the backward recomputes probabil
     block_forward(q, k, v, scale, causal) -> out [b, h, sq, d], lse [b, h, sq]
     block_backward(dout, q, k, v, out, lse, scale, causal) -> dq, dk, dv
 
-Tensors are ``[b, h, s, d]``; ``lse`` is float32 for float32/half inputs, float64 for float64.
+Tensors are ``[b, h, s, d]``; k, v may have fewer heads than q (GQA: Hkv dividing H, dk and dv
+come back with Hkv heads): kernels with ``gqa_native`` take them as they are, the others through
+``kernels.gqa``. ``lse`` is float32 for float32/half inputs, float64 for float64; out and the
+gradients are in the input dtype or in float32 for half inputs (``Kernel.fp32_out``,
+``fp32_grads``): callers round.
 ``causal`` with sq == sk is the plain lower triangle (a diagonal block). With sq < sk it is
 bottom-right aligned (query i sees keys j <= i + sk - sq): a query chunk at global positions
 ``[p, p+n)`` against keys ``[0, p+n)`` is its prefix and its diagonal block in ONE call. Only kernels
-with ``bottom_right_causal`` accept that; ``causal_prefix_in_one_call(q)`` says whether the kernel
-chosen for ``q`` does; attention.py then makes one call per query chunk when there is no GQA (else: two
-calls and a log-sum-exp merge).
+with ``bottom_right_causal`` accept that; ``causal_prefix_in_one_call(q, kv_heads)`` says whether the
+kernel chosen for ``q`` does (with GQA: natively, so no KV head is repeated); attention.py then makes
+one call per query chunk (else: two calls and a log-sum-exp merge).
 
 Backends (one module each, PyTorch ``_AttentionOp`` style; the registry below never branches on a
 backend): ``flash_attn``, ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_cudnn`` (``cuda_fused.py``),
@@ -29,7 +33,7 @@ import os
 
 import torch
 
-from lss_plugin.kernels import cpu_flash, cuda_fused, tiled
+from lss_plugin.kernels import cpu_flash, cuda_fused, gqa, tiled
 from lss_plugin.kernels import math as math_kernel
 from lss_plugin.kernels.base import Kernel
 
@@ -76,12 +80,18 @@ def kernel_name(q: torch.Tensor) -> str:
     return select_kernel(q).name
 
 
-def causal_prefix_in_one_call(q: torch.Tensor) -> bool:
-    """Whether the kernel chosen for ``q`` takes causal blocks with sq < sk (bottom-right aligned)."""
-    return select_kernel(q).bottom_right_causal
+def causal_prefix_in_one_call(q: torch.Tensor, kv_heads: int | None = None) -> bool:
+    """Whether the kernel chosen for ``q`` takes causal blocks with sq < sk (bottom-right aligned)
+    against ``kv_heads`` KV heads (default: as many as q has) without repeating them."""
+    kernel = select_kernel(q)
+    gqa_ok = kv_heads is None or kv_heads == q.shape[1] or kernel.gqa_native
+    return kernel.bottom_right_causal and gqa_ok
 
 
-def _check_causal_shape(kernel: Kernel, q, k, causal: bool) -> None:
+def _check_shapes(kernel: Kernel, q, k, causal: bool) -> None:
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
     sq, sk = q.shape[2], k.shape[2]
     if causal and sq != sk:
         if sq > sk:
@@ -95,16 +105,21 @@ def _check_causal_shape(kernel: Kernel, q, k, causal: bool) -> None:
 
 
 def block_forward(q, k, v, scale: float, causal: bool):
-    """out [b, h, sq, d], lse [b, h, sq] of softmax(q k^T * scale [+ causal mask]) v."""
+    """out [b, h, sq, d], lse [b, h, sq] of softmax(q k^T * scale [+ causal mask]) v; k, v [b, hkv, sk, d]."""
     kernel = select_kernel(q)
-    _check_causal_shape(kernel, q, k, causal)
+    _check_shapes(kernel, q, k, causal)
+    if q.shape[1] != k.shape[1] and not kernel.gqa_native:
+        return gqa.forward(kernel, q, k, v, scale, causal)
     return kernel.forward(q, k, v, scale, causal)
 
 
 def block_backward(dout, q, k, v, out, lse, scale: float, causal: bool):
-    """dq, dk, dv of one block, given the merged ``out`` and ``lse`` of the whole attention row."""
+    """dq [b, h, sq, d], dk, dv [b, hkv, sk, d] of one block, given the merged ``out`` and ``lse`` of
+    the whole attention row."""
     kernel = select_kernel(q)
-    _check_causal_shape(kernel, q, k, causal)
+    _check_shapes(kernel, q, k, causal)
+    if q.shape[1] != k.shape[1] and not kernel.gqa_native:
+        return gqa.backward(kernel, dout, q, k, v, out, lse, scale, causal)
     return kernel.backward(dout, q, k, v, out, lse, scale, causal)
 
 

@@ -21,6 +21,12 @@ class Kernel:
     (device, dtype, head size), ``None`` when it can. ``bottom_right_causal``: with ``causal`` and
     fewer queries than keys (sq < sk) the mask is aligned to the last query and key, i.e. query i
     sees keys j <= i + sk - sq; a query chunk's prefix and diagonal block are then ONE call.
+    ``gqa_native``: takes k, v with fewer heads than q (Hkv dividing H, query head i reading KV head
+    i // (H / Hkv)) and returns dk, dv with Hkv heads, summed over each group inside the kernel;
+    other kernels get GQA from ``kernels.gqa`` (folded queries, or repeated KV heads when causal).
+    ``fp32_out`` / ``fp32_grads``: for float16/bfloat16 inputs, out / dq, dk, dv come back in the
+    compute dtype (float32), so the caller rounds them once, after its merges and sums; otherwise
+    in the input dtype.
     ``auto``: the automatic choice considers it (the registry's order is the preference).
     """
 
@@ -30,6 +36,9 @@ class Kernel:
     unavailable: Callable[[], Optional[str]]
     unsupported: Callable[[torch.Tensor], Optional[str]]
     bottom_right_causal: bool
+    gqa_native: bool = False
+    fp32_out: bool = False
+    fp32_grads: bool = False
     auto: bool = True
 
 

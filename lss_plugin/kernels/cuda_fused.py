@@ -3,7 +3,9 @@
 - ``flash_attn``: the flash-attn library when importable (FA3's ``flash_attn_interface`` on Hopper,
   else FA2's ``flash_attn.flash_attn_interface``); ``_flash_attn_forward`` returns ``softmax_lse``,
   ``_flash_attn_backward`` takes ``out`` and ``softmax_lse``. Its causal mask is bottom-right
-  aligned when sq < sk, so a query chunk's prefix and diagonal are one call. Layout ``[b, s, h, d]``.
+  aligned when sq < sk and it takes fewer KV heads than query heads (GQA), so a query chunk's prefix
+  and diagonal are one call, GQA or not. Layout ``[b, s, h, d]``. The lse is found in the returned
+  tuple by what it is (float32, ``[b, h, sq]``), not by position: versions order the tuple differently.
 - ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn``: torch's own SDPA ops
   (``aten._scaled_dot_product_{flash,efficient,cudnn}_attention`` and their ``_backward`` ops).
   Their causal mask is only used on square blocks here (alignment then does not matter).
@@ -19,11 +21,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 from typing import Optional
 
 import torch
 
-from lss_plugin.kernels.base import Kernel
+from lss_plugin.kernels.base import Kernel, compute_dtype
 
 HALF = (torch.float16, torch.bfloat16)
 _EFFICIENT_LSE_ALIGN = 32  # the memory-efficient kernel pads its lse rows to a multiple of this
@@ -160,7 +163,7 @@ def _fa_backward_values(dout, q, k, v, out, lse, scale, causal):
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_module():
-    """(module, version) of the flash-attn interface to use, or (None, reason)."""
+    """(module, major version) of the flash-attn interface to use, or (None, reason)."""
     candidates = []
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
         candidates.append(("flash_attn_interface", 3))  # FA3 (Hopper build)
@@ -197,15 +200,38 @@ def _flash_attn_unavailable():
     return None
 
 
+def flash_attn_version(module) -> str:
+    """The installed flash-attn's version as its package says it (for error messages)."""
+    top = sys.modules.get(module.__name__.partition(".")[0], module)  # the package, imported with module
+    return f"{module.__name__} {getattr(top, '__version__', 'of unknown version')}"
+
+
+def pick_lse(res, batch: int, heads: int, sq: int, version: str, dtype=torch.float32) -> torch.Tensor:
+    """The softmax log-sum-exp in ``_flash_attn_forward``'s returned tuple: the ``dtype`` (float32
+    for flash-attn's half inputs) tensor of shape [b, h, sq] after ``out``. FA2 <= 2.6 returns (out,
+    q, k, v, out_padded, softmax_lse, S_dmask, rng_state), FA2 >= 2.7 (out, softmax_lse, S_dmask,
+    rng_state), FA3 (out, softmax_lse, out_accum, softmax_lse_accum); q, k, v are half and 4-D, the
+    accumulators have a splits dim."""
+    want = (batch, heads, sq)
+    for t in res[1:]:
+        if isinstance(t, torch.Tensor) and t.dtype == dtype and tuple(t.shape) == want:
+            return t
+    got = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in res]
+    name = str(dtype).removeprefix("torch.")
+    raise RuntimeError(f"{version}: _flash_attn_forward returned no {name} log-sum-exp of shape {list(want)} "
+                       f"[b, h, sq]; it returned {got}. This flash-attn version is not supported by "
+                       "lss_plugin.kernels.cuda_fused (set LSS_ATTENTION_KERNEL to another kernel)")
+
+
 def flash_attn_forward(q, k, v, scale: float, causal: bool, module=None):
+    """q [b, H, sq, d], k/v [b, Hkv, sk, d] (GQA-native) -> out [b, H, sq, d], lse [b, H, sq] float32."""
     module = module or flash_attn_module()[0]
     # flash-attn's layout is [b, s, h, d]; a transposed view costs one copy each way.
     qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     res = _call_by_name(module._flash_attn_forward, _fa_forward_values(qs, ks, vs, scale, causal))
-    # FA2 <= 2.6: (out, q, k, v, out_padded, softmax_lse, S_dmask, rng_state); FA2 >= 2.7 and FA3:
-    # (out, softmax_lse, ...).
-    out, lse = res[0], res[5] if len(res) == 8 else res[1]
-    return out.transpose(1, 2), lse  # [b, h, sq, d], [b, h, sq] float32
+    b, h, sq = q.shape[:3]
+    lse = pick_lse(res, b, h, sq, flash_attn_version(module), compute_dtype(q.dtype))
+    return res[0].transpose(1, 2), lse
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, scale: float, causal: bool, module=None):
@@ -219,7 +245,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, scale: float, causal: bool, mod
 KERNELS = (
     Kernel(name="flash_attn", forward=flash_attn_forward, backward=flash_attn_backward,
            unavailable=_flash_attn_unavailable, unsupported=lambda q: _unsupported(q, HALF, 256),
-           bottom_right_causal=True),
+           bottom_right_causal=True, gqa_native=True),
     Kernel(name="sdpa_flash", forward=sdpa_flash_forward, backward=sdpa_flash_backward,
            unavailable=lambda: _cuda_unavailable((8, 0), torch.backends.cuda.is_flash_attention_available,
                                                  "flash attention"),
