@@ -137,7 +137,7 @@ def build_model(args, lss):
     config = GPTConfig(vocab_size=256, max_seq_length=args.seq_length, hidden_size=args.hidden_size,
                        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                        position_embedding=args.position_embedding)
-    return GPT(config, lss=LSSAttentionOptions(**lss.attention_kwargs()) if lss.enabled else None)
+    return GPT(config, lss=LSSAttentionOptions(settings=lss.attention) if lss.enabled else None)
 
 
 def train(args) -> list[dict]:

@@ -31,11 +31,10 @@ def deepspeed_initialize(model=None, *, attn_implementation: str | None = None, 
             f"the DeepSpeed config enables \"lss_sequence_parallel\" but the model's attention is {name!r}: "
             f"build it with attn_implementation={DEFAULT_NAME!r} or call model.set_attn_implementation({DEFAULT_NAME!r})"
         )
-    engine, optimizer, dataloader, scheduler = lds.initialize(model=model, **kwargs)
-    lss = getattr(engine, "lss_config", None)
-    if lss is not None and lss.enabled:
-        register_lss_attention(name, **lss.attention_kwargs())
-    return engine, optimizer, dataloader, scheduler
+    if block is not None and block.enabled:
+        # before the engine exists: lds.initialize compares the model's attention settings with the block's
+        register_lss_attention(name, settings=block.attention)
+    return lds.initialize(model=model, **kwargs)
 
 
 def _block(kwargs):

@@ -254,7 +254,7 @@ def use_lss_attention(model, lss: LSSConfig) -> str:
     """
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     name = current if current in _OPTIONS else DEFAULT_NAME
-    register_lss_attention(name, **lss.attention_kwargs())
+    register_lss_attention(name, settings=lss.attention)
     if current != name:
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
