@@ -80,7 +80,7 @@ class Sharder:
         import torch.distributed as dist
 
         self.topology = getattr(engine, "lss_topology", None)
-        self.layout = engine.lss_config.layout if self.topology is not None else None
+        self.layout = engine.lss_config.attention.layout if self.topology is not None else None
         self.dp_size = self.topology.dp_size if self.topology is not None else dist.get_world_size()
         self.dp_rank = self.topology.dp_rank if self.topology is not None else dist.get_rank()
         self.micro = engine.train_micro_batch_size_per_gpu()

@@ -165,10 +165,10 @@ def test_reference_gpt_budget_runs_one_head_chunks_exactly(gpt_cases):
 
 def test_a_budget_beside_a_fixed_chunk_is_refused_by_every_adapter_option():
     import lss_plugin.hf as hf
-    from lss_plugin.hf.attention import LSSHFOptions
     from lss_plugin.models.gpt import LSSAttentionOptions
+    from lss_plugin.options import AttentionSettings
 
-    for make in (LSSAttentionOptions, LSSHFOptions, lambda **kw: hf.register_lss_attention("lss_budget", **kw)):
+    for make in (LSSAttentionOptions, AttentionSettings, lambda **kw: hf.register_lss_attention("lss_budget", **kw)):
         for chunk in (2, None):
             with pytest.raises(ValueError, match=rf"kv_buffer_mib \(64\) is the budget of kv_head_chunk='auto', "
                                                  rf"got kv_head_chunk={chunk}"):
@@ -176,4 +176,136 @@ def test_a_budget_beside_a_fixed_chunk_is_refused_by_every_adapter_option():
         with pytest.raises(ValueError, match="kv_buffer_mib must be a positive number of MiB"):
             make(kv_buffer_mib=0)
     assert hf.register_lss_attention("lss_budget", kv_buffer_mib=64) == "lss_budget"
-    assert hf.lss_options("lss_budget").kv_buffer_mib == 64
+    assert hf.lss_options("lss_budget").settings.kv_buffer_mib == 64
+
+
+# --- one settings object: every AttentionSettings field through every adapter -----------------------
+# Each case differs from the defaults in some fields (kv_buffer_mib needs kv_head_chunk "auto", so no
+# one case can change every field); test_every_field_is_swept refuses a field no case changes.
+SWEEP_CASES = {
+    "contiguous_regather_chunk1_input": dict(layout="contiguous", kv_backward="regather", kv_head_chunk=1,
+                                             kv_grad_dtype="input"),
+    "keep_all_heads": dict(kv_backward="keep", kv_head_chunk=None),
+    "budget": dict(kv_buffer_mib=64.0),
+}
+
+
+def test_every_field_is_swept():
+    from lss_plugin.options import AttentionSettings, setting_fields
+
+    cases = [AttentionSettings(**case) for case in SWEEP_CASES.values()]
+    unswept = [f.name for f in setting_fields() if all(getattr(c, f.name) == f.default for c in cases)]
+    assert not unswept, f"add a SWEEP_CASES entry with a non-default {unswept}"
+
+
+def _received(run) -> list:
+    """The settings (and leftover keywords) every lss_attention call inside ``run()`` received."""
+    import lss_plugin.attention as core
+
+    seen, real = [], core.settings_from_keywords
+
+    def record(settings, keywords, where):
+        if where == "lss_attention":
+            seen.append((settings, dict(keywords)))
+        return real(settings, keywords, where)
+
+    with mock.patch.object(core, "settings_from_keywords", record):
+        run()
+    return seen
+
+
+def _megatron(settings, ids):
+    """The bundled Megatron script's parser (its --lss-* flags), validation and model: a megatron-core
+    GPTModel built with the LSS layer spec, one forward."""
+    from lss_plugin.megatron import pretrain
+    from lss_plugin.megatron.model import GPTShape, build_gpt_model
+    from lss_plugin.megatron.parallel import destroy_lss_model_parallel
+    from lss_plugin.options import FLAGS
+
+    argv = ["--lss-sequence-parallel", "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+            "--seq-length", str(L), "--micro-batch-size", "1", "--global-batch-size", "1"]
+    for flag, value in settings.names(FLAGS).items():
+        if value is not None or flag == "--lss-kv-head-chunk":  # unset kv_buffer_mib: no flag
+            argv += [flag, FLAGS.spell(value)]
+    args = pretrain.parse_args(argv, world_size=1)
+    pretrain.setup_parallel(args)
+    try:
+        model = build_gpt_model(args, GPTShape.from_args(args))
+        positions = torch.arange(L)[None]  # [1, L]
+        return _received(lambda: model(ids[:1], positions, None))
+    finally:
+        destroy_lss_model_parallel()
+
+
+def _transformers(settings, ids):
+    import lss_plugin.hf as hf
+    from lss_plugin.options import KEYWORDS
+
+    hf.register_lss_attention("lss_sweep", **settings.names(KEYWORDS))
+    config = hf.small_causal_lm_config("llama", hidden_size=16, num_heads=2, num_layers=1)
+    model = hf.build_causal_lm(config, attn_implementation="lss_sweep")
+    return _received(lambda: model(ids))
+
+
+def _deepspeed(settings, ids):
+    """The block's keys -> lss_plugin.hf.deepspeed_initialize -> the model's attention."""
+    import lss_plugin.hf as hf
+    from lss_plugin.deepspeed import BLOCK_KEY
+    from lss_plugin.options import BLOCK_KEYS
+
+    config = {"train_batch_size": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+              BLOCK_KEY: {"size": 1, **settings.names(BLOCK_KEYS)}}
+    hf.register_lss_attention("lss_ds_sweep")  # the defaults: the block's keys must replace them
+    model = hf.build_causal_lm(hf.small_causal_lm_config("llama", hidden_size=16, num_heads=2, num_layers=1),
+                               attn_implementation="lss_ds_sweep")
+    engine, *_ = hf.deepspeed_initialize(model=model, config=config)
+    return _received(lambda: engine(ids))
+
+
+def _bundled_gpt(settings, ids):
+    import lss_plugin
+    from lss_plugin.models.gpt import GPT, GPTConfig, LSSAttentionOptions
+    from lss_plugin.options import KEYWORDS
+
+    model = GPT(GPTConfig(max_seq_length=L, hidden_size=16, num_heads=2, num_layers=1),
+                LSSAttentionOptions(**settings.names(KEYWORDS)))
+    return _received(lambda: model(ids, lss_plugin.local_positions(L, layout=settings.layout)))
+
+
+def _module(settings, ids):
+    import lss_plugin
+    from lss_plugin.options import KEYWORDS
+
+    attention = lss_plugin.LSSAttention(**settings.names(KEYWORDS))
+    q = torch.randn(1, L, 2, 4, generator=torch.Generator().manual_seed(0))  # [b, s, H, d]
+    return _received(lambda: attention(q, q, q))
+
+
+ADAPTERS = {"megatron": _megatron, "transformers": _transformers, "deepspeed": _deepspeed,
+            "bundled_gpt": _bundled_gpt, "LSSAttention": _module}
+
+
+def _sweep():
+    """{(case, adapter): [(settings, keywords) per lss_attention call]} on one rank."""
+    import lss_plugin
+    from lss_plugin.options import AttentionSettings
+
+    ids = torch.randint(0, 256, (2, L), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for case, values in SWEEP_CASES.items():
+        for adapter, run in ADAPTERS.items():
+            if not lss_plugin.is_topology_initialized():  # the Megatron adapter registers (and destroys) its own
+                lss_plugin.init_topology(1)
+            out[case, adapter] = run(AttentionSettings(**values), ids)
+    return out
+
+
+def test_every_setting_reaches_the_core_from_every_adapter():
+    from lss_plugin.options import AttentionSettings
+
+    (received,) = run_ranks(_sweep, 1, timeout_s=420)
+    for (case, adapter), calls in received.items():
+        expected = AttentionSettings(**SWEEP_CASES[case])
+        assert calls, (case, adapter, "no lss_attention call")
+        for settings, keywords in calls:
+            assert settings == expected and keywords == {}, (case, adapter, settings, keywords)
