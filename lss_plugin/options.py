@@ -1,5 +1,8 @@
 """The settings LSS accepts, and their checks: one definition for the core and every adapter.
 
+``AttentionSettings`` holds what every ``lss_attention`` call of a model runs with; its field table
+(``Spelling``: Megatron flag, DeepSpeed key, Python keyword) is what each adapter's parser reads.
+
 No torch import, so argument and config validation (Megatron flags, the DeepSpeed block, the
 transformers registration) can run before anything heavy is loaded. Messages name the setting
 and the value; an adapter passes its own spelling of the setting (``--lss-layout``, ...).

@@ -14,6 +14,14 @@ The budget of kv_head_chunk="auto" (kv_buffer_mib) in the adapters' options: bes
 all-heads chunk it is refused naming both settings; ``LSSAttentionOptions(kv_buffer_mib=...)`` sized
 for one KV head per gather runs the collectives of ``kv_head_chunk=1`` with regather and gives the
 one-process logits and gradients (float64, 1e-10), a larger LSS_KV_BUFFER_MIB set beside it.
+
+One settings object: every AttentionSettings field, set to non-default values, goes through every
+adapter's own spelling (Megatron flags into a megatron-core GPTModel, register_lss_attention keywords
+into a transformers model, the DeepSpeed block's keys, the bundled GPT, LSSAttention) and the settings
+lss_attention received are compared with the case (one rank). Settings that used to be accepted and
+not applied are refused by name: LSS_KV_BUFFER_MIB beside a fixed chunk (every adapter; at a call on
+every rank of 2, before any collective), a model whose attention differs from the DeepSpeed block, a
+registered hybrid over other ranks than Megatron's CP group (4 ranks).
 """
 from __future__ import annotations
 
