@@ -172,7 +172,7 @@ def run(example: ExampleArguments, training: TrainingArguments):
     )
     if trainer.is_world_process_zero():
         lss = trainer.lss_config
-        mode = (f"LSS sp={lss.size} (ulysses={lss.ulysses_size}) x dp={trainer.lss_dims.dp}, layout={lss.layout}"
+        mode = (f"LSS sp={lss.size} (ulysses={lss.ulysses_size}) x dp={trainer.lss_dims.dp}, layout={lss.attention.layout}"
                 if lss.enabled else "plain Trainer (no enabled lss_sequence_parallel block)")
         params = sum(p.numel() for p in model.parameters())
         data = f"{len(train)} documents packed per micro-batch" if example.pack_documents else f"seq {example.seq_length}"

@@ -80,7 +80,7 @@ class Sharder:
         import torch.distributed as dist
 
         self.topology = getattr(engine, "lss_topology", None)
-        self.layout = engine.lss_config.layout if self.topology is not None else None
+        self.layout = engine.lss_config.attention.layout if self.topology is not None else None
         self.dp_size = self.topology.dp_size if self.topology is not None else dist.get_world_size()
         self.dp_rank = self.topology.dp_rank if self.topology is not None else dist.get_rank()
         self.micro = engine.train_micro_batch_size_per_gpu()
@@ -137,7 +137,7 @@ def build_model(args, lss):
     config = GPTConfig(vocab_size=256, max_seq_length=args.seq_length, hidden_size=args.hidden_size,
                        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                        position_embedding=args.position_embedding)
-    return GPT(config, lss=LSSAttentionOptions(**lss.attention_kwargs()) if lss.enabled else None)
+    return GPT(config, lss=LSSAttentionOptions(settings=lss.attention) if lss.enabled else None)
 
 
 def train(args) -> list[dict]:

@@ -111,7 +111,7 @@ def train(args) -> list[dict]:
     if rank0:
         params = sum(p.numel() for p in model.parameters())
         grid = (f"sp={topology.sp_size} (ulysses={topology.ulysses_size}) x dp={dp_size}, "
-                f"layout={engine.lss_config.layout}" if enabled
+                f"layout={engine.lss_config.attention.layout}" if enabled
                 else f"dp={dp_size} (no LSS)")
         print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), {grid}, "
               f"ZeRO {engine.zero_optimization_stage()}, seq {args.seq_length}, global batch {global_batch}"

@@ -49,15 +49,11 @@ import torch
 
 from lss_plugin.comm import InFlight, start_gather_kv, start_reduce_scatter_kv
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
-# short local names for the GQA helpers the schedule below calls many times
-from lss_plugin.heads import fold_query_groups as _fold, repeat_kv_heads as _repeat_heads
-from lss_plugin.heads import sum_head_groups as _sum_head_groups, unfold_query_groups as _unfold
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call, select_kernel
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.options import (
-    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings, check_kv_backward,
-    check_kv_buffer_budget, check_kv_grad_dtype, check_kv_head_chunk, check_layout, check_ulysses_heads,
-    resolve_kv_chunking,
+    AttentionSettings, check_kv_backward, check_kv_buffer_budget, check_kv_grad_dtype, check_kv_head_chunk,
+    check_layout, check_ulysses_heads, resolve_kv_chunking, settings_from_keywords,
 )
 from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_mode
@@ -320,14 +316,16 @@ def lss_attention(
     group=None,
     causal: bool = False,
     softmax_scale: float | None = None,
-    layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = DEFAULT_KV_BACKWARD,
-    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK,
-    kv_grad_dtype: str = "fp32",
     cu_seqlens: torch.Tensor | None = None,
-    kv_buffer_mib: float | None = None,
+    settings: AttentionSettings | None = None,
+    **setting_keywords,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over the whole (sequence-parallel) sequence.
+
+    ``settings``: what the call runs with (``lss_plugin.options.AttentionSettings``: layout,
+    kv_backward, kv_head_chunk, kv_buffer_mib, kv_grad_dtype; None: the defaults), as every adapter
+    passes it. Compatibility: the same settings as keywords (``layout="contiguous"``, ...) build it
+    here; passing both is refused.
 
     q: [b, s_local, H, d]; k, v: [b, s_local, Hkv, d] with H % Hkv == 0 (GQA/MQA; KV heads are
     communicated un-repeated). Returns [b, s_local, H, d]. ``group``: a ProcessGroup (pure LSS over
@@ -347,10 +345,10 @@ def lss_attention(
     """
     groups = resolve_sequence_groups(group)  # no group to settle on: the same refusal on every rank
     # Every local check leaves its verdict; ONE fixed-size all-gather decides for the whole SP group
-    # before any variable-size collective (lss_plugin.verdict), so a refusal is every rank's.
+    # before any variable-size collective (lss_plugin.verdict), so a refusal is every rank's: the
+    # settings are built inside it too (a bad keyword or LSS_KV_BUFFER_MIB on one rank only).
     local = LocalVerdict(lambda: describe_inputs(q, k, v, cu_seqlens))
-    call = local.attempt(_plan_call, q, k, v, groups, causal, softmax_scale, layout, kv_backward, kv_head_chunk,
-                         kv_grad_dtype, cu_seqlens, kv_buffer_mib)
+    call = local.attempt(_plan_call, q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, setting_keywords)
     settle(local, groups.sp_group, None if call is None else call[0].signature.to_bytes())
     plan, kv_heads = call
     if groups.ulysses_size == 1:
@@ -360,10 +358,12 @@ def lss_attention(
     return _BackwardVerdict.apply(out, groups.sp_group, plan.signature) if groups.sp_size > 1 else out
 
 
-def _plan_call(q, k, v, groups, causal, softmax_scale, layout, kv_backward, kv_head_chunk, kv_grad_dtype,
-               cu_seqlens, kv_buffer_mib):
+def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, setting_keywords):
     """Every check of one call that reads only this rank's inputs and settings, and its plan; no collective.
     Returns (plan, KV heads after the hybrid's replication)."""
+    settings = settings_from_keywords(settings, setting_keywords, "lss_attention")
+    layout, kv_backward, kv_head_chunk = settings.layout, settings.kv_backward, settings.kv_head_chunk
+    kv_grad_dtype, kv_buffer_mib = settings.kv_grad_dtype, settings.kv_buffer_mib
     _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib)
     check_mode()  # LSS_CHECK_CONSISTENCY: only its retired value is refused (lss_plugin.signature)
     select_kernel(q)  # LSS_ATTENTION_KERNEL: a kernel that cannot run here is refused before any collective
@@ -436,24 +436,23 @@ def _hybrid_attention(q, k, v, plan: _Plan, groups, kv_heads: int):
 
 
 class LSSAttention(torch.nn.Module):
-    """``lss_attention`` with its settings fixed at construction (no parameters)."""
+    """``lss_attention`` with its settings fixed at construction (no parameters): ``settings=`` or the
+    settings' keywords (``layout=``, ...), checked here, not at a call."""
 
-    def __init__(self, *, group=None, causal=True, softmax_scale=None, layout=DEFAULT_LAYOUT,
-                 kv_backward=DEFAULT_KV_BACKWARD, kv_head_chunk=DEFAULT_KV_HEAD_CHUNK, kv_grad_dtype="fp32",
-                 kv_buffer_mib=None):
+    def __init__(self, *, group=None, causal=True, softmax_scale=None, settings: AttentionSettings | None = None,
+                 **setting_keywords):
         super().__init__()
-        check_attention_settings(layout, kv_backward, kv_head_chunk, kv_buffer_mib)  # refused here, not at a call
-        check_kv_grad_dtype(kv_grad_dtype)
         self.group, self.causal, self.softmax_scale = group, causal, softmax_scale
-        self.layout, self.kv_backward, self.kv_head_chunk = layout, kv_backward, kv_head_chunk
-        self.kv_grad_dtype, self.kv_buffer_mib = kv_grad_dtype, kv_buffer_mib
+        self.settings = settings_from_keywords(settings, setting_keywords, "LSSAttention")
+
+    @property
+    def lss_attention_settings(self) -> AttentionSettings:
+        """What this module's ``lss_attention`` calls run with (read by ``lss_plugin.model_settings``)."""
+        return self.settings
 
     def forward(self, q, k, v, cu_seqlens=None):
         return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
-                             layout=self.layout, kv_backward=self.kv_backward, kv_head_chunk=self.kv_head_chunk,
-                             kv_grad_dtype=self.kv_grad_dtype, cu_seqlens=cu_seqlens, kv_buffer_mib=self.kv_buffer_mib)
+                             cu_seqlens=cu_seqlens, settings=self.settings)
 
     def extra_repr(self) -> str:
-        return (f"causal={self.causal}, layout={self.layout}, kv_backward={self.kv_backward}, "
-                f"kv_head_chunk={self.kv_head_chunk}, kv_grad_dtype={self.kv_grad_dtype}, "
-                f"kv_buffer_mib={self.kv_buffer_mib}")
+        return f"causal={self.causal}, {self.settings}"

@@ -1,13 +1,20 @@
 """The settings LSS accepts, and their checks: one definition for the core and every adapter.
 
+``AttentionSettings`` holds what every ``lss_attention`` call of a model runs with; its field table
+(``Spelling``: Megatron flag, DeepSpeed key, Python keyword) is what each adapter's parser reads.
+
 No torch import, so argument and config validation (Megatron flags, the DeepSpeed block, the
 transformers registration) can run before anything heavy is loaded. Messages name the setting
 and the value; an adapter passes its own spelling of the setting (``--lss-layout``, ...).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 LAYOUTS = ("contiguous", "balanced")
 # Under a causal mask the contiguous layout gives rank s of N a share (2s+1)/N^2 of the work, so
@@ -28,32 +35,34 @@ DEFAULT_KV_HEAD_CHUNK = AUTO
 KV_GRAD_DTYPES = ("fp32", "input")
 
 
-def check_choice(setting: str, value, allowed: tuple) -> None:
+def check_choice(setting: str, value, allowed: tuple, listing=tuple) -> None:
+    """``listing`` writes the allowed values as the adapter does (a tuple; the DeepSpeed block: a list)."""
     if value not in allowed:
-        raise ValueError(f"{setting} must be one of {allowed}, got {value!r}")
+        raise ValueError(f"{setting} must be one of {listing(allowed)}, got {value!r}")
 
 
-def check_layout(layout: str, setting: str = "layout") -> None:
-    check_choice(setting, layout, LAYOUTS)
+def check_layout(layout: str, setting: str = "layout", listing=tuple) -> None:
+    check_choice(setting, layout, LAYOUTS, listing)
 
 
-def check_kv_backward(kv_backward: str, setting: str = "kv_backward") -> None:
-    check_choice(setting, kv_backward, KV_BACKWARD_SETTINGS)
+def check_kv_backward(kv_backward: str, setting: str = "kv_backward", listing=tuple) -> None:
+    check_choice(setting, kv_backward, KV_BACKWARD_SETTINGS, listing)
 
 
-def check_kv_grad_dtype(kv_grad_dtype: str, setting: str = "kv_grad_dtype") -> None:
-    check_choice(setting, kv_grad_dtype, KV_GRAD_DTYPES)
+def check_kv_grad_dtype(kv_grad_dtype: str, setting: str = "kv_grad_dtype", listing=tuple) -> None:
+    check_choice(setting, kv_grad_dtype, KV_GRAD_DTYPES, listing)
 
 
-def check_kv_head_chunk(kv_head_chunk, kv_heads: int | None = None, setting: str = "kv_head_chunk") -> None:
+def check_kv_head_chunk(kv_head_chunk, kv_heads: int | None = None, setting: str = "kv_head_chunk",
+                        spell=repr) -> None:
     """``None`` (all KV heads at once), ``"auto"`` (``auto_head_chunk``) or an integer in
-    [1, kv_heads] (any positive one if unknown)."""
+    [1, kv_heads] (any positive one if unknown). ``spell`` writes "auto" and None as the adapter does."""
     if kv_head_chunk is None or kv_head_chunk == AUTO:
         return
     upper = kv_heads if kv_heads is not None else float("inf")
     if not isinstance(kv_head_chunk, int) or isinstance(kv_head_chunk, bool) or not 1 <= kv_head_chunk <= upper:
         allowed = f"an integer in [1, {kv_heads}] (key/value heads)" if kv_heads is not None else "a positive integer"
-        raise ValueError(f"{setting} must be {allowed}, 'auto' or None, got {kv_head_chunk!r}")
+        raise ValueError(f"{setting} must be {allowed}, {spell(AUTO)} or {spell(None)}, got {kv_head_chunk!r}")
 
 
 # -- kv_head_chunk="auto" ---------------------------------------------------------------------
@@ -87,15 +96,6 @@ def check_kv_buffer_budget(kv_buffer_mib, kv_head_chunk, setting: str = "kv_buff
                          f"got {chunk_setting}={spell(kv_head_chunk)}")
 
 
-def check_attention_settings(layout, kv_backward, kv_head_chunk, kv_buffer_mib=None) -> None:
-    """The settings an adapter fixes for every ``lss_attention`` call it makes, checked when it is
-    configured (before any model runs) with ``lss_attention``'s own spellings."""
-    check_layout(layout)
-    check_kv_backward(kv_backward)
-    check_kv_head_chunk(kv_head_chunk)
-    check_kv_buffer_budget(kv_buffer_mib, kv_head_chunk)
-
-
 def kv_buffer_mib_from_env(environ=None) -> float | None:
     """The budget of ``LSS_KV_BUFFER_MIB`` (unset or empty: None); a bad value is refused by name."""
     raw = (os.environ if environ is None else environ).get(KV_BUFFER_ENV, "").strip()
@@ -107,6 +107,203 @@ def kv_buffer_mib_from_env(environ=None) -> float | None:
         value = raw
     check_kv_buffer_mib(value, KV_BUFFER_ENV)
     return value
+
+
+def check_kv_buffer_env(kv_head_chunk, chunk_setting: str = "kv_head_chunk", spell=repr, environ=None) -> None:
+    """``LSS_KV_BUFFER_MIB`` is the budget of ``kv_head_chunk="auto"`` only: beside a numeric chunk or
+    None (all KV heads) it would be ignored, so it is refused naming both (an explicit ``kv_buffer_mib``
+    wins over it; with a fixed chunk that one is refused by ``check_kv_buffer_budget``)."""
+    budget = kv_buffer_mib_from_env(environ)
+    if budget is not None and kv_head_chunk != AUTO:
+        raise ValueError(f"{KV_BUFFER_ENV}={budget:g} is the budget of {chunk_setting}={spell(AUTO)}, got "
+                         f"{chunk_setting}={spell(kv_head_chunk)}: unset {KV_BUFFER_ENV} or use "
+                         f"{chunk_setting}={spell(AUTO)}")
+
+
+# -- AttentionSettings: the one holder of what every lss_attention call of a model runs with ----
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one adapter names the settings and writes their values in its errors."""
+
+    spelling: str  # which name of a field's ``Spelling`` this adapter reads: "keyword" | "flag" | "key"
+    quote: Callable[[str], str] = str  # the adapter's name as its errors write it (the block: "layout")
+    spell: Callable[[Any], str] = repr  # a constant as the adapter writes it ("auto", None)
+    listing: Callable[[tuple], Any] = tuple  # the allowed values of a choice
+
+    def name(self, f) -> str:
+        return self.quote(getattr(f.metadata["spelling"], self.spelling))
+
+
+def _spell_flag_value(value) -> str:
+    """A parsed flag value as typed on the command line (``--lss-kv-head-chunk all`` is None)."""
+    return "all" if value is None else str(value)
+
+
+KEYWORDS = Dialect("keyword")
+FLAGS = Dialect("flag", spell=_spell_flag_value)
+BLOCK_KEYS = Dialect("key", quote=lambda key: f'"{key}"', spell=json.dumps, listing=list)
+
+
+def head_chunk_flag(value: str):
+    """``--lss-kv-head-chunk``: a positive integer, 'all' (None: every KV head at once) or 'auto'."""
+    if value == AUTO:
+        return AUTO
+    if value == "all":
+        return None
+    try:
+        chunk = int(value)
+        check_kv_head_chunk(chunk)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive integer, 'all' or 'auto', got {value!r}") from None
+    return chunk
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """One setting in every adapter: the field table each adapter's parser iterates over."""
+
+    flag: str  # Megatron command line (lss_plugin.megatron.args); the namespace attribute is its dest
+    key: str  # DeepSpeed "lss_sequence_parallel" block (lss_plugin.deepspeed.config)
+    keyword: str  # Python: lss_attention, LSSAttention, LSSAttentionOptions, register_lss_attention, the spec
+    flag_type: Callable[[str], Any] = str  # how argparse reads the flag
+    flag_choices: tuple | None = None
+    flag_metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        """The argparse namespace attribute of ``flag`` (``--lss-kv-backward`` -> ``lss_kv_backward``)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _setting(default, doc: str, check: Callable, **spelling):
+    """A field of AttentionSettings: its default, what it means, its check and its adapters' names."""
+    return field(default=default, metadata={"doc": doc, "check": check, "spelling": Spelling(**spelling)})
+
+
+def _check_layout(value, name: str, dialect: Dialect) -> None:
+    check_layout(value, name, dialect.listing)
+
+
+def _check_kv_backward(value, name: str, dialect: Dialect) -> None:
+    check_kv_backward(value, name, dialect.listing)
+
+
+def _check_head_chunk(value, name: str, dialect: Dialect) -> None:
+    check_kv_head_chunk(value, None, name, dialect.spell)
+
+
+def _check_buffer(value, name: str, dialect: Dialect) -> None:
+    check_kv_buffer_mib(value, name)
+
+
+def _check_grad_dtype(value, name: str, dialect: Dialect) -> None:
+    check_kv_grad_dtype(value, name, dialect.listing)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionSettings:
+    """What every ``lss_attention`` call of a model runs with, fixed when the model is configured.
+
+    One definition for the core and every adapter: each adapter builds this from its own flags, keys
+    or keywords (``from_names``, errors in the adapter's spelling) and hands it to ``lss_attention``
+    unchanged. Adding a setting is one field here: its ``Spelling`` is the line each adapter's parser
+    reads. Not here: the process group, and what changes per call (causal, softmax_scale, cu_seqlens).
+    """
+
+    layout: str = _setting(
+        DEFAULT_LAYOUT, check=_check_layout, flag="--lss-layout", key="layout", keyword="layout",
+        flag_choices=LAYOUTS,
+        doc="How a sequence is split over the SP ranks. balanced (default): 2N chunks, rank s holds chunks s "
+            "and 2N-1-s (even causal work; L divisible by 2N); contiguous: rank s holds tokens "
+            "[s*L/N, (s+1)*L/N) (the LSS paper's layout; L divisible by N).")
+    kv_backward: str = _setting(
+        DEFAULT_KV_BACKWARD, check=_check_kv_backward, flag="--lss-kv-backward", key="kv_backward",
+        keyword="kv_backward", flag_choices=KV_BACKWARD_SETTINGS,
+        doc="keep: the gathered K,V are kept for backward; regather: gathered again in backward (less memory, "
+            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks.")
+    kv_head_chunk: int | str | None = _setting(
+        DEFAULT_KV_HEAD_CHUNK, check=_check_head_chunk, flag="--lss-kv-head-chunk", key="kv_head_chunk",
+        keyword="kv_head_chunk", flag_type=head_chunk_flag,
+        doc="KV heads gathered and attended at a time (pipelined: the next chunk's gather overlaps this one's "
+            "attention); None (flag: 'all') for all KV heads at once; auto (default): chunks of a small fraction "
+            "of the whole-sequence K,V once those are large, all heads below that (kv_buffer_mib or "
+            "LSS_KV_BUFFER_MIB set a budget instead).")
+    kv_buffer_mib: float | None = _setting(
+        None, check=_check_buffer, flag="--lss-kv-buffer-mib", key="kv_buffer_mib", keyword="kv_buffer_mib",
+        flag_type=float, flag_metavar="MIB",
+        doc="Budget of kv_head_chunk auto, in MiB: the most KV heads per gather whose gathered K,V (two chunks in "
+            "flight) fit it; wins over LSS_KV_BUFFER_MIB (None: that variable, else the default rule). Refused "
+            "beside a numeric or all-heads kv_head_chunk, as LSS_KV_BUFFER_MIB is.")
+    kv_grad_dtype: str = _setting(
+        "fp32", check=_check_grad_dtype, flag="--lss-kv-grad-dtype", key="kv_grad_dtype", keyword="kv_grad_dtype",
+        flag_choices=KV_GRAD_DTYPES,
+        doc="dK/dV reduce-scatter of half-precision inputs: fp32 (default) sends the float32 sums (exact sum of "
+            "the ranks' partials, 2x the bytes), input rounds them to the input dtype first (half the bytes); "
+            "float32/float64 inputs send their own dtype either way.")
+
+    def __post_init__(self) -> None:
+        _check_settings({f.name: getattr(self, f.name) for f in fields(self)}, KEYWORDS)
+
+    @classmethod
+    def from_names(cls, values: Mapping[str, Any], dialect: Dialect = KEYWORDS) -> "AttentionSettings":
+        """Settings from values under the adapter's names (``dialect.spelling``; absent: the default),
+        checked with errors naming the adapter's spelling. Other names in ``values`` are not read."""
+        found = {}
+        for f in fields(cls):
+            name = getattr(f.metadata["spelling"], dialect.spelling)
+            if name in values:
+                found[f.name] = values[name]
+        _check_settings({**{f.name: f.default for f in fields(cls)}, **found}, dialect)
+        return cls(**found)
+
+    def names(self, dialect: Dialect = KEYWORDS) -> dict[str, Any]:
+        """The values under the adapter's names (the DeepSpeed block's keys, ...)."""
+        return {getattr(f.metadata["spelling"], dialect.spelling): getattr(self, f.name) for f in fields(self)}
+
+    def differences(self, other: "AttentionSettings", dialect: Dialect = KEYWORDS) -> list[str]:
+        """``name=this (other)`` for every setting that differs."""
+        return [f"{dialect.name(f)}={getattr(self, f.name)!r} (not {getattr(other, f.name)!r})"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def setting_fields() -> tuple:
+    """The field table: ``dataclasses.Field``s of AttentionSettings, with ``metadata["spelling"]`` and ``["doc"]``."""
+    return fields(AttentionSettings)
+
+
+def setting_names(dialect: Dialect = KEYWORDS) -> tuple[str, ...]:
+    """Every setting's name in an adapter (the block's keys, the flags, the keywords)."""
+    return tuple(getattr(f.metadata["spelling"], dialect.spelling) for f in fields(AttentionSettings))
+
+
+def _check_settings(values: dict, dialect: Dialect) -> None:
+    """Every field's own check, then the budget rules (which name two settings)."""
+    table = {f.name: f for f in fields(AttentionSettings)}
+    for name, value in values.items():
+        table[name].metadata["check"](value, dialect.name(table[name]), dialect)
+    buffer, chunk = dialect.name(table["kv_buffer_mib"]), dialect.name(table["kv_head_chunk"])
+    check_kv_buffer_budget(values["kv_buffer_mib"], values["kv_head_chunk"], buffer, chunk, spell=dialect.spell)
+    if values["kv_buffer_mib"] is None:
+        check_kv_buffer_env(values["kv_head_chunk"], chunk, spell=dialect.spell)
+
+
+def settings_from_keywords(settings: AttentionSettings | None, keywords: Mapping[str, Any],
+                           where: str) -> AttentionSettings:
+    """The compatibility layer of the Python entry points: ``settings=`` or the settings' keywords
+    (``layout=``, ...), never both. ``where`` names the entry point in errors."""
+    if settings is not None:
+        if not isinstance(settings, AttentionSettings):
+            raise TypeError(f"{where}: settings must be an AttentionSettings, got {type(settings).__name__}")
+        if keywords:
+            raise TypeError(f"{where}: pass settings=AttentionSettings(...) or the keywords {sorted(keywords)}, "
+                            "not both")
+        return settings
+    known = {f.metadata["spelling"].keyword for f in fields(AttentionSettings)}
+    unknown = sorted(set(keywords) - known)
+    if unknown:
+        raise TypeError(f"{where} got unexpected keyword argument(s) {unknown} (settings: {sorted(known)})")
+    return AttentionSettings.from_names(keywords)
 
 
 def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None = None) -> int:
@@ -147,6 +344,8 @@ def resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch: int, s
     regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
     the whole-sequence K, V again, which is what chunking is for not to do. Adapters call this to
     print what "auto" will run."""
+    if kv_buffer_mib is None:
+        check_kv_buffer_env(kv_head_chunk)  # the variable may have been set since the settings were checked
     if kv_head_chunk == AUTO:
         budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
         head_bytes = 2 * batch * seq_len * head_dim * itemsize  # gathered K and V of one KV head

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lss_plugin.deepspeed import BLOCK_KEY, LSSConfig, LSSConfigError, deepspeed_view
+from lss_plugin.options import AttentionSettings
 from tests.distributed import run_ranks
 
 STEPS = 3
@@ -56,21 +57,22 @@ def _ds(block=None, **extra):
 
 def test_block_parsed_with_defaults():
     lss = LSSConfig.from_ds_config(_ds({"size": 4}))
-    assert lss == LSSConfig(enabled=True, size=4, layout="balanced", kv_backward="auto",
-                            grad_averaging="auto", kv_head_chunk="auto", timeout_s=None, ulysses_size=1,
-                            kv_buffer_mib=None)
+    assert lss == LSSConfig(enabled=True, size=4, grad_averaging="auto", timeout_s=None, ulysses_size=1,
+                            attention=AttentionSettings(layout="balanced", kv_backward="auto", kv_head_chunk="auto",
+                                                        kv_buffer_mib=None, kv_grad_dtype="fp32"))
     assert LSSConfig.from_ds_config(_ds()).enabled is False
     assert LSSConfig.from_ds_config(_ds({"enabled": False, "size": 2})).enabled is False
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",
-            "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30, "ulysses_size": 2, "kv_buffer_mib": None}
+            "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30, "ulysses_size": 2, "kv_buffer_mib": None,
+            "kv_grad_dtype": "input"}
     assert LSSConfig.from_ds_config(_ds(full)).to_dict() == full
     auto = dict(full, kv_backward="auto", kv_head_chunk="auto")  # pipelined head chunks sized by lss_attention
-    assert LSSConfig.from_ds_config(_ds(auto)).attention_kwargs()["kv_head_chunk"] == "auto"
-    budget = LSSConfig.from_ds_config(_ds({"size": 2, "kv_buffer_mib": 64})).attention_kwargs()
-    assert budget == {"layout": "balanced", "kv_backward": "auto", "kv_head_chunk": "auto", "kv_buffer_mib": 64}
+    assert LSSConfig.from_ds_config(_ds(auto)).attention.kv_head_chunk == "auto"
+    budget = LSSConfig.from_ds_config(_ds({"size": 2, "kv_buffer_mib": 64})).attention
+    assert budget == AttentionSettings(kv_buffer_mib=64)
     from lss_plugin.models.gpt import LSSAttentionOptions
 
-    assert LSSAttentionOptions(**budget).kv_buffer_mib == 64  # the model options the example builds from it
+    assert LSSAttentionOptions(settings=budget).settings.kv_buffer_mib == 64  # the model options the example builds
     assert LSSConfig.from_ds_config(_ds({"size": 2}, sequence_parallel_size=2)).size == 2
 
 

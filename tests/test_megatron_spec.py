@@ -12,6 +12,7 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.models.gpt import gpt_layer_specs  # noqa: E402
 
+from lss_plugin.options import AttentionSettings  # noqa: E402
 from lss_plugin.megatron.attention import LSSDotProductAttention  # noqa: E402
 from lss_plugin.megatron.self_attention import LSSSelfAttention  # noqa: E402
 from lss_plugin.megatron.spec import (  # noqa: E402
@@ -58,7 +59,7 @@ def test_without_transformer_engine_the_local_spec_is_the_base():
                                                                                 normalization="RMSNorm"))
     core = spec.submodules.self_attention.submodules.core_attention
     assert issubclass(core, LSSDotProductAttention)
-    assert (core.lss_layout, core.lss_kv_backward, core.lss_kv_head_chunk) == ("balanced", "regather", 2)
+    assert core.lss_settings == AttentionSettings(layout="balanced", kv_backward="regather", kv_head_chunk=2)
 
 
 @te_missing
@@ -92,7 +93,8 @@ def test_from_args_follows_transformer_impl_and_defaults_to_local():
         _same_except_core_attention(get_gpt_layer_lss_spec_from_args(args), local)
     args = argparse.Namespace(lss_layout="balanced", lss_kv_backward="auto", lss_kv_buffer_mib=8.0)
     core = get_gpt_layer_lss_spec_from_args(args).submodules.self_attention.submodules.core_attention
-    assert (core.lss_kv_head_chunk, core.lss_kv_buffer_mib) == ("auto", 8.0)  # what each call passes lss_attention
+    # what each call passes lss_attention
+    assert core.lss_settings == AttentionSettings(layout="balanced", kv_backward="auto", kv_buffer_mib=8.0)
 
 
 # --- with TransformerEngine (GPU machines; `make gpu-check`) ------------------------------------

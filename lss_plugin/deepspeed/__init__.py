@@ -3,7 +3,7 @@
     engine, optimizer, _, scheduler = lss_plugin.deepspeed.initialize(model=model, config="ds_config_lss.json")
 
 Stable names (other adapters build on them): ``initialize``, ``LSSConfig`` (``from_ds_config``,
-``from_dict``, ``attention_kwargs``), ``LSSConfigError``, ``LSSMpu``, ``BLOCK_KEY``,
+``from_dict``, ``attention``: the block's ``AttentionSettings``), ``LSSConfigError``, ``LSSMpu``, ``BLOCK_KEY``,
 ``deepspeed_view``, ``load_config``, ``install_lss_gradient_averaging``, ``StepLoss`` (the logged
 loss of an optimizer step's global batch).
 """

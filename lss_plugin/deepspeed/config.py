@@ -17,12 +17,11 @@ import contextlib
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lss_plugin.options import (
-    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS,
-    check_kv_buffer_budget, check_ulysses_heads, check_ulysses_size,
+    BLOCK_KEYS, AttentionSettings, check_ulysses_heads, check_ulysses_size, setting_names,
 )
 
 BLOCK_KEY = "lss_sequence_parallel"
@@ -37,20 +36,19 @@ class LSSConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LSSConfig:
-    """What the block says. ``enabled=False`` (or no block) means: plain DeepSpeed."""
+    """What the block says. ``enabled=False`` (or no block) means: plain DeepSpeed.
+
+    The attention keys ("layout", "kv_backward", "kv_head_chunk", "kv_buffer_mib", "kv_grad_dtype": the
+    ``key`` of each ``AttentionSettings`` field) become ``attention``; the others are the grid's."""
 
     enabled: bool = False
     size: int = 1  # sequence-parallel ranks per sequence (N)
-    layout: str = DEFAULT_LAYOUT  # how a sequence is split: causal load balance by default
-    kv_backward: str = DEFAULT_KV_BACKWARD  # "regather": only local K/V kept, gathered again in backward
     grad_averaging: str = "auto"  # "two_stage": SP then DP (ZeRO 0 only); "fused": one SP x DP reduction
-    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK  # KV heads per gather, "auto", or null (all)
     timeout_s: float | None = None  # timeout of the LSS process groups
     ulysses_size: int = 1  # U: Ulysses all-to-all inside runs of U consecutive SP ranks, LSS across them
-    kv_buffer_mib: float | None = None  # budget of kv_head_chunk "auto" in MiB (null: LSS_KV_BUFFER_MIB)
+    attention: AttentionSettings = field(default_factory=AttentionSettings)  # what every lss_attention call runs
 
-    FIELDS = ("enabled", "size", "layout", "kv_backward", "grad_averaging", "kv_head_chunk", "timeout_s",
-              "ulysses_size", "kv_buffer_mib")
+    GRID_FIELDS = ("enabled", "size", "grad_averaging", "timeout_s", "ulysses_size")
 
     def __post_init__(self) -> None:
         where = f'"{BLOCK_KEY}"'
@@ -58,23 +56,22 @@ class LSSConfig:
             raise LSSConfigError(f'{where}: "enabled" must be true or false, got {self.enabled!r}')
         if not _is_positive_int(self.size):
             raise LSSConfigError(f'{where}: "size" must be a positive integer, got {self.size!r}')
-        for name, allowed in (("layout", LAYOUTS), ("kv_backward", KV_BACKWARD_SETTINGS),
-                              ("grad_averaging", GRAD_AVERAGING_MODES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise LSSConfigError(f'{where}: "{name}" must be one of {list(allowed)}, got {value!r}')
-        if self.kv_head_chunk not in (None, AUTO) and not _is_positive_int(self.kv_head_chunk):
-            raise LSSConfigError(
-                f'{where}: "kv_head_chunk" must be a positive integer, "auto" or null, got {self.kv_head_chunk!r}'
-            )
+        if self.grad_averaging not in GRAD_AVERAGING_MODES:
+            raise LSSConfigError(f'{where}: "grad_averaging" must be one of {list(GRAD_AVERAGING_MODES)}, '
+                                 f'got {self.grad_averaging!r}')
         if self.timeout_s is not None and (
             isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0
         ):
             raise LSSConfigError(f'{where}: "timeout_s" must be a positive number or null, got {self.timeout_s!r}')
+        if not isinstance(self.attention, AttentionSettings):
+            raise LSSConfigError(f"{where}: attention must be an AttentionSettings, got {self.attention!r}")
         with _as_config_error():
             check_ulysses_size(self.ulysses_size, self.size, setting=f'{where}: "ulysses_size"')
-            check_kv_buffer_budget(self.kv_buffer_mib, self.kv_head_chunk, f'{where}: "kv_buffer_mib"',
-                                   '"kv_head_chunk"', spell=json.dumps)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Every key the block accepts."""
+        return cls.GRID_FIELDS + setting_names(BLOCK_KEYS)
 
     @classmethod
     def from_dict(cls, block: dict[str, Any] | None) -> "LSSConfig":
@@ -83,13 +80,16 @@ class LSSConfig:
             return cls(enabled=False)
         if not isinstance(block, dict):
             raise LSSConfigError(f'"{BLOCK_KEY}" must be a JSON object, got {type(block).__name__}: {block!r}')
-        unknown = sorted(set(block) - set(cls.FIELDS))
+        unknown = sorted(set(block) - set(cls.keys()))
         if unknown:
             raise LSSConfigError(
-                f'"{BLOCK_KEY}" has unknown key(s) {unknown}; allowed keys are {list(cls.FIELDS)}'
+                f'"{BLOCK_KEY}" has unknown key(s) {unknown}; allowed keys are {list(cls.keys())}'
             )
+        with _as_config_error(f'"{BLOCK_KEY}": '):
+            attention = AttentionSettings.from_names(block, BLOCK_KEYS)  # the attention keys, spelled as keys
+        grid = {key: value for key, value in block.items() if key in cls.GRID_FIELDS}
         # A block that is present but silent about "enabled" means the user wants LSS.
-        return cls(**{"enabled": True, **block})
+        return cls(**{"enabled": True, **grid}, attention=attention)
 
     @classmethod
     def from_ds_config(cls, config: dict[str, Any] | str | os.PathLike) -> "LSSConfig":
@@ -137,17 +137,21 @@ class LSSConfig:
             check_ulysses_heads(num_heads, num_heads if num_kv_heads is None else num_kv_heads, self.ulysses_size,
                                 setting=f'"{BLOCK_KEY}": "ulysses_size"')
 
+    def check_model_attention(self, model) -> None:
+        """The block's attention keys are applied by the model's own modules: refuse (by name, no
+        communication) a model whose LSS attention runs other settings, or one-process attention."""
+        from lss_plugin.model_settings import check_model_attention
+
+        with _as_config_error():
+            check_model_attention(model, self.attention, f'the "{BLOCK_KEY}" block', BLOCK_KEYS)
+
     def grad_averaging_for_stage(self, zero_stage: int) -> str:
         """The averaging an engine at this ZeRO stage does; refuses "two_stage" where it cannot be."""
         return resolve_grad_averaging(self.grad_averaging, zero_stage)
 
-    def attention_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``lss_plugin.lss_attention`` / the model's LSS options."""
-        return {"layout": self.layout, "kv_backward": self.kv_backward, "kv_head_chunk": self.kv_head_chunk,
-                "kv_buffer_mib": self.kv_buffer_mib}
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The block as its keys."""
+        return {**{name: getattr(self, name) for name in self.GRID_FIELDS}, **self.attention.names(BLOCK_KEYS)}
 
 
 def resolve_grad_averaging(setting: str, zero_stage: int, two_stage_blocker: str | None = None) -> str:

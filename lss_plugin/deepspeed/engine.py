@@ -75,6 +75,8 @@ def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, 
     heads = attention_heads(model)
     if heads is not None:
         lss.check_heads(*heads, model=type(model).__name__)
+    if model is not None:
+        lss.check_model_attention(model)
     topology = init_topology(lss.size, timeout_s=lss.timeout_s, ulysses_size=lss.ulysses_size)
     lss_mpu = LSSMpu(topology)
     if stage == 3:
@@ -88,8 +90,8 @@ def _initialize_lss(deepspeed, lss: LSSConfig, config: dict, passthrough: dict, 
     from deepspeed.utils import log_dist
 
     hybrid = f" (ulysses={topology.ulysses_size} x lss={topology.lss_size})" if topology.ulysses_size > 1 else ""
-    log_dist(f"LSS sequence parallelism: sp={topology.sp_size}{hybrid} x dp={topology.dp_size}, layout={lss.layout}, "
-             f"kv_backward={lss.kv_backward}; {description}", ranks=[0])
+    log_dist(f"LSS sequence parallelism: sp={topology.sp_size}{hybrid} x dp={topology.dp_size}, layout={lss.attention.layout}, "
+             f"kv_backward={lss.attention.kv_backward}; {description}", ranks=[0])
     return engine, engine_optimizer, dataloader, scheduler
 
 

@@ -26,14 +26,14 @@ Under a hybrid LSS x Ulysses topology (``init_topology(..., ulysses_size=U)``, o
 ``SequenceGroups``, so ``lss_attention`` runs the all-to-all over heads inside each Ulysses group and
 the fused gather across them, and position ids are checked against the hybrid's token layout.
 
-The layout and memory options of a registered name live in a small table (``lss_plugin.hf.registry``; the
-registries themselves are process-global), so ``shard_causal_lm_batch`` can read the same layout the
-attention uses without importing it.
+The settings (``AttentionSettings``) and group of a registered name live in a small table
+(``lss_plugin.hf.registry``; the registries themselves are process-global), so ``shard_causal_lm_batch``
+can read the same layout the attention uses without importing it.
 """
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -41,56 +41,59 @@ import torch.distributed as dist
 from lss_plugin.attention import lss_attention
 from lss_plugin.documents import host_bounds
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
-from lss_plugin.hf.registry import DEFAULT_NAME, options_for_config, set_options
-from lss_plugin.options import (
-    DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings,
-)
+from lss_plugin.hf.registry import DEFAULT_NAME, is_registered, lss_options, options_for_config, set_options
+from lss_plugin.options import AttentionSettings, settings_from_keywords
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
 from lss_plugin.verdict import defer
 
 
 @dataclass(frozen=True)
 class LSSHFOptions:
-    """What a registered attention name runs with. ``group=None``: the registered topology's sequence
-    groups (the hybrid LSS x Ulysses when it was built with ``ulysses_size`` > 1); a ProcessGroup: pure
-    LSS over it; a ``SequenceGroups``: those groups. ``kv_buffer_mib``: the budget of
-    ``kv_head_chunk="auto"`` (``lss_attention``'s; None: ``LSS_KV_BUFFER_MIB``, else the default rule)."""
+    """What a registered attention name runs with: the ``AttentionSettings`` handed to ``lss_attention``
+    unchanged, and the group. ``group=None``: the registered topology's sequence groups (the hybrid
+    LSS x Ulysses when it was built with ``ulysses_size`` > 1); a ProcessGroup: pure LSS over it; a
+    ``SequenceGroups``: those groups."""
 
-    layout: str = DEFAULT_LAYOUT
-    kv_backward: str = DEFAULT_KV_BACKWARD
-    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
+    settings: AttentionSettings = field(default_factory=AttentionSettings)
     group: object = None
-    kv_buffer_mib: float | None = None
 
-    def __post_init__(self) -> None:
-        check_attention_settings(self.layout, self.kv_backward, self.kv_head_chunk, self.kv_buffer_mib)
+    @property
+    def layout(self) -> str:
+        """The settings' layout (the batch sharding reads it)."""
+        return self.settings.layout
 
 
 def register_lss_attention(
     name: str = DEFAULT_NAME,
     *,
-    layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = DEFAULT_KV_BACKWARD,
-    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK,
     group=None,
-    kv_buffer_mib: float | None = None,
+    settings: AttentionSettings | None = None,
+    **setting_keywords,
 ) -> str:
     """Register ``name`` (default ``"lss"``) in transformers' attention and mask registries.
 
     Afterwards ``from_pretrained(..., attn_implementation=name)``, ``_from_config(config,
-    attn_implementation=name)`` and ``model.set_attn_implementation(name)`` accept it. Calling it
-    again replaces the options of ``name`` (register a second name for a second set of options).
-    Returns ``name``.
+    attn_implementation=name)`` and ``model.set_attn_implementation(name)`` accept it. ``settings``
+    (an ``AttentionSettings``) or its keywords (``layout=``, ``kv_backward=``, ``kv_head_chunk=``,
+    ``kv_buffer_mib=``, ``kv_grad_dtype=``) fix what every call runs with. Calling it again replaces
+    the options of ``name`` (register a second name for a second set of options). Returns ``name``.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 
     if not isinstance(name, str) or not name or name in ("eager", "sdpa", "flex_attention") or "/" in name:
         raise ValueError(f"attention name must be a new plain name (not a built-in or hub kernel), got {name!r}")
-    set_options(name, LSSHFOptions(layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, group=group,
-                                   kv_buffer_mib=kv_buffer_mib))
+    settings = settings_from_keywords(settings, setting_keywords, "register_lss_attention")
+    set_options(name, LSSHFOptions(settings=settings, group=group))
     AttentionInterface.register(name, lss_attention_forward)
     AttentionMaskInterface.register(name, lss_attention_mask)
     return name
+
+
+def model_attention_settings(model) -> AttentionSettings | None:
+    """The settings of the LSS name ``model`` (a transformers model) attends with; None when it does not
+    use one registered here (read by ``lss_plugin.model_settings``)."""
+    name = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return lss_options(name).settings if isinstance(name, str) and is_registered(name) else None
 
 
 def _options_for(config) -> LSSHFOptions:
@@ -281,11 +284,8 @@ def lss_attention_forward(
         group=options.group,
         causal=bool(causal),
         softmax_scale=scaling,
-        layout=options.layout,
-        kv_backward=options.kv_backward,
-        kv_head_chunk=options.kv_head_chunk,
-        kv_buffer_mib=options.kv_buffer_mib,
         cu_seqlens=cu_seqlens,
+        settings=options.settings,
     )
     return out, None  # out [b, s_local, H, d]
 

@@ -5,9 +5,10 @@
 
 ``lss_plugin.deepspeed.initialize`` reads the ``"lss_sequence_parallel"`` block, builds the SP x DP
 topology and the mpu and makes the engine average gradients over SP and DP. This wrapper then
-points the model's attention at that configuration: the block's layout, ``kv_backward``,
-``kv_head_chunk`` and ``kv_buffer_mib`` become the options of the model's LSS attention name, so the
-attention, the batch sharding (``shard_causal_lm_batch``) and the DeepSpeed block can never disagree.
+points the model's attention at that configuration first: the block's ``AttentionSettings`` (its
+layout and kv_* keys) become the settings of the model's LSS attention name, so the attention, the
+batch sharding (``shard_causal_lm_batch``) and the DeepSpeed block can never disagree (and
+``lss_plugin.deepspeed.initialize``'s check of the model's attention against the block passes).
 """
 from __future__ import annotations
 
@@ -32,11 +33,10 @@ def deepspeed_initialize(model=None, *, attn_implementation: str | None = None, 
             f"the DeepSpeed config enables \"lss_sequence_parallel\" but the model's attention is {name!r}: "
             f"build it with attn_implementation={DEFAULT_NAME!r} or call model.set_attn_implementation({DEFAULT_NAME!r})"
         )
-    engine, optimizer, dataloader, scheduler = lds.initialize(model=model, **kwargs)
-    lss = getattr(engine, "lss_config", None)
-    if lss is not None and lss.enabled:
-        register_lss_attention(name, **lss.attention_kwargs())
-    return engine, optimizer, dataloader, scheduler
+    if block is not None and block.enabled:
+        # before the engine exists: lds.initialize compares the model's attention settings with the block's
+        register_lss_attention(name, settings=block.attention)
+    return lds.initialize(model=model, **kwargs)
 
 
 def _block(kwargs):

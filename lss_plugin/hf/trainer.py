@@ -255,7 +255,7 @@ def use_lss_attention(model, lss: LSSConfig) -> str:
     """
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     name = current if is_registered(current) else DEFAULT_NAME
-    register_lss_attention(name, **lss.attention_kwargs())
+    register_lss_attention(name, settings=lss.attention)
     if current != name:
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(

@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 
 from lss_plugin.options import (
-    AUTO, DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, KV_BACKWARD_SETTINGS, LAYOUTS, check_kv_backward,
-    check_kv_buffer_budget, check_kv_head_chunk, check_layout, check_ulysses_heads, check_ulysses_size,
+    FLAGS, AttentionSettings, check_kv_head_chunk, check_ulysses_heads, check_ulysses_size, setting_fields,
 )
 
 GRAD_AVERAGING_MODES = ("two_stage", "fused")
-ALL_KV_HEADS = "all"  # --lss-kv-head-chunk all: one gather of every KV head (no chunking)
 
 
 def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,30 +23,16 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--lss-sequence-parallel-size", type=int, default=None,
                        help="Ranks per sequence (N). Default: the whole world divided by the "
                             "tensor- and pipeline-parallel sizes, i.e. no data parallelism.")
-    group.add_argument("--lss-layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
-                       help="balanced (default): 2N chunks, rank s holds chunks s and 2N-1-s (even "
-                            "causal work; L divisible by 2N); contiguous: rank s holds tokens "
-                            "[s*L/N, (s+1)*L/N) (the LSS paper's layout).")
     group.add_argument("--lss-ulysses-size", type=int, default=1,
                        help="Hybrid LSS x Ulysses: split the N sequence-parallel ranks into groups of "
                             "U consecutive ones (inside a node) that exchange heads by all-to-all, "
                             "and gather K,V with LSS across the N/U groups. U must divide N and the "
                             "query heads per tensor-parallel rank (KV heads U does not divide are "
                             "replicated to lcm(KV heads, U)). Default 1: pure LSS; U = N: pure Ulysses.")
-    group.add_argument("--lss-kv-backward", choices=KV_BACKWARD_SETTINGS, default=DEFAULT_KV_BACKWARD,
-                       help="keep the gathered K,V for backward, or regather them (less memory, "
-                            "one more collective per layer); auto (default): regather exactly when "
-                            "K,V are gathered in head chunks.")
-    group.add_argument("--lss-kv-head-chunk", type=_head_chunk, default=DEFAULT_KV_HEAD_CHUNK,
-                       help="gather and attend this many KV heads at a time (pipelined: the next "
-                            "chunk's gather overlaps this one's attention); 'all' for all KV heads "
-                            "at once; 'auto' (default): chunks of a small fraction of the "
-                            "whole-sequence K,V once those are large, all heads below that "
-                            "(--lss-kv-buffer-mib or LSS_KV_BUFFER_MIB set a budget instead).")
-    group.add_argument("--lss-kv-buffer-mib", type=float, default=None, metavar="MIB",
-                       help="budget of --lss-kv-head-chunk auto, in MiB: the most KV heads per gather "
-                            "whose gathered K,V (two chunks in flight) fit it; wins over "
-                            "LSS_KV_BUFFER_MIB. Refused with a numeric or 'all' --lss-kv-head-chunk.")
+    for f in setting_fields():  # every AttentionSettings field, as its flag (the field table)
+        spelling = f.metadata["spelling"]
+        group.add_argument(spelling.flag, type=spelling.flag_type, choices=spelling.flag_choices, default=f.default,
+                           metavar=spelling.flag_metavar, help=f.metadata["doc"])
     group.add_argument("--lss-grad-averaging", choices=GRAD_AVERAGING_MODES, default="fused",
                        help="Gradient averaging over SP x DP. Megatron's DDP reduces over the "
                             "DP x CP group in one collective, which is the 'fused' mode; "
@@ -56,23 +40,11 @@ def add_lss_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _head_chunk(value: str):
-    """``--lss-kv-head-chunk``: a positive integer, 'all' (None: every KV head at once) or 'auto'."""
-    if value == AUTO:
-        return AUTO
-    if value == ALL_KV_HEADS:
-        return None
-    try:
-        chunk = int(value)
-        check_kv_head_chunk(chunk, setting="--lss-kv-head-chunk")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a positive integer, 'all' or 'auto', got {value!r}") from None
-    return chunk
-
-
-def _spell_head_chunk(chunk) -> str:
-    """A parsed ``--lss-kv-head-chunk`` as typed: None is 'all'."""
-    return ALL_KV_HEADS if chunk is None else str(chunk)
+def attention_settings_from_args(args: argparse.Namespace) -> AttentionSettings:
+    """The ``AttentionSettings`` the flags give (absent ones: the defaults); errors name the flags."""
+    values = {f.metadata["spelling"].flag: getattr(args, f.metadata["spelling"].dest)
+              for f in setting_fields() if hasattr(args, f.metadata["spelling"].dest)}
+    return AttentionSettings.from_names(values, FLAGS)
 
 
 def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
@@ -121,9 +93,9 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     ulysses = getattr(args, "lss_ulysses_size", 1)
     check_ulysses_size(ulysses, sp, setting="--lss-ulysses-size")
     _check_heads_per_rank(args, ulysses, tp)
+    settings = attention_settings_from_args(args)  # every setting's flag checked, LSS_KV_BUFFER_MIB beside it too
     seq_length = getattr(args, "seq_length", None)
-    layout = args.lss_layout
-    check_layout(layout, "--lss-layout")
+    layout = settings.layout
     chunks = sp if layout == "contiguous" else 2 * sp
     if seq_length is not None and ulysses > 1:
         from lss_plugin.sharding import check_seq_len  # the hybrid's rule: N and 2N/U (balanced)
@@ -146,11 +118,6 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
             f"local tokens are not divisible by --tensor-model-parallel-size {tp} (Megatron's "
             "--sequence-parallel splits each rank's tokens over the TP group)"
         )
-    check_kv_backward(args.lss_kv_backward, "--lss-kv-backward")
-    # a budget is only the budget of --lss-kv-head-chunk auto (the rule lss_attention applies)
-    check_kv_buffer_budget(getattr(args, "lss_kv_buffer_mib", None),
-                           getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK),
-                           "--lss-kv-buffer-mib", "--lss-kv-head-chunk", spell=_spell_head_chunk)
     if args.lss_grad_averaging != "fused":
         raise ValueError(
             f"--lss-grad-averaging {args.lss_grad_averaging} is not supported with megatron-core's "

@@ -38,7 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_ulysses_heads
+from lss_plugin.options import AttentionSettings, check_ulysses_heads, settings_from_keywords
 from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
 from lss_plugin.megatron.parallel import lss_group_for
 from lss_plugin.sharding import local_positions
@@ -62,18 +62,25 @@ CP_COMM_TYPES = (None, "lss")
 class LSSDotProductAttention(MegatronModule):
     """Core attention over a sequence split across the LSS (= Megatron CP) group.
 
-    Options travel on the class (``lss_layout``, ``lss_kv_backward``, ``lss_kv_head_chunk``,
-    ``lss_kv_buffer_mib``, ``lss_ulysses_size``): ``get_gpt_layer_lss_spec`` makes a configured
+    Options travel on the class (``lss_settings``, the ``AttentionSettings`` every call hands
+    ``lss_attention`` unchanged, and ``lss_ulysses_size``): ``get_gpt_layer_lss_spec`` makes a configured
     subclass, because megatron-core builds modules from a spec with a fixed set of constructor arguments.
     ``lss_ulysses_size`` None follows the registered topology; a value must match it
     (``lss_plugin.megatron.parallel.lss_group_for``).
     """
 
-    lss_layout: str = DEFAULT_LAYOUT
-    lss_kv_backward: str = DEFAULT_KV_BACKWARD
-    lss_kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK
-    lss_kv_buffer_mib: Optional[float] = None  # the budget of kv_head_chunk="auto" (None: LSS_KV_BUFFER_MIB)
+    lss_settings: AttentionSettings = AttentionSettings()
     lss_ulysses_size: Optional[int] = None
+
+    @property
+    def lss_layout(self) -> str:
+        """The settings' layout (RoPE rows and packed documents read it)."""
+        return self.lss_settings.layout
+
+    @property
+    def lss_attention_settings(self) -> AttentionSettings:
+        """What this module's ``lss_attention`` calls run with (read by ``lss_plugin.model_settings``)."""
+        return self.lss_settings
 
     def __init__(
         self,
@@ -215,11 +222,8 @@ class LSSDotProductAttention(MegatronModule):
             group=self.sequence_group,
             causal=_CAUSAL_BY_MASK_TYPE[mask_type],
             softmax_scale=self.softmax_scale,
-            layout=self.lss_layout,
-            kv_backward=self.lss_kv_backward,
-            kv_head_chunk=self.lss_kv_head_chunk,
-            kv_buffer_mib=self.lss_kv_buffer_mib,
             cu_seqlens=cu_seqlens,
+            settings=self.lss_settings,
         )  # [b, s_local, np, hn]
         if qkv_format == "thd":
             return out[0].reshape(s_local, self.hidden_size_per_partition)
@@ -255,13 +259,13 @@ class LSSDotProductAttention(MegatronModule):
         return t.transpose(0, 1)  # sbhd
 
 
-def configured_lss_attention(layout: str = DEFAULT_LAYOUT, kv_backward: str = DEFAULT_KV_BACKWARD,
-                             kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
-                             ulysses_size: Optional[int] = None, kv_buffer_mib: Optional[float] = None) -> type:
-    """A subclass of LSSDotProductAttention carrying these options (specs pass classes)."""
+def configured_lss_attention(settings: Optional[AttentionSettings] = None, ulysses_size: Optional[int] = None,
+                             **setting_keywords) -> type:
+    """A subclass of LSSDotProductAttention carrying these settings (specs pass classes): ``settings``
+    or its keywords (``layout=``, ...)."""
+    settings = settings_from_keywords(settings, setting_keywords, "configured_lss_attention")
     return type(
         "LSSDotProductAttention",
         (LSSDotProductAttention,),
-        {"lss_layout": layout, "lss_kv_backward": kv_backward, "lss_kv_head_chunk": kv_head_chunk,
-         "lss_kv_buffer_mib": kv_buffer_mib, "lss_ulysses_size": ulysses_size, "__module__": __name__},
+        {"lss_settings": settings, "lss_ulysses_size": ulysses_size, "__module__": __name__},
     )

@@ -111,14 +111,24 @@ def lss_group_for(cp_group, ulysses_size: int | None = None) -> tuple:
 
     ``ulysses_size`` None follows the registered topology; a value is checked against it, because
     tokens, positions, RoPE rows and attention must all follow one layout: a disagreement is
-    refused by name on every rank, before any collective. A group of one rank (or None) is
-    returned as is.
+    refused by name on every rank, before any collective. So is a registered hybrid (U > 1) over
+    other ranks than ``cp_group``: the batch split reads the registered U. A group of one rank (or
+    None) is returned as is.
     """
     if cp_group is None or cp_group.size() == 1:
         if ulysses_size not in (None, 1):
             raise ValueError(f"ulysses_size={ulysses_size} needs a context-parallel (LSS) group of more than one rank")
         return cp_group, 1
     topology = _topology_over(cp_group)
+    if topology is None and registered_ulysses_size() > 1:
+        # attention would run pure LSS over the CP group while the batch split (get_batch_on_this_lss_rank)
+        # and RoPE follow the registered hybrid's token layout: refused instead of falling back to U = 1
+        raise ValueError(
+            f"the registered topology has ulysses_size={registered_ulysses_size()} over the sequence-parallel "
+            f"ranks {get_topology().sp_ranks}, but the context-parallel group is "
+            f"{dist.get_process_group_ranks(cp_group)}: tokens, RoPE rows and attention must share one layout "
+            "(register the CP group with register_megatron_groups / initialize_lss_model_parallel, or "
+            "destroy the other topology)")
     registered = topology.ulysses_size if topology is not None else 1
     if ulysses_size is not None and ulysses_size != registered:
         raise ValueError(

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from lss_plugin.megatron.args import add_lss_args, kv_heads_per_rank, validate_lss_args
-from lss_plugin.options import DEFAULT_KV_HEAD_CHUNK, resolve_kv_chunking
+from lss_plugin.megatron.args import add_lss_args, attention_settings_from_args, kv_heads_per_rank, validate_lss_args
+from lss_plugin.options import resolve_kv_chunking
 from lss_plugin.topology import ParallelDims
 
 
@@ -489,10 +489,9 @@ def _kv_mode(args) -> str:
     kv_heads = kv_heads_per_rank(args)  # after TP and the hybrid's all-to-all
     head_dim = args.hidden_size // args.num_attention_heads
     itemsize = 4  # this script trains in float32
-    setting = getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK)
-    budget = getattr(args, "lss_kv_buffer_mib", None)  # None: LSS_KV_BUFFER_MIB, as lss_attention reads it
-    chunk, mode = resolve_kv_chunking(setting, args.lss_kv_backward, budget, args.micro_batch_size,
-                                      args.seq_length, kv_heads, head_dim, itemsize)
+    settings = attention_settings_from_args(args)  # what the layer spec hands every attention call
+    chunk, mode = resolve_kv_chunking(settings.kv_head_chunk, settings.kv_backward, settings.kv_buffer_mib,
+                                      args.micro_batch_size, args.seq_length, kv_heads, head_dim, itemsize)
     return mode if chunk == kv_heads else f"{mode} kv_head_chunk={chunk}/{kv_heads}"
 
 

@@ -17,7 +17,8 @@ from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings
+from lss_plugin.options import AttentionSettings, settings_from_keywords
+from lss_plugin.megatron.args import attention_settings_from_args
 from lss_plugin.megatron.attention import configured_lss_attention
 from lss_plugin.megatron.self_attention import LSSSelfAttention
 
@@ -47,24 +48,22 @@ def get_gpt_layer_lss_spec(
     normalization: Optional[str] = None,
     qk_l2_norm: Optional[bool] = False,
     *,
-    layout: str = DEFAULT_LAYOUT,
-    kv_backward: str = DEFAULT_KV_BACKWARD,
-    kv_head_chunk: Optional[int | str] = DEFAULT_KV_HEAD_CHUNK,
+    settings: Optional[AttentionSettings] = None,
     transformer_impl: Optional[str] = None,
     ulysses_size: Optional[int] = None,
-    kv_buffer_mib: Optional[float] = None,
+    **setting_keywords,
 ) -> ModuleSpec:
     """megatron-core's GPT layer spec with ``LSSDotProductAttention`` as core attention.
 
     The first arguments are those of ``get_gpt_layer_local_spec`` (the TE spec takes the norm kind
     from ``TransformerConfig.normalization`` instead of ``normalization``). ``transformer_impl``:
-    ``"transformer_engine"`` (TE spec), ``"local"`` (local spec) or None (TE when importable). The
-    other keyword-only ones choose the LSS layout (must match the batch split), the K/V backward
-    mode, head chunking, the hybrid's Ulysses size (None: the registered topology's; a value
-    must match it when the layers are built) and the budget of ``kv_head_chunk="auto"`` in MiB
-    (``lss_attention``'s ``kv_buffer_mib``; None: ``LSS_KV_BUFFER_MIB``, else the default rule).
+    ``"transformer_engine"`` (TE spec), ``"local"`` (local spec) or None (TE when importable).
+    ``settings`` (an ``AttentionSettings``; the layout must match the batch split) or its keywords
+    (``layout=``, ``kv_backward=``, ``kv_head_chunk=``, ``kv_buffer_mib=``, ``kv_grad_dtype=``): what
+    every layer's ``lss_attention`` runs with. ``ulysses_size``: the hybrid's Ulysses size (None: the
+    registered topology's; a value must match it when the layers are built).
     """
-    check_attention_settings(layout, kv_backward, kv_head_chunk, kv_buffer_mib)
+    settings = settings_from_keywords(settings, setting_keywords, "get_gpt_layer_lss_spec")
     common = dict(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=qk_layernorm,
                   qk_l2_norm=qk_l2_norm)
     if _resolve_impl(transformer_impl) == "transformer_engine":
@@ -77,10 +76,7 @@ def get_gpt_layer_lss_spec(
         raise ValueError(f"megatron-core's GPT layer spec builds self-attention as {attention.module}, not "
                          "SelfAttention: LSS cannot place its packed-document RoPE rows there")
     attention.module = LSSSelfAttention
-    attention.submodules.core_attention = configured_lss_attention(
-        layout=layout, kv_backward=kv_backward, kv_head_chunk=kv_head_chunk, ulysses_size=ulysses_size,
-        kv_buffer_mib=kv_buffer_mib,
-    )
+    attention.submodules.core_attention = configured_lss_attention(settings, ulysses_size=ulysses_size)
     return spec
 
 
@@ -97,10 +93,7 @@ def get_gpt_layer_lss_spec_from_args(args) -> ModuleSpec:
         qk_layernorm=getattr(args, "qk_layernorm", False),
         normalization=getattr(args, "normalization", None),
         qk_l2_norm=getattr(args, "qk_l2_norm", False),
-        layout=args.lss_layout,
-        kv_backward=args.lss_kv_backward,
-        kv_head_chunk=getattr(args, "lss_kv_head_chunk", DEFAULT_KV_HEAD_CHUNK),
+        settings=attention_settings_from_args(args),
         transformer_impl=getattr(args, "transformer_impl", "local"),
         ulysses_size=getattr(args, "lss_ulysses_size", 1),
-        kv_buffer_mib=getattr(args, "lss_kv_buffer_mib", None),
     )

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lss_plugin.attention import lss_attention
-from lss_plugin.options import DEFAULT_KV_BACKWARD, DEFAULT_KV_HEAD_CHUNK, DEFAULT_LAYOUT, check_attention_settings
+from lss_plugin.options import AttentionSettings, settings_from_keywords
 from lss_plugin.sharding import local_positions
 
 
@@ -54,16 +54,18 @@ class GPTConfig:
         return self.hidden_size // self.num_heads
 
 
-@dataclass
 class LSSAttentionOptions:
-    group: object = None  # None: the registered topology's SequenceGroups (hybrid when it has ulysses_size > 1)
-    layout: str = DEFAULT_LAYOUT
-    kv_backward: str = DEFAULT_KV_BACKWARD
-    kv_head_chunk: int | str | None = DEFAULT_KV_HEAD_CHUNK
-    kv_buffer_mib: float | None = None  # budget of kv_head_chunk="auto" (None: LSS_KV_BUFFER_MIB)
+    """How the model's attention runs LSS: the process group and the ``AttentionSettings`` every layer
+    hands ``lss_attention`` unchanged. ``group=None``: the registered topology's ``SequenceGroups``
+    (hybrid when it has ulysses_size > 1). ``settings=`` or the settings' keywords (``layout=``, ...),
+    checked here, before any forward."""
 
-    def __post_init__(self):
-        check_attention_settings(self.layout, self.kv_backward, self.kv_head_chunk, self.kv_buffer_mib)  # before any forward
+    def __init__(self, group=None, settings: AttentionSettings | None = None, **setting_keywords):
+        self.group = group
+        self.settings = settings_from_keywords(settings, setting_keywords, "LSSAttentionOptions")
+
+    def __repr__(self) -> str:
+        return f"LSSAttentionOptions(group={self.group!r}, settings={self.settings!r})"
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +90,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size)
 
+    @property
+    def lss_attention_settings(self) -> AttentionSettings | None:
+        """What this layer's ``lss_attention`` calls run with; None: one-process SDPA (``lss_plugin.model_settings``)."""
+        return None if self.lss is None else self.lss.settings
+
     def forward(self, x, rope, cu_seqlens=None):  # x [b, s, hidden]
         c = self.config
         b, s, _ = x.shape
@@ -106,9 +113,8 @@ class SelfAttention(nn.Module):
                 enable_gqa=c.num_kv_heads != c.num_heads,
             ).transpose(1, 2)
         else:
-            out = lss_attention(q, k, v, group=self.lss.group, causal=True, layout=self.lss.layout,
-                                kv_backward=self.lss.kv_backward, kv_head_chunk=self.lss.kv_head_chunk,
-                                kv_buffer_mib=self.lss.kv_buffer_mib, cu_seqlens=cu_seqlens)
+            out = lss_attention(q, k, v, group=self.lss.group, causal=True, cu_seqlens=cu_seqlens,
+                                settings=self.lss.settings)
         return self.proj(out.reshape(b, s, c.hidden_size))
 
 
@@ -200,11 +206,12 @@ def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAt
     from lss_plugin.topology import resolve_sequence_groups
 
     groups = resolve_sequence_groups(lss.group)  # the hybrid LSS x Ulysses layout when the topology has one
-    expected = local_positions(s_local * groups.sp_size, groups, lss.layout, device=position_ids.device,
+    layout = lss.settings.layout
+    expected = local_positions(s_local * groups.sp_size, groups, layout, device=position_ids.device,
                                cu_seqlens=cu_seqlens)
     if position_ids.shape != expected.shape or not torch.equal(position_ids, expected):
         raise ValueError(
             f"position_ids {position_ids.reshape(-1)[:4].tolist()}... (shape {tuple(position_ids.shape)}) on SP rank "
             f"{groups.sp_rank} are not this rank's global positions {expected[:4].tolist()}... under layout "
-            f"{lss.layout!r}: pass lss_plugin.local_positions(seq_len, layout={lss.layout!r})"
+            f"{layout!r}: pass lss_plugin.local_positions(seq_len, layout={layout!r})"
         )
