@@ -65,8 +65,8 @@ from lss_plugin.verdict import LocalVerdict, describe_inputs, note_in_band, sett
 @dataclass(frozen=True)
 class _Plan:
     group: object
-    sp_size: int
-    sp_rank: int
+    lss_size: int  # ranks of the LSS group the K/V collectives run over (R = N / U in the hybrid)
+    lss_rank: int  # this rank in the LSS group
     causal: bool
     scale: float
     layout: str
@@ -205,7 +205,7 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
 
 def _header(plan: _Plan, gather: str, head_chunk_index: int, like: torch.Tensor):
     """This gather's signature row, bit-cast into the buffer's dtype (nothing on a group of one)."""
-    return plan.signature.at(gather, head_chunk_index).encode(like.dtype, like.device) if plan.sp_size > 1 else None
+    return plan.signature.at(gather, head_chunk_index).encode(like.dtype, like.device) if plan.lss_size > 1 else None
 
 
 class _Prefetched:
@@ -388,8 +388,8 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
         group=groups.lss_group,
-        sp_size=groups.lss_size,
-        sp_rank=groups.lss_rank,
+        lss_size=groups.lss_size,
+        lss_rank=groups.lss_rank,
         causal=bool(causal),
         scale=scale,
         layout=layout,

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from lss_plugin import kernels
 from lss_plugin.kernels import cuda_fused, gqa, tiled
-from lss_plugin.kernels import math as math_kernel
+from lss_plugin.kernels import reference as math_kernel
 from lss_plugin.kernels.base import always_available
 from tests.distributed import run_ranks
 

@@ -34,7 +34,7 @@ import os
 import torch
 
 from lss_plugin.kernels import cpu_flash, cuda_fused, gqa, tiled
-from lss_plugin.kernels import math as math_kernel
+from lss_plugin.kernels import reference as math_kernel
 from lss_plugin.kernels.base import Kernel
 
 ENV_VAR = "LSS_ATTENTION_KERNEL"
