@@ -47,6 +47,29 @@ class Band:
         d = q_start - k_start
         return Band(None if self.lo is None else self.lo + d, None if self.hi is None else self.hi + d)
 
+    def intersect(self, other: "Band") -> "Band":
+        """Pairs both bands keep."""
+        los = [x for x in (self.lo, other.lo) if x is not None]
+        his = [x for x in (self.hi, other.hi) if x is not None]
+        return Band(max(los) if los else None, min(his) if his else None)
+
+    def rows_with_keys(self, sq: int, sk: int) -> range:
+        """Local queries of an ``sq x sk`` block that see at least one key (the others are a prefix
+        ``i < -hi`` and a suffix ``i > sk - 1 - lo``; none when ``lo > hi``)."""
+        if sk == 0 or (self.lo is not None and self.hi is not None and self.lo > self.hi):
+            return range(0)
+        start = 0 if self.hi is None else min(sq, max(0, -self.hi))
+        stop = sq if self.lo is None else max(start, min(sq, sk - self.lo))
+        return range(start, stop)
+
+    def keys_seen(self, sq: int, sk: int) -> range:
+        """Local keys of an ``sq x sk`` block that at least one query sees."""
+        if not self.rows_with_keys(sq, sk):
+            return range(0)
+        start = 0 if self.lo is None else min(sk, max(0, self.lo))
+        stop = sk if self.hi is None else max(start, min(sk, sq + self.hi))
+        return range(start, stop)
+
     def hidden(self, rows: range, cols: range, device=None) -> torch.Tensor:
         """[len(rows), len(cols)] bool, True where local key j is hidden from local query i."""
         offset = (torch.arange(cols.start, cols.stop, device=device).unsqueeze(0)
