@@ -57,7 +57,7 @@ def softcap_score_mod(cap: torch.Tensor):
     return score_mod
 
 
-def tile_kinds(band: Band, sq: int, sk: int, block: int = BLOCK, device=None):
+def tile_kinds(band: Band, sq: int, sk: int, block: int, device=None):
     """(partial, full): [ceil(sq/block), ceil(sk/block)] bool, tiles crossing a band edge and tiles
     every pair of which is visible; the rest is skipped."""
     r0 = torch.arange(0, sq, block, device=device)
@@ -78,8 +78,9 @@ def _ordered(kinds: torch.Tensor):
     return num[None, None], idx[None, None]
 
 
-def block_mask(band: Band, sq: int, sk: int, device, block: int = BLOCK):
+def block_mask(band: Band, sq: int, sk: int, device, block: int | None = None):
     """The ``BlockMask`` of ``band`` on an sq x sk block (band edges as 0-d tensors on ``device``)."""
+    block = block or BLOCK
     span = sq + sk + 1  # an unbounded side: an edge no offset reaches
     lo = torch.tensor(-span if band.lo is None else band.lo, device=device)
     hi = torch.tensor(span if band.hi is None else band.hi, device=device)
