@@ -185,6 +185,7 @@ def test_tiled_skips_tiles_outside_a_narrow_band(monkeypatch):
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 4 * 16 * 16)
     monkeypatch.setattr(tiled, "KEY_TILE", 16)
     sq = sk = 512
+    assert tiled.plan_tiles(4, 40, 20, True, Band(lo=-10)) == []  # causal hi = -20 < lo: no pair
     for causal, band in ((True, Band(lo=-8)), (False, Band(-8, 8)), (False, Band(40, 60))):
         plan = tiled.plan_tiles(4, sq, sk, causal, band)
         full = tiled.plan_tiles(4, sq, sk, False)
@@ -423,3 +424,16 @@ def test_effective_band_is_causal_intersected():
     assert effective_band(8, 20, True, Band(-3, 30)) == Band(-3, 12)
     assert effective_band(8, 20, False, Band()) is None
     assert Band(-5, 3).rows_with_keys(10, 4) == range(0, 9) and Band(-5, -2).rows_with_keys(6, 6) == range(2, 6)
+
+
+def test_band_rows_with_keys_and_keys_seen_match_the_dense_mask():
+    for band in (Band(), Band(lo=-3), Band(hi=-2), Band(-4, 2), Band(3, 7), Band(-9, -6), Band(5, 4)):
+        for sq, sk in ((1, 1), (6, 6), (4, 11), (11, 4), (0, 3), (3, 0)):
+            visible = ~_hidden(sq, sk, False, band)
+            rows = [i for i in range(sq) if visible[i].any()]
+            assert list(band.rows_with_keys(sq, sk)) == rows, (band, sq, sk)
+            cols = [j for j in range(sk) if visible[:, j].any()]
+            assert list(band.keys_seen(sq, sk)) == cols, (band, sq, sk)
+            other = Band(-2, None)
+            both = band.intersect(other)
+            assert torch.equal(_hidden(sq, sk, False, both), _hidden(sq, sk, False, band) | _hidden(sq, sk, False, other))

@@ -4,8 +4,8 @@ The band becomes a ``BlockMask`` built from block arithmetic (``BlockMask.from_k
 ``BLOCK`` x ``BLOCK`` tile, skipped / partial / full, ``O(sq/BLOCK * sk/BLOCK)``, never the dense
 ``[sq, sk]`` mask) with a ``mask_mod`` for the partial tiles; softcapping is a ``score_mod``. The band
 edges and the cap enter the mods as 0-d tensors, not Python constants, so a compiled flex_attention
-is not recompiled for every block's band (shapes still specialise per block size). The log-sum-exp
-comes through ``return_aux=AuxRequest(lse=True)`` (natural log; FlexAttention's log2 statistics are
+is not recompiled for every block's band (block sizes: torch.compile's automatic dynamic shapes).
+The log-sum-exp comes through ``return_aux=AuxRequest(lse=True)`` (natural log; FlexAttention's log2 statistics are
 converted by torch). Rows without a visible key: out 0, lse -inf.
 
 Backward. LSS's block backward needs the gradient of the whole row's loss restricted to the block,
@@ -92,7 +92,7 @@ def block_mask(band: Band, sq: int, sk: int, device, block: int | None = None):
 
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    return torch.compile(_flex().flex_attention, dynamic=False)
+    return torch.compile(_flex().flex_attention)  # automatic dynamic shapes after a first recompile
 
 
 def _attend(q, k, v, scale, band: Band | None, softcap):

@@ -10,9 +10,10 @@ Exact in float64; for float16/bfloat16 inputs scores, statistics and accumulator
 out, dq, dk, dv are returned in float32 (``fp32_out``, ``fp32_grads``: the caller rounds once,
 after its merges and sums). Tiles fully hidden by the causal mask or outside an explicit band (on
 either side) are skipped, never visited; only tiles crossing a band edge build a mask. Softcapping
-caps each tile's scores before its mask. Any device, any floating dtype, bottom-right causal alignment. GQA-native: the g query heads
-of a KV head are folded into one query tile of g * rows rows (``kernels.gqa.fold``; the causal mask
-repeats per group), so K, V are never repeated and dk, dv sum the group in the matmul.
+caps each tile's scores before its mask. Any device, any floating dtype, bottom-right causal
+alignment. GQA-native: the g query heads of a KV head are folded into one query tile of g * rows
+rows (``kernels.gqa.fold``; the mask repeats per group), so K, V are never repeated and dk, dv sum
+the group in the matmul.
 """
 from __future__ import annotations
 
@@ -44,18 +45,19 @@ def plan_tiles(batch_heads: int, sq: int, sk: int, causal: bool, band: Band | No
     cols_per_tile = max(1, min(key_tile, sk, tile_elements // batch_heads))
     rows_per_tile = max(1, min(sq, tile_elements // (batch_heads * cols_per_tile)))
     band = effective_band(sq, sk, causal, band) or Band()
+    if band.lo is not None and band.hi is not None and band.lo > band.hi:
+        return []  # no pair at all (e.g. causal with more queries than a window reaches)
     plan = []
     for r0 in range(0, sq, rows_per_tile):
         rows = range(r0, min(r0 + rows_per_tile, sq))
-        # keys some row of the tile may see: [rows.start + lo, rows[-1] + hi], on the key tile grid
+        # keys some row of the tile sees: [rows.start + lo, rows[-1] + hi]; the key tiles (on the grid)
+        # meeting that range each hold a visible pair, the others are never visited
         first = 0 if band.lo is None else max(0, rows.start + band.lo)
         stop = sk if band.hi is None else min(sk, rows[-1] + band.hi + 1)
         row_tiles = []
         for c0 in range(first - first % cols_per_tile, stop, cols_per_tile):
             cols = range(c0, min(c0 + cols_per_tile, sk))
             low, high = cols.start - rows[-1], cols[-1] - rows.start  # the tile's extreme offsets j - i
-            if (band.lo is not None and high < band.lo) or (band.hi is not None and low > band.hi):
-                continue  # a tile corner outside the band's diagonal strip: hidden from every row
             masked = (band.lo is not None and low < band.lo) or (band.hi is not None and high > band.hi)
             row_tiles.append(Tile(rows, cols, masked=masked))
         if row_tiles:
