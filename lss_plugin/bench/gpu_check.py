@@ -1,9 +1,10 @@
 """``make gpu-check``: on a CUDA machine, the GPU exactness tests and a kernel timing table.
 
 1. Which kernels this machine runs (and why not the others).
-2. ``pytest tests/test_kernels.py tests/test_megatron_spec.py`` (CPU and ``gpu``-marked tests: every
-   CUDA kernel against float64 math and within 1.2x of SDPA's error in float32/bfloat16/float16,
-   the TransformerEngine spec), then every other ``gpu``-marked test.
+2. ``pytest tests/test_kernels.py tests/test_kernel_masks.py tests/test_megatron_spec.py`` (CPU and
+   ``gpu``-marked tests: every CUDA kernel against float64 math and within 1.2x of SDPA's error in
+   float32/bfloat16/float16; flash_attn and FlexAttention with windows and softcap; the
+   TransformerEngine spec), then every other ``gpu``-marked test.
 3. Forward + backward of one whole causal block per LSS kernel beside single-device SDPA
    (``F.scaled_dot_product_attention(is_causal=True)``), median of a few CUDA-event-timed runs; GQA
    configurations go through ``kernels.block_forward`` / ``block_backward`` as LSS calls them
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OWN_TESTS = ["tests/test_kernels.py", "tests/test_megatron_spec.py"]
+OWN_TESTS = ["tests/test_kernels.py", "tests/test_kernel_masks.py", "tests/test_megatron_spec.py"]
 
 
 def run_tests() -> bool:

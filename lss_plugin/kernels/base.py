@@ -6,9 +6,11 @@ from typing import Callable, Optional
 
 import torch
 
-# (q, k, v, scale, causal) -> (out [b, h, sq, d], lse [b, h, sq])
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], tuple]
-# (dout, q, k, v, out, lse, scale, causal) -> (dq, dk, dv)
+from lss_plugin.masks import Band
+
+# (q, k, v, scale, causal[, band=, softcap=]) -> (out [b, h, sq, d], lse [b, h, sq])
+ForwardFn = Callable[..., tuple]
+# (dout, q, k, v, out, lse, scale, causal[, band=, softcap=]) -> (dq, dk, dv)
 BackwardFn = Callable[..., tuple]
 
 
@@ -28,6 +30,10 @@ class Kernel:
     compute dtype (float32), so the caller rounds them once, after its merges and sums; otherwise
     in the input dtype.
     ``auto``: the automatic choice considers it (the registry's order is the preference).
+    ``takes_band``: takes ``band=`` (an explicit band on ``j - i`` in block-local indices, any sq and
+    sk, rows without a visible key returning out 0 and lse -inf); ``takes_softcap``: takes
+    ``softcap=`` (``cap * tanh(s / cap)`` on the scaled scores, before masking). Kernels without them
+    are only ever called as ``(q, k, v, scale, causal)``.
     """
 
     name: str
@@ -40,6 +46,8 @@ class Kernel:
     fp32_out: bool = False
     fp32_grads: bool = False
     auto: bool = True
+    takes_band: bool = False
+    takes_softcap: bool = False
 
 
 def always_available() -> Optional[str]:
@@ -58,3 +66,17 @@ def causal_hidden(q_rows: range, k_cols: range, offset: int, device) -> torch.Te
     rows = torch.arange(q_rows.start, q_rows.stop, device=device).unsqueeze(1)
     cols = torch.arange(k_cols.start, k_cols.stop, device=device).unsqueeze(0)
     return cols > rows + offset
+
+
+def effective_band(sq: int, sk: int, causal: bool, band: Band | None) -> Band | None:
+    """The block's band in block-local indices: ``causal`` is ``Band(hi=sk - sq)`` (bottom-right
+    aligned), intersected with ``band``; None when every pair is visible (no mask)."""
+    if causal:
+        band = Band(None, sk - sq) if band is None else band.intersect(Band(None, sk - sq))
+    return None if band is None or band.unbounded else band
+
+
+def keyless_rows_to_inf(lse: torch.Tensor) -> torch.Tensor:
+    """The merged lse for a backward: rows that saw no key anywhere (lse -inf) become +inf, so that
+    ``P = exp(S - lse)`` is 0 on them (zero gradients) instead of ``exp(-inf + inf)`` = NaN."""
+    return lse.masked_fill(lse == float("-inf"), float("inf"))

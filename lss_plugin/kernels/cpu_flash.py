@@ -7,6 +7,8 @@ A causal block with fewer queries than keys (a query chunk's prefix and diagonal
 explicit additive bottom-right mask instead, so a chunk is one call and its out is rounded once.
 The mask is ``[rows, sk]`` in the compute dtype; queries go in slices of at most ``MASK_ELEMENTS``
 mask entries (each slice's rows are complete: no merge; dk, dv of the slices are summed).
+An explicit band (windows) goes the same way, as an additive mask of the band; rows that see no key
+(the op returns out 0, lse 0 for them) are set to lse -inf. No softcapping: the op has no score hook.
 
 Backward of float16/bfloat16 inputs runs the op in float32 (``fp32_grads``): its half version
 accumulates dk, dv in the input dtype over its own query blocks, whose size depends on the number
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from lss_plugin.kernels.base import Kernel, always_available, causal_hidden, compute_dtype
+from lss_plugin.kernels.base import Kernel, always_available, compute_dtype, effective_band, keyless_rows_to_inf
+from lss_plugin.masks import Band
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 MASK_ELEMENTS = 1 << 24  # bottom-right mask entries per call: 64 MiB in float32
@@ -35,39 +38,48 @@ def _row_slices(sq: int, sk: int):
     return [range(r0, min(r0 + rows, sq)) for r0 in range(0, sq, rows)]
 
 
-def _bottom_right_mask(rows: range, sq: int, sk: int, dtype, device) -> torch.Tensor:
-    """[len(rows), sk] additive mask: -inf where key j is hidden from query i (j > i + sk - sq)."""
-    hidden = causal_hidden(rows, range(sk), sk - sq, device)
+def _band_mask(rows: range, sk: int, band: Band, dtype, device) -> torch.Tensor:
+    """[len(rows), sk] additive mask: -inf where key j is hidden from query i (bottom-right causal:
+    the band ``j - i <= sk - sq``)."""
+    hidden = band.hidden(rows, range(sk), device)
     return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
 
 
-def forward(q, k, v, scale: float, causal: bool):
+def forward(q, k, v, scale: float, causal: bool, band: Band | None = None):
     """q [b, H, sq, d], k/v [b, Hkv, sk, d] -> out [b, H, sq, d], lse [b, H, sq] (compute dtype)."""
     q, k, v = (t.to(compute_dtype(t.dtype)).contiguous() for t in (q, k, v))
     sq, sk = q.shape[2], k.shape[2]
-    if not causal or sq == sk:
+    mask_band = effective_band(sq, sk, causal, band)
+    if mask_band is None or (band is None and sq == sk):  # full, or square causal: the op's own flag
         return _forward_op(q, k, v, 0.0, causal, attn_mask=None, scale=scale)
     outs, lses = [], []
     for rows in _row_slices(sq, sk):
-        mask = _bottom_right_mask(rows, sq, sk, compute_dtype(q.dtype), q.device)
+        mask = _band_mask(rows, sk, mask_band, compute_dtype(q.dtype), q.device)
         o, lse = _forward_op(q[:, :, rows.start:rows.stop], k, v, 0.0, False, attn_mask=mask, scale=scale)
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    seen = mask_band.rows_with_keys(sq, sk)
+    if len(seen) < sq:  # the op gives keyless rows lse 0 (and out 0): the contract is -inf
+        keyless = torch.ones(sq, dtype=torch.bool, device=q.device)
+        keyless[seen.start:seen.stop] = False
+        lse = lse.masked_fill(keyless, float("-inf"))
+    return out, lse
 
 
-def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
+def backward(dout, q, k, v, out, lse, scale: float, causal: bool, band: Band | None = None):
     """dq [b, H, sq, d], dk/dv [b, Hkv, sk, d] in the compute dtype (float32 for half inputs)."""
     ct = compute_dtype(q.dtype)
     dout, q, k, v, out = (t.to(ct).contiguous() for t in (dout, q, k, v, out))
-    lse = lse.to(ct).contiguous()
+    lse = keyless_rows_to_inf(lse.to(ct)).contiguous()
     sq, sk = q.shape[2], k.shape[2]
-    if not causal or sq == sk:
+    mask_band = effective_band(sq, sk, causal, band)
+    if mask_band is None or (band is None and sq == sk):
         return _backward_op(dout, q, k, v, out, lse, 0.0, causal, attn_mask=None, scale=scale)
     dqs, dk, dv = [], 0, 0
     for rows in _row_slices(sq, sk):
         r = slice(rows.start, rows.stop)
-        mask = _bottom_right_mask(rows, sq, sk, ct, q.device)
+        mask = _band_mask(rows, sk, mask_band, ct, q.device)
         dq_s, dk_s, dv_s = _backward_op(dout[:, :, r], q[:, :, r], k, v, out[:, :, r], lse[:, :, r], 0.0, False,
                                         attn_mask=mask, scale=scale)
         dqs.append(dq_s)
@@ -85,4 +97,4 @@ def unsupported(q):
 
 KERNEL = Kernel(name="cpu_flash", forward=forward, backward=backward, unavailable=always_available,
                 unsupported=unsupported, bottom_right_causal=True, gqa_native=True, fp32_out=True,
-                fp32_grads=True)
+                fp32_grads=True, takes_band=True)

@@ -6,6 +6,12 @@
   aligned when sq < sk and it takes fewer KV heads than query heads (GQA), so a query chunk's prefix
   and diagonal are one call, GQA or not. Layout ``[b, s, h, d]``. The lse is found in the returned
   tuple by what it is (float32, ``[b, h, sq]``), not by position: versions order the tuple differently.
+  Bands and softcapping natively (flash-attn >= 2.6): its ``window_size=(left, right)`` is relative
+  to the bottom-right alignment (query i sees keys ``i + sk - sq - left <= j <= i + sk - sq + right``,
+  -1 unbounded), so a band ``lo <= j - i <= hi`` is ``(sk - sq - lo, hi - sk + sq)`` once the block
+  is trimmed to its last query that sees a key and its last key some query sees (then ``lo <=
+  sk - sq <= hi``, both sides non-negative: every band is expressible); trimmed rows get out 0 and
+  lse -inf, trimmed keys zero gradients. Its keyless rows' lse (+inf) becomes -inf.
 - ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn``: torch's own SDPA ops
   (``aten._scaled_dot_product_{flash,efficient,cudnn}_attention`` and their ``_backward`` ops).
   Their causal mask is only used on square blocks here (alignment then does not matter).
@@ -26,7 +32,8 @@ from typing import Optional
 
 import torch
 
-from lss_plugin.kernels.base import Kernel, compute_dtype
+from lss_plugin.kernels.base import Kernel, compute_dtype, effective_band, keyless_rows_to_inf
+from lss_plugin.masks import Band
 
 HALF = (torch.float16, torch.bfloat16)
 _EFFICIENT_LSE_ALIGN = 32  # the memory-efficient kernel pads its lse rows to a multiple of this
@@ -223,9 +230,43 @@ def pick_lse(res, batch: int, heads: int, sq: int, version: str, dtype=torch.flo
                        "lss_plugin.kernels.cuda_fused (set LSS_ATTENTION_KERNEL to another kernel)")
 
 
-def flash_attn_forward(q, k, v, scale: float, causal: bool, module=None):
+def fa_window(band: Band, sq: int, sk: int) -> tuple[int, int]:
+    """flash-attn's ``(left, right)`` for ``band`` on an sq x sk block (-1: unbounded); the block must
+    contain its band's bottom-right offset (``fa_trim``)."""
+    off = sk - sq
+    left = -1 if band.lo is None else off - band.lo
+    right = -1 if band.hi is None else band.hi - off
+    if (band.lo is not None and left < 0) or (band.hi is not None and right < 0):
+        raise ValueError(f"band {band} of a {sq} x {sk} block does not contain its bottom-right offset {off}")
+    return left, right
+
+
+def fa_trim(band: Band, sq: int, sk: int) -> tuple[int, int]:
+    """(rows, keys): the leading queries up to the last one that sees a key, the leading keys up to
+    the last one some of them sees. Inside, ``band.lo <= keys - rows <= band.hi``."""
+    rows = band.rows_with_keys(sq, sk).stop
+    return rows, band.keys_seen(rows, sk).stop
+
+
+def _fa_mask_values(values: dict, module, fn, band: Band, rows: int, keys: int, softcap) -> dict:
+    left, right = fa_window(band, rows, keys)
+    names = _parameters(fn)
+    wanted = (("window_size" in names or "window_size_left" in names) and
+              (softcap is None or "softcap" in names))
+    if not wanted:
+        raise RuntimeError(f"{flash_attn_version(module)} takes no window_size/softcap: flash-attn >= 2.6 "
+                           "does; set LSS_ATTENTION_KERNEL to 'flex' or 'tiled'")
+    values.update(causal=False, window_size=(left, right), window_size_left=left, window_size_right=right,
+                  softcap=0.0 if softcap is None else float(softcap))
+    return values
+
+
+def flash_attn_forward(q, k, v, scale: float, causal: bool, module=None, *, band: Band | None = None,
+                       softcap: float | None = None):
     """q [b, H, sq, d], k/v [b, Hkv, sk, d] (GQA-native) -> out [b, H, sq, d], lse [b, H, sq] float32."""
     module = module or flash_attn_module()[0]
+    if band is not None or softcap is not None:
+        return _flash_attn_masked_forward(q, k, v, scale, causal, module, band, softcap)
     # flash-attn's layout is [b, s, h, d]; a transposed view costs one copy each way.
     qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     res = _call_by_name(module._flash_attn_forward, _fa_forward_values(qs, ks, vs, scale, causal))
@@ -234,8 +275,49 @@ def flash_attn_forward(q, k, v, scale: float, causal: bool, module=None):
     return res[0].transpose(1, 2), lse
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, scale: float, causal: bool, module=None):
+def _flash_attn_masked_forward(q, k, v, scale, causal, module, band, softcap):
+    b, h, sq = q.shape[:3]
+    mask = effective_band(sq, k.shape[2], causal, band) or Band()
+    rows, keys = fa_trim(mask, sq, k.shape[2])
+    out = q.new_zeros(q.shape)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+    if rows == 0:
+        return out, lse
+    qs, ks, vs = (t[:, :, :n].transpose(1, 2).contiguous() for t, n in ((q, rows), (k, keys), (v, keys)))
+    fn = module._flash_attn_forward
+    values = _fa_mask_values(_fa_forward_values(qs, ks, vs, scale, False), module, fn, mask, rows, keys, softcap)
+    res = _call_by_name(fn, values)
+    out[:, :, :rows] = res[0].transpose(1, 2)
+    own = pick_lse(res, b, h, rows, flash_attn_version(module), compute_dtype(q.dtype))
+    lse[:, :, :rows] = own.masked_fill(own == float("inf"), float("-inf"))  # its keyless rows: +inf
+    return out, lse
+
+
+def _flash_attn_masked_backward(dout, q, k, v, out, lse, scale, causal, module, band, softcap):
+    sq = q.shape[2]
+    mask = effective_band(sq, k.shape[2], causal, band) or Band()
+    rows, keys = fa_trim(mask, sq, k.shape[2])
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if rows == 0:
+        return dq, dk, dv
+    dos, qs, os_ = (t[:, :, :rows].transpose(1, 2).contiguous() for t in (dout, q, out))
+    ks, vs = (t[:, :, :keys].transpose(1, 2).contiguous() for t in (k, v))
+    fn = module._flash_attn_backward
+    lse_t = keyless_rows_to_inf(lse[:, :, :rows]).contiguous()  # flash-attn's own keyless-row value
+    values = _fa_mask_values(_fa_backward_values(dos, qs, ks, vs, os_, lse_t, scale, False), module, fn,
+                             mask, rows, keys, softcap)
+    _call_by_name(fn, values)  # writes dq, dk, dv in place
+    dq[:, :, :rows] = values["dq"].transpose(1, 2)
+    dk[:, :, :keys] = values["dk"].transpose(1, 2)
+    dv[:, :, :keys] = values["dv"].transpose(1, 2)
+    return dq, dk, dv
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, scale: float, causal: bool, module=None, *,
+                        band: Band | None = None, softcap: float | None = None):
     module = module or flash_attn_module()[0]
+    if band is not None or softcap is not None:
+        return _flash_attn_masked_backward(dout, q, k, v, out, lse, scale, causal, module, band, softcap)
     dos, qs, ks, vs, os_ = (t.transpose(1, 2).contiguous() for t in (dout, q, k, v, out))
     values = _fa_backward_values(dos, qs, ks, vs, os_, lse.contiguous(), scale, causal)  # lse: float32
     _call_by_name(module._flash_attn_backward, values)  # writes dq, dk, dv in place
@@ -245,7 +327,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, scale: float, causal: bool, mod
 KERNELS = (
     Kernel(name="flash_attn", forward=flash_attn_forward, backward=flash_attn_backward,
            unavailable=_flash_attn_unavailable, unsupported=lambda q: _unsupported(q, HALF, 256),
-           bottom_right_causal=True, gqa_native=True),
+           bottom_right_causal=True, gqa_native=True, takes_band=True, takes_softcap=True),
     Kernel(name="sdpa_flash", forward=sdpa_flash_forward, backward=sdpa_flash_backward,
            unavailable=lambda: _cuda_unavailable((8, 0), torch.backends.cuda.is_flash_attention_available,
                                                  "flash attention"),
