@@ -184,6 +184,11 @@ def _blocks(seg: Segment, plan: _Plan, one_call: bool):
         yield blk.q_start - g0, blk.q_end - g0, blk.k_start, blk.k_end, False, blk.band
 
 
+def _mask_keywords(band, plan: _Plan) -> dict:
+    """A block's ``band=`` / ``softcap=`` (only those set: a plain call's blocks are called as before)."""
+    return {name: value for name, value in (("band", band), ("softcap", plan.softcap)) if value is not None}
+
+
 def _attend_forward(qh, kv, plan: _Plan, sinks=None):
     """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] (, sinks [hq]) -> out [b, hq, s_local, d], lse [b, hq, s_local].
 
@@ -197,7 +202,7 @@ def _attend_forward(qh, kv, plan: _Plan, sinks=None):
         piece = out = lse = None
         for q0, q1, start, end, causal, band in _blocks(seg, plan, one_call):
             o, l = block_forward(qs[:, :, q0:q1], kv[0, :, :, start:end], kv[1, :, :, start:end], plan.scale, causal,
-                                 band=band, softcap=plan.softcap)  # k/v [b, hkv, m, d]
+                                 **_mask_keywords(band, plan))  # k/v [b, hkv, m, d]
             if piece == (q0, q1):
                 out, lse = _merge(out, lse, o, l)
                 continue
@@ -229,8 +234,8 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
             rows = slice(seg.local_start + q0, seg.local_start + q1)
             qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
             dq_b, dk_b, dv_b = block_backward(doc, qc, kv[0, :, :, start:end], kv[1, :, :, start:end], oc, lc,
-                                              plan.scale, causal, band=band,
-                                              softcap=plan.softcap)  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
+                                              plan.scale, causal,
+                                              **_mask_keywords(band, plan))  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
             dq[:, :, rows] += dq_b
             dkv[0, :, :, start:end] += dk_b
             dkv[1, :, :, start:end] += dv_b
