@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     out = soak(command, workdir, nodes=args.nodes, nproc=args.nproc_per_node, kills=args.kills, seed=args.seed,
                rate=rate, use_netns=not args.no_netns, timeout_s=args.timeout_s or 3600.0)
     for k in out["kills"]:
-        print(f"kill rank {k['rank']} after iteration {k['after_iteration']}: resumed at iteration "
-              f"{k.get('resumed_at')}, steps lost {k.get('steps_lost')}")
+        print(f"kill rank {k['rank']} after iteration {k['after_iteration']} (last logged before the restart: "
+              f"{k.get('last_logged')}): resumed at iteration {k.get('resumed_at')}, steps lost {k.get('steps_lost')}")
     print(f"iterations {out['iterations']}, missing {out['missing_iterations']}, final loss "
           f"{out['final_loss']['soak']!r} (uninterrupted {out['final_loss']['reference']!r}), "
           f"largest relative loss difference {out['max_rel_loss_diff']!r}")

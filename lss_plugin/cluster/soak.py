@@ -36,6 +36,12 @@ def losses_by_iteration(records: list[dict]) -> dict[int, float]:
     return out
 
 
+def spread_targets(rng: random.Random, iterations: int, kills: int) -> list[int]:
+    """One random iteration in each of ``kills`` equal stretches of 1 .. iterations - 1."""
+    edges = [1 + (iterations - 1) * k // kills for k in range(kills + 1)]
+    return [rng.randrange(lo, max(lo + 1, hi)) for lo, hi in zip(edges, edges[1:])]
+
+
 def fill(command: list[str], ckpt: str, metrics: str) -> list[str]:
     return [a.replace("{ckpt}", ckpt).replace("{metrics}", metrics) for a in command]
 
@@ -69,7 +75,8 @@ class Killer:
         if len(self.kills) == len(self.targets) or not records:
             return
         last = int(records[-1]["iteration"])
-        if last >= self.targets[len(self.kills)]:
+        after_previous = self.kills[-1]["last_logged"] + 1 if self.kills else 0  # progress since the last kill
+        if last >= max(self.targets[len(self.kills)], after_previous):
             workers = launch.workers()
             if not workers:
                 return
@@ -97,7 +104,7 @@ def soak(command: list[str], workdir: str, *, nodes: int = 2, nproc: int = 1, ki
             if last < kills + 1:
                 raise ValueError(f"the reference ran {last} iterations: too few for {kills} kills")
             rng = random.Random(seed)
-            killer = Killer(metrics, sorted(rng.sample(range(1, last), kills)), rng)
+            killer = Killer(metrics, spread_targets(rng, last, kills), rng)
             log(f"soak: killing a random rank after iterations {killer.targets}")
         codes = launching.run(nodes, nproc, fill(command, ckpt, metrics), rate=rate, use_netns=use_netns,
                               max_restarts=kills if killer else 0, log_dir=log_dir, timeout_s=timeout_s,
