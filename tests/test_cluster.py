@@ -131,3 +131,20 @@ def test_megatron_example_resumes_after_kill(tmp_path):
     assert result["iterations"] == 6 and not result["missing_iterations"], result
     assert result["max_rel_loss_diff"] <= 1e-6, result
     assert code == 0, log[-3000:]
+
+
+def test_soak_targets_and_comm_time():
+    """The soak's kill targets fall one in each stretch of the run; the two-speed benchmark's comm
+    time takes the last-arriving rank per collective and the longest point-to-point wait."""
+    import random
+
+    from lss_plugin.bench.two_speed import comm_time
+    from lss_plugin.cluster.soak import spread_targets
+
+    for seed in range(20):
+        targets = spread_targets(random.Random(seed), 30, 5)
+        assert all(1 + 29 * k // 5 <= t < 1 + 29 * (k + 1) // 5 for k, t in enumerate(targets)), targets
+    logs = [[("all_gather", 0.5), ("recv", 0.1), ("grad_sync", 9.0), ("all_to_all", 0.25)],
+            [("all_gather", 0.2), ("recv", 0.3), ("grad_sync", 8.0), ("all_to_all", 0.75)]]
+    assert comm_time(logs) == pytest.approx(0.2 + 0.3 + 0.25)
+    assert comm_time([logs[0], logs[1][:2]]) is None  # different calls on the ranks: no pairing

@@ -12,9 +12,10 @@ order; a round's step time is its slowest rank's, ratios are paired per round.
 Measured beside each step: the time each rank's thread was blocked in communication (a collective
 call that returns when done, or a ``Work.wait()``), minus the weight-gradient all-reduce and
 barriers, which ``plan_links`` leaves out too. "blocked" is the most-blocked rank's, which includes
-waiting for peers that arrive later (4 ranks time-share 2 cores here); "comm" takes, per call, the
-shortest time any rank spent in it (the last rank to arrive waits for the transfer only) and sums
-those: the figure held against the prediction. Medians over rounds. Predicted:
+waiting for peers that arrive later (4 ranks time-share 2 cores here); "comm" takes, per
+collective call, the shortest time any rank spent in it (the last rank to arrive waits for the
+transfer only), per point-to-point wait the longest (the transfer not hidden behind compute), and
+sums those: the figure held against the prediction. Medians over rounds. Predicted:
 ``plan_links.link_plan`` for the same scheme and shape, with the inside bandwidth measured on a
 node's loopback and the across bandwidth the shaped rate; and once more with that rate divided
 among the ranks of a node that send across at once (one shaped link per node here, one per rank
@@ -35,7 +36,9 @@ import time
 
 NODES, PER_NODE = 2, 2
 SCHEMES = ("lss_ulysses", "lss", "ulysses", "usp", "allgather_cp", "ring")
-EXCLUDED = {"all_reduce", "barrier"}  # weight gradients, loss sums and the step's barriers
+# weight gradients (all of Megatron's finalize_model_grads, whose coalesced all-reduce is waited
+# on through Work objects no wrapper sees), loss sums and the step's barriers
+EXCLUDED = {"grad_sync", "all_reduce", "barrier"}
 
 
 def _variant(scheme: str):
@@ -75,11 +78,13 @@ class BlockedTimer:
 
     def __init__(self):
         self.active = False
+        self.section = None  # while set, every call counts under this name
         self.seconds: dict[str, float] = {}
         self.log: list[tuple[str, float]] = []  # every call in order: all ranks make the same calls
 
     def add(self, name: str, s: float) -> None:
         if self.active:
+            name = self.section or name
             self.seconds[name] = self.seconds.get(name, 0.0) + s
             self.log.append((name, s))
 
@@ -158,6 +163,28 @@ def install_timer() -> None:
 # --------------------------------------------------------------------------------------------
 # The ranks (run by torchrun in each node)
 
+def _mark_grad_sync() -> None:
+    """Calls inside Megatron's finalize_model_grads (the bench Trainer looks it up per step) count
+    as grad_sync: the weight-gradient reduction, the same for every scheme and not modelled."""
+    import functools
+    import importlib
+
+    # (the package re-exports the function under the module's name: import the module itself)
+    module = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+
+    original = module.finalize_model_grads
+
+    @functools.wraps(original)
+    def finalize(*args, **kwargs):
+        TIMER.section = "grad_sync"
+        try:
+            return original(*args, **kwargs)
+        finally:
+            TIMER.section = None
+
+    module.finalize_model_grads = finalize
+
+
 def worker(job: dict) -> dict:
     import torch.distributed as dist
 
@@ -166,6 +193,7 @@ def worker(job: dict) -> dict:
     from lss_plugin.bench.run import Case, measure_case, timed_steps
 
     world = dist.get_world_size()
+    _mark_grad_sync()
     contexts = Contexts()
     rows, live = [], []
     for scheme, attention, dims in job["cases"]:
@@ -275,14 +303,21 @@ def run_rate(rate: str, job: dict, workdir: str, timeout_s: float) -> tuple[list
         return pickle.load(f), inside, codes
 
 
+P2P = {"send", "recv", "wait"}  # ("wait": on a Work of batch_isend_irecv, which no wrapper returns)
+
+
 def comm_time(logs: list[list]) -> float | None:
     """Communication time of one round's step from every rank's calls (the same calls in the same
-    order on every rank): per call the shortest time any rank spent in it, summed. A rank blocks in
-    a collective for the transfer and for the peers that arrive later; the last to arrive waits
-    for the transfer only. None when the ranks' call sequences differ."""
+    order on every rank), summed over calls. A collective: the shortest time any rank spent in it
+    (a rank blocks for the transfer and for the peers that arrive later; the last to arrive waits
+    for the transfer only). A point-to-point wait: the longest (a receive blocks only for what the
+    transfer has not done while the rank computed: the exposed part). None when the ranks' call
+    sequences differ."""
     if len({len(log) for log in logs}) != 1 or any([n for n, _ in log] != [n for n, _ in logs[0]] for log in logs):
         return None
-    return sum(min(log[i][1] for log in logs) for i, (name, _) in enumerate(logs[0]) if name not in EXCLUDED)
+    pick = {True: max, False: min}
+    return sum(pick[name in P2P](log[i][1] for log in logs)
+               for i, (name, _) in enumerate(logs[0]) if name not in EXCLUDED)
 
 
 def median_or_none(xs):
@@ -350,7 +385,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"(measured on a node's loopback): {meta['inside_gbit']} Gbit/s.", "",
              "Step: median over rounds of the slowest rank. Blocked: the most-blocked rank's time inside "
              "communication per step (weight-gradient all-reduce and barriers excluded), waits for later peers "
-             "included. Comm: per call the shortest time any rank spent in it, summed (the transfer). "
+             "included. Comm: per collective call the shortest time any rank spent in it (the transfer), per "
+             "point-to-point wait the longest (the transfer not hidden behind compute), summed. "
              "Predicted: `plan_links` (gloo), attention communication per step, no overlap, no latency. "
              "Hybrid speed-up: paired per round against the fastest other scheme.", "",
              "Predicted, shared link: the same with the across bandwidth divided among the ranks of a node that "
