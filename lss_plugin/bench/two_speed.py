@@ -14,8 +14,8 @@ call that returns when done, or a ``Work.wait()``), minus the weight-gradient al
 barriers, which ``plan_links`` leaves out too. "blocked" is the most-blocked rank's, which includes
 waiting for peers that arrive later (4 ranks time-share 2 cores here); "comm" takes, per
 collective call, the shortest time any rank spent in it (the last rank to arrive waits for the
-transfer only), per point-to-point wait the longest (the transfer not hidden behind compute), and
-sums those: the figure held against the prediction. Medians over rounds. Predicted:
+transfer only), plus the rank's own point-to-point waits (the transfer not hidden behind compute),
+largest over ranks: the figure held against the prediction. Medians over rounds. Predicted:
 ``plan_links.link_plan`` for the same scheme and shape, with the inside bandwidth measured on a
 node's loopback and the across bandwidth the shaped rate; and once more with that rate divided
 among the ranks of a node that send across at once (one shaped link per node here, one per rank
@@ -308,16 +308,16 @@ P2P = {"send", "recv", "wait"}  # ("wait": on a Work of batch_isend_irecv, which
 
 def comm_time(logs: list[list]) -> float | None:
     """Communication time of one round's step from every rank's calls (the same calls in the same
-    order on every rank), summed over calls. A collective: the shortest time any rank spent in it
-    (a rank blocks for the transfer and for the peers that arrive later; the last to arrive waits
-    for the transfer only). A point-to-point wait: the longest (a receive blocks only for what the
-    transfer has not done while the rank computed: the exposed part). None when the ranks' call
-    sequences differ."""
+    order on every rank). A collective counts the shortest time any rank spent in it (a rank blocks
+    for the transfer and for the peers that arrive later; the last to arrive waits for the transfer
+    only); a point-to-point wait counts as the rank spent it (a receive blocks only for what the
+    transfer did not do while the rank computed). The figure is the largest such sum over ranks.
+    None when the ranks' call sequences differ."""
     if len({len(log) for log in logs}) != 1 or any([n for n, _ in log] != [n for n, _ in logs[0]] for log in logs):
         return None
-    pick = {True: max, False: min}
-    return sum(pick[name in P2P](log[i][1] for log in logs)
-               for i, (name, _) in enumerate(logs[0]) if name not in EXCLUDED)
+    names = [n for n, _ in logs[0]]
+    collective = sum(min(log[i][1] for log in logs) for i, n in enumerate(names) if n not in EXCLUDED | P2P)
+    return collective + max(sum(t for n, t in log if n in P2P) for log in logs)
 
 
 def median_or_none(xs):
@@ -385,8 +385,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"(measured on a node's loopback): {meta['inside_gbit']} Gbit/s.", "",
              "Step: median over rounds of the slowest rank. Blocked: the most-blocked rank's time inside "
              "communication per step (weight-gradient all-reduce and barriers excluded), waits for later peers "
-             "included. Comm: per collective call the shortest time any rank spent in it (the transfer), per "
-             "point-to-point wait the longest (the transfer not hidden behind compute), summed. "
+             "included. Comm: per collective call the shortest time any rank spent in it (the transfer), plus "
+             "the rank's own point-to-point waits (the transfer not hidden behind compute), largest over ranks. "
              "Predicted: `plan_links` (gloo), attention communication per step, no overlap, no latency. "
              "Hybrid speed-up: paired per round against the fastest other scheme.", "",
              "Predicted, shared link: the same with the across bandwidth divided among the ranks of a node that "

@@ -77,6 +77,16 @@ def main(argv=None) -> int:
         return 2
     _prefetch_default_corpus()
     launch.install_signal_handlers()
+    try:
+        return _act(args, command, rate)
+    except (KeyboardInterrupt, launch.Interrupted) as why:
+        print(f"lss_plugin.cluster: interrupted ({str(why) or 'Ctrl-C'}); nodes and processes removed", file=sys.stderr)
+        return 130
+
+
+def _act(args, command: list[str], rate: str | None) -> int:
+    from lss_plugin.cluster import launch
+
     if args.action == "run":
         codes = launch.run(args.nodes, args.nproc_per_node, command, rate=rate, delay=args.delay,
                            max_restarts=args.max_restarts, log_dir=args.log_dir, timeout_s=args.timeout_s,

@@ -127,14 +127,14 @@ class Launch:
                 time.sleep(0.1)
 
 
-class _Interrupted(BaseException):
-    pass
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived (raised like KeyboardInterrupt, so cleanup runs)."""
 
 
 def install_signal_handlers() -> None:
     """SIGTERM/SIGHUP raise like Ctrl-C does, so ``finally`` blocks tear the nodes down."""
     def handler(signum, _frame):
-        raise _Interrupted(f"signal {signum}")
+        raise Interrupted(f"signal {signum}")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
