@@ -148,7 +148,7 @@ L, B, HEADS, GROUPS, D = 16, 2, 4, 2, 8
 
 def _module_cases():
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -161,12 +161,13 @@ def _module_cases():
 
     apply_cpu_shim()
     initialize_lss_model_parallel(2, timeout_s=60)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron-core's attention forks this RNG (dropout)
     cp = parallel_state.get_context_parallel_group()
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    def config(**fields):
+    def config(cp=world, **fields):  # megatron-core's local attention (the reference) takes no CP
         return TransformerConfig(num_layers=2, hidden_size=HEADS * D, num_attention_heads=HEADS,
-                                 num_query_groups=GROUPS, attention_dropout=0.0, context_parallel_size=world,
+                                 num_query_groups=GROUPS, attention_dropout=0.0, context_parallel_size=cp,
                                  **fields)
 
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +178,7 @@ def _module_cases():
 
     def compare(fields, mask_type, reference_fields=None, layer=1):
         """Max relative errors of out, dq, dk, dv (and the sinks' gradient) against megatron-core."""
-        cfg, ref_cfg = config(**fields), config(**(fields if reference_fields is None else reference_fields))
+        cfg, ref_cfg = config(**fields), config(1, **(fields if reference_fields is None else reference_fields))
         ref_attn = DotProductAttention(ref_cfg, layer, mask_type, "self")
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         params = [p for p in ref_attn.parameters()]
