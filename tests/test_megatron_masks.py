@@ -9,7 +9,8 @@
   it) within 1e-5. Cases: a 7-key window (7, 0) on every layer; ``window_attn_skip_freq`` 2 (layer 2
   full) and the list [0, 1] (layer 1 full) with a window wider than a rank's tokens; learnable sinks;
   off-by-one; gpt-oss's mix (learnable sinks, window on alternate layers). Each masked reference
-  differs from the plain model's losses (the mask is really applied).
+  differs from the plain model's (the mask is really applied). gpt-oss's mix also at TP = 2 (with
+  Megatron SP) x LSS = 2: ``softmax_offset`` split over TP ranks, gathered whole into the checkpoint.
 - The module on 2 ranks, both layouts, against megatron-core's ``DotProductAttention`` on the whole
   sequence: a both-sided window with ``no_mask``, (-1, 0) = plain causal, learnable sinks with a
   window (output, dQ/dK/dV rows and the sinks' gradient summed over the group); refusals by name on
@@ -66,10 +67,28 @@ def cases(ckpt, lss: bool):
     return out
 
 
+# TP = 2 x LSS = 2 (4 ranks): softmax_offset split over TP ranks (2 heads each), gathered for the
+# checkpoint and counted once per TP rank in the clipping norm. Reference: runs1["gpt_oss"].
+TP_CASE = "gpt_oss_tp2xsp2"
+
+
+def tp_cases(ckpt):
+    pos, masked, flags, _ = MODELS["gpt_oss"]
+    return {TP_CASE: _masked_case(pos, masked, *flags, *LSS, "--tensor-model-parallel-size", "2",
+                                  "--lss-sequence-parallel-size", "2", "--sequence-parallel",
+                                  save=ckpt[(TP_CASE, True)])}
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_masks_ckpt")
-    return {(name, lss): str(root / f"{name}_{'sp2' if lss else 'one'}") for name in MODELS for lss in (True, False)}
+    return {(name, lss): str(root / f"{name}_{'lss' if lss else 'one'}")
+            for name in (*MODELS, TP_CASE) for lss in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def runs4(ckpt):
+    return run_ranks(_run_cases, 4, tp_cases(ckpt), timeout_s=600, pg_timeout_s=120)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +111,20 @@ def _saved_sinks(directory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_losses_and_gradients_match_one_rank(name, runs2, runs1):
-    ref = runs1[name]
+    _assert_matches(name, runs2, runs1[name])
+
+
+@pytest.mark.slow
+def test_learned_sinks_under_tensor_parallelism_match_one_rank(ckpt, runs4, runs1):
+    _assert_matches(TP_CASE, runs4, runs1["gpt_oss"])
+    got, ref = _saved_sinks(ckpt[(TP_CASE, True)]), _saved_sinks(ckpt[("gpt_oss", False)])
+    for param in (SINK0, SINK1):  # gathered from both TP ranks: all 4 heads, the one-rank values
+        assert got[param].shape == (4,) and np.abs(got[param] - ref[param]).max() <= 1e-5 * np.abs(ref[param]).max()
+
+
+def _assert_matches(name, per_rank, ref):
     worst_loss = worst_grad = 0.0
-    for rank, results in enumerate(runs2):
+    for rank, results in enumerate(per_rank):
         got = results[name]
         assert got["iterations"] == ref["iterations"] == list(range(1, ITERS + 1))
         for loss, ref_loss, norm, ref_norm in zip(got["losses"], ref["losses"], got["grad_norms"], ref["grad_norms"]):
