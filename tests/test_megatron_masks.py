@@ -14,7 +14,7 @@
 - The module on 2 ranks, both layouts, against megatron-core's ``DotProductAttention`` on the whole
   sequence: a both-sided window with ``no_mask``, (-1, 0) = plain causal, learnable sinks with a
   window (output, dQ/dK/dV rows and the sinks' gradient summed over the group); refusals by name on
-  every rank; ``sharded_state_dict`` shards ``softmax_offset`` like megatron-core's.
+  every rank (the baselines' core attentions refuse windows and sinks); ``sharded_state_dict`` shards ``softmax_offset`` like megatron-core's.
 Runs under megatron-core 0.16.1 and 0.19.x (``make test-megatron-latest``): both releases have the fields.
 """
 from __future__ import annotations
@@ -183,6 +183,7 @@ def _module_cases():
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from lss_plugin.baselines.megatron import SDPADotProductAttention
     from lss_plugin.megatron.attention import configured_lss_attention
     from lss_plugin.megatron.cpu_shim import apply_cpu_shim
     from lss_plugin.megatron.parallel import initialize_lss_model_parallel
@@ -235,9 +236,9 @@ def _module_cases():
             out[layout] = {n: float(errs[n].abs().max() / refs[n].abs().max()) for n in errs}
         return out
 
-    def refusal(fields, mask_type, layer=1):
+    def refusal(fields, mask_type, layer=1, cls=None):
         try:
-            configured_lss_attention()(config(**fields), layer, mask_type, "self")
+            (cls or configured_lss_attention())(config(**fields), layer, mask_type, "self")
         except ValueError as err:
             return str(err)
         return None
@@ -260,6 +261,8 @@ def _module_cases():
             "causal right": refusal({"window_size": (7, 3)}, AttnMaskType.causal),
             "short pattern": refusal({"window_size": (7, 0), "window_attn_skip_freq": [1]}, AttnMaskType.causal),
         },
+        "baseline": [refusal(fields, AttnMaskType.causal, cls=SDPADotProductAttention)
+                     for fields in ({"window_size": (7, 0)}, {"softmax_type": "off-by-one"})],
         "skipped": configured_lss_attention()(config(window_size=(7, 0), window_attn_skip_freq=[1, 0]), 2,
                                               AttnMaskType.causal, "self").window_size,
         "buffer": (type(configured_lss_attention()(config(softmax_type="off-by-one"), 1, AttnMaskType.causal,
@@ -293,6 +296,9 @@ def test_module_refusals_name_the_setting_on_every_rank(module_runs):
         assert refused["short pattern"] is not None and "window_attn_skip_freq has 1 entries for num_layers=2" in \
             refused["short pattern"], refused
         assert result["skipped"] is None  # pattern [1, 0]: layer 2 attends fully
+        # the baselines' kernels take neither: refused, not ignored
+        assert result["baseline"] == ["SDPADotProductAttention does not support window_size=(7, 0)",
+                                      "SDPADotProductAttention does not support softmax_type='off-by-one'"]
 
 
 def test_softmax_offset_has_megatron_core_names_and_shards(module_runs):
