@@ -12,8 +12,8 @@ Reference: the same transformers model (same config, same seeded weights) with "
 one process on the whole global batch: transformers' own masks, softcapping and sinks. LSS runs at
 SP = 2 x DP = 2 (contiguous), SP = 4 (balanced) and SP = 4 with Ulysses 2 (contiguous), plain torch:
 ``causal_lm_loss`` + ``average_gradients``, 3 steps of SGD with momentum. Packed documents
-(DataCollatorWithFlattening rows, transformers' packed mask in the reference: windows and chunks restart
-with each document) for gpt-oss and Llama 4 at SP = 4. Tolerances (float32): every step's loss within
+(DataCollatorWithFlattening rows; the reference runs each document on its own, so windows and chunks
+restart with each document) for gpt-oss and Llama 4 at SP = 4. Tolerances (float32): every step's loss within
 1e-5 relative, every parameter's gradient (the sinks' included) within 1e-5 relative (norm of the
 difference over the reference norm), every parameter after the last step within 1e-5 relative.
 The masks matter on this data: the same model with every layer full-causal misses the reference loss
@@ -87,12 +87,18 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _reference_loss(model, ids, positions=None, labels=None):
-    """Token-mean loss of the one-process model on the whole batch (transformers' masks)."""
+def _reference_loss(model, ids, labels=None, bounds=None):
+    """Token-mean loss of the one-process model on the whole batch (transformers' masks). Packed
+    documents (``bounds``, one row): each document run on its own, which is what packing means (gpt-oss
+    builds its eager masks without position_ids, so transformers' own packed mask is not a reference)."""
     import lss_plugin.hf as hf
 
     targets = hf.shift_labels_for_causal_lm(ids if labels is None else labels)  # [B, L]
-    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits  # [B, L, V]
+    if bounds is None:
+        logits = model(input_ids=ids, use_cache=False).logits  # [B, L, V]
+    else:
+        logits = torch.cat([model(input_ids=ids[:, a:b], use_cache=False).logits
+                            for a, b in zip(bounds[:-1], bounds[1:])], dim=1)  # [1, L, V]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -107,7 +113,7 @@ def _reference_run(name: str, packed: bool = False):
         ref.zero_grad(set_to_none=True)
         if packed:
             batch = _packed(step)
-            loss = _reference_loss(ref, batch["input_ids"], batch["position_ids"], batch["labels"])
+            loss = _reference_loss(ref, batch["input_ids"], batch["labels"], batch["cu_seq_lens_q"].tolist())
         else:
             loss = _reference_loss(ref, _batch(step))
         loss.backward()
