@@ -268,3 +268,23 @@ def test_families_train_exactly(four_ranks):
         print(f"  {name:8s} packed SP=4: loss {loss:.2e}  gradients {grad:.2e}  parameters {param:.2e}")
     sinks = max(s for o in four_ranks for key in keys if key[1] == "gpt_oss" for *_, s in o[key][0])
     print(f"  gpt_oss sinks gradient {sinks:.2e} (tolerance {RTOL})")
+
+
+def test_mask_function_accepts_causal_sliding_chunked_and_refuses_overlays():
+    """The mask interface recognises transformers' causal, sliding-window and chunked patterns by
+    structure; image-token style overlays and bidirectional patterns are refused by name."""
+    from transformers import masking_utils as mu
+
+    from lss_plugin.hf.attention import _check_mask_request
+
+    def check(fn):
+        _check_mask_request(16, 16, 0, 0, fn, None, None)
+
+    for fn in (mu.causal_mask_function, mu.sliding_window_causal_mask_function(4),
+               mu.chunked_causal_mask_function(6, torch.zeros(2, dtype=torch.long))):
+        check(fn)
+    overlay = mu.or_masks(mu.sliding_window_causal_mask_function(4), mu.causal_mask_function)  # e.g. image tokens
+    for fn in (overlay, mu.bidirectional_mask_function, mu.sliding_window_bidirectional_mask_function(4),
+               mu.and_masks(mu.causal_mask_function, mu.causal_mask_function)):
+        with pytest.raises(ValueError, match="cannot reproduce the mask pattern"):
+            check(fn)
