@@ -52,28 +52,36 @@ def packed_worker(seq_len: int, heads: int, head_dim: int, doc_lens: list, layou
     q, k, v, dout = (torch.randn(1, s_local, heads, head_dim, generator=gen).to(device) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     cases = {str(n): packed_boundaries(seq_len, n).to(device) for n in doc_lens}
+    times, comm = round_robin({name: (lambda cu=cu: _step(q, k, v, dout, cu, layout)) for name, cu in cases.items()},
+                              warmup, steps, repetitions)
+    return {"rank": dist.get_rank(), "times": times, "comm": comm,
+            "pairs": {name: visible_pairs(tuple(cu.tolist()), causal=True) for name, cu in cases.items()},
+            "documents": {name: cu.numel() - 1 for name, cu in cases.items()}}
+
+
+def round_robin(cases: dict, warmup: int, steps: int, repetitions: int) -> tuple[dict, dict]:
+    """Time every ``cases[name]()`` (one step on every rank) in round-robin rounds, the order rotated each
+    round -> (times: name -> per round the median of its steps, comm: name -> one step's collectives)."""
     comm = {}
-    for name, cu in cases.items():
+    for name, step in cases.items():
         for _ in range(warmup):
-            _step(q, k, v, dout, cu, layout)
+            step()
         with lss_plugin.record_collectives() as rec:
-            _step(q, k, v, dout, cu, layout)
+            step()
         comm[name] = {"calls": dict(rec.calls), "bytes": dict(rec.bytes)}
-    times = {name: [] for name in cases}  # per round: median of its steps
+    times = {name: [] for name in cases}
     names = list(cases)
     for r in range(repetitions):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
+        for name in names[r % len(names):] + names[:r % len(names)]:
             step_s = []
             for _ in range(steps):
                 sync_ranks()
                 t0 = time.perf_counter()
-                _step(q, k, v, dout, cases[name], layout)
+                cases[name]()
                 sync_ranks()
                 step_s.append(time.perf_counter() - t0)
             times[name].append(statistics.median(step_s))
-    return {"rank": dist.get_rank(), "times": times, "comm": comm,
-            "pairs": {name: visible_pairs(tuple(cu.tolist()), causal=True) for name, cu in cases.items()},
-            "documents": {name: cu.numel() - 1 for name, cu in cases.items()}}
+    return times, comm
 
 
 def _quartiles(xs):
