@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.distributed as dist
 
 import lss_plugin
-from lss_plugin.bench.packed import MiB, _quartiles, round_robin
+from lss_plugin.bench.packed import MiB, _quartiles, attention_inputs, attention_step, round_robin
 
 FULL = "lss"
 
@@ -73,21 +72,13 @@ class KernelPairs:
 
 
 def _step(q, k, v, dout, window, layout):
-    masks = {} if window is None else {"window": (window - 1, 0)}
-    out = lss_plugin.lss_attention(q, k, v, causal=True, layout=layout, **masks)
-    out.backward(dout)
-    q.grad = k.grad = v.grad = None
+    attention_step(q, k, v, dout, layout, **({} if window is None else {"window": (window - 1, 0)}))
 
 
 def masks_worker(seq_len: int, heads: int, head_dim: int, windows: list, layout: str = "balanced",
                  warmup: int = 1, steps: int = 2, repetitions: int = 3) -> dict:
     """On every rank: time lss_attention forward + backward, full causal and each window, round-robin."""
-    world = dist.get_world_size()
-    lss_plugin.init_topology(world)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    q, k, v, dout = (torch.randn(1, seq_len // world, heads, head_dim, generator=gen).to(device) for _ in range(4))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q, k, v, dout = attention_inputs(seq_len, heads, head_dim)
     cases = {variant_name(w): w for w in [None] + list(windows)}
     kernel_pairs = {}
     for name, window in cases.items():

@@ -35,8 +35,20 @@ def packed_boundaries(seq_len: int, doc_len: int | None, seed: int = 0) -> torch
     return torch.tensor(bounds)
 
 
-def _step(q, k, v, dout, cu, layout):
-    out = lss_plugin.lss_attention(q, k, v, causal=True, layout=layout, cu_seqlens=cu)
+def attention_inputs(seq_len: int, heads: int, head_dim: int):
+    """Registers an LSS topology over the whole world; this rank's q, k, v (requiring grad) and dout
+    [1, seq_len / N, heads, head_dim] on the rank's device."""
+    lss_plugin.init_topology(dist.get_world_size())
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    s_local = seq_len // dist.get_world_size()
+    q, k, v, dout = (torch.randn(1, s_local, heads, head_dim, generator=gen).to(device) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
+
+
+def attention_step(q, k, v, dout, layout: str, **masks) -> None:
+    """One causal lss_attention forward + backward (``masks``: its cu_seqlens / window keywords)."""
+    out = lss_plugin.lss_attention(q, k, v, causal=True, layout=layout, **masks)
     out.backward(dout)
     q.grad = k.grad = v.grad = None
 
@@ -44,16 +56,10 @@ def _step(q, k, v, dout, cu, layout):
 def packed_worker(seq_len: int, heads: int, head_dim: int, doc_lens: list, layout: str = "balanced",
                   warmup: int = 1, steps: int = 2, repetitions: int = 3) -> dict:
     """On every rank: time lss_attention forward + backward for each document length, round-robin."""
-    world = dist.get_world_size()
-    lss_plugin.init_topology(world)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    s_local = seq_len // world
-    q, k, v, dout = (torch.randn(1, s_local, heads, head_dim, generator=gen).to(device) for _ in range(4))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    cases = {str(n): packed_boundaries(seq_len, n).to(device) for n in doc_lens}
-    times, comm = round_robin({name: (lambda cu=cu: _step(q, k, v, dout, cu, layout)) for name, cu in cases.items()},
-                              warmup, steps, repetitions)
+    q, k, v, dout = attention_inputs(seq_len, heads, head_dim)
+    cases = {str(n): packed_boundaries(seq_len, n).to(q.device) for n in doc_lens}
+    times, comm = round_robin({name: (lambda cu=cu: attention_step(q, k, v, dout, layout, cu_seqlens=cu))
+                               for name, cu in cases.items()}, warmup, steps, repetitions)
     return {"rank": dist.get_rank(), "times": times, "comm": comm,
             "pairs": {name: visible_pairs(tuple(cu.tolist()), causal=True) for name, cu in cases.items()},
             "documents": {name: cu.numel() - 1 for name, cu in cases.items()}}
