@@ -3,9 +3,9 @@
 Reference: the same model (same weights) in one process, which computes the masked attention densely
 (``_reference_attention``: SDPA with the window's boolean mask; with sinks an explicit softmax whose
 denominator has one extra column per head). That reference is itself checked against the formula
-written out row by row. LSS runs at SP = 4 and SP = 2 x DP = 2 on 4 ranks, float64: the step's global
-loss and every parameter's gradient after ``average_gradients`` (the sinks' included) within 1e-10 of
-the reference's (max abs difference over the reference's largest value).
+written out row by row. LSS runs at SP = 4, SP = 2 x DP = 2 and SP = 4 as Ulysses 2 x LSS 2 on 4 ranks,
+float64: the step's global loss and every parameter's gradient after ``average_gradients`` (the sinks'
+included) within 1e-10 of the reference's (max abs difference over the reference's largest value).
 """
 from __future__ import annotations
 
@@ -104,11 +104,11 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _case(sp, name):
+def _case(sp, name, ulysses=1):
     from lss_plugin.documents import positions_in_documents
 
     kwargs, layout, packed = CASES[name]
-    topo = lss_plugin.init_topology(sp)
+    topo = lss_plugin.init_topology(sp, ulysses_size=ulysses)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=VOCAB, max_seq_length=SEQ, hidden_size=32, num_layers=2, num_heads=4, **kwargs)
     reference = GPT(config).double()
@@ -125,7 +125,7 @@ def _case(sp, name):
     ref_loss.backward()
 
     rows = slice(topo.dp_rank * BATCH // topo.dp_size, (topo.dp_rank + 1) * BATCH // topo.dp_size)
-    idx = local_token_indices(SEQ, topo.sp_rank, sp, layout)
+    idx = local_token_indices(SEQ, topo.sp_rank, sp, layout, ulysses_size=ulysses)
     positions = lss_plugin.local_positions(SEQ, layout=layout, cu_seqlens=cu)
     out = lss_plugin.sharded_cross_entropy(model(inputs[rows][:, idx], positions, cu), labels[rows][:, idx],
                                            group=topo.sp_group)
@@ -141,15 +141,22 @@ def _case(sp, name):
     }
 
 
+HYBRID = ("window5_alternating_sinks_gqa", "window6_sinks_packed")  # also at SP = 4 as Ulysses 2 x LSS 2
+
+
 def _sweep(sps, names):
-    return [((sp, name), _case(sp, name)) for sp in sps for name in names]
+    plain = [((sp, 1, name), _case(sp, name)) for sp in sps for name in names]
+    return plain + [((4, 2, name), _case(4, name, ulysses=2)) for name in HYBRID]
 
 
 def test_windows_and_sinks_at_sp4_and_sp2_match_one_process_float64():
+    """SP = 4, SP = 2 x DP = 2, and SP = 4 as the hybrid Ulysses 2 x LSS 2 (it slices the sinks per head)."""
     for results in run_ranks(_sweep, 4, (4, 2), list(CASES), timeout_s=900):
-        for (sp, name), r in results:
-            assert r["loss_err"] < TOL, (sp, name, r["loss_err"])
+        assert len(results) == 2 * len(CASES) + len(HYBRID)
+        for (sp, ulysses, name), r in results:
+            case = (sp, ulysses, name)
+            assert r["loss_err"] < TOL, (case, r["loss_err"])
             worst = max(r["grad_err"].items(), key=lambda item: item[1])
-            assert worst[1] < TOL, (sp, name, worst)
+            assert worst[1] < TOL, (case, worst)
             if CASES[name][0].get("sinks"):
-                assert any(n.endswith("attn.sinks") for n in r["grad_err"]) and r["sink_grad_norm"] > 1e-3, (sp, name)
+                assert any(n.endswith("attn.sinks") for n in r["grad_err"]) and r["sink_grad_norm"] > 1e-3, case
