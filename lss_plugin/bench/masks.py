@@ -17,7 +17,8 @@ import os
 import torch.distributed as dist
 
 import lss_plugin
-from lss_plugin.bench.packed import MiB, _quartiles, attention_inputs, attention_step, round_robin
+from lss_plugin.bench.packed import MiB, attention_inputs, attention_step, round_robin
+from lss_plugin.bench.timing import quartiles
 
 FULL = "lss"
 
@@ -101,10 +102,10 @@ def summarize(per_rank: list, seq_len: int, heads: int, head_dim: int, layout: s
     kernel = {name: sum(r["kernel_pairs"][name] for r in per_rank) for name in first["kernel_pairs"]}
     rows = []
     for name, ts in rounds.items():
-        q25, med, q75 = _quartiles(ts)
+        q25, med, q75 = quartiles(ts)
         paired = None
         if name != FULL:
-            paired = _quartiles([a / b for a, b in zip(ts, rounds[FULL])])[1]
+            paired = quartiles([a / b for a, b in zip(ts, rounds[FULL])])[1]
         rows.append({"variant": name, "window": first["windows"][name], "world_size": len(per_rank),
                      "seq_len": seq_len, "heads": heads, "head_dim": head_dim, "layout": layout,
                      "pairs": first["pairs"][name], "pairs_fraction": first["pairs"][name] / full_pairs,

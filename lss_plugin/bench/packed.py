@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import lss_plugin
-from lss_plugin.bench.timing import sync_ranks
+from lss_plugin.bench.timing import quartiles, sync_ranks
 from lss_plugin.documents import visible_pairs
 
 MiB = 2**20
@@ -90,12 +90,6 @@ def round_robin(cases: dict, warmup: int, steps: int, repetitions: int) -> tuple
     return times, comm
 
 
-def _quartiles(xs):
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return q[0], q[1], q[2]
-
-
 def summarize(per_rank: list, seq_len: int, heads: int, head_dim: int, layout: str) -> list[dict]:
     """One row per document length; a round's time is its slowest rank (the step waits for it)."""
     world = len(per_rank)
@@ -105,7 +99,7 @@ def summarize(per_rank: list, seq_len: int, heads: int, head_dim: int, layout: s
               for name in first["times"]}
     rows = []
     for name, ts in rounds.items():
-        q25, med, q75 = _quartiles(ts)
+        q25, med, q75 = quartiles(ts)
         paired = None
         if "None" in rounds and name != "None":
             paired = statistics.median(a / b for a, b in zip(ts, rounds["None"]))

@@ -21,6 +21,7 @@ from lss_plugin.bench.masks import table as masks_table
 from lss_plugin.bench.methods import LSS_DEFAULT_VARIANT, METHODS, sp_methods
 from lss_plugin.bench.packed import plot as packed_plot
 from lss_plugin.bench.packed import table as packed_table
+from lss_plugin.bench.timing import quartiles
 
 MiB = 2**20
 LSS_MAIN = "lss[keep,balanced]"  # the LSS row of the timing targets (causal work balanced)
@@ -29,14 +30,6 @@ LSS_CHUNK = "lss[regather,contiguous,chunk1]"
 LSS_DEFAULT = LSS_DEFAULT_VARIANT.name  # lss[auto,balanced]: the defaults of every integration (issue 16)
 PRIOR_ART = ("ulysses", "usp", "allgather_cp")
 SPREAD_WARNING = 0.15
-
-
-def quartiles(xs) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def _kernel(row_method: str, unfused: bool, ops) -> str:
