@@ -15,7 +15,9 @@ gensim Wikipedia excerpt) cut into windows of --seq-length bytes (``labels`` = `
 causal-LM dataset). The one LSS line is ``LSSTrainer`` in place of ``Trainer``. ``--metrics-file``
 gets one JSON line per optimizer step from rank 0 (``iteration``, ``loss`` of the global batch,
 ``grad_norm``, ``learning_rate``; ``eval_loss`` lines after evaluations); it makes the Trainer log
-every step.
+every step. ``--resume_from_checkpoint auto`` resumes from the last complete checkpoint in
+``--output_dir`` (or starts from scratch when there is none): with ``--save_steps`` and ``torchrun
+--max-restarts R`` a killed job goes on from its last checkpoint by itself.
 
 ``--pack-documents`` trains on documents instead of windows: the Wikipedia pages of the corpus
 (``<page>`` ... up to the next; ``--document-separator '\\n'`` makes every line one), cut into pieces of
@@ -124,8 +126,41 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
 
 
+def last_good_checkpoint(output_dir: str, world_size: int) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose save finished, or None.
+
+    The Trainer writes a checkpoint in place: model, optimizer (DeepSpeed's engine state, ending
+    in a barrier), each rank's RNG state, then ``trainer_state.json`` from rank 0. A save cut short
+    by a kill lacks the state file or a rank's RNG file; such a directory is passed over.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(name.rsplit("-", 1)[1]), name) for name in os.listdir(output_dir)
+                   if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.rsplit("-", 1)[1].isdigit())
+    rng_files = {"rng_state.pth"} if world_size == 1 else {f"rng_state_{r}.pth" for r in range(world_size)}
+    for step, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                if json.load(f).get("global_step") != step:
+                    continue
+        except (OSError, ValueError):
+            continue
+        if rng_files <= set(os.listdir(path)):
+            return path
+    return None
+
+
 def parse_args(argv=None) -> tuple[ExampleArguments, TrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lss_plugin.runtime import agent_store_shared, init_distributed
+
+    if agent_store_shared():
+        # under torchrun: the plugin's process-group set-up, which survives restarts (accelerate's
+        # and DeepSpeed's would read the previous attempt's rendezvous keys after a restart)
+        init_distributed()
     flags = {a.split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     if ("__deepspeed" in flags and "__accelerator_config" not in flags and not torch.cuda.is_available()
             and int(os.environ.get("WORLD_SIZE", "1")) > 1):
@@ -179,7 +214,12 @@ def run(example: ExampleArguments, training: TrainingArguments):
         print(f"finetune_hf_trainer: {type(model).__name__} ({params} parameters), {mode}, {data} "
               f"| data {splits.source}", flush=True)
     try:
-        trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+        resume = training.resume_from_checkpoint
+        if resume == "auto":  # the last complete checkpoint in --output_dir, or from scratch
+            resume = last_good_checkpoint(training.output_dir, training.world_size)
+            if trainer.is_world_process_zero():
+                print(f"finetune_hf_trainer: resuming from {resume or 'scratch (no complete checkpoint)'}", flush=True)
+        trainer.train(resume_from_checkpoint=resume)
         if training.do_eval:
             trainer.evaluate()  # logs eval_loss itself
         return trainer

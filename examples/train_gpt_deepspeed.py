@@ -172,6 +172,7 @@ def train(args) -> list[dict]:
 
     import lss_plugin.deepspeed as lds
     from lss_plugin.data import load_byte_splits, sample_batch
+    from lss_plugin.deepspeed import checkpoint as ds_checkpoint
     from lss_plugin.deepspeed.metrics import StepLoss
     from lss_plugin.loss import sharded_cross_entropy
 
@@ -185,10 +186,8 @@ def train(args) -> list[dict]:
     splits = load_byte_splits(args.data_path)
     gas = engine.gradient_accumulation_steps()
     global_batch = engine.train_batch_size()  # sequences per iteration
-    start = 0
-    if args.load:
-        _, client = engine.load_checkpoint(args.load)
-        start = int((client or {}).get("iteration", 0))
+    # resumes from the last complete checkpoint (none yet: from scratch), e.g. after torchrun restarted the job
+    start = ds_checkpoint.load(engine, args.load)
     topology = getattr(engine, "lss_topology", None)
     # The loss is normalised by the loss tokens of every rank (the SP x DP grid = the world), so
     # DeepSpeed's average over SP x DP is the global token mean even when ranks hold different
@@ -239,7 +238,7 @@ def train(args) -> list[dict]:
                 print(f"iter {iteration:6d}/{args.train_iters} | loss {loss:.5f} | "
                       f"{record['tokens_per_s']:9.1f} tokens/s | {record['ms_per_iter']:8.1f} ms/iter", flush=True)
             if args.save and args.save_interval and (iteration % args.save_interval == 0 or iteration == args.train_iters):
-                engine.save_checkpoint(args.save, client_state={"iteration": iteration})
+                ds_checkpoint.save(engine, args.save, iteration)
     finally:
         if metrics:
             metrics.close()

@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "no attention or targets across documents")
     p.add_argument("--document-separator", default="<page>",
                    help="with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n')")
+    p.add_argument("--save", default=None, help="checkpoint directory")
+    p.add_argument("--save-interval", type=int, default=0)
+    p.add_argument("--load", default=None, help="resume from the last complete checkpoint in this directory (if any)")
     p.add_argument("--ulysses-size", type=int, default=None,
                    help="hybrid LSS x Ulysses: written into the config's \"lss_sequence_parallel\" block as "
                         "\"ulysses_size\" (must divide its \"size\" and the heads)")
@@ -137,6 +140,7 @@ def train(args) -> list[dict]:
     import lss_plugin.hf as hf
     from lss_plugin.data import load_byte_splits, sample_batch
     from lss_plugin.deepspeed import LSSConfig
+    from lss_plugin.deepspeed import checkpoint as ds_checkpoint
     from lss_plugin.deepspeed.metrics import StepLoss
 
     # A disabled (or absent) block: the same script as plain DeepSpeed data parallelism, the baseline.
@@ -165,10 +169,12 @@ def train(args) -> list[dict]:
               f"{f', sliding_window {config.sliding_window}' if args.window else ''}{', sinks' if args.sinks else ''}"
               f"{f', packed documents (separator {args.separator!r})' if args.pack_documents else ''} | "
               f"data {splits.source}", flush=True)
+    # resumes from the last complete checkpoint (none yet: from scratch), e.g. after torchrun restarted the job
+    start = ds_checkpoint.load(engine, args.load)
     metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
     records = []
     try:
-        for iteration in range(1, args.train_iters + 1):
+        for iteration in range(start + 1, args.train_iters + 1):
             t0 = time.perf_counter()
             window = sample_batch(splits.train, global_batch, args.seq_length, step=iteration, seed=args.seed)
             step_loss = StepLoss()  # this rank's loss sum and tokens over the micro-steps
@@ -205,6 +211,8 @@ def train(args) -> list[dict]:
             if rank0 and (iteration % args.log_interval == 0 or iteration == args.train_iters):
                 print(f"iter {iteration:6d}/{args.train_iters} | loss {value:.5f} | "
                       f"{record['tokens_per_s']:9.1f} tokens/s | {record['ms_per_iter']:8.1f} ms/iter", flush=True)
+            if args.save and args.save_interval and (iteration % args.save_interval == 0 or iteration == args.train_iters):
+                ds_checkpoint.save(engine, args.save, iteration)
     finally:
         if metrics:
             metrics.close()

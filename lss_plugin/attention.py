@@ -5,7 +5,7 @@ Three layers, as ring-flash-attention builds them:
   ``_LSSAttentionFunction``             a thin autograd.Function,
   ``lss_attention``                     the public call, shaped like flash-attn / SDPA.
 
-Per call: forward and backward each start with ONE 64-byte all-gather over the SP group, the
+Per call: forward and backward each start with ONE 96-byte all-gather over the SP group, the
 verdict (``lss_plugin.verdict``): every rank's local checks and call signature, decided together
 before any variable-size collective, so a refusal raises on every rank. Then, per KV-head chunk:
 forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter of packed (dk, dv), plus 1
@@ -27,6 +27,12 @@ unchanged over the LSS group of R = N / U ranks on the group's U * s_local token
 
 Packed documents (``cu_seqlens``) change only which key ranges each query segment reads
 (``lss_plugin.documents``), never the communication: the same gather and reduce-scatter run.
+So do the per-layer masks (``lss_plugin.masks``): ``chunk`` cuts the query segments at more
+boundaries (``refine_bounds``), ``window`` makes each segment's key blocks ``masks.key_blocks`` of the
+layer's band (keys outside it are never computed), ``softcap`` goes to the kernel, and ``sinks``
+rescale each head chunk's merged (out, lse) (``masks.apply_sinks``) with their gradient computed
+locally in backward (``masks.sinks_grad``); every rank holds every key of its queries, so a mask
+is a local matter. Without a window the blocks are exactly those of a plain call.
 
 Precision: for float16/bfloat16 inputs the block merges (running out and log-sum-exp of a query
 chunk), the dq and dK/dV accumulators and the GQA head-group sums are float32
@@ -51,6 +57,7 @@ from lss_plugin.comm import InFlight, start_gather_kv, start_reduce_scatter_kv
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call, select_kernel
 from lss_plugin.kernels.base import compute_dtype
+from lss_plugin.masks import Band, MaskSpec, apply_sinks, check_softcap, key_blocks, refine_bounds, sinks_grad
 from lss_plugin.options import (
     AttentionSettings, check_kv_backward, check_kv_buffer_budget, check_kv_grad_dtype, check_kv_head_chunk,
     check_layout, check_ulysses_heads, resolve_kv_chunking, settings_from_keywords,
@@ -74,8 +81,10 @@ class _Plan:
     kv_grad_dtype: str  # "fp32" | "input": the dtype the dK/dV reduce-scatter sends
     head_chunk: int  # KV heads gathered and attended at a time
     groups_per_kv: int  # query heads per KV head (GQA factor g)
-    query_segments: tuple[Segment, ...]  # local queries cut at document boundaries (one per chunk unpacked)
+    query_segments: tuple[Segment, ...]  # local queries cut at document (and ``chunk``) boundaries
     signature: CallSignature  # what every rank's gathers carry and compare
+    band: Band | None = None  # the layer's band (causal and window) when a window is set, else None
+    softcap: float | None = None
 
     def head_slices(self, num_kv_heads: int):
         for h0 in range(0, num_kv_heads, self.head_chunk):
@@ -155,25 +164,59 @@ def _visible_blocks(seg: Segment, causal: bool, one_call: bool = False):
 def _one_call(qh, kv, plan: _Plan) -> bool:
     """Prefix and diagonal in one kernel call: the kernel aligns a causal mask bottom-right and takes
     GQA natively (else the prefix's KV heads would be repeated; kernels.gqa repeats only diagonals)."""
-    return plan.causal and causal_prefix_in_one_call(qh, kv.shape[2])
+    return plan.causal and causal_prefix_in_one_call(qh, kv.shape[2], softcap=plan.softcap)
 
 
-def _attend_forward(qh, kv, plan: _Plan):
-    """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] -> out [b, hq, s_local, d], lse [b, hq, s_local].
+def _blocks(seg: Segment, plan: _Plan, one_call: bool):
+    """(q0, q1, start, end, causal, band): queries [q0, q1) of the segment (local to it) against keys
+    [start, end) (global positions), in the order their results are merged; consecutive blocks of
+    the same query range are merged, a new range starts a new piece of the segment's out.
+
+    With a window: ``masks.key_blocks`` of the layer's band (query tiles, each ONE block whose band
+    is the window's, or ``Band()`` when every pair is visible: passed anyway, so every block of the
+    layer goes to the same kernel). Without: exactly a plain call's blocks (``_visible_blocks``)."""
+    if plan.band is None:
+        for start, end, causal in _visible_blocks(seg, plan.causal, one_call):
+            yield 0, seg.length, start, end, causal, None
+        return
+    g0 = seg.global_start
+    for blk in key_blocks(g0, g0 + seg.length, seg.doc_start, seg.doc_end, plan.band):
+        yield blk.q_start - g0, blk.q_end - g0, blk.k_start, blk.k_end, False, blk.band
+
+
+def _mask_keywords(band, plan: _Plan) -> dict:
+    """A block's ``band=`` / ``softcap=`` (only those set: a plain call's blocks are called as before)."""
+    return {name: value for name, value in (("band", band), ("softcap", plan.softcap)) if value is not None}
+
+
+def _attend_forward(qh, kv, plan: _Plan, sinks=None):
+    """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] (, sinks [hq]) -> out [b, hq, s_local, d], lse [b, hq, s_local].
 
     Blocks come back from the kernel in the input dtype or float32 (``Kernel.fp32_out``); merges
-    are float32 and each segment's out is rounded to the input dtype once, here."""
+    are float32 and each out is rounded to the input dtype once, here: after the sinks' rescaling
+    (``masks.apply_sinks``, which also makes lse the one with the sink) when there are sinks."""
     one_call = _one_call(qh, kv, plan)
     outs, lses = [], []
     for seg in plan.query_segments:
-        qc = qh[:, :, seg.local_start:seg.local_start + seg.length]  # [b, hq, n, d]
-        out = lse = None
-        for start, end, causal in _visible_blocks(seg, plan.causal, one_call):
-            o, l = block_forward(qc, kv[0, :, :, start:end], kv[1, :, :, start:end], plan.scale, causal)  # k/v [b, hkv, m, d]
-            out, lse = (o, l) if out is None else _merge(out, lse, o, l)
-        outs.append(out.to(qh.dtype))  # the one rounding of a merged (float32) out
+        qs = qh[:, :, seg.local_start:seg.local_start + seg.length]  # [b, hq, n, d]
+        piece = out = lse = None
+        for q0, q1, start, end, causal, band in _blocks(seg, plan, one_call):
+            o, l = block_forward(qs[:, :, q0:q1], kv[0, :, :, start:end], kv[1, :, :, start:end], plan.scale, causal,
+                                 **_mask_keywords(band, plan))  # k/v [b, hkv, m, d]
+            if piece == (q0, q1):
+                out, lse = _merge(out, lse, o, l)
+                continue
+            if piece is not None:
+                outs.append(out if sinks is not None else out.to(qh.dtype))  # the one rounding of a merged out
+                lses.append(lse)
+            piece, out, lse = (q0, q1), o, l
+        outs.append(out if sinks is not None else out.to(qh.dtype))
         lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)  # in lse's dtype (float32 for half inputs)
+        out = out.to(qh.dtype)
+    return out, lse
 
 
 def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
@@ -187,11 +230,12 @@ def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
     dkv = torch.zeros_like(kv, dtype=acc)  # keys no local query sees (other documents) stay zero
     one_call = _one_call(qh, kv, plan)
     for seg in plan.query_segments:
-        rows = slice(seg.local_start, seg.local_start + seg.length)
-        qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-        for start, end, causal in _visible_blocks(seg, plan.causal, one_call):
+        for q0, q1, start, end, causal, band in _blocks(seg, plan, one_call):
+            rows = slice(seg.local_start + q0, seg.local_start + q1)
+            qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
             dq_b, dk_b, dv_b = block_backward(doc, qc, kv[0, :, :, start:end], kv[1, :, :, start:end], oc, lc,
-                                              plan.scale, causal)  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
+                                              plan.scale, causal,
+                                              **_mask_keywords(band, plan))  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
             dq[:, :, rows] += dq_b
             dkv[0, :, :, start:end] += dk_b
             dkv[1, :, :, start:end] += dv_b
@@ -242,8 +286,9 @@ class _Prefetched:
         return (*self._slices[i], kv)
 
 
-def _lss_forward(q, k, v, plan: _Plan):
-    """q [b, s, H, d], k/v [b, s, Hkv, d] -> out [b, s, H, d], lse [b, H, s], kept KV per head chunk."""
+def _lss_forward(q, k, v, plan: _Plan, sinks=None):
+    """q [b, s, H, d], k/v [b, s, Hkv, d] (, sinks [H]) -> out [b, s, H, d], lse [b, H, s], kept KV
+    per head chunk. With sinks, out and lse are those with the sink (what backward runs on)."""
     b, s, h, d = q.shape
     qh = q.transpose(1, 2)  # [b, H, s, d] (a view; kernels make what they need contiguous)
     out = torch.empty_like(q)  # [b, s, H, d]
@@ -252,7 +297,7 @@ def _lss_forward(q, k, v, plan: _Plan):
     kept = []
     with InFlight() as flight:
         for kv_heads, q_heads, kv in _Prefetched(k, v, plan, "forward", flight):  # kv [2, b, c, L, d]
-            o, l = _attend_forward(qh[:, q_heads], kv, plan)
+            o, l = _attend_forward(qh[:, q_heads], kv, plan, None if sinks is None else sinks[q_heads])
             out_h[:, q_heads] = o
             if lse is None:
                 lse = l.new_empty((b, h, s))
@@ -263,10 +308,13 @@ def _lss_forward(q, k, v, plan: _Plan):
     return out, lse, kept
 
 
-def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
+def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan, sinks=None):
+    """dq, dk, dv (and d sinks [H], None without sinks). ``out``, ``lse``: the forward's, sinks
+    included; every block's backward runs on them unchanged, the sinks' gradient is per head chunk."""
     qh, dout_h, out_h = q.transpose(1, 2), dout.transpose(1, 2), out.transpose(1, 2)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dq_h = dq.transpose(1, 2)
+    dsinks = None if sinks is None else torch.empty_like(sinks)
 
     def store(kv_heads, scatter):  # waits for a chunk's reduce-scatter: [2, b, s, c, d]
         local = scatter.wait()
@@ -283,6 +331,8 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
             dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
                                          lse[:, q_heads], plan)
             dq_h[:, q_heads] = dq_c
+            if sinks is not None:
+                dsinks[q_heads] = sinks_grad(dout_h[:, q_heads], out_h[:, q_heads], lse[:, q_heads], sinks[q_heads])
             send_dtype = dkv.dtype if plan.kv_grad_dtype == "fp32" else kv.dtype
             del kv
             if previous is not None:
@@ -290,22 +340,22 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan):
             previous = kv_heads, flight.start(start_reduce_scatter_kv(dkv, plan.group, plan.layout, send_dtype))
             del dkv
         store(*previous)
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
 class _LSSAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan):
-        out, lse, kept = _lss_forward(q, k, v, plan)
+    def forward(ctx, q, k, v, sinks, plan: _Plan):
+        out, lse, kept = _lss_forward(q, k, v, plan, sinks)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse, *kept)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, *kept)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, *kept = ctx.saved_tensors
-        dq, dk, dv = _lss_backward(dout, q, k, v, out, lse, kept, ctx.plan)
-        return dq, dk, dv, None
+        q, k, v, out, lse, sinks, *kept = ctx.saved_tensors
+        dq, dk, dv, dsinks = _lss_backward(dout, q, k, v, out, lse, kept, ctx.plan, sinks)
+        return dq, dk, dv, dsinks, None
 
 
 def lss_attention(
@@ -317,6 +367,10 @@ def lss_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     settings: AttentionSettings | None = None,
     **setting_keywords,
 ) -> torch.Tensor:
@@ -342,23 +396,70 @@ def lss_attention(
     ``kv_head_chunk``: None (all KV heads in one gather), c (c KV heads per gather, pipelined) or
     "auto" (``lss_plugin.options.auto_head_chunk``, within ``kv_buffer_mib`` MiB when given, else
     ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked.
+
+    Per-layer masks (``lss_plugin.masks``), all in *global* positions, inside each document, and
+    composing with ``causal`` (None: a plain call, bit for bit):
+    ``window=(left, right)``: query q sees keys ``q - left <= k <= q + right`` (and ``k <= q`` when
+    causal). transformers' ``sliding_window = W`` keeps W keys including the query's own: ``(W - 1, 0)``
+    (flash-attn ``window_size=(W - 1, 0)``; ``masks.MaskSpec.sliding(W)``); megatron-core's
+    ``window_size`` is ``(left, right)`` as here. Non-causal calls take both sides.
+    ``chunk=C``: chunked attention (Llama 4 ``attention_chunk_size``): only keys of the same C-aligned
+    chunk of global positions, ``k // C == q // C`` (RoPE positions are the caller's and do not restart).
+    ``softcap``: ``cap * tanh(s / cap)`` on the scaled scores ``s``, before masking (Gemma 2
+    ``attn_logit_softcapping``).
+    ``sinks``: [H] floating tensor on q's device, one logit per query head of this rank (TP: the rank's
+    heads; the hybrid slices them itself), added to every row's softmax denominator without a value
+    (gpt-oss ``s_aux``, megatron-core ``softmax_type="learnable"``; ``"off-by-one"`` is sinks fixed at
+    0). Learnable: its gradient (this rank's queries' part, in sinks' dtype) flows back through
+    autograd; sum / average it over the SP group like any weight's.
+    Keys outside a window or chunk are never computed; masks change no collective.
     """
     groups = resolve_sequence_groups(group)  # no group to settle on: the same refusal on every rank
     # Every local check leaves its verdict; ONE fixed-size all-gather decides for the whole SP group
     # before any variable-size collective (lss_plugin.verdict), so a refusal is every rank's: the
     # settings are built inside it too (a bad keyword or LSS_KV_BUFFER_MIB on one rank only).
     local = LocalVerdict(lambda: describe_inputs(q, k, v, cu_seqlens))
-    call = local.attempt(_plan_call, q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, setting_keywords)
+    masks = _Masks(window, chunk, softcap, sinks)
+    call = local.attempt(_plan_call, q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, setting_keywords,
+                         masks)
     settle(local, groups.sp_group, None if call is None else call[0].signature.to_bytes())
     plan, kv_heads = call
     if groups.ulysses_size == 1:
-        out = _LSSAttentionFunction.apply(q, k, v, plan)
+        out = _LSSAttentionFunction.apply(q, k, v, sinks, plan)
     else:
-        out = _hybrid_attention(q, k, v, plan, groups, kv_heads)
+        out = _hybrid_attention(q, k, v, sinks, plan, groups, kv_heads)
     return _BackwardVerdict.apply(out, groups.sp_group, plan.signature) if groups.sp_size > 1 else out
 
 
-def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, setting_keywords):
+@dataclass(frozen=True)
+class _Masks:
+    """A call's per-layer mask arguments, as given (checked by ``_check_masks`` inside the verdict)."""
+
+    window: object = None
+    chunk: object = None
+    softcap: object = None
+    sinks: object = None
+
+
+def _check_masks(masks: _Masks, q, causal) -> MaskSpec:
+    """The call's MaskSpec; ValueError naming the value for a bad window, chunk, softcap or sinks."""
+    window = tuple(masks.window) if isinstance(masks.window, list) else masks.window
+    spec = MaskSpec(bool(causal), window, masks.chunk)  # validates window and chunk
+    check_softcap(masks.softcap)
+    sinks = masks.sinks
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise ValueError(f"sinks must be a 1-D floating tensor [H] (one logit per query head), "
+                             f"got {type(sinks).__name__}")
+        if sinks.dim() != 1 or sinks.shape[0] != q.shape[2] or not sinks.dtype.is_floating_point:
+            raise ValueError(f"sinks must be a 1-D floating tensor of this rank's {q.shape[2]} query heads, "
+                             f"got shape {tuple(sinks.shape)} dtype {sinks.dtype}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    return spec
+
+
+def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, setting_keywords, masks=_Masks()):
     """Every check of one call that reads only this rank's inputs and settings, and its plan; no collective.
     Returns (plan, KV heads after the hybrid's replication)."""
     settings = settings_from_keywords(settings, setting_keywords, "lss_attention")
@@ -366,7 +467,11 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     kv_grad_dtype, kv_buffer_mib = settings.kv_grad_dtype, settings.kv_buffer_mib
     _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib)
     check_mode()  # LSS_CHECK_CONSISTENCY: only its retired value is refused (lss_plugin.signature)
-    select_kernel(q)  # LSS_ATTENTION_KERNEL: a kernel that cannot run here is refused before any collective
+    spec = _check_masks(masks, q, causal)
+    # A causal-only band would steer blocks away from kernels without one (the sdpa ones on GPU): only windows send it.
+    band = spec.band if spec.window is not None else None
+    # LSS_ATTENTION_KERNEL: a kernel that cannot run here, or cannot take the masks, is refused before any collective
+    select_kernel(q, band=band, softcap=masks.softcap)
     b, s, h, d = q.shape
     hkv = k.shape[2]
     u = groups.ulysses_size
@@ -384,6 +489,7 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=head_chunk, softmax_scale=scale,
         kv_grad_dtype=kv_grad_dtype, documents=digest(bounds), ulysses=u,
+        window=spec.window, chunk=spec.chunk, softcap=masks.softcap, sinks=masks.sinks is not None,
     )
     signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
@@ -397,8 +503,12 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
         kv_grad_dtype=kv_grad_dtype,
         head_chunk=head_chunk,
         groups_per_kv=h // kv_heads,
-        query_segments=query_segments(rank_chunks(u * s, groups.lss_rank, groups.lss_size, layout), bounds),
+        # chunked attention is packed documents with more boundaries (masks.refine_bounds)
+        query_segments=query_segments(rank_chunks(u * s, groups.lss_rank, groups.lss_size, layout),
+                                      refine_bounds(bounds, spec.chunk)),
         signature=signature,
+        band=band,
+        softcap=masks.softcap,
     )
     return plan, kv_heads
 
@@ -419,19 +529,24 @@ class _BackwardVerdict(torch.autograd.Function):
         return dout, None, None
 
 
-def _hybrid_attention(q, k, v, plan: _Plan, groups, kv_heads: int):
+def _hybrid_attention(q, k, v, sinks, plan: _Plan, groups, kv_heads: int):
     """LSS x Ulysses: all-to-all in the Ulysses group, the LSS path over the LSS group, all-to-all back.
 
     q [b, s, H, d], k/v [b, s, Hkv, d] -> [b, s, H, d]. KV heads are replicated to ``kv_heads``
     first when U does not divide Hkv (autograd sums the copies' gradients). Forward: ONE fused
     all-to-all of q, k, v (carrying this rank's signature row) + the LSS collectives + ONE back;
-    backward: ONE all-to-all of dout + the LSS collectives + ONE fused all-to-all of dq, dk, dv."""
+    backward: ONE all-to-all of dout + the LSS collectives + ONE fused all-to-all of dq, dk, dv.
+    ``sinks`` [H]: this rank's slice after the all-to-all is the query heads it gets, slice
+    ``ulysses_rank`` of U (``ulysses.seq_to_heads``); autograd routes the slice's gradient back."""
     ulysses_group = groups.ulysses_group
     k, v = replicate_kv_heads(k, kv_heads), replicate_kv_heads(v, kv_heads)
     row = plan.signature.encode(q.dtype, q.device)  # [SIGNATURE_BYTES / itemsize]
     qh, kh, vh, rows = to_heads(q, k, v, group=ulysses_group, header=row)  # [b, U*s, H/U | Hkv'/U, d]
     note_in_band(rows)  # [U, n]: compared on the device, reported by the next verdict
-    out = _LSSAttentionFunction.apply(qh, kh, vh, plan)  # [b, U*s, H/U, d]
+    if sinks is not None:
+        per_rank = sinks.shape[0] // groups.ulysses_size
+        sinks = sinks[groups.ulysses_rank * per_rank:(groups.ulysses_rank + 1) * per_rank]  # [H/U]
+    out = _LSSAttentionFunction.apply(qh, kh, vh, sinks, plan)  # [b, U*s, H/U, d]
     return to_sequence(out, group=ulysses_group)[0]
 
 
@@ -450,9 +565,11 @@ class LSSAttention(torch.nn.Module):
         """What this module's ``lss_attention`` calls run with (read by ``lss_plugin.model_settings``)."""
         return self.settings
 
-    def forward(self, q, k, v, cu_seqlens=None):
+    def forward(self, q, k, v, cu_seqlens=None, *, window=None, chunk=None, softcap=None, sinks=None):
+        """Masks are per call (per layer): see ``lss_attention``."""
         return lss_attention(q, k, v, group=self.group, causal=self.causal, softmax_scale=self.softmax_scale,
-                             cu_seqlens=cu_seqlens, settings=self.settings)
+                             cu_seqlens=cu_seqlens, window=window, chunk=chunk, softcap=softcap, sinks=sinks,
+                             settings=self.settings)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, {self.settings}"

@@ -8,7 +8,7 @@ locally, after communication.
 
 Payload bytes recorded per call = bytes of the assembled buffer (N x the packed local k, v):
 ``2 * b * L * hkv * d * itemsize`` for both collectives, plus, for the all-gather, N x the
-48-byte call signature each rank appends (``lss_plugin.signature``). The reduce-scatter's itemsize
+80-byte call signature each rank appends (``lss_plugin.signature``). The reduce-scatter's itemsize
 is that of the dtype it sends (float32 for half inputs by default: ``kv_grad_dtype``). With
 sp_size 1 nothing is sent and nothing is recorded.
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lss_plugin.masks import MaskSpec, mask_pairs
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -98,10 +100,11 @@ def positions_in_documents(global_positions: torch.Tensor, cu_seqlens: torch.Ten
     return global_positions - cu[doc]
 
 
-def visible_pairs(bounds: tuple[int, ...], causal: bool) -> int:
-    """(query, key) pairs attention computes with these documents: sum of n(n+1)/2 (causal) or n^2."""
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    return sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+def visible_pairs(bounds: tuple[int, ...], causal: bool, window: tuple[int, int] | None = None,
+                  chunk: int | None = None) -> int:
+    """(query, key) pairs attention computes with these documents: sum of n(n+1)/2 (causal) or n^2;
+    with a window or chunks (``lss_plugin.masks``), the pairs that mask keeps (``masks.mask_pairs``)."""
+    return mask_pairs(tuple(bounds), MaskSpec(bool(causal), window, chunk))
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

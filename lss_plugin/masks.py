@@ -175,6 +175,30 @@ def key_blocks(q_start: int, q_end: int, doc_start: int, doc_end: int, band: Ban
     return blocks
 
 
+def _band_pairs(n: int, band: Band) -> int:
+    """Pairs (q, k) of one segment of n positions with ``k - q`` in the band: sum over offsets t of n - |t|."""
+    a = -(n - 1) if band.lo is None else max(band.lo, -(n - 1))
+    b = n - 1 if band.hi is None else min(band.hi, n - 1)
+    if a > b:
+        return 0
+
+    def abs_sum(lo, hi):  # sum of |t| for t in [lo, hi], lo <= hi
+        if lo >= 0:
+            return (lo + hi) * (hi - lo + 1) // 2
+        if hi <= 0:
+            return abs_sum(-hi, -lo)
+        return abs_sum(0, -lo) + abs_sum(0, hi)
+
+    return (b - a + 1) * n - abs_sum(a, b)
+
+
+def mask_pairs(bounds: tuple[int, ...], spec: MaskSpec) -> int:
+    """(query, key) pairs a mask keeps over documents ``bounds`` (the pairs attention needs; the
+    benchmark's measure of work). ``MaskSpec(causal)`` alone: n(n+1)/2 or n^2 per document."""
+    cut = refine_bounds(bounds, spec.chunk)
+    return sum(_band_pairs(b - a, spec.band) for a, b in zip(cut[:-1], cut[1:]))
+
+
 def visible(q: int, k: int, bounds: tuple[int, ...], spec: MaskSpec) -> bool:
     """The predicate itself, one pair at a time (for tests and documentation)."""
     import bisect
@@ -232,4 +256,4 @@ def sinks_grad(dout: torch.Tensor, out_sink: torch.Tensor, lse_sink: torch.Tenso
 
 
 __all__ = ["Band", "KeyBlock", "MaskSpec", "apply_sinks", "check_softcap", "dense_hidden", "key_blocks",
-           "refine_bounds", "sinks_grad", "softcap_grad", "softcap_scores", "visible"]
+           "mask_pairs", "refine_bounds", "sinks_grad", "softcap_grad", "softcap_scores", "visible"]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -82,7 +84,78 @@ def init_distributed(timeout_s: float | None = None, backend: str | None = None)
     device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=as_timedelta(timeout_s))
+    timeout = as_timedelta(timeout_s)
+    store = attempt_store(timeout) if agent_store_shared() else None
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Restarts under torchrun: one store namespace per attempt
+#
+# torchrun's c10d rendezvous (torch >= 2.5) hands its workers the agent's TCPStore
+# (TORCHELASTIC_USE_AGENT_STORE=True), and that store outlives a restart of the workers. The keys
+# the previous attempt's process groups wrote (gloo's peer addresses, NCCL's unique id) are still
+# there, so restarted workers may read them and connect to dead ports (pytorch #135712, #167288).
+# TORCHELASTIC_RESTART_COUNT cannot name the attempt: each node's agent counts its own restarts,
+# and a node restarted for a membership change does not count it. So the workers agree on a fresh
+# random token through the store in a way stale keys cannot fool: each rank publishes a fresh
+# nonce, and rank 0 answers under a key that contains it.
+
+_KEY = "lss_plugin/attempt"
+_POLL_S = 0.02
+
+
+def agent_store_shared() -> bool:
+    """Whether torchrun shares its rendezvous store (which survives restarts) with the workers."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store under a prefix that only this attempt's workers use."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    token = agree_on_token(store, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), timeout)
+    return dist.PrefixStore(f"{_KEY}/{token}/", store)
+
+
+def agree_on_token(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> str:
+    """A random token every rank of this attempt returns, read from ``store`` (shared with older
+    attempts, whose keys may still be there).
+
+    Rank r > 0 writes a fresh nonce to ``hello/r`` and waits for ``welcome/r/<nonce>``; rank 0
+    answers every nonce it sees there (a stale one too: its answer is never read) until each rank
+    has confirmed under ``joined/<token>``, a key no older attempt can have written.
+    """
+    if rank != 0:
+        nonce = secrets.token_hex(8)
+        store.set(f"{_KEY}/hello/{rank}", nonce)
+        store.wait([f"{_KEY}/welcome/{rank}/{nonce}"], timeout)
+        token = store.get(f"{_KEY}/welcome/{rank}/{nonce}").decode()
+        store.add(f"{_KEY}/joined/{token}", 1)
+        return token
+    token = secrets.token_hex(8)
+    answered: dict[int, bytes] = {}
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(f"{_KEY}/joined/{token}", 0) < world_size - 1:
+        for r in range(1, world_size):
+            key = f"{_KEY}/hello/{r}"
+            if store.check([key]):
+                nonce = store.get(key)
+                if answered.get(r) != nonce:
+                    store.set(f"{_KEY}/welcome/{r}/{nonce.decode()}", token)
+                    answered[r] = nonce
+        if time.monotonic() > deadline:
+            joined = store.add(f"{_KEY}/joined/{token}", 0)
+            silent = [r for r in range(1, world_size) if r not in answered]
+            raise TimeoutError(f"rank 0 waited {timeout.total_seconds():g}s for the other "
+                               f"{world_size - 1} ranks of this attempt: {joined} joined, no nonce "
+                               f"ever from ranks {silent}")
+        time.sleep(_POLL_S)
+    return token
 
 
 def free_port() -> int:

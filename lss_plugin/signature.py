@@ -3,11 +3,11 @@
 Every rank of a sequence-parallel group must call ``lss_attention`` with the same shapes and
 settings; ranks that disagree either hang (different buffer sizes) or, worse, pair up same-sized
 collectives and return wrong numbers without an error. ``CallSignature`` is what they must agree
-on, packed into ``SIGNATURE_BYTES`` = 48 bytes (``to_bytes``; little-endian, no padding).
+on, packed into ``SIGNATURE_BYTES`` = 80 bytes (``to_bytes``; little-endian, no padding).
 
 The rule (one collective schedule for every rank, whatever its history or environment):
 1. The verdict (``lss_plugin.verdict``). EVERY forward and EVERY backward of an ``lss_attention``
-   call over an SP group of N > 1 ranks starts with exactly ONE all-gather of 64 bytes per rank:
+   call over an SP group of N > 1 ranks starts with exactly ONE all-gather of 96 bytes per rank:
    the signature (gather "forward" or "backward") and a status word carrying this rank's local
    checks. It runs on every rank on every call; nothing a rank remembers or reads from its
    environment changes whether it runs, so every rank issues the same collectives in the same
@@ -16,7 +16,7 @@ The rule (one collective schedule for every rank, whatever its history or enviro
    the first variable-size collective (a collective whose ranks pass buffers of different sizes
    cannot be survived: it hangs or corrupts memory).
 2. In band (no extra collective). Each K/V all-gather (and the hybrid's all-to-all) carries the
-   signature bit-cast into the buffer's dtype (24 fp16/bf16, 12 fp32 or 6 fp64 elements appended
+   signature bit-cast into the buffer's dtype (40 fp16/bf16, 20 fp32 or 10 fp64 elements appended
    to the rank's packed k, v), so the bits arrive exactly. The rows are compared on the device
    (no host read per gather) and a disagreement, which after an agreed verdict only collectives
    issued outside ``lss_attention`` on the same group can cause, is reported by the next verdict.
@@ -66,13 +66,20 @@ _LAYOUT = (
     ("softmax_scale", "d"),  # the float64 bits: exact equality, no tolerance
     ("documents", "Q"),  # digest of cu_seqlens (lss_plugin.documents.digest); 0 = one document
     ("ulysses", "H"),  # Ulysses degree U of the hybrid (1 = pure LSS)
-    ("reserved", "H"),  # 0; keeps the row a multiple of 8 bytes and leaves a slot
+    ("masks", "H"),  # which mask fields are set: bit 0 window, 1 chunk, 2 softcap, 3 sinks
     ("ulysses_peers", "I"),  # reserved (0): the verdict compares the whole SP group's rows
+    ("window_left", "Q"),  # window (left, right) of lss_plugin.masks; 0 when unset (bit 0 says which)
+    ("window_right", "Q"),
+    ("chunk", "Q"),  # chunked attention's C; 0 when unset
+    ("softcap", "d"),  # the float64 bits of the cap; 0.0 when unset
 )
 _STRUCT = struct.Struct("<" + "".join(code for _, code in _LAYOUT))
-SIGNATURE_BYTES = _STRUCT.size  # 48: a multiple of every float itemsize
+SIGNATURE_BYTES = _STRUCT.size  # 80: a multiple of every float itemsize
 # Settings that share one byte: (name, choices, bit shift); each code is 1..15.
 _KV_MODES = (("kv_backward", KV_BACKWARD_MODES, 0), ("kv_grad_dtype", KV_GRAD_DTYPES, 4))
+# The optional mask fields (lss_plugin.masks): bit in "masks", and the raw fields that carry the value.
+_MASK_FIELDS = (("window", 0, ("window_left", "window_right")), ("chunk", 1, ("chunk",)),
+                ("softcap", 2, ("softcap",)), ("sinks", 3, ()))
 CHECK_ENV = "LSS_CHECK_CONSISTENCY"
 CHECK_MODES = ("always", "first")  # both: the verdict on every call (the module doc)
 
@@ -98,6 +105,10 @@ class CallSignature:
     head_chunk_index: int = 0
     ulysses: int = 1
     ulysses_peers: int = 0
+    window: tuple[int, int] | None = None  # masks: (left, right) keys around each query
+    chunk: int | None = None  # C-aligned chunks of global positions
+    softcap: float | None = None  # cap * tanh(s / cap) on the scaled scores
+    sinks: bool = False  # a sink logit per query head (its values are weights, not compared)
 
     def at(self, gather: str, head_chunk_index: int) -> "CallSignature":
         """The signature a particular gather of this call carries."""
@@ -111,9 +122,14 @@ class CallSignature:
             "causal": int(bool(self.causal)),
             "kv_modes": sum(_code(choices, getattr(self, name), name) << shift for name, choices, shift in _KV_MODES),
             "gather": _code(GATHERS, self.gather, "gather"),
-            "reserved": 0,
+            "masks": sum(1 << bit for name, bit, _ in _MASK_FIELDS if getattr(self, name) not in (None, False)),
+            "window_left": self.window[0] if self.window is not None else 0,
+            "window_right": self.window[1] if self.window is not None else 0,
+            "chunk": self.chunk or 0,
+            "softcap": float(self.softcap) if self.softcap is not None else 0.0,
             **{f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in ("dtype", "layout", "causal", "kv_backward", "kv_grad_dtype", "gather")},
+               if f.name not in ("dtype", "layout", "causal", "kv_backward", "kv_grad_dtype", "gather", "window",
+                                 "chunk", "softcap", "sinks")},
         }
         for name, code in _LAYOUT:
             if code != "d" and not 0 <= values[name] < 2 ** (8 * struct.calcsize(code)):
@@ -150,6 +166,12 @@ def decode(row: torch.Tensor) -> dict:
             values.update({mode: (value >> shift) & 0xF for mode, _, shift in _KV_MODES})
         else:
             values[name] = value
+    flags = values.pop("masks")
+    raw_masks = {name: values.pop(name) for _, _, parts in _MASK_FIELDS for name in parts}
+    values["window"] = (raw_masks["window_left"], raw_masks["window_right"]) if flags & 1 else None
+    values["chunk"] = raw_masks["chunk"] if flags & 2 else None
+    values["softcap"] = raw_masks["softcap"] if flags & 4 else None
+    values["sinks"] = bool(flags & 8)
     for name, choices in (("dtype", _DTYPES), ("layout", LAYOUTS), ("gather", GATHERS),
                           *((mode, choices) for mode, choices, _ in _KV_MODES)):
         code = values[name]
@@ -189,7 +211,7 @@ def check_mode() -> str:
     mode = os.environ.get(CHECK_ENV, "").strip() or "always"
     if mode not in CHECK_MODES:
         raise ValueError(
-            f"{CHECK_ENV}={mode!r}: lss_attention settles one 64-byte verdict over the sequence-parallel group on "
+            f"{CHECK_ENV}={mode!r}: lss_attention settles one 96-byte verdict over the sequence-parallel group on "
             f"every call and cannot skip it on one rank (its peers would pair their next collective with a "
             f"different one); accepted: {CHECK_MODES}, both meaning that, or unset")
     return mode

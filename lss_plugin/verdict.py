@@ -7,7 +7,7 @@ it leaves this rank's first error in a ``LocalVerdict``, and ``settle`` combines
 verdict in ONE fixed-size all-gather over the sequence-parallel group, before any variable-size
 collective of the call:
 
-    row per rank, ROW_BYTES = 64:  [call signature (48 bytes) | status (16 bytes)]
+    row per rank, ROW_BYTES = 96:  [call signature (80 bytes) | status (16 bytes)]
     status = (error kind u8, 0 = ok | reserved u8 | reserved u16 | in-band flag u32 | reserved u64)
 
 Every rank then holds the same N rows and reaches the same decision:
@@ -19,7 +19,7 @@ Every rank then holds the same N rows and reaches the same decision:
   naming each differing field and every rank's value (``signature.check_rows``);
 - an earlier call's in-band signature rows differed (``note_in_band``): RuntimeError.
 No collective is left pending on any of these paths, so the group stays usable (gloo; on NCCL
-see docs/reliability.md). One host read per settle: the gathered rows (``N x 64`` bytes).
+see docs/reliability.md). One host read per settle: the gathered rows (``N x 96`` bytes).
 
 Errors found outside a call (the transformers mask function, an adapter's own checks) are
 ``defer``-red: recorded here and folded into the next settle on this process, which the adapter
@@ -38,7 +38,7 @@ from lss_plugin.comm import all_gather_flat
 from lss_plugin.signature import SIGNATURE_BYTES, check_rows
 
 _STATUS = struct.Struct("<BBHIQ")
-ROW_BYTES = SIGNATURE_BYTES + _STATUS.size  # 64
+ROW_BYTES = SIGNATURE_BYTES + _STATUS.size  # 96
 MESSAGE_BYTES = 1024  # per rank, only after a refusal
 NAME, MESSAGE_NAME = "verdict", "verdict_messages"  # collective counter names
 # error kind codes <-> exception types raised on every rank (0 = ok)

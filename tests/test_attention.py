@@ -81,8 +81,8 @@ def _expected_comm(world, heads, kv_backward, head_chunk, itemsize, kv_grad_dtyp
     rounds = 2 if kv_backward == "regather" else 1  # gathers of every head: forward (+ regather)
     all_heads = 2 * b * seq * hkv * d * itemsize  # packed [k; v] of every KV head, all L positions
     all_grads = 2 * b * seq * hkv * d * grad_itemsize  # packed [dk; dv]
-    signatures = world * SIGNATURE_BYTES  # each rank's 48-byte call signature rides in every gather
-    # the verdict: one 64-byte row per rank at the start of the forward and of the backward
+    signatures = world * SIGNATURE_BYTES  # each rank's SIGNATURE_BYTES-byte call signature rides in every gather
+    # the verdict: one ROW_BYTES-byte row per rank at the start of the forward and of the backward
     return ({"all_gather_into_tensor": rounds * n_chunks, "reduce_scatter_tensor": n_chunks, "verdict": 2},
             {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), "reduce_scatter_tensor": all_grads,
              "verdict": 2 * world * ROW_BYTES})

@@ -10,7 +10,7 @@ magnitude (absolute below 1), as ``tests/test_documents.py``.
 Communication per call (``record_collectives``), U > 1, R = 4 / U LSS ranks, Hkv' KV heads after
 replication, c KV heads per gather: all-to-all 4 (ONE fused q/k/v in + ONE out back in forward;
 ONE dout + ONE fused dq/dk/dv in backward); the LSS gathers and reduce-scatters of the existing path
-over the LSS group of R ranks (none when R = 1); the verdict (one 64-byte row per rank over the whole
+over the LSS group of R ranks (none when R = 1); the verdict (one 96-byte row per rank over the whole
 SP group at the start of the forward and of the backward). U = 1 sends exactly what pure LSS sends.
 """
 import itertools

@@ -10,6 +10,7 @@ for only after the next chunk computed), never from timings. The auto rule is a 
 import os
 import time
 import traceback
+from unittest import mock
 
 import pytest
 import torch
@@ -88,18 +89,20 @@ def _sweep(with_log):
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for causal, layout, heads, kv_backward, chunk, docs in CASES:
-        if docs is None:
-            res = _unpacked_case(rank, world, causal, layout, heads, kv_backward, chunk, torch.float64)
-        else:
-            res = _packed_case(causal, layout, heads, kv_backward, chunk, docs)
+        # the budget variable only beside "auto": with a fixed chunk it is refused, not ignored
+        budget = {KV_BUFFER_ENV: repr(ONE_HEAD_BUDGET_MIB)} if chunk == "auto" else {}
+        with mock.patch.dict(os.environ, budget):
+            if docs is None:
+                res = _unpacked_case(rank, world, causal, layout, heads, kv_backward, chunk, torch.float64)
+            else:
+                res = _packed_case(causal, layout, heads, kv_backward, chunk, docs)
         results.append(res)
     return results, (_schedule_log() if with_log else None)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_pipelined_chunks_exact_with_unchanged_collectives(world):
-    env = {KV_BUFFER_ENV: repr(ONE_HEAD_BUDGET_MIB)}
-    for results, log in run_ranks(_sweep, world, world == 2, env=env):
+    for results, log in run_ranks(_sweep, world, world == 2):
         for case, (errors, calls, nbytes) in zip(CASES, results):
             assert max(errors.values()) < 1e-10, (case, errors)
             chunk, mode = _as_run(case)
@@ -180,8 +183,8 @@ def test_auto_backward_regathers_exactly_when_chunked():
 def test_bad_budgets_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="kv_buffer_mib must be a positive number"):
         check_kv_buffer_mib(bad)
-    with pytest.raises(ValueError, match="kv_buffer_mib must be a positive number"):
-        lss_plugin.lss_attention(*(torch.randn(1, 4, 2, 8),) * 3, kv_head_chunk="auto", kv_buffer_mib=bad)
+    with pytest.raises(ValueError, match="kv_buffer_mib must be a positive number"):  # what lss_attention builds
+        lss_plugin.AttentionSettings(kv_head_chunk="auto", kv_buffer_mib=bad)
 
 
 def test_budget_settings_that_cannot_be_honoured_are_refused():
@@ -189,11 +192,10 @@ def test_budget_settings_that_cannot_be_honoured_are_refused():
     for raw in ("lots", "0", "-5", "nan"):
         with pytest.raises(ValueError, match="LSS_KV_BUFFER_MIB must be a positive number"):
             kv_buffer_mib_from_env({KV_BUFFER_ENV: raw})
-    x = torch.randn(1, 4, 2, 8)
-    for chunk in (None, 1):
+    for chunk in (None, 1):  # lss_attention's keywords build this object (inside its verdict)
         with pytest.raises(ValueError, match=rf"kv_buffer_mib \(64\) is the budget of kv_head_chunk='auto', got kv_head_chunk={chunk}"):
-            lss_plugin.lss_attention(x, x, x, kv_head_chunk=chunk, kv_buffer_mib=64)
+            lss_plugin.AttentionSettings(kv_head_chunk=chunk, kv_buffer_mib=64)
         with pytest.raises(ValueError, match=r"kv_buffer_mib \(64\) is the budget"):  # the module: when built
             lss_plugin.LSSAttention(kv_head_chunk=chunk, kv_buffer_mib=64)
     with pytest.raises(ValueError, match="kv_head_chunk must be"):
-        lss_plugin.lss_attention(x, x, x, kv_head_chunk="fast")
+        lss_plugin.AttentionSettings(kv_head_chunk="fast")

@@ -429,7 +429,7 @@ def test_real_hybrid_bytes_inside_and_across_match_the_model():
             model = plan(spec, seq, setup)
             want_bytes = {names[t]: v for t, v in model.bytes_by_type().items() if t in names and v}
             want_calls = {names[t]: v for t, v in model.calls_by_type().items() if t in names and v}
-            # the verdict (lss_plugin.verdict): one 64-byte row per rank at the start of forward and backward;
+            # the verdict (lss_plugin.verdict): one 96-byte row per rank at the start of forward and backward;
             # not a term of the model (a fixed latency, no bandwidth), counted exactly here
             assert (r["calls"].pop("verdict"), r["bytes"].pop("verdict")) == (2, 2 * 4 * ROW_BYTES), r
             got_bytes = {k: v for k, v in r["bytes"].items() if v}

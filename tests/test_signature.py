@@ -3,7 +3,7 @@
 The issue's repro: every rank calls once with layout="contiguous" and once with "balanced" (in
 agreement, so any per-process memory of earlier calls has seen both), then the ranks disagree. Every
 signature field reachable through the API gets the same treatment on 2 and 3 ranks, whether it sizes
-a collective or not: the call's verdict (``lss_plugin.verdict``, one 64-byte all-gather before any
+a collective or not: the call's verdict (``lss_plugin.verdict``, one 96-byte all-gather before any
 K/V collective) must raise RuntimeError on EVERY rank naming the field and each rank's value, and
 afterwards the group must still compute exact attention (float32, 1e-5 relative to the one-process
 reference). The in-band rows of the K/V gathers are compared on the device and reported by the next
@@ -193,8 +193,10 @@ def test_in_band_rows_that_differ_raise_at_the_next_verdict_on_every_rank(sweep)
         assert error_after < 1e-5
 
 
-def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
-    """Exact overhead: N x SIGNATURE_BYTES (48) bytes per gather; printed for the README."""
+def test_signature_overhead_under_one_percent_at_L_1024_or_more(sweep):
+    """Exact overhead: N x SIGNATURE_BYTES (80, with the mask fields of issue 28) bytes per gather;
+    printed for the README. The worst case (fp16, N = 3, one KV head of head dim 8 per gather) is
+    0.73%; a head dim of 64 or more makes it 8x smaller."""
     world, per_rank = sweep
     for dtype, f in per_rank[0]["overhead"].items():
         assert f["calls"] == 8
@@ -202,7 +204,7 @@ def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
         fraction = (f["gathered"] - f["payload"]) / f["gathered"]
         print(f"signature overhead, N={world}, {dtype}, L={f['L']}, d=8, one KV head per gather: "
               f"{f['gathered'] - f['payload']} of {f['gathered']} gathered bytes = {100 * fraction:.3f}%")
-        assert fraction < 0.005
+        assert fraction < 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def test_signature_overhead_under_half_a_percent_at_L_1024_or_more(sweep):
 SIG = CallSignature(batch=2, s_local=8, heads=4, kv_heads=2, head_dim=16, dtype=torch.bfloat16,
                     layout="balanced", causal=True, kv_backward="regather", kv_head_chunk=1,
                     softmax_scale=0.125, documents=0xDEADBEEF12345678, gather="regather", head_chunk_index=1,
-                    kv_grad_dtype="input")
+                    kv_grad_dtype="input", window=(127, 0), chunk=8192, softcap=50.0, sinks=True)
 
 VARIANTS = {
     "batch": {"batch": 3}, "s_local": {"s_local": 6}, "heads": {"heads": 8}, "kv_heads": {"kv_heads": 1},
@@ -220,6 +222,7 @@ VARIANTS = {
     "softmax_scale": {"softmax_scale": 0.125000001}, "documents": {"documents": 7}, "gather": {"gather": "forward"},
     "head_chunk_index": {"head_chunk_index": 0}, "kv_grad_dtype": {"kv_grad_dtype": "fp32"},
     "ulysses": {"ulysses": 2}, "ulysses_peers": {"ulysses_peers": 0x9E3779B9},
+    "window": {"window": (127, 1)}, "chunk": {"chunk": None}, "softcap": {"softcap": 30.0}, "sinks": {"sinks": False},
 }
 
 
@@ -260,4 +263,19 @@ def test_values_too_wide_for_their_field_are_refused_by_name():
 
     with pytest.raises(ValueError, match="heads=70000 does not fit the 16-bit field"):
         replace(SIG, heads=70000).to_bytes()
-    assert struct.calcsize("<" + "B" * 6 + "H" * 5 + "I" * 2 + "d" + "Q" + "H" * 2 + "I") == SIGNATURE_BYTES == 48
+    with pytest.raises(ValueError, match=r"window_left=18446744073709551616 does not fit the 64-bit field"):
+        replace(SIG, window=(2 ** 64, 0)).to_bytes()
+    assert struct.calcsize("<" + "B" * 6 + "H" * 5 + "I" * 2 + "d" + "Q" + "H" * 2 + "I" + "Q" * 3 + "d") \
+        == SIGNATURE_BYTES == 80
+
+
+def test_unset_mask_fields_differ_from_every_set_value():
+    """window (0, 0) (each query its own key) is not 'no window', chunk / softcap unset is not 0."""
+    from dataclasses import replace
+
+    plain = replace(SIG, window=None, chunk=None, softcap=None, sinks=False)
+    for variant in ({"window": (0, 0)}, {"chunk": 1}, {"softcap": 1e-300}, {"sinks": True}):
+        rows = torch.stack([plain.encode(torch.float64), replace(plain, **variant).encode(torch.float64)])
+        name = next(iter(variant))
+        with pytest.raises(RuntimeError, match=rf"\b{name}: rank 0={False if name == 'sinks' else None}, rank 1="):
+            check_rows(rows)

@@ -6,6 +6,7 @@ latency 100ms && exec python -m lss_plugin.bench.netns IN OUT'``: all ranks and 
 store share that namespace's loopback, so every byte between ranks passes one token bucket of G
 Gbit/s (inter-node bandwidth as seen from one host). It needs root (or CAP_NET_ADMIN and user
 namespaces) and the ``unshare``, ``ip`` and ``tc`` commands; ``link_unavailable()`` says why not.
+Several namespaces with fast links inside and slow ones between: ``lss_plugin.cluster``.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import tempfile
 
 
 def _shell(gbit: float, command: str) -> list[str]:
-    setup = (f"ip link set lo up && tc qdisc add dev lo root tbf rate {gbit:g}gbit burst 256kb "
-             f"latency 100ms")
-    return ["unshare", "-n", "bash", "-c", f"{setup} && {command}"]
+    from lss_plugin.cluster.net import shaping_commands  # the same token bucket as the simulated nodes' links
+
+    shape = " && ".join(shlex.join(cmd) for cmd in shaping_commands("lo", f"{gbit:g}gbit"))
+    return ["unshare", "-n", "bash", "-c", f"ip link set lo up && {shape} && {command}"]
 
 
 def link_unavailable() -> str | None:

@@ -43,13 +43,14 @@ def _rank(iters: int, seq_len: int, heads: int, head_dim: int) -> dict:
 
     import lss_plugin
     from lss_plugin.runtime import default_device
+    from lss_plugin.signature import SIGNATURE_BYTES
     from lss_plugin.verdict import NAME, LocalVerdict, settle
 
     world = dist.get_world_size()
     topo = lss_plugin.init_topology(world)
     device = default_device()
     q = torch.randn(1, seq_len // world, heads, head_dim, device=device, requires_grad=True)
-    row = b"\1" + bytes(47)  # any 48-byte signature, the same on every rank
+    row = b"\1" + bytes(SIGNATURE_BYTES - 1)  # any signature, the same on every rank
 
     def step():
         out = lss_plugin.lss_attention(q, q, q, causal=True, kv_head_chunk=None)

@@ -14,7 +14,7 @@ from lss_plugin.deepspeed.mpu import LSSMpu
 from lss_plugin.deepspeed.reduction import install_lss_gradient_averaging
 from lss_plugin.deepspeed.zero3 import check_partition_groups, partition_over_grid
 from lss_plugin.rng import fork_sequence_parallel_rng
-from lss_plugin.runtime import as_timedelta, init_distributed, launched
+from lss_plugin.runtime import agent_store_shared, as_timedelta, init_distributed, launched
 from lss_plugin.topology import init_topology
 
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500
@@ -43,8 +43,10 @@ def initialize(
     """
     import deepspeed
 
-    if not dist.is_initialized() and not launched():
+    if not dist.is_initialized() and (not launched() or agent_store_shared()):
         # One plain `python` process: a one-rank group instead of DeepSpeed's MPI discovery.
+        # Under torchrun's shared rendezvous store: the plugin's start-up, which survives restarts
+        # (deepspeed.init_distributed would read the previous attempt's keys).
         init_distributed()
     config = _resolve_config(args, config, config_params)
     lss = LSSConfig.from_ds_config(config)
