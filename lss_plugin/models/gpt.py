@@ -139,10 +139,8 @@ class SelfAttention(nn.Module):
         if self.lss is None:  # one process, whole sequence: the reference
             out = _reference_attention(q, k, v, self.window, self.sinks, cu_seqlens)
         else:
-            masks = {name: value for name, value in (("window", self.window), ("sinks", self.sinks))
-                     if value is not None}
             out = lss_attention(q, k, v, group=self.lss.group, causal=True, cu_seqlens=cu_seqlens,
-                                settings=self.lss.settings, **masks)
+                                window=self.window, sinks=self.sinks, settings=self.lss.settings)
         return self.proj(out.reshape(b, s, c.hidden_size))
 
 
