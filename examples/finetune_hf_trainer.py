@@ -55,6 +55,12 @@ class ExampleArguments:
                 "DataCollatorWithFlattening, no attention or targets across documents"})
     document_separator: str = field(default="<page>", metadata={
         "help": "with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n' for lines)"})
+    model_config: str | None = field(default=None, metadata={
+        "help": "JSON object of config fields for --model-type, e.g. "
+                "'{\"sliding_window\": 8, \"layer_types\": [\"sliding_attention\", \"full_attention\"]}'"})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "the attention without LSS (eager for models whose sdpa path lacks a feature, e.g. gpt-oss sinks); "
+                "LSSTrainer switches it to lss when the DeepSpeed config enables LSS"})
 
     @property
     def separator(self) -> bytes:
@@ -183,9 +189,10 @@ def run(example: ExampleArguments, training: TrainingArguments):
     config = hf.small_causal_lm_config(
         example.model_type, hidden_size=example.hidden_size, num_layers=example.num_layers,
         num_heads=example.num_heads, num_kv_heads=example.num_kv_heads, max_positions=example.seq_length,
+        **(json.loads(example.model_config) if example.model_config else {}),
     )
     # Built with the default attention: LSSTrainer switches it to "lss" when the config enables LSS.
-    model = hf.build_causal_lm(config, attn_implementation="sdpa", seed=training.seed)
+    model = hf.build_causal_lm(config, attn_implementation=example.attn_implementation, seed=training.seed)
     evaluating = training.do_eval or training.eval_strategy != "no"
     if example.pack_documents:
         from transformers import DataCollatorWithFlattening

@@ -1,10 +1,11 @@
 """Adapter inputs that used to be accepted and silently ignored are refused by name, or work exactly.
 
 transformers: attention arguments LSS does not implement are refused by name, not dropped.
-gpt-oss passes its attention sinks as ``s_aux``; a caller may pass packed-sequence boundaries
-(``cu_seq_lens_q/k``). Both used to be swallowed by ``**kwargs`` and ignored. On one rank (an SP
-group of one, so LSS must equal SDPA) the common families still run and match SDPA within 1e-5
-(float32, relative), and those two are refused naming the argument.
+A caller may pass an argument LSS does not implement (``seq_idx``) or packed-sequence boundaries
+that do not cover the batch (``cu_seq_lens_q/k``); both used to be swallowed by ``**kwargs`` and
+ignored. On one rank (an SP group of one, so LSS must equal SDPA) the common families still run and
+match SDPA within 1e-5 (float32, relative), gpt-oss's sinks (``s_aux``, issue 28) match its eager
+attention, and those two are refused naming the argument.
 
 lss_plugin.models.gpt: position_ids that are not this rank's global positions under the layout
 (local positions, another layout) are refused; the right ones give the one-process logits
@@ -58,8 +59,10 @@ def _cases():
 
     oss = hf.small_causal_lm_config("gpt_oss", hidden_size=16, num_heads=2, num_kv_heads=1, num_layers=1,
                                     num_local_experts=2, num_experts_per_tok=1)
-    refusals["s_aux"] = refusal(lambda: hf.build_causal_lm(oss)(ids))
+    ref = hf.build_causal_lm(oss, attn_implementation="eager")(ids).logits  # sdpa has no sinks
+    errors["gpt_oss"] = ((hf.build_causal_lm(oss)(ids).logits - ref).abs().max() / ref.abs().max()).item()
     llama = hf.build_causal_lm(hf.small_causal_lm_config("llama", hidden_size=16, num_heads=2, num_layers=1))
+    refusals["seq_idx"] = refusal(lambda: llama(ids, seq_idx=torch.zeros_like(ids, dtype=torch.int32)))
     cu = torch.tensor([0, 4, 8, 12, 16], dtype=torch.int32)
     refusals["cu_seq_lens_q"] = refusal(lambda: llama(ids.reshape(1, -1), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                                                       max_length_q=4, max_length_k=4))
@@ -70,7 +73,8 @@ def test_unknown_attention_arguments_are_refused_and_known_families_still_match_
     (errors, refusals), = run_ranks(_cases, 1, timeout_s=240)
     for model_type, err in errors.items():
         assert err < 1e-5, (model_type, err)
-    assert refusals["s_aux"] is not None and "['s_aux']" in refusals["s_aux"] and "GptOss" in refusals["s_aux"]
+    assert set(errors) == {"llama", "gpt2", "mistral", "qwen2", "gpt_oss"}, errors
+    assert refusals["seq_idx"] is not None and "['seq_idx']" in refusals["seq_idx"] and "Llama" in refusals["seq_idx"]
     assert refusals["cu_seq_lens_q"] is not None and "cu_seq_lens_q" in refusals["cu_seq_lens_q"]
 
 

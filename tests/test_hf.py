@@ -206,9 +206,11 @@ def _refusals():
 
     ids = torch.randint(0, 256, (1, SEQ_LEN))
     batch = hf.shard_causal_lm_batch(ids)
-    mistral = hf.build_causal_lm(hf.small_causal_lm_config("mistral", hidden_size=16, num_heads=2, num_layers=1,
-                                                           sliding_window=8))
-    attempt("sliding", lambda: mistral(**batch.model_inputs()))
+    # Llama 4's query temperature tuning on a NoPE layer reads local indices: exact only below floor_scale
+    llama4 = hf.build_causal_lm(hf.small_causal_lm_config(
+        "llama4_text", hidden_size=16, num_heads=2, num_layers=1, no_rope_layers=[0], layer_types=["full_attention"],
+        floor_scale=8))
+    attempt("temperature", lambda: llama4(**batch.model_inputs()))
     llama_cfg = hf.small_causal_lm_config("llama", hidden_size=16, num_heads=2, num_layers=1)
     llama = hf.build_causal_lm(llama_cfg)
     inputs = batch.model_inputs()
@@ -328,7 +330,7 @@ def test_refused_settings_name_themselves(four_ranks):
 
 
 def _check_refusals(found):
-    assert "MistralConfig.sliding_window=8" in found["sliding"] and "16" in found["sliding"]
+    assert "attn_temperature_tuning" in found["temperature"] and "16 tokens (floor_scale=8)" in found["temperature"]
     assert "padding" in found["padding"]
     assert "position_ids" in found["positions"] and "shard_causal_lm_batch" in found["positions"]
     assert "dropout=0.1" in found["dropout"]

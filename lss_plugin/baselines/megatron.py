@@ -24,6 +24,15 @@ from lss_plugin.megatron.attention import CAUSAL_MASK_TYPES, LSSDotProductAttent
 class _BaselineCoreAttention(LSSDotProductAttention):
     """``[s, b, heads, d]`` in, ``[s, b, heads * d]`` out; subclasses implement ``attend``."""
 
+    def __init__(self, config, layer_number, attn_mask_type, *args, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, *args, **kwargs)
+        # LSSDotProductAttention takes these (lss_plugin.megatron.masks); the baselines' attend does not.
+        unsupported = [f"window_size={self.window_size}"] if self.window_size is not None else []
+        if self.softmax_offset is not None:
+            unsupported.append(f"softmax_type={config.softmax_type!r}")
+        if unsupported:
+            raise ValueError(f"{type(self).__name__} does not support " + ", ".join(unsupported))
+
     def attend(self, q, k, v, causal: bool) -> torch.Tensor:  # [b, s, H, d] -> [b, s, H, d]
         raise NotImplementedError
 

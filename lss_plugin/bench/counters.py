@@ -202,6 +202,33 @@ def _rebind_module_references() -> None:
     _SCANNED_MODULES = len(modules)
 
 
+def wrap_collectives(decorate) -> None:
+    """Put ``decorate(name, fn)`` around every counting wrapper (``name``: the canonical collective name),
+    e.g. the two-speed benchmark's timer, and re-point every module reference to it (later rebinds too)."""
+    import sys
+
+    global _SCANNED_MODULES
+    install()
+    replaced = {}  # id(counting wrapper) -> (counting wrapper, decorated)
+    for name in _COLLECTIVES:
+        wrapped = getattr(c10d, name, None)
+        if wrapped is None or name not in _INSTALLED:
+            continue
+        new = decorate(CANONICAL.get(name, name), wrapped)
+        _WRAPPERS[id(_INSTALLED[name])] = new
+        replaced[id(wrapped)] = (wrapped, new)
+        setattr(c10d, name, new)
+        setattr(dist, name, new)
+    for module in list(sys.modules.values()):  # modules that took the counting wrapper at install()
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or module is c10d:
+            continue
+        for attr, value in list(namespace.items()):
+            if id(value) in replaced and replaced[id(value)][0] is value:
+                namespace[attr] = replaced[id(value)][1]
+    _SCANNED_MODULES = 0
+
+
 def is_installed() -> bool:
     return bool(_INSTALLED)
 

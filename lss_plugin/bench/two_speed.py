@@ -101,11 +101,9 @@ def install_timer() -> None:
     import threading
 
     import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
 
     from lss_plugin.bench import counters
 
-    counters.install()
     state = threading.local()
     names: dict[int, str] = {}  # id(Work) -> collective that returned it
 
@@ -127,25 +125,7 @@ def install_timer() -> None:
         wrapper.__lss_counting_wrapper__ = True
         return wrapper
 
-    replaced = {}  # id(counting wrapper) -> timed wrapper
-    for name in counters._COLLECTIVES:
-        wrapped = getattr(c10d, name, None)
-        if wrapped is None:
-            continue
-        new = timed(counters.CANONICAL.get(name, name), wrapped)
-        counters._WRAPPERS[id(counters._INSTALLED[name])] = new  # later rebinds of the originals
-        replaced[id(wrapped)] = (wrapped, new)
-        setattr(c10d, name, new)
-        setattr(dist, name, new)
-    # modules that took the counting wrapper at install() (lss_plugin.comm) get the timed one
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict) or module is c10d:
-            continue
-        for attr, value in list(namespace.items()):
-            if id(value) in replaced and replaced[id(value)][0] is value:
-                namespace[attr] = replaced[id(value)][1]
-    counters._SCANNED_MODULES = 0
+    counters.wrap_collectives(timed)  # every collective, also where modules hold references
     wait = dist.Work.wait
 
     def timed_wait(self, *args, **kwargs):

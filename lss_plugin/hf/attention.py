@@ -9,9 +9,15 @@ transformers (5.x) resolves a model's attention by name in two registries:
 
 Under LSS every rank holds ``s_local = L / N`` tokens of each sequence, so the model-side mask
 machinery only ever sees local lengths. The mask function here therefore builds no mask: it checks
-that the pattern is one ``lss_attention`` reproduces exactly (causal, or a sliding window wider than
-the whole sequence; no padding) and returns ``None``; anything else is refused with the setting to
-change. The attention function then runs ``lss_attention`` with the causal mask in global positions.
+that the pattern is one ``lss_attention`` reproduces exactly (causal, a causal sliding window, causal
+chunked attention; no padding) and returns ``None``; anything else (image-token overlays, bidirectional
+patterns, ...) is refused with the setting to change. The attention function then runs
+``lss_attention`` with the layer's own mask in global positions, read from the module and its config
+(``lss_plugin.hf.layer_masks``): ``window=`` from the ``sliding_window`` it receives (or the layer's
+``"sliding_attention"`` type), ``chunk=`` from a ``"chunked_attention"`` layer's
+``config.attention_chunk_size`` (the function receives no chunk argument), ``softcap=`` as received
+(Gemma 2), ``sinks=`` from ``s_aux`` (gpt-oss: the module's learnable ``sinks`` parameter, whose
+gradient flows back through autograd and is then averaged like any weight's).
 Both read this rank's data (its padding mask, its position ids), so neither raises alone: a refusal
 is deferred to the ``lss_attention`` call's verdict, which raises it on every rank of the SP group
 (``lss_plugin.verdict``).
@@ -40,8 +46,10 @@ import torch.distributed as dist
 
 from lss_plugin.attention import lss_attention
 from lss_plugin.documents import host_bounds
+from lss_plugin.hf.layer_masks import check_sinks, check_temperature_tuning, chunked_documents, layer_mask
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS, boundaries_from_flash_kwargs
 from lss_plugin.hf.registry import DEFAULT_NAME, is_registered, lss_options, options_for_config, set_options
+from lss_plugin.masks import MaskSpec
 from lss_plugin.options import AttentionSettings, settings_from_keywords
 from lss_plugin.topology import resolve_sequence_groups, resolve_sp_group
 from lss_plugin.verdict import defer
@@ -108,23 +116,26 @@ def _sp_size(options: LSSHFOptions) -> int:
 # Mask function: validate the requested pattern, build nothing.
 # ---------------------------------------------------------------------------------------------
 
-def _is_sliding_window_causal(mask_function) -> bool:
-    """True for transformers' ``sliding_window_causal_mask_function(w)``: and_masks(overlay, causal).
+def _overlay_on_causal(mask_function):
+    """The overlay of transformers' ``and_masks(overlay, causal_mask_function)`` (sliding window or
+    chunked causal), else None.
 
     Recognised by structure (qualified names of the closures), so an unknown wrapper - packed
-    sequences, image-token overlays - is never mistaken for it.
+    sequences, image-token overlays - is never mistaken for one.
     """
     from transformers.masking_utils import causal_mask_function
 
     if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
-        return False
+        return None
     cells = [c.cell_contents for c in (mask_function.__closure__ or ())]
     parts = next((c for c in cells if isinstance(c, tuple)), ())
-    return (
-        len(parts) == 2
-        and getattr(parts[0], "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"
-        and parts[1] is causal_mask_function
-    )
+    if len(parts) != 2 or parts[1] is not causal_mask_function:
+        return None
+    return parts[0] if getattr(parts[0], "__qualname__", "") in _OVERLAYS else None
+
+
+# The overlays LSS reproduces on a causal mask (the layer's window / chunk comes from its config).
+_OVERLAYS = ("sliding_window_overlay.<locals>.inner_mask", "chunked_overlay.<locals>.inner_mask")
 
 
 def lss_attention_mask(
@@ -139,20 +150,19 @@ def lss_attention_mask(
     config=None,
     **kwargs,
 ):
-    """``AttentionMaskInterface`` entry: ``None`` (global causal mask, applied inside LSS); a refusal is
+    """``AttentionMaskInterface`` entry: ``None`` (the layer's mask is applied inside LSS, in global
+    positions: nothing per rank is recorded here, each layer's attention reads its own config); a refusal is
     deferred to the next ``lss_attention`` call's verdict (``lss_plugin.verdict.defer``), which then
     raises it on every rank of the SP group: the padding mask is this rank's alone, and raising here
     would leave the other ranks waiting in their first collective."""
     try:
-        _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size,
-                            config)
+        _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, config)
     except ValueError as err:
         defer(err)
     return None
 
 
-def _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, local_size,
-                        config) -> None:
+def _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, config) -> None:
     from transformers.masking_utils import causal_mask_function
 
     model = type(config).__name__ if config is not None else "the model"
@@ -171,30 +181,19 @@ def _check_mask_request(q_length, kv_length, q_offset, kv_offset, mask_function,
         )
     if mask_function is causal_mask_function:
         return
-    if _is_sliding_window_causal(mask_function) and local_size is not None:
-        _check_sliding_window(local_size, q_length * _sp_size(_options_for(config)), config)
+    if _overlay_on_causal(mask_function) is not None:  # the chunked overlay's left padding is 0: no padding mask
         return
     raise ValueError(
         f"attn_implementation='lss' cannot reproduce the mask pattern {model} asked for "
-        f"({getattr(mask_function, '__qualname__', mask_function)!r}). LSS supports the plain causal mask and "
-        "sliding windows at least as long as the sequence (no bidirectional masks: config.is_causal=False). "
+        f"({getattr(mask_function, '__qualname__', mask_function)!r}). LSS supports causal masks with the "
+        "layer's sliding window or chunked attention (config.layer_types, sliding_window, attention_chunk_size); "
+        "not bidirectional masks (config.is_causal=False), image-token overlays or other mask functions. "
         "Common causes: packed sequences detected from "
         "position_ids that restart or jump (pass the batch through lss_plugin.hf.shard_causal_lm_batch and call the "
         "model with its model_inputs(): the all-ones attention_mask keeps transformers from building a packed mask "
         "from one rank's positions, and packed documents travel as global cu_seq_lens_q/cu_seq_lens_k), or a "
-        "model-specific mask overlay (image tokens, chunked attention)."
+        "model-specific mask overlay (image tokens)."
     )
-
-
-def _check_sliding_window(window: int, seq_len: int, config) -> None:
-    """A sliding window changes nothing when every query already sees at most ``window`` keys."""
-    if window is not None and seq_len > window:
-        setting = f"{type(config).__name__}.sliding_window={window}" if config is not None else f"sliding_window={window}"
-        raise ValueError(
-            f"attn_implementation='lss' does not implement sliding-window attention: {setting} is shorter than "
-            f"the global sequence length {seq_len}. Set config.sliding_window=None (or >= {seq_len}, or "
-            "use_sliding_window=False where the model has it) to train with full causal attention."
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,10 +232,10 @@ def _check_position_ids(position_ids, s_local: int, options: LSSHFOptions, cu_se
 _POSITIONS_PASSED: list = []  # [(weakref, _version, key)] of the last position_ids that passed
 
 
-# Keyword arguments transformers passes that do not change the attention LSS computes (position_ids
-# and the packed-document FlashAttentionKwargs are handled separately). Any other keyword with a
-# value - attention sinks (``s_aux``, gpt-oss), ``seq_idx``, KV-cache tables - would be silently
-# ignored: refused by name instead.
+# Keyword arguments transformers passes that do not change the attention LSS computes (position_ids,
+# the packed-document FlashAttentionKwargs and the sinks ``s_aux`` are handled separately). Any other
+# keyword with a value - ``seq_idx``, KV-cache tables, additive biases - would be silently ignored:
+# refused by name instead.
 _NEUTRAL_KWARGS = frozenset({
     "position_ids", "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
     "use_cache", "cache_position", "past_key_values", "past_key_value", "layer_idx", "return_dict",
@@ -249,7 +248,7 @@ def _refuse_unknown_kwargs(kwargs: dict, model: str) -> None:
     if active:
         raise ValueError(
             f"attn_implementation='lss' got attention arguments it does not implement from {model}: {active} "
-            "(e.g. s_aux = attention sinks); it would ignore them and compute "
+            "(e.g. seq_idx, an additive bias); it would ignore them and compute "
             "a different attention, so it refuses instead"
         )
 
@@ -265,38 +264,48 @@ def lss_attention_forward(
     is_causal: bool | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """``AttentionInterface`` entry. query [b, H, s_local, d], key/value [b, Hkv, s_local, d] -> ([b, s_local, H, d], None)."""
+    """``AttentionInterface`` entry. query [b, H, s_local, d], key/value [b, Hkv, s_local, d] -> ([b, s_local, H, d], None).
+
+    The layer's mask (``window``/``chunk``, ``lss_plugin.hf.layer_masks``), ``softcap`` and the sinks
+    ``s_aux`` [H] go to ``lss_attention`` as they are; ``scaling`` carries e.g. Gemma's
+    ``query_pre_attn_scalar ** -0.5``."""
     config = getattr(module, "config", None)
     options = _options_for(config)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     try:
-        cu_seqlens = _check_call(module, config, options, query, key, attention_mask, dropout, sliding_window,
-                                 softcap, kwargs)
+        cu_seqlens, spec = _check_call(module, config, options, query, key, attention_mask, dropout, sliding_window,
+                                       causal, s_aux, kwargs)
     except Exception as err:  # noqa: BLE001 - refused by lss_attention's verdict on every rank, not here alone
         defer(err)
-        cu_seqlens = None
+        cu_seqlens, spec = None, MaskSpec(causal=causal)
     out = lss_attention(
         query.transpose(1, 2),  # [b, s_local, H, d]
         key.transpose(1, 2),  # [b, s_local, Hkv, d]: KV heads go through the gather un-repeated
         value.transpose(1, 2),
         group=options.group,
-        causal=bool(causal),
+        causal=causal,
         softmax_scale=scaling,
         cu_seqlens=cu_seqlens,
+        window=spec.window,
+        chunk=spec.chunk,
+        softcap=softcap,
+        sinks=s_aux,  # [H] learnable: its gradient comes back through autograd
         settings=options.settings,
     )
     return out, None  # out [b, s_local, H, d]
 
 
-def _check_call(module, config, options, query, key, attention_mask, dropout, sliding_window, softcap, kwargs):
-    """The attention function's own checks of this rank's arguments; the global ``cu_seqlens`` (or None)."""
+def _check_call(module, config, options, query, key, attention_mask, dropout, sliding_window, causal, s_aux, kwargs):
+    """The attention function's own checks of this rank's arguments: the global ``cu_seqlens`` the
+    attention masks documents with (None: one document per row) and the layer's ``MaskSpec``."""
     model = type(config).__name__ if config is not None else type(module).__name__
     if attention_mask is not None:
         raise ValueError(
             f"attn_implementation='lss' received a materialised attention mask of shape "
-            f"{tuple(attention_mask.shape)} in {model}: LSS applies the causal mask itself; do not pass 4-D masks"
+            f"{tuple(attention_mask.shape)} in {model}: LSS applies the layer's mask itself; do not pass 4-D masks"
         )
     if key.shape[2] != query.shape[2]:
         raise ValueError(
@@ -309,16 +318,21 @@ def _check_call(module, config, options, query, key, attention_mask, dropout, sl
             f"attn_implementation='lss' has no attention dropout, but {model} asks for dropout={dropout} "
             "(config.attention_dropout / attn_pdrop): set it to 0.0 to train with LSS"
         )
-    if softcap is not None:
-        raise ValueError(f"attn_implementation='lss' does not support attention logit softcapping ({model}: softcap={softcap})")
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"attn_implementation='lss' does not support additive position biases ({model})")
+    if s_aux is not None:
+        check_sinks(s_aux, query.shape[1], model)
     kwargs = dict(kwargs)
     packing = {name: kwargs.pop(name) for name in FLASH_ATTN_KWARGS if name in kwargs}
     _refuse_unknown_kwargs(kwargs, model)
-    sp_size = _sp_size(options)
-    seq_len = query.shape[2] * sp_size
-    _check_sliding_window(sliding_window, seq_len, config)
+    seq_len = query.shape[2] * _sp_size(options)
+    check_temperature_tuning(module, seq_len, model)
+    spec = layer_mask(module, config, sliding_window, causal, seq_len)
     cu_seqlens = boundaries_from_flash_kwargs(seq_len, **packing)  # global [n_docs + 1] or None
     _check_position_ids(kwargs.get("position_ids"), query.shape[2], options, cu_seqlens)
-    return cu_seqlens
+    if spec.chunk is not None and cu_seqlens is not None:
+        # transformers' chunks restart at every packed document: more document boundaries, not chunk=
+        bounds = host_bounds(cu_seqlens)
+        cu_seqlens = chunked_documents(cu_seqlens, bounds, spec.chunk)
+        spec = MaskSpec(causal=spec.causal, window=spec.window)
+    return cu_seqlens, spec

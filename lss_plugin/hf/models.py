@@ -4,6 +4,10 @@
 then sets the size fields every family spells differently (``n_embd``/``hidden_size`` are mapped by
 transformers itself; the FFN width, KV heads and head dim are set here when the config has them).
 Dropout is switched off everywhere: LSS has no attention dropout, and exact comparisons need none.
+Family-specific ``overrides`` (``sliding_window=``, ``layer_types=``, ``use_sliding_window=``,
+``attention_chunk_size=``, ...) reach the config's constructor too, so fields it derives from them
+(``layer_types`` from ``use_sliding_window``/``max_window_layers``, ``sliding_window_pattern``, ...)
+follow them.
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import copy
 
 import torch
 
-_FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+_FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "intermediate_size_mlp")
+# Mixture-of-experts sizes (gpt-oss has 128 experts, Llama 4 16): a few small experts are enough here.
+_EXPERT_FIELDS = {"num_local_experts": 4, "num_experts": 4}
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -43,11 +49,15 @@ def small_causal_lm_config(
         num_attention_heads=num_heads,
         max_position_embeddings=max_positions,
         **{name: None for name in _TOKEN_ID_FIELDS},
+        **overrides,
     )
     ffn = ffn_hidden_size or 4 * hidden_size
     for name in _FFN_FIELDS:
         if hasattr(config, name):
             setattr(config, name, ffn)
+    for name, count in _EXPERT_FIELDS.items():
+        if isinstance(getattr(config, name, None), int) and name not in overrides:
+            setattr(config, name, min(getattr(config, name), count))
     if hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = num_kv_heads
     elif num_kv_heads != num_heads:

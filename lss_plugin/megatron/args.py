@@ -128,8 +128,30 @@ def validate_lss_args(args: argparse.Namespace, world_size: int | None = None) -
     if dropout > 0:
         raise ValueError(f"--attention-dropout {dropout} is not supported by LSS attention yet; "
                          "set --attention-dropout 0")
+    check_mask_args(args, lss=True)
     args.lss_sequence_parallel_size = sp
     return args
+
+
+def check_mask_args(args: argparse.Namespace, lss: bool) -> None:
+    """``--window-size``, ``--window-attn-skip-freq`` and ``--softmax-type`` (Megatron-LM's flags, read
+    into megatron-core's TransformerConfig) as megatron-core reads them; with ``lss`` also what LSS
+    refuses: a window reaching future keys of a causal GPT (``lss_plugin.megatron.masks``)."""
+    from lss_plugin.megatron.masks import SOFTMAX_TYPES, check_window_config
+
+    window = getattr(args, "window_size", None)
+    try:
+        check_window_config(window, getattr(args, "window_attn_skip_freq", None), getattr(args, "num_layers", None))
+    except ValueError as err:
+        raise ValueError(f"--window-size {window} / --window-attn-skip-freq: {err}") from None
+    softmax_type = getattr(args, "softmax_type", "vanilla")
+    if softmax_type not in SOFTMAX_TYPES:
+        raise ValueError(f"--softmax-type {softmax_type!r} is not one of {SOFTMAX_TYPES}")
+    if lss and window is not None and window[1] != 0:
+        raise ValueError(
+            f"--window-size {window[0]},{window[1]} with --lss-sequence-parallel: GPT attention is causal and "
+            f"LSS takes only right = 0 ({window[0]},0): megatron-core's local attention would show future keys, "
+            "TransformerEngine would drop them")
 
 
 def _check_heads_per_rank(args, ulysses: int, tp: int) -> None:

@@ -18,6 +18,11 @@ count of pairs the mask would add goes into the verdict of the ``lss_attention``
 (``lss_plugin.verdict``), which raises on every rank naming each rank's count. Pass ``attention_mask=None`` (Megatron-LM: ``--no-create-attention-mask-in-dataloader``)
 to skip the check.
 
+Sliding windows and softmax types: megatron-core's ``window_size`` on the layers
+``window_attn_skip_freq`` picks, and ``softmax_type`` "off-by-one" / "learnable" (the parameter
+``softmax_offset``, megatron-core's name and shape), go to ``lss_attention(window=, sinks=)``
+(``lss_plugin.megatron.masks``).
+
 Packed documents: ``packed_seq_params`` ("thd", or "sbhd"/"bshd" with batch 1) whose ``cu_seqlens``
 are **global** boundaries of the whole sequence LSS shards in its layout, not Megatron-CP's
 per-document THD partitioning (``lss_plugin.megatron.packed``). They go to
@@ -38,7 +43,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from lss_plugin import lss_attention
+from lss_plugin.runtime import default_device
 from lss_plugin.options import AttentionSettings, check_ulysses_heads, settings_from_keywords
+from lss_plugin.megatron.masks import add_softmax_offset, check_causal_window, layer_window, lss_window
 from lss_plugin.megatron.packed import packed_format, read_packed_seq_params
 from lss_plugin.megatron.parallel import lss_group_for
 from lss_plugin.sharding import local_positions
@@ -112,10 +119,6 @@ class LSSDotProductAttention(MegatronModule):
         unsupported = []
         if dropout and dropout > 0:
             unsupported.append(f"attention dropout {dropout} (set attention_dropout=0)")
-        if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            unsupported.append(f"softmax_type={config.softmax_type!r}")
-        if getattr(config, "window_size", None) is not None:
-            unsupported.append(f"window_size={config.window_size}")
         if attention_type != "self":
             unsupported.append(f"attention_type={attention_type!r} (self-attention only)")
         if cp_comm_type not in CP_COMM_TYPES:
@@ -127,6 +130,9 @@ class LSSDotProductAttention(MegatronModule):
         if unsupported:
             raise ValueError("LSSDotProductAttention does not support " + ", ".join(unsupported))
         self._check_mask_type(attn_mask_type)
+        # This layer's sliding window (megatron-core's rule for which layers have one; lss_plugin.megatron.masks).
+        self.window_size = layer_window(config, layer_number)
+        check_causal_window(self.window_size, _CAUSAL_BY_MASK_TYPE[attn_mask_type], attn_mask_type.name)
 
         tp_size = self.tp_group.size()
         projection_size = config.kv_channels * config.num_attention_heads
@@ -141,12 +147,21 @@ class LSSDotProductAttention(MegatronModule):
             except ValueError as err:
                 raise ValueError(f"LSSDotProductAttention with {heads} query and {kv_heads} key/value heads per "
                                  f"tensor-parallel rank: {err}") from None
+        # off-by-one / learnable softmax: megatron-core's softmax_offset, [heads of this TP rank] (the sinks).
+        add_softmax_offset(self, config, self.num_attention_heads_per_partition, default_device())
         # DotProductAttention divides by layer_number for query-key layer scaling and multiplies
         # it back inside its fp32 softmax: the net scale is the plain one.
         self.softmax_scale = (
             1.0 / math.sqrt(self.hidden_size_per_attention_head) if softmax_scale is None
             else softmax_scale
         )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron-core's own (``DotProductAttention``'s): a learnable ``softmax_offset`` split over TP
+        along dim 0, so distributed checkpoints of either module load into the other."""
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        return DotProductAttention.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     @staticmethod
     def _check_mask_type(mask_type: AttnMaskType) -> None:
@@ -206,6 +221,8 @@ class LSSDotProductAttention(MegatronModule):
             raise NotImplementedError("attention_bias is not supported by LSSDotProductAttention")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         self._check_mask_type(mask_type)
+        causal = _CAUSAL_BY_MASK_TYPE[mask_type]
+        check_causal_window(self.window_size, causal, mask_type.name)
         qkv_format = "sbhd" if packed_seq_params is None else packed_format(packed_seq_params)
         q, k, v = (self._to_bshd(t, qkv_format, name) for t, name in ((query, "query"), (key, "key"),
                                                                       (value, "value")))
@@ -216,13 +233,16 @@ class LSSDotProductAttention(MegatronModule):
             defer(err)
             cu_seqlens = None
 
+        sp_size = self.sp_group.size() if self.sp_group is not None else 1
         # K, V keep their ng (GQA) heads so only ng heads travel over the SP group.
         out = lss_attention(
             q, k, v,
             group=self.sequence_group,
-            causal=_CAUSAL_BY_MASK_TYPE[mask_type],
+            causal=causal,
             softmax_scale=self.softmax_scale,
             cu_seqlens=cu_seqlens,
+            window=lss_window(self.window_size, s_local * sp_size),
+            sinks=self.softmax_offset,  # [np] or None
             settings=self.lss_settings,
         )  # [b, s_local, np, hn]
         if qkv_format == "thd":

@@ -13,6 +13,7 @@ by side. What the adapter uses and what changed between these releases:
 | ``Attention.forward`` with THD: squeezes q/k/v, RoPE with ``cu_seqlens``, output ``[t, 1, h]`` | same | not checked | same |
 | ``PackedSeqParams`` fields LSS checks (``lss_plugin.megatron.packed``, read with defaults) | up to ``local_cp_size``, ``cp_group`` | not checked | also ``tokens_per_sample``, ``pad_between_seqs`` (refused when set), ``total_tokens``/``seq_idx`` (Mamba only) |
 | ``initialize_model_parallel`` / CP group (registration) | same | same | same |
+| ``TransformerConfig.window_size``/``window_attn_skip_freq``/``softmax_type``, ``is_layer_window_attention``, ``DotProductAttention.softmax_offset`` and its ``sharded_state_dict`` (``lss_plugin.megatron.masks``) | present | not checked | same |
 | DDP ``start_grad_sync`` calls ``torch.cuda.current_stream()`` | no | only with overlap and several distributed-optimizer instances | on every reduction: the CPU shim must cover it |
 | Megatron-LM ``pretrain_gpt.py`` builds the model with | ``gpt_builders.gpt_builder`` | (no patch) | ``GPTModelConfig`` + ``GPTModelBuilder`` |
 

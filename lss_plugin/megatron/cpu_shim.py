@@ -46,6 +46,12 @@ def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """megatron-core's ``get_sliding_window_causal_mask`` (True = masked), on the CPU."""
+    kept = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window_size[0]).tril(skv - sq + window_size[1])
+    return ~kept
+
+
 class SequenceParallelTorchNorm:
     """megatron-core's WrappedTorchNorm without its ``sequence_parallel`` refusal.
 
@@ -109,12 +115,14 @@ def apply_cpu_shim() -> bool:
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
     logging.getLogger(mcore_random.__name__).addFilter(_SameGeneratorFilter())
 
-    # The unfused softmax builds its causal mask with device="cuda".
+    # The unfused softmax builds its causal and sliding-window masks with device="cuda".
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as transformer_utils
 
     transformer_utils.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+    transformer_utils.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
 
     # The local (non-TE) specs and the transformer block pick their norm class from module
     # globals (LNImpl, LayerNormImpl, and WrappedTorchNorm itself, which the RMSNorm branch of

@@ -38,6 +38,10 @@ class GPTShape:
     add_bias_linear: bool
     untie_embeddings_and_output_weights: bool
     vocab_size: int = VOCAB_SIZE
+    # Attention masks and softmax (megatron-core's TransformerConfig fields; lss_plugin.megatron.masks).
+    window_size: list | None = None  # [left, right]: a list, as the JSON manifest holds it
+    window_attn_skip_freq: int | list | None = None
+    softmax_type: str = "vanilla"
 
     @classmethod
     def from_args(cls, args) -> "GPTShape":
@@ -53,6 +57,9 @@ class GPTShape:
             swiglu=bool(args.swiglu),
             add_bias_linear=not args.disable_bias_linear,
             untie_embeddings_and_output_weights=bool(args.untie_embeddings_and_output_weights),
+            window_size=list(args.window_size) if getattr(args, "window_size", None) is not None else None,
+            window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
+            softmax_type=getattr(args, "softmax_type", "vanilla"),
         )
 
     def as_dict(self) -> dict:
@@ -103,6 +110,9 @@ def build_gpt_model(args, shape: GPTShape):
         params_dtype=torch.float32,
         # Loss sums and a global token count, for LSS and the baseline alike (see parallel.py).
         calculate_per_token_loss=True,
+        window_size=tuple(shape.window_size) if shape.window_size is not None else None,
+        window_attn_skip_freq=shape.window_attn_skip_freq,
+        softmax_type=shape.softmax_type,
     )
     if lss:
         config_kwargs.update(lss_transformer_config_kwargs(args.lss_sequence_parallel_size))

@@ -23,7 +23,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from lss_plugin.megatron.args import add_lss_args, attention_settings_from_args, kv_heads_per_rank, validate_lss_args
+from lss_plugin.megatron.args import (
+    add_lss_args, attention_settings_from_args, check_mask_args, kv_heads_per_rank, validate_lss_args,
+)
+from lss_plugin.megatron.masks import SOFTMAX_TYPES, parse_layer_pattern, parse_window_size
 from lss_plugin.options import resolve_kv_chunking
 from lss_plugin.topology import ParallelDims
 
@@ -57,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--window-size", type=parse_window_size, default=None, metavar="LEFT,RIGHT",
+                   help="sliding-window attention: a query at q sees keys q-LEFT..q+RIGHT (-1: unbounded; "
+                        "a causal GPT under LSS takes RIGHT 0), e.g. 128,0")
+    g.add_argument("--window-attn-skip-freq", type=parse_layer_pattern, default=None, metavar="N|PATTERN",
+                   help="which layers attend fully: every N-th (N-1 windowed : 1 full), or a list of 1 "
+                        "(window) / 0 (full) per layer such as '([1]*3+[0])*2' (default: every layer windowed)")
+    g.add_argument("--softmax-type", choices=SOFTMAX_TYPES, default="vanilla",
+                   help="'off-by-one': a zero logit in every softmax denominator; 'learnable': one learned "
+                        "logit per head (megatron-core's softmax_offset), the attention sinks")
     g.add_argument("--core-attention", choices=("local", "sdpa"), default="local",
                    help="runs without LSS: megatron-core's local DotProductAttention (dense scores) or "
                         "torch's fused SDPA (lss_plugin.baselines.megatron.SDPADotProductAttention)")
@@ -124,6 +136,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     args.world_size = world_size
     validate_lss_args(args, world_size=world_size)
+    check_mask_args(args, lss=args.lss_sequence_parallel)
     if args.lss_sequence_parallel and getattr(args, "core_attention", "local") != "local":
         raise ValueError(f"--core-attention {args.core_attention} applies to runs without "
                          "--lss-sequence-parallel (LSS brings its own core attention)")
