@@ -20,6 +20,12 @@ DeepSpeed data parallelism: the baseline. Without a launcher it runs as one plai
 every Wikipedia page inside it (from ``--document-separator``, default ``<page>``, to the next) is a
 document. Attention stays inside documents (``cu_seqlens``, global boundaries, to ``lss_attention``;
 the baseline masks the same with SDPA), positions restart at 0 for each and no target crosses one.
+
+``--window W`` gives every layer a sliding window of W keys including the current one (transformers'
+``sliding_window``; ``lss_attention(window=(W - 1, 0))``), ``--full-attention-every N`` keeps every N-th
+layer full (gpt-oss / Gemma 2 alternate with N = 2); ``--sinks`` gives every layer one learned sink
+logit per head (gpt-oss), trained and averaged like any weight. The baseline computes the same masks
+densely.
 """
 from __future__ import annotations
 
@@ -56,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "no attention or targets across documents")
     p.add_argument("--document-separator", default="<page>",
                    help="with --pack-documents: the bytes that start a document (Python escapes, e.g. '\\n')")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window: each query attends to the W latest keys, its own included")
+    p.add_argument("--full-attention-every", type=int, default=None,
+                   help="with --window: every N-th layer (the N-th, 2N-th, ...) keeps full causal attention")
+    p.add_argument("--sinks", action="store_true", help="a learned attention sink logit per head in every layer")
     p.add_argument("--save", default=None, help="checkpoint directory (engine.save_checkpoint)")
     p.add_argument("--save-interval", type=int, default=0)
     p.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
@@ -65,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("window", "full_attention_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.full_attention_every is not None and args.window is None:
+        raise ValueError(f"--full-attention-every {args.full_attention_every} needs --window")
     if args.ignore_byte is not None and not 0 <= args.ignore_byte <= 255:
         raise ValueError(f"--ignore-byte must be a byte value 0-255, got {args.ignore_byte}")
     from lss_plugin.data import parse_separator
@@ -131,12 +147,22 @@ def mask_labels(labels, ignore_byte):
     return labels if ignore_byte is None else labels.masked_fill(labels == ignore_byte, IGNORE_INDEX)
 
 
+def layer_types(args):
+    """--window's layers: all sliding, or every --full-attention-every-th layer full (None: the config's default)."""
+    from lss_plugin.models.gpt import FULL, SLIDING
+
+    if args.window is None or args.full_attention_every is None:
+        return None
+    return tuple(FULL if (i + 1) % args.full_attention_every == 0 else SLIDING for i in range(args.num_layers))
+
+
 def build_model(args, lss):
     from lss_plugin.models.gpt import GPT, GPTConfig, LSSAttentionOptions
 
     config = GPTConfig(vocab_size=256, max_seq_length=args.seq_length, hidden_size=args.hidden_size,
                        num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                       position_embedding=args.position_embedding)
+                       position_embedding=args.position_embedding, window=args.window,
+                       layer_types=layer_types(args), sinks=args.sinks)
     return GPT(config, lss=LSSAttentionOptions(settings=lss.attention) if lss.enabled else None)
 
 
@@ -171,8 +197,10 @@ def train(args) -> list[dict]:
         grid = (f"sp={topology.sp_size} (ulysses={topology.ulysses_size}) x dp={topology.dp_size}" if topology
                 else f"dp={dist.get_world_size()} (no LSS)")
         packed = f", packed documents (separator {args.separator!r})" if args.pack_documents else ""
+        masks = (f", window {args.window} on layers {model.config.layer_types}" if args.window else "") + \
+            (", sinks" if args.sinks else "")
         print(f"train_gpt_deepspeed: {grid}, ZeRO {engine.zero_optimization_stage()}, {args.num_layers} layers, "
-              f"hidden {args.hidden_size}, seq {args.seq_length}, global batch {global_batch}{packed} | "
+              f"hidden {args.hidden_size}, seq {args.seq_length}, global batch {global_batch}{packed}{masks} | "
               f"data {splits.source}", flush=True)
     metrics = open(args.metrics_file, "a") if args.metrics_file and rank0 else None
     records = []

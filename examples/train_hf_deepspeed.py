@@ -22,6 +22,13 @@ gets one JSON line per iteration (rank 0): iteration, loss, tokens_per_s, ms_per
 ``--document-separator``, default ``<page>``, to the next) is a document; attention stays inside documents, positions restart at 0 for each, and no target crosses
 a document (``lss_plugin.hf.pack_windows`` -> ``shard_causal_lm_batch``). The baseline (block
 disabled) runs the same packed rows with transformers' own packed mask from the ``position_ids``.
+
+``--window W`` writes W into the model config's own ``sliding_window`` (and ``use_sliding_window``
+where the model has it); which layers slide is the model's ``layer_types`` (Mistral: all, gpt-oss and
+Gemma 2: every other one); a model type without ``sliding_window`` is refused by name. ``--sinks``
+states that the model's attention has learned sinks (gpt-oss' ``sinks``, passed as ``s_aux``); a model
+type without them is refused by name. The baseline runs ``sdpa``, or ``eager`` for model types without
+SDPA support (gpt-oss, Gemma 2).
 """
 from __future__ import annotations
 
@@ -62,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ulysses-size", type=int, default=None,
                    help="hybrid LSS x Ulysses: written into the config's \"lss_sequence_parallel\" block as "
                         "\"ulysses_size\" (must divide its \"size\" and the heads)")
+    p.add_argument("--window", type=int, default=None,
+                   help="the model config's sliding_window: W keys including the current one, on the model's "
+                        "sliding layers (model types with sliding_window: mistral, gpt_oss, gemma2, ...)")
+    p.add_argument("--sinks", action="store_true",
+                   help="the model's attention has learned sinks (gpt_oss); refused for a model type without them")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)  # deepspeed launcher
     args = p.parse_args(argv)
     if args.ulysses_size is not None:
@@ -69,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from lss_plugin.data import parse_separator
 
     args.separator = parse_separator(args.document_separator)
-    for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads", "log_interval"):
-        if getattr(args, name) < 1:
+    for name in ("train_iters", "seq_length", "num_layers", "hidden_size", "num_heads", "log_interval", "window"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
@@ -88,6 +100,39 @@ def with_ulysses_size(config_path: str, ulysses_size: int) -> dict:
     return config
 
 
+def with_window(config, window: int | None):
+    """The config with ``sliding_window = window`` on the model's own sliding layers; refused by name when
+    the model type has no sliding window or no layer of it would slide."""
+    if window is None:
+        return config
+    name = type(config).__name__
+    if not hasattr(config, "sliding_window"):
+        raise ValueError(f"--window {window}: {name} (model_type {config.model_type!r}) has no sliding_window; "
+                         "model types with one: mistral, ministral, gpt_oss, gemma2, gemma3_text, qwen2, qwen3, ...")
+    config.sliding_window = window
+    if hasattr(config, "use_sliding_window"):  # Qwen2 / Qwen3: the window is off unless this is set
+        config.use_sliding_window = True
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        raise ValueError(f"--window {window}: {name}.layer_types {list(types)} has no sliding layer"
+                         + (f" (max_window_layers={config.max_window_layers} of {config.num_hidden_layers} layers)"
+                            if hasattr(config, "max_window_layers") else ""))
+    return config
+
+
+def check_sinks(model, sinks: bool) -> None:
+    """--sinks names a property of the model type: its attention layers carry learned sink logits."""
+    if sinks and not any(n.endswith(".sinks") for n, _ in model.named_parameters()):
+        raise ValueError(f"--sinks: {type(model).__name__} has no learned attention sinks (gpt_oss has)")
+
+
+def baseline_attention(config) -> str:
+    """The one-process baseline's attention: sdpa, or eager for model classes without SDPA (gpt-oss, Gemma 2)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return "sdpa" if getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", False) else "eager"
+
+
 def train(args) -> list[dict]:
     import torch
     import torch.distributed as dist
@@ -100,11 +145,13 @@ def train(args) -> list[dict]:
 
     # A disabled (or absent) block: the same script as plain DeepSpeed data parallelism, the baseline.
     enabled = LSSConfig.from_ds_config(args.deepspeed_config).enabled
-    config = hf.small_causal_lm_config(
+    config = with_window(hf.small_causal_lm_config(
         args.model_type, hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads, max_positions=args.seq_length,
-    )
-    model = hf.build_causal_lm(config, attn_implementation="lss" if enabled else "sdpa", seed=args.seed)
+    ), args.window)
+    model = hf.build_causal_lm(config, attn_implementation="lss" if enabled else baseline_attention(config),
+                               seed=args.seed)
+    check_sinks(model, args.sinks)  # the same on every rank, before any collective
     engine, _, _, _ = hf.deepspeed_initialize(args=args, model=model, model_parameters=model.parameters())
     topology = getattr(engine, "lss_topology", None)
     dp_size, dp_rank = (topology.dp_size, topology.dp_rank) if enabled else (dist.get_world_size(), dist.get_rank())
@@ -119,6 +166,7 @@ def train(args) -> list[dict]:
                 else f"dp={dp_size} (no LSS)")
         print(f"train_hf_deepspeed: {type(model).__name__} ({params} parameters), {grid}, "
               f"ZeRO {engine.zero_optimization_stage()}, seq {args.seq_length}, global batch {global_batch}"
+              f"{f', sliding_window {config.sliding_window}' if args.window else ''}{', sinks' if args.sinks else ''}"
               f"{f', packed documents (separator {args.separator!r})' if args.pack_documents else ''} | "
               f"data {splits.source}", flush=True)
     # resumes from the last complete checkpoint (none yet: from scratch), e.g. after torchrun restarted the job

@@ -10,6 +10,7 @@ Targets: fabricated rows on both sides of every threshold, the status and value 
 import sys
 import types
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -260,3 +261,29 @@ def test_timer_sees_every_started_collective_through_comms_listener():
         assert all(s[2] is not None and s[2] >= s[1] for s in out["spans"])  # finished after issued
         assert sorted(out["blocked"]) == names and all(v >= 0 for v in out["blocked"].values())
         assert out["open"] == 0  # every waited collective released
+
+
+def test_window_rows_count_pairs_and_pair_rounds_with_full_causal():
+    from lss_plugin.bench.masks import parse_windows, summarize, table, window_pairs
+    from lss_plugin.masks import MaskSpec, dense_hidden
+
+    for seq_len, w in ((64, 8), (64, 1), (64, 64), (50, 7), (16, 40)):  # against the dense mask itself
+        hidden = dense_hidden(seq_len, (0, seq_len), MaskSpec.sliding(w))
+        assert window_pairs(seq_len, w) == int((~hidden).sum()), (seq_len, w)
+    assert window_pairs(64, None) == 64 * 65 // 2
+    assert parse_windows("L/8, 100", 2048) == [256, 100]
+    with pytest.raises(ValueError, match=r"window 'L/4096' = 0 keys is outside \[1, 2048\]"):
+        parse_windows("L/4096", 2048)
+
+    comm = {"calls": {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}, "bytes": {"all_gather_into_tensor": 100}}
+    names = {"lss": None, "lss[window=8]": 8}
+    per_rank = [{"rank": r, "windows": names, "pairs": {n: window_pairs(64, w) for n, w in names.items()},
+                 "kernel_pairs": {"lss": 600 + r, "lss[window=8]": 150 + r}, "comm": {n: comm for n in names},
+                 "times": {"lss": [1.0, 2.0, 4.0], "lss[window=8]": [0.5, 0.5 + r, 1.0]}} for r in range(2)]
+    rows = {r["variant"]: r for r in summarize(per_rank, 64, 2, 8, "balanced")}
+    assert rows["lss[window=8]"]["pairs_fraction"] == (36 + 56 * 8) / 2080
+    assert rows["lss[window=8]"]["kernel_pairs"] == 301 and rows["lss[window=8]"]["kernel_pairs_fraction"] == 301 / 1201
+    # per round the slower rank: [0.5, 1.5, 1.0] against [1, 2, 4] -> ratios .5, .75, .25
+    assert rows["lss[window=8]"]["step_s"] == 1.0 and rows["lss[window=8]"]["time_vs_full"] == 0.5
+    assert rows["lss"]["time_vs_full"] is None and rows["lss"]["sent_bytes"] == 100
+    assert len(table(list(rows.values()))) == 4 + 2

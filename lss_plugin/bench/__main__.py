@@ -8,6 +8,9 @@ and weak scaling (fixed tokens per rank), MHA and GQA, the largest world size ag
 rate-limited link (``--link-gbit``), and the longest L each method fits in a memory budget. Within
 a launch the methods are timed round-robin (``--repetitions`` x ``--steps``), so ratios pair per
 round. Writes ``results.json``, ``results.md``, ``readme_table.md`` and PNG plots into ``--out``.
+Attention-level sections at the largest world size: packed documents, and sliding windows (``lss`` beside
+``lss[window=W]``, key pairs computed and step time; ``--masks-only`` runs just those rows and writes
+``masks.json``, ``masks.md`` and ``masks.png``).
 """
 from __future__ import annotations
 
@@ -64,6 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default none,512,128,32; 'skip' to skip them)")
     p.add_argument("--packed-seq-len", type=int, default=None,
                    help="global length of the packed-documents rows (default 4096; quick 512)")
+    p.add_argument("--mask-windows", default=None,
+                   help="sliding windows (keys, or L/n of --mask-seq-len) of the lss[window=W] rows beside full "
+                        "causal lss (default L/8; 'skip' to skip them)")
+    p.add_argument("--mask-seq-len", type=int, default=None, help="global length of the window rows (default 2048; "
+                                                                  "quick 512)")
+    p.add_argument("--mask-heads", type=int, default=None, help="heads of the window rows (default 4)")
+    p.add_argument("--mask-head-dim", type=int, default=None, help="head dim of the window rows (default 64; quick 16)")
+    p.add_argument("--masks-only", action="store_true",
+                   help="run only the window rows (at the largest of --ranks) and write masks.json/.md/.png")
     p.add_argument("--no-weak", action="store_true")
     p.add_argument("--no-budget", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -73,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = dict(num_layers=1 if q else 2, hidden_size=32 if q else 64, num_heads=8, gqa_kv_heads=2,
                     warmup=1 if q else 2, steps=2 if q else 5, repetitions=2 if q else 5,
                     tokens_per_rank=64 if q else 512, ranks="1,4" if q else "1,2,4", link_gbit="1",
-                    packed_doc_lens="none,64" if q else "none,512,128,32", packed_seq_len=512 if q else 4096)
+                    packed_doc_lens="none,64" if q else "none,512,128,32", packed_seq_len=512 if q else 4096,
+                    mask_windows="L/8", mask_seq_len=512 if q else 2048, mask_heads=4, mask_head_dim=16 if q else 64)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -85,6 +98,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.link_ranks = args.link_ranks or max(args.ranks)
     args.packed_doc_lens = [] if args.packed_doc_lens == "skip" else [
         None if n.lower() == "none" else int(n) for n in args.packed_doc_lens.split(",")]
+    if args.mask_windows == "skip":
+        if args.masks_only:
+            p.error("--masks-only with --mask-windows skip runs nothing")
+        args.mask_windows = []
+    else:
+        from lss_plugin.bench.masks import parse_windows
+
+        try:
+            args.mask_windows = parse_windows(args.mask_windows, args.mask_seq_len)
+        except ValueError as err:
+            p.error(f"--mask-windows: {err}")
     return args
 
 
@@ -154,6 +178,24 @@ def packed_rows(args, common: dict) -> list[dict]:
     return rows
 
 
+def mask_rows(args, common: dict) -> list[dict]:
+    """Sliding windows at the largest world size: LSS attention full causal and with each window."""
+    if not args.mask_windows:
+        return []
+    from lss_plugin.bench.launch import launch
+    from lss_plugin.bench.masks import masks_worker, summarize, table
+
+    world = max(args.ranks)
+    print(f"--- {world} ranks: sliding windows {args.mask_windows} against full causal at L={args.mask_seq_len}, "
+          f"{args.mask_heads} heads x {args.mask_head_dim}", flush=True)
+    per_rank = launch(masks_worker, world, args.mask_seq_len, args.mask_heads, args.mask_head_dim, args.mask_windows,
+                      timeout_s=common["timeout_s"], threads=common["threads"], warmup=args.warmup,
+                      repetitions=common["repetitions"], steps=args.steps)
+    rows = summarize(per_rank, args.mask_seq_len, args.mask_heads, args.mask_head_dim, "balanced")
+    print("\n".join(table(rows)), flush=True)
+    return rows
+
+
 def _tag(rank_outputs: list, link_gbit) -> list:
     for rank_out in rank_outputs:
         for c in rank_out["cases"]:
@@ -168,6 +210,16 @@ def main(argv=None) -> int:
     from lss_plugin.bench.report import write_outputs
 
     os.makedirs(args.out, exist_ok=True)
+    common = dict(timeout_s=args.timeout_s, threads=args.threads, repetitions=args.repetitions)
+    if args.masks_only:
+        from lss_plugin.bench.report import write_mask_outputs
+
+        started = time.time()
+        rows = mask_rows(args, common)
+        meta = {"command": " ".join(["python -m lss_plugin.bench"] + (argv if argv is not None else sys.argv[1:])),
+                "args": vars(args), "wall_clock_s": round(time.time() - started, 1), "load_average": os.getloadavg()}
+        print("wrote " + ", ".join(write_mask_outputs(args.out, meta, rows)), flush=True)
+        return 0
     max_len = max(args.seq_len, args.tokens_per_rank * max(args.ranks))
     # The search runs between `unit` and `budget_max` tokens (~log2(budget_max / unit) probes).
     budget_max = 8 * args.seq_len
@@ -189,7 +241,6 @@ def main(argv=None) -> int:
     started = time.time()
     all_cases, all_budget, launches = [], [], []
     budget_bytes = int(args.budget_mib * 2**20) if args.budget_mib else None
-    common = dict(timeout_s=args.timeout_s, threads=args.threads, repetitions=args.repetitions)
     for world in args.ranks:
         cases = strong_and_weak_cases(args, world, dims_for)
         jobs = [] if args.no_budget else budget_jobs_for(args, world, budget_dims, budget_bytes, unit, budget_max)
@@ -204,6 +255,7 @@ def main(argv=None) -> int:
         if budget_bytes is None and per_rank[0].get("budget_reference_bytes"):
             budget_bytes = int(per_rank[0]["budget_reference_bytes"])
     packed = packed_rows(args, common)
+    masks = mask_rows(args, common)
     link_skipped = None
     if args.link_gbit:
         link_skipped = link_unavailable()
@@ -240,7 +292,7 @@ def main(argv=None) -> int:
         meta["torch"] = torch.__version__
     except ImportError:
         pass
-    paths = write_outputs(args.out, meta, all_cases, all_budget, budget_bytes, packed)
+    paths = write_outputs(args.out, meta, all_cases, all_budget, budget_bytes, packed, masks)
     print(f"done in {meta['wall_clock_s']} s; wrote " + ", ".join(paths), flush=True)
     return 0
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import lss_plugin
-from lss_plugin.bench.timing import sync_ranks
+from lss_plugin.bench.timing import quartiles, sync_ranks
 from lss_plugin.documents import visible_pairs
 
 MiB = 2**20
@@ -35,8 +35,20 @@ def packed_boundaries(seq_len: int, doc_len: int | None, seed: int = 0) -> torch
     return torch.tensor(bounds)
 
 
-def _step(q, k, v, dout, cu, layout):
-    out = lss_plugin.lss_attention(q, k, v, causal=True, layout=layout, cu_seqlens=cu)
+def attention_inputs(seq_len: int, heads: int, head_dim: int):
+    """Registers an LSS topology over the whole world; this rank's q, k, v (requiring grad) and dout
+    [1, seq_len / N, heads, head_dim] on the rank's device."""
+    lss_plugin.init_topology(dist.get_world_size())
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    s_local = seq_len // dist.get_world_size()
+    q, k, v, dout = (torch.randn(1, s_local, heads, head_dim, generator=gen).to(device) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
+
+
+def attention_step(q, k, v, dout, layout: str, **masks) -> None:
+    """One causal lss_attention forward + backward (``masks``: its cu_seqlens / window keywords)."""
+    out = lss_plugin.lss_attention(q, k, v, causal=True, layout=layout, **masks)
     out.backward(dout)
     q.grad = k.grad = v.grad = None
 
@@ -44,42 +56,38 @@ def _step(q, k, v, dout, cu, layout):
 def packed_worker(seq_len: int, heads: int, head_dim: int, doc_lens: list, layout: str = "balanced",
                   warmup: int = 1, steps: int = 2, repetitions: int = 3) -> dict:
     """On every rank: time lss_attention forward + backward for each document length, round-robin."""
-    world = dist.get_world_size()
-    lss_plugin.init_topology(world)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    s_local = seq_len // world
-    q, k, v, dout = (torch.randn(1, s_local, heads, head_dim, generator=gen).to(device) for _ in range(4))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    cases = {str(n): packed_boundaries(seq_len, n).to(device) for n in doc_lens}
-    comm = {}
-    for name, cu in cases.items():
-        for _ in range(warmup):
-            _step(q, k, v, dout, cu, layout)
-        with lss_plugin.record_collectives() as rec:
-            _step(q, k, v, dout, cu, layout)
-        comm[name] = {"calls": dict(rec.calls), "bytes": dict(rec.bytes)}
-    times = {name: [] for name in cases}  # per round: median of its steps
-    names = list(cases)
-    for r in range(repetitions):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
-            step_s = []
-            for _ in range(steps):
-                sync_ranks()
-                t0 = time.perf_counter()
-                _step(q, k, v, dout, cases[name], layout)
-                sync_ranks()
-                step_s.append(time.perf_counter() - t0)
-            times[name].append(statistics.median(step_s))
+    q, k, v, dout = attention_inputs(seq_len, heads, head_dim)
+    cases = {str(n): packed_boundaries(seq_len, n).to(q.device) for n in doc_lens}
+    times, comm = round_robin({name: (lambda cu=cu: attention_step(q, k, v, dout, layout, cu_seqlens=cu))
+                               for name, cu in cases.items()}, warmup, steps, repetitions)
     return {"rank": dist.get_rank(), "times": times, "comm": comm,
             "pairs": {name: visible_pairs(tuple(cu.tolist()), causal=True) for name, cu in cases.items()},
             "documents": {name: cu.numel() - 1 for name, cu in cases.items()}}
 
 
-def _quartiles(xs):
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return q[0], q[1], q[2]
+def round_robin(cases: dict, warmup: int, steps: int, repetitions: int) -> tuple[dict, dict]:
+    """Time every ``cases[name]()`` (one step on every rank) in round-robin rounds, the order rotated each
+    round -> (times: name -> per round the median of its steps, comm: name -> one step's collectives)."""
+    comm = {}
+    for name, step in cases.items():
+        for _ in range(warmup):
+            step()
+        with lss_plugin.record_collectives() as rec:
+            step()
+        comm[name] = {"calls": dict(rec.calls), "bytes": dict(rec.bytes)}
+    times = {name: [] for name in cases}
+    names = list(cases)
+    for r in range(repetitions):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step_s = []
+            for _ in range(steps):
+                sync_ranks()
+                t0 = time.perf_counter()
+                cases[name]()
+                sync_ranks()
+                step_s.append(time.perf_counter() - t0)
+            times[name].append(statistics.median(step_s))
+    return times, comm
 
 
 def summarize(per_rank: list, seq_len: int, heads: int, head_dim: int, layout: str) -> list[dict]:
@@ -91,7 +99,7 @@ def summarize(per_rank: list, seq_len: int, heads: int, head_dim: int, layout: s
               for name in first["times"]}
     rows = []
     for name, ts in rounds.items():
-        q25, med, q75 = _quartiles(ts)
+        q25, med, q75 = quartiles(ts)
         paired = None
         if "None" in rounds and name != "None":
             paired = statistics.median(a / b for a, b in zip(ts, rounds["None"]))

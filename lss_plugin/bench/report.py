@@ -16,9 +16,12 @@ import os
 import statistics
 from collections import defaultdict
 
+from lss_plugin.bench.masks import plot as masks_plot
+from lss_plugin.bench.masks import table as masks_table
 from lss_plugin.bench.methods import LSS_DEFAULT_VARIANT, METHODS, sp_methods
 from lss_plugin.bench.packed import plot as packed_plot
 from lss_plugin.bench.packed import table as packed_table
+from lss_plugin.bench.timing import quartiles
 
 MiB = 2**20
 LSS_MAIN = "lss[keep,balanced]"  # the LSS row of the timing targets (causal work balanced)
@@ -27,14 +30,6 @@ LSS_CHUNK = "lss[regather,contiguous,chunk1]"
 LSS_DEFAULT = LSS_DEFAULT_VARIANT.name  # lss[auto,balanced]: the defaults of every integration (issue 16)
 PRIOR_ART = ("ulysses", "usp", "allgather_cp")
 SPREAD_WARNING = 0.15
-
-
-def quartiles(xs) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def _kernel(row_method: str, unfused: bool, ops) -> str:
@@ -463,7 +458,17 @@ def with_weak_points(rows, tokens_per_rank) -> list[dict]:
     return rows + extra
 
 
-def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=()) -> list[str]:
+def write_mask_outputs(out_dir, meta, rows) -> list[str]:
+    """The sliding-window rows alone (``--masks-only``): masks.json, masks.md, masks.png."""
+    json_path, md_path = os.path.join(out_dir, "masks.json"), os.path.join(out_dir, "masks.md")
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "masks": rows}, f, indent=1, default=str)
+    with open(md_path, "w") as f:
+        f.write("\n".join(["## Sliding windows", "", f"`{meta['command']}`", ""] + masks_table(rows) + [""]))
+    return [json_path, md_path] + masks_plot(out_dir, rows)
+
+
+def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=(), masks=()) -> list[str]:
     a = meta["args"]
     rows = aggregate(cases)
     if not a.get("no_weak"):
@@ -474,7 +479,8 @@ def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=()) -> list
     ratios = paired_ratios(rows)
     results = {"meta": meta, "rows": rows, "paired_ratios": ratios, "budget": budget,
                "budget_bytes": budget_bytes, "targets": targets,
-               "warnings": warnings_for(meta, rows, ratios), "packed": list(packed), "per_rank": cases}
+               "warnings": warnings_for(meta, rows, ratios), "packed": list(packed), "masks": list(masks),
+               "per_rank": cases}
     json_path = os.path.join(out_dir, "results.json")
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -483,13 +489,18 @@ def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=()) -> list
         f.write(markdown(meta, rows, budget, targets, ratios, budget_bytes or 0))
         if packed:
             f.write("\n".join(["## Packed documents", ""] + packed_table(packed) + [""]))
+        if masks:
+            f.write("\n".join(["## Sliding windows", ""] + masks_table(list(masks)) + [""]))
     readme_path = os.path.join(out_dir, "readme_table.md")
     with open(readme_path, "w") as f:
         f.write(readme_snippet(meta, rows, budget, targets, ratios))
         if packed:
             f.write("\n".join(["", "Packed documents:", ""] + packed_table(packed) + [""]))
+        if masks:
+            f.write("\n".join(["", "Sliding windows:", ""] + masks_table(list(masks)) + [""]))
     for t in targets:
         print(f"target: {t['status']:4} {t['target']}: {t['value']} (threshold {t['threshold']}) - {t['detail']}")
     for w in results["warnings"]:
         print(f"warning: {w}")
-    return [json_path, md_path, readme_path] + plots(out_dir, rows) + packed_plot(out_dir, list(packed))
+    return ([json_path, md_path, readme_path] + plots(out_dir, rows) + packed_plot(out_dir, list(packed))
+            + masks_plot(out_dir, list(masks)))

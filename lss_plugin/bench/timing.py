@@ -10,6 +10,7 @@ these are CPU-side times. Diagnostics only: nothing here changes what is compute
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
 import time
 from collections import Counter
@@ -64,6 +65,15 @@ def time_collectives():
     """``with time_collectives() as timer: ...`` then read ``timer.blocked_s``, ``busy_s()``, ``hidden_fraction()``."""
     with listen_to_collectives(CollectiveTimer()) as timer:
         yield timer
+
+
+def quartiles(xs) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (inclusive method) of per-round figures."""
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def sync_ranks() -> None:

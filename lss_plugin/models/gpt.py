@@ -9,6 +9,12 @@ keeps attention inside each document, and the positions are then each token's po
 document (``lss_plugin.local_positions(..., cu_seqlens=cu)``). Under a hybrid LSS x Ulysses topology
 (``ulysses_size`` U > 1) attention is the hybrid and positions follow its layout; query heads must divide
 by U (``lss_plugin.options.check_ulysses_heads``).
+
+Masks of today's open models (``lss_plugin.masks``): ``window=W`` is transformers' ``sliding_window`` (W keys
+including the query's own, ``lss_attention(window=(W - 1, 0))``) on the layers ``layer_types`` marks
+``"sliding_attention"`` (default: every layer when ``window`` is set); ``sinks=True`` gives every layer one
+learned logit per head in its softmax denominator (gpt-oss), a parameter ``attn.sinks`` [num_heads] trained
+and averaged like any weight. The one-process model computes the same masked attention densely.
 """
 from __future__ import annotations
 
@@ -20,8 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lss_plugin.attention import lss_attention
+from lss_plugin.masks import MaskSpec, dense_hidden
 from lss_plugin.options import AttentionSettings, settings_from_keywords
 from lss_plugin.sharding import local_positions
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_types names
 
 
 @dataclass
@@ -38,6 +48,9 @@ class GPTConfig:
     rope_theta: float = 10000.0
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
+    window: int | None = None  # transformers' sliding_window: W keys including the query's own
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"; None: all sliding
+    sinks: bool = False  # a learned sink logit per head and layer (gpt-oss), initialised to 0
 
     def __post_init__(self):
         self.num_kv_heads = self.num_kv_heads or self.num_heads
@@ -48,6 +61,21 @@ class GPTConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.position_embedding not in ("learned", "rope"):
             raise ValueError(f"position_embedding must be 'learned' or 'rope', got {self.position_embedding!r}")
+        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
+                                        or self.window < 1):
+            raise ValueError(f"window must be a positive number of keys (sliding_window), got {self.window!r}")
+        if self.layer_types is None:
+            self.layer_types = (SLIDING if self.window is not None else FULL,) * self.num_layers
+        self.layer_types = tuple(self.layer_types)
+        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {SLIDING, FULL}:
+            raise ValueError(f"layer_types must be {self.num_layers} (num_layers) of {SLIDING!r} / {FULL!r}, "
+                             f"got {self.layer_types!r}")
+        if SLIDING in self.layer_types and self.window is None:
+            raise ValueError(f"layer_types {self.layer_types!r} has {SLIDING!r} layers but window is None")
+
+    def layer_window(self, layer: int) -> tuple[int, int] | None:
+        """``lss_attention``'s ``window`` of layer ``layer``: ``(W - 1, 0)`` on sliding layers, else None."""
+        return MaskSpec.sliding(self.window).window if self.layer_types[layer] == SLIDING else None
 
     @property
     def head_dim(self) -> int:
@@ -83,12 +111,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, lss: LSSAttentionOptions | None):
+    def __init__(self, config: GPTConfig, lss: LSSAttentionOptions | None, layer: int = 0):
         super().__init__()
         self.config, self.lss = config, lss
         c = config
+        self.window = c.layer_window(layer)  # (left, right) or None
         self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.sinks else None  # [H] logits
 
     @property
     def lss_attention_settings(self) -> AttentionSettings | None:
@@ -106,23 +136,19 @@ class SelfAttention(nn.Module):
         v = v.view(b, s, c.num_kv_heads, c.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.lss is None:  # one process, whole sequence
-            mask = None if cu_seqlens is None else _document_causal_mask(cu_seqlens, s, x.device)  # [s, s]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-                enable_gqa=c.num_kv_heads != c.num_heads,
-            ).transpose(1, 2)
+        if self.lss is None:  # one process, whole sequence: the reference
+            out = _reference_attention(q, k, v, self.window, self.sinks, cu_seqlens)
         else:
             out = lss_attention(q, k, v, group=self.lss.group, causal=True, cu_seqlens=cu_seqlens,
-                                settings=self.lss.settings)
+                                window=self.window, sinks=self.sinks, settings=self.lss.settings)
         return self.proj(out.reshape(b, s, c.hidden_size))
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, lss):
+    def __init__(self, config: GPTConfig, lss, layer: int = 0):
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
-        self.attn = SelfAttention(config, lss)
+        self.attn = SelfAttention(config, lss, layer)
         self.ln_mlp = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(config.hidden_size, config.ffn_hidden_size), nn.GELU(),
@@ -142,7 +168,7 @@ class GPT(nn.Module):
         self.pos_embed = (
             nn.Embedding(config.max_seq_length, config.hidden_size) if config.position_embedding == "learned" else None
         )
-        self.blocks = nn.ModuleList(Block(config, lss) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, lss, layer) for layer in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -185,14 +211,41 @@ class GPT(nn.Module):
         return F.linear(x, weight)
 
 
-def _document_causal_mask(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
-    """[s, s] boolean: key j visible to query i iff j <= i in the same document (the one-process reference)."""
+def _reference_attention(q, k, v, window, sinks, cu_seqlens):
+    """Causal attention of the whole sequence in one process: q [b, s, H, d], k, v [b, s, Hkv, d] -> [b, s, H, d].
+
+    Plain causal attention and documents run SDPA as before; sinks need the row's denominator, so a
+    layer with sinks runs the softmax itself with the sink as one extra column that carries no value."""
+    b, s, h, d = q.shape
+    mask = None
+    if window is not None or cu_seqlens is not None:
+        mask = ~_reference_hidden(cu_seqlens, s, window, q.device)  # [s, s] True = attend
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=k.shape[2] != h,
+        ).transpose(1, 2)
+    if mask is None:
+        mask = ~_reference_hidden(None, s, None, q.device)
+    rep = h // k.shape[2]  # GQA: query head i reads key/value head i // rep, as SDPA's enable_gqa
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)  # [b, H, s, s]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, h, 1, 1).expand(b, h, s, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # the sink's share is dropped
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _reference_hidden(cu_seqlens: torch.Tensor | None, seq_len: int, window: tuple[int, int] | None,
+                      device) -> torch.Tensor:
+    """[s, s] boolean, True where key j is hidden from query i: causal, inside documents, inside the window."""
     from lss_plugin.documents import check_cu_seqlens
 
-    check_cu_seqlens(cu_seqlens, seq_len)
-    pos = torch.arange(seq_len, device=device)
-    doc = torch.searchsorted(cu_seqlens.to(device, torch.long), pos, right=True)
-    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    bounds = (0, seq_len)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, seq_len)
+        bounds = tuple(int(x) for x in cu_seqlens)
+    return dense_hidden(seq_len, bounds, MaskSpec(causal=True, window=window), device)
 
 
 def _check_global_positions(position_ids: torch.Tensor, s_local: int, lss: LSSAttentionOptions,
