@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from lss_plugin.options import check_kv_grad_dtype, check_ulysses_heads, ulysses_kv_heads
 from lss_plugin.signature import SIGNATURE_BYTES
+from lss_plugin.verdict import ROW_BYTES as VERDICT_ROW_BYTES
 
 METHODS = ("single", "megatron_tp_sp", "lss", "ulysses", "ring", "allgather_cp", "usp", "lss_ulysses")
 SP_METHODS = ("lss", "ulysses", "ring", "allgather_cp", "usp", "lss_ulysses")
@@ -105,7 +106,8 @@ class Collective:
     ``group`` names which ranks of the SP group take part (``lss_plugin.plan_links`` routes the
     bytes by it): ``sp`` all N, ``ulysses`` the U consecutive ranks of a Ulysses group, ``strided``
     the R = N / U ranks with the same index in every Ulysses group (USP's ring, the hybrid's LSS
-    group); ``tp`` Megatron's TP group; ``dp_sp`` / ``dp`` the gradient all-reduce.
+    group); ``tp`` Megatron's TP group; ``dp_sp`` / ``dp`` the gradient all-reduce; ``verdict`` LSS's
+    fixed-size check over the SP group (left out of the link model: latency, not bandwidth).
     """
 
     type: str
@@ -224,6 +226,11 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
                                 "sp" if u == n else "ulysses", fused=s.method == "usp")
             # usp's ring: the Ulysses group's tokens, 1/u of the KV heads: same bytes as a block
             out += _ring_collectives(block, n // u, layers, "strided")
+        if s.method in ("lss", "lss_ulysses") and n > 1:
+            # the verdict (lss_plugin.verdict): one fixed-size all-gather over the SP group at the
+            # start of every lss_attention forward and backward, before any K/V collective. Its own group
+            # name: a fixed 96 bytes per rank is latency, not bandwidth, so plan_links leaves it out
+            out.append(Collective("all_gather", n * VERDICT_ROW_BYTES, n, 2 * layers, "verdict (fwd + bwd)", "verdict"))
         out += _tp_sp_collectives(spec, s_local, s, params)  # LSS x TP: Megatron SP inside the TP group
         # megatron DDP: one all-reduce of the fp32 grad buffer over DP x SP; token count
         out.append(Collective("all_reduce", params["total"] * grad_bytes, n * s.dp, 1, "grads (DP x SP)", "dp_sp"))
@@ -381,7 +388,7 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     Every method: the largest parameter's gradient before megatron DDP adds it to ``main_grad``,
     with one [sl, h] activation gradient. Beyond that, per method (fitted against the tracker at
     1 and 4 ranks, see ``tests/test_plan.py``): LSS the gathered K,V and its unpacked copy plus
-    dK,dV (``keep`` ~2.2, ``regather`` ~2.75 x the packed K,V of all L positions and this TP
+    dK,dV and a query chunk's one-call key range (``keep`` ~3.2, ``regather`` ~4.2 x the packed K,V of all L positions and this TP
     rank's heads; what ``kv_head_chunk`` bounds; the pipelined schedule frees each gather's staging
     buffers as soon as it is unpacked; with the contiguous layout the first ranks, whose queries see
     fewer keys, peak up to ~12% lower than the last, which the factors are fitted to), where for half inputs the backward holds the
@@ -401,7 +408,10 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     lss_group = s.sp // (s.ulysses or 1) if s.method == "lss_ulysses" else s.sp
     if s.method in gathered_heads and lss_group > 1:
         kv_elements = 2 * b * L * (s.kv_head_chunk or gathered_heads[s.method]) * dh  # one gather's K,V
-        factor = 2.2 if s.kv_backward == "keep" else 2.75
+        # one kernel call per causal query chunk (prefix + diagonal, issue 27) holds that chunk's whole
+        # key range contiguous, its dK/dV and cpu_flash's bottom-right mask at once: ~1x more than the
+        # two calls and a merge before it (refitted on the tracker then: keep 2.2 -> 3.2, regather 2.75 -> 4.2)
+        factor = 3.2 if s.kv_backward == "keep" else 4.2
         acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
         grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
         backward = kv_elements * (acc_dt + grad_dt) + (factor - 2) * kv_elements * dt

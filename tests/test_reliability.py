@@ -113,5 +113,6 @@ def test_dead_or_stalled_rank_surfaces_as_an_error_within_the_timeout(failure):
         name, message, elapsed = results[rank]
         assert name == "CollectiveError", (rank, name, message)
         assert "over the process group of ranks [0, 1, 2]" in message
-        assert any(c in message for c in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"))
+        # the others meet the gap at the backward's verdict (lss_plugin.verdict), or a K/V or loss collective
+        assert any(c in message for c in ("verdict", "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"))
         assert elapsed < timeout_s + 15, (rank, elapsed)
