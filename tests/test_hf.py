@@ -336,3 +336,20 @@ def _check_refusals(found):
     assert "dropout=0.1" in found["dropout"]
     assert "left or interior padding" in found["left_padding"]
     assert "not divisible" in found["length"]
+
+
+def test_models_that_bypass_the_attention_registry_are_refused():
+    """Bloom (ALiBi) computes attention itself: it builds with attn_implementation="lss" and would then
+    attend each rank's shard alone. Refused by name before DeepSpeed starts; a registry model passes."""
+    import lss_plugin.hf as hf
+    from lss_plugin.hf.attention import check_model_runs_lss
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=16, n_layer=1, n_head=2))
+    bloom.config._attn_implementation = "lss"  # what attn_implementation="lss" leaves on such a model
+    config = {"train_batch_size": 1, "lss_sequence_parallel": {"enabled": True, "size": 1}}
+    with pytest.raises(ValueError, match=r"BloomForCausalLM computes its attention itself"):
+        hf.deepspeed_initialize(model=bloom, config=config)
+    llama = hf.build_causal_lm(hf.small_causal_lm_config("llama", hidden_size=16, num_heads=2, num_layers=1),
+                               attn_implementation="lss")
+    check_model_runs_lss(llama)  # goes through the registry: nothing to refuse

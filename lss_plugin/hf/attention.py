@@ -97,6 +97,19 @@ def register_lss_attention(
     return name
 
 
+def check_model_runs_lss(model) -> None:
+    """Refuse a transformers model whose class does not go through the attention registry
+    (``_supports_attention_backend = False``: Bloom, MPT, ... with their own attention code, ALiBi
+    among them): it accepts ``attn_implementation="lss"`` but would attend each rank's shard alone."""
+    cls = type(model)
+    if not getattr(cls, "_supports_attention_backend", True):
+        raise ValueError(
+            f"{cls.__name__} computes its attention itself (transformers' _supports_attention_backend=False), so "
+            f"attn_implementation={getattr(getattr(model, 'config', None), '_attn_implementation', None)!r} would not "
+            "run LSS: every rank would attend to its own shard only. LSS supports models whose attention goes "
+            "through transformers' AttentionInterface")
+
+
 def model_attention_settings(model) -> AttentionSettings | None:
     """The settings of the LSS name ``model`` (a transformers model) attends with; None when it does not
     use one registered here (read by ``lss_plugin.model_settings``)."""

@@ -12,7 +12,7 @@ batch sharding (``shard_causal_lm_batch``) and the DeepSpeed block can never dis
 """
 from __future__ import annotations
 
-from lss_plugin.hf.attention import register_lss_attention
+from lss_plugin.hf.attention import check_model_runs_lss, register_lss_attention
 from lss_plugin.hf.registry import DEFAULT_NAME, is_registered
 
 
@@ -34,6 +34,7 @@ def deepspeed_initialize(model=None, *, attn_implementation: str | None = None, 
             f"build it with attn_implementation={DEFAULT_NAME!r} or call model.set_attn_implementation({DEFAULT_NAME!r})"
         )
     if block is not None and block.enabled:
+        check_model_runs_lss(model)
         # before the engine exists: lds.initialize compares the model's attention settings with the block's
         register_lss_attention(name, settings=block.attention)
     return lds.initialize(model=model, **kwargs)

@@ -48,7 +48,7 @@ from transformers import Trainer
 
 from lss_plugin.comm import all_reduce_sum
 from lss_plugin.deepspeed.config import LSSConfig, LSSConfigError, load_config
-from lss_plugin.hf.attention import register_lss_attention
+from lss_plugin.hf.attention import check_model_runs_lss, register_lss_attention
 from lss_plugin.hf.registry import DEFAULT_NAME, is_registered, lss_options, parts_per_sequence
 from lss_plugin.hf.batch import IGNORE_INDEX, pad_for_layout, shard_causal_lm_batch
 from lss_plugin.hf.packing import FLASH_ATTN_KWARGS
@@ -253,6 +253,7 @@ def use_lss_attention(model, lss: LSSConfig) -> str:
     A model already on an LSS name (``register_lss_attention("my_lss", ...)``) keeps it, with the
     block's options; any other attention becomes ``"lss"``.
     """
+    check_model_runs_lss(model)
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     name = current if is_registered(current) else DEFAULT_NAME
     register_lss_attention(name, settings=lss.attention)
