@@ -59,8 +59,7 @@ from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_o
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.masks import Band, MaskSpec, apply_sinks, check_softcap, key_blocks, refine_bounds, sinks_grad
 from lss_plugin.options import (
-    AttentionSettings, check_kv_backward, check_kv_buffer_budget, check_kv_grad_dtype, check_kv_head_chunk,
-    check_layout, check_ulysses_heads, resolve_kv_chunking, settings_from_keywords,
+    AttentionSettings, check_kv_head_chunk, check_ulysses_heads, resolve_kv_chunking, settings_from_keywords,
 )
 from lss_plugin.sharding import rank_chunks
 from lss_plugin.signature import CallSignature, check_mode
@@ -96,7 +95,7 @@ class _Plan:
 # Validation: everything checkable locally is checked before any collective.
 # ---------------------------------------------------------------------------------------------
 
-def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib=None):
+def _validate(q, k, v, kv_head_chunk, softmax_scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -119,11 +118,7 @@ def _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softma
         raise ValueError(f"attention needs floating-point inputs, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
-    check_layout(layout)
-    check_kv_backward(kv_backward)
-    check_kv_grad_dtype(kv_grad_dtype)
-    check_kv_head_chunk(kv_head_chunk, hkv)
-    check_kv_buffer_budget(kv_buffer_mib, kv_head_chunk)
+    check_kv_head_chunk(kv_head_chunk, hkv)  # the settings object checked the rest; only the heads bound it here
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
 
@@ -465,7 +460,7 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     settings = settings_from_keywords(settings, setting_keywords, "lss_attention")
     layout, kv_backward, kv_head_chunk = settings.layout, settings.kv_backward, settings.kv_head_chunk
     kv_grad_dtype, kv_buffer_mib = settings.kv_grad_dtype, settings.kv_buffer_mib
-    _validate(q, k, v, layout, kv_backward, kv_grad_dtype, kv_head_chunk, softmax_scale, kv_buffer_mib)
+    _validate(q, k, v, kv_head_chunk, softmax_scale)
     check_mode()  # LSS_CHECK_CONSISTENCY: only its retired value is refused (lss_plugin.signature)
     spec = _check_masks(masks, q, causal)
     # A causal-only band would steer blocks away from kernels without one (the sdpa ones on GPU): only windows send it.
