@@ -53,8 +53,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lss_plugin.comm import InFlight, start_gather_kv, start_reduce_scatter_kv
+from lss_plugin.comm import (
+    InFlight, Pending, start_exchange_kv, start_gather_kv, start_reduce_scatter_kv, start_return_dkv,
+)
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
+from lss_plugin.exchange import ExchangePlan, exchange_plan, resolve_kv_exchange
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call, select_kernel
 from lss_plugin.kernels.base import compute_dtype
 from lss_plugin.masks import Band, MaskSpec, apply_sinks, check_softcap, key_blocks, refine_bounds, sinks_grad
@@ -84,6 +87,19 @@ class _Plan:
     signature: CallSignature  # what every rank's gathers carry and compare
     band: Band | None = None  # the layer's band (causal and window) when a window is set, else None
     softcap: float | None = None
+    exchange: ExchangePlan | None = None  # the sparse exchange's plan; None: the all-gather
+
+    def start_kv(self, k, v, header) -> Pending:
+        """Issue this head chunk's K, V collective (k, v [b, s_local, c, d]); wait() -> ([2, b, c, L, d], rows)."""
+        if self.exchange is not None:
+            return start_exchange_kv(k, v, self.group, self.exchange, self.lss_rank, header)
+        return start_gather_kv(k, v, self.group, self.layout, header)
+
+    def start_dkv(self, dkv, send_dtype) -> Pending:
+        """Issue this head chunk's dK, dV collective (dkv [2, b, c, L, d]); wait() -> [2, b, s_local, c, d]."""
+        if self.exchange is not None:
+            return start_return_dkv(dkv, self.group, self.exchange, self.lss_rank, send_dtype)
+        return start_reduce_scatter_kv(dkv, self.group, self.layout, send_dtype)
 
     def head_slices(self, num_kv_heads: int):
         for h0 in range(0, num_kv_heads, self.head_chunk):
@@ -263,8 +279,7 @@ class _Prefetched:
     def _start(self, i: int):
         heads = self._slices[i][0]
         k, v = self._k[:, :, heads], self._v[:, :, heads]  # [b, s_local, c, d]
-        return self._flight.start(start_gather_kv(k, v, self._plan.group, self._plan.layout,
-                                                  _header(self._plan, self._gather, i, k)))
+        return self._flight.start(self._plan.start_kv(k, v, _header(self._plan, self._gather, i, k)))
 
     def __iter__(self):
         return self
@@ -332,7 +347,7 @@ def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan, sinks=None):
             del kv
             if previous is not None:
                 store(*previous)  # its staging buffer is released before the next one is made
-            previous = kv_heads, flight.start(start_reduce_scatter_kv(dkv, plan.group, plan.layout, send_dtype))
+            previous = kv_heads, flight.start(plan.start_dkv(dkv, send_dtype))
             del dkv
         store(*previous)
     return dq, dk, dv, dsinks
@@ -480,11 +495,18 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     head_chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
                                                    d, q.dtype.itemsize)
+    exchange = None  # the all-gather
+    if settings.kv_exchange != "gather" and groups.lss_size > 1:
+        # a pure function of values every rank shares (lss_plugin.exchange); its digest is signed below
+        exchange = exchange_plan(layout, groups.lss_size, u * s, bool(causal), bounds, spec.window, spec.chunk)
+        if resolve_kv_exchange(settings.kv_exchange, exchange) == "gather":
+            exchange = None
     signature = CallSignature(
         batch=b, s_local=s, heads=h, kv_heads=hkv, head_dim=d, dtype=q.dtype, layout=layout,
         causal=bool(causal), kv_backward=kv_backward, kv_head_chunk=head_chunk, softmax_scale=scale,
         kv_grad_dtype=kv_grad_dtype, documents=digest(bounds), ulysses=u,
         window=spec.window, chunk=spec.chunk, softcap=masks.softcap, sinks=masks.sinks is not None,
+        exchange=0 if exchange is None else exchange.digest,
     )
     signature.to_bytes()  # a value too wide for its field fails here, before any collective
     plan = _Plan(
@@ -504,6 +526,7 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
         signature=signature,
         band=band,
         softcap=masks.softcap,
+        exchange=exchange,
     )
     return plan, kv_heads
 

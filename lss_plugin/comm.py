@@ -12,7 +12,13 @@ Payload bytes recorded per call = bytes of the assembled buffer (N x the packed 
 is that of the dtype it sends (float32 for half inputs by default: ``kv_grad_dtype``). With
 sp_size 1 nothing is sent and nothing is recorded.
 
-Both are asynchronous: they issue the collective with ``async_op=True`` and return a ``Pending``
+The sparse exchange (``kv_exchange="sparse"``, ``lss_plugin.exchange``) replaces the pair with ONE
+``all_to_all_single`` each way (``start_exchange_kv``, ``start_return_dkv``): each rank sends each
+peer only the tokens the plan says the peer's queries read, and gets the peers' dK, dV of those
+tokens back. Payload recorded = the send buffer, which holds no token for the rank itself: the
+information floor plus, forward, one signature row per peer.
+
+All are asynchronous: they issue the collective with ``async_op=True`` and return a ``Pending``
 whose ``wait()`` blocks until it is done and then unpacks (reorders into global positions);
 ``lss_plugin.attention`` pipelines head chunks with them. A blocking call is ``start_...(...).wait()``.
 """
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lss_plugin.exchange import ExchangePlan
 from lss_plugin.sharding import rank_chunks
 
 
@@ -274,3 +281,125 @@ def start_reduce_scatter_kv(dkv: torch.Tensor, group, layout: str,
     work = start_reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
     return Pending("reduce_scatter_tensor", group, work, lambda: out, (staged, out))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse exchange: what each peer's queries read, one all-to-all each way.
+# ---------------------------------------------------------------------------------------------
+
+SPARSE_KV = "sparse_kv_exchange"  # record_collectives names (the benchmark counts them as all_to_all)
+SPARSE_DKV = "sparse_dkv_exchange"
+_INDEX_CACHE: dict = {}  # (id(plan), rank, kind, device) -> (plan, index tensor): every layer reuses them
+_INDEX_CACHE_MAX = 64
+
+
+def _plan_indices(plan: ExchangePlan, rank: int, kind: str, device) -> torch.Tensor:
+    """``send`` (this rank's local token indices, destination-major) or ``receive`` (global positions it
+    gets, source-major) as an int64 tensor on ``device``, made once per plan."""
+    key = (id(plan), rank, kind, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    values = plan.send_indices(rank) if kind == "send" else plan.receive_positions(rank)
+    index = torch.tensor(values, dtype=torch.long, device=device)
+    if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
+        _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+    _INDEX_CACHE[key] = (plan, index)
+    return index
+
+
+def _own_positions(kv: torch.Tensor, local: torch.Tensor, plan: ExchangePlan, rank: int) -> None:
+    """kv [2, b, hkv, L, d] at this rank's own global positions <- local [2, b, s_local, hkv, d]."""
+    for c in rank_chunks(plan.local_len, rank, plan.lss_size, plan.layout):
+        kv[:, :, :, c.global_start:c.global_start + c.length] = \
+            local[:, :, c.local_start:c.local_start + c.length].transpose(2, 3)
+
+
+def start_exchange_kv(k: torch.Tensor, v: torch.Tensor, group, plan: ExchangePlan, rank: int,
+                      header: torch.Tensor | None = None) -> Pending:
+    """Issue ONE all_to_all_single of the (k, v) tokens each peer reads; ``wait()`` -> ([2, b, hkv, L, d]
+    in global position order, zero wherever no local query reads, headers [N, n] or None).
+
+    k, v: [b, s_local, hkv, d]. Peer j's slice is its tokens [m_j, 2, b, hkv, d], then ``header`` (this
+    rank's signature row); nothing goes to the rank itself. Zeros, not garbage, fill what is not
+    read: a kernel tile may cover keys its band masks, and 0 * a NaN would not be 0."""
+    n = plan.lss_size
+    b, s_local, hkv, d = k.shape
+    packed = torch.stack((k, v))  # [2, b, s_local, hkv, d]
+    kv = k.new_zeros((2, b, hkv, plan.seq_len, d))
+    _own_positions(kv, packed, plan, rank)
+    if n == 1:
+        return Pending(SPARSE_KV, group, None, lambda: (kv, None))
+    token = 2 * b * hkv * d  # elements of one token's packed k, v
+    extra = 0 if header is None else header.numel()
+    chosen = packed.index_select(2, _plan_indices(plan, rank, "send", k.device))
+    chosen = chosen.permute(2, 0, 1, 3, 4).reshape(-1)  # [m * 2 * b * hkv * d], destination-major tokens
+    pieces, send_splits, offset = [], [], 0
+    for dst in range(n):
+        m = plan.tokens(rank, dst) * token
+        if dst != rank:
+            pieces.append(chosen[offset:offset + m])
+            if extra:
+                pieces.append(header)
+        offset += m
+        send_splits.append(0 if dst == rank else m + extra)
+    send = torch.cat(pieces) if pieces else k.new_empty((0,))
+    recv_splits = [0 if src == rank else plan.tokens(src, rank) * token + extra for src in range(n)]
+    recv = send.new_empty((sum(recv_splits),))
+    with counted_collective(SPARSE_KV, group, send):
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=True)
+    positions = _plan_indices(plan, rank, "receive", k.device)
+
+    def finish():
+        tokens, rows, offset = [], [], 0
+        for src in range(n):
+            if src == rank:
+                rows.append(header)
+                continue
+            m = recv_splits[src] - extra
+            tokens.append(recv[offset:offset + m])
+            rows.append(recv[offset + m:offset + m + extra])
+            offset += recv_splits[src]
+        arrived = torch.cat(tokens).view(-1, 2, b, hkv, d)  # [M, 2, b, hkv, d], source-major
+        kv.index_copy_(3, positions, arrived.permute(1, 2, 3, 0, 4))
+        return kv, (torch.stack(rows) if extra else None)
+
+    return Pending(SPARSE_KV, group, work, finish, (send, recv))
+
+
+def start_return_dkv(dkv: torch.Tensor, group, plan: ExchangePlan, rank: int,
+                     send_dtype: torch.dtype | None = None) -> Pending:
+    """Issue ONE all_to_all_single handing each peer the dK, dV of its tokens this rank read (the forward
+    plan reversed); ``wait()`` -> this rank's [2, b, s_local, hkv, d]: its own part plus every peer's, in
+    ``send_dtype`` (default ``dkv``'s), summed in rank order. With no token read across ranks at all
+    (a fact of the shared plan) nothing is issued on any rank."""
+    n = plan.lss_size
+    two, b, hkv, seq_len, d = dkv.shape
+    dtype = send_dtype or dkv.dtype
+    local = dkv.new_empty((2, b, plan.local_len, hkv, d), dtype=dtype)
+    for c in rank_chunks(plan.local_len, rank, n, plan.layout):
+        local[:, :, c.local_start:c.local_start + c.length] = \
+            dkv[:, :, :, c.global_start:c.global_start + c.length].transpose(2, 3)
+    if n == 1 or plan.floor_tokens == 0:
+        return Pending(SPARSE_DKV, group, None, lambda: local)
+    token = 2 * b * hkv * d
+    positions = _plan_indices(plan, rank, "receive", dkv.device)
+    send = dkv.index_select(3, positions).permute(3, 0, 1, 2, 4).to(dtype).reshape(-1)  # [M * token], source-major
+    send_splits = [plan.tokens(peer, rank) * token for peer in range(n)]
+    recv_splits = [plan.tokens(rank, peer) * token for peer in range(n)]
+    recv = send.new_empty((sum(recv_splits),))
+    with counted_collective(SPARSE_DKV, group, send):
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=True)
+    indices = _plan_indices(plan, rank, "send", dkv.device)
+
+    def finish():
+        offset = 0
+        for peer in range(n):  # one index_add_ per peer: its indices are distinct, so the sum is deterministic
+            m = recv_splits[peer] // token
+            if m:
+                part = recv[offset * token:(offset + m) * token].view(m, 2, b, hkv, d).permute(1, 2, 0, 3, 4)
+                local.index_add_(2, indices[offset:offset + m], part)
+            offset += m
+        return local
+
+    return Pending(SPARSE_DKV, group, work, finish, (send, recv))

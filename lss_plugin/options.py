@@ -33,6 +33,18 @@ DEFAULT_KV_HEAD_CHUNK = AUTO
 # dK/dV reduce-scatter: "fp32" sends the float32 accumulators of half-precision inputs (exact sum
 # of the ranks' fp32 partials, 2x the bytes); "input" rounds them to the input dtype first.
 KV_GRAD_DTYPES = ("fp32", "input")
+# How a call moves K, V (lss_plugin.exchange): "gather" all-gathers every token to every rank;
+# "sparse" sends each rank only the tokens its queries read under the call's masks and documents,
+# in one all-to-all with split sizes; "auto" (default) picks per call from the planned bytes.
+KV_EXCHANGES = ("gather", "sparse")  # what a call runs (and its signature carries)
+KV_EXCHANGE_SETTINGS = KV_EXCHANGES + (AUTO,)
+DEFAULT_KV_EXCHANGE = AUTO
+# "auto": the sparse exchange when its busiest rank moves at most this fraction of what the
+# all-gather moves to each rank ((N - 1) / N of the sequence); the gather otherwise. Above it the
+# all-to-all's per-peer messages buy little (NCCL's and gloo's all-gather are tuned for the dense
+# case) and a full causal mask reads nearly everything anyway (rank 0 of the balanced layout holds
+# the last chunk, which reads every earlier key).
+AUTO_SPARSE_FRACTION = 0.5
 
 
 def check_choice(setting: str, value, allowed: tuple, listing=tuple) -> None:
@@ -51,6 +63,10 @@ def check_kv_backward(kv_backward: str, setting: str = "kv_backward", listing=tu
 
 def check_kv_grad_dtype(kv_grad_dtype: str, setting: str = "kv_grad_dtype", listing=tuple) -> None:
     check_choice(setting, kv_grad_dtype, KV_GRAD_DTYPES, listing)
+
+
+def check_kv_exchange(kv_exchange: str, setting: str = "kv_exchange", listing=tuple) -> None:
+    check_choice(setting, kv_exchange, KV_EXCHANGE_SETTINGS, listing)
 
 
 def check_kv_head_chunk(kv_head_chunk, kv_heads: int | None = None, setting: str = "kv_head_chunk",
@@ -201,6 +217,10 @@ def _check_grad_dtype(value, name: str, dialect: Dialect) -> None:
     check_kv_grad_dtype(value, name, dialect.listing)
 
 
+def _check_exchange(value, name: str, dialect: Dialect) -> None:
+    check_kv_exchange(value, name, dialect.listing)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttentionSettings:
     """What every ``lss_attention`` call of a model runs with, fixed when the model is configured.
@@ -241,6 +261,13 @@ class AttentionSettings:
         doc="dK/dV reduce-scatter of half-precision inputs: fp32 (default) sends the float32 sums (exact sum of "
             "the ranks' partials, 2x the bytes), input rounds them to the input dtype first (half the bytes); "
             "float32/float64 inputs send their own dtype either way.")
+    kv_exchange: str = _setting(
+        DEFAULT_KV_EXCHANGE, check=_check_exchange, flag="--lss-kv-exchange", key="kv_exchange",
+        keyword="kv_exchange", flag_choices=KV_EXCHANGE_SETTINGS,
+        doc="How K,V move: gather all-gathers every token to every rank; sparse sends each rank only the tokens "
+            "its queries read under the masks and documents (one all-to-all with split sizes, dK,dV back the "
+            "same way); auto (default): sparse when its busiest rank moves at most half of what the gather "
+            "moves to each rank, else gather.")
 
     def __post_init__(self) -> None:
         _check_settings({f.name: getattr(self, f.name) for f in fields(self)}, KEYWORDS)

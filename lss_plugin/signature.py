@@ -15,7 +15,8 @@ The rule (one collective schedule for every rank, whatever its history or enviro
    forward meeting a backward, or a rank's local refusal raises the same error on every rank before
    the first variable-size collective (a collective whose ranks pass buffers of different sizes
    cannot be survived: it hangs or corrupts memory).
-2. In band (no extra collective). Each K/V all-gather (and the hybrid's all-to-all) carries the
+2. In band (no extra collective). Each K/V all-gather, each sparse exchange (one row per peer,
+   ``lss_plugin.exchange``) and the hybrid's all-to-all carries the
    signature bit-cast into the buffer's dtype (40 fp16/bf16, 20 fp32 or 10 fp64 elements appended
    to the rank's packed k, v), so the bits arrive exactly. The rows are compared on the device
    (no host read per gather) and a disagreement, which after an agreed verdict only collectives
@@ -67,7 +68,7 @@ _LAYOUT = (
     ("documents", "Q"),  # digest of cu_seqlens (lss_plugin.documents.digest); 0 = one document
     ("ulysses", "H"),  # Ulysses degree U of the hybrid (1 = pure LSS)
     ("masks", "H"),  # which mask fields are set: bit 0 window, 1 chunk, 2 softcap, 3 sinks
-    ("ulysses_peers", "I"),  # reserved (0): the verdict compares the whole SP group's rows
+    ("exchange", "I"),  # how K, V move: 0 = the all-gather, else the sparse exchange's plan digest
     ("window_left", "Q"),  # window (left, right) of lss_plugin.masks; 0 when unset (bit 0 says which)
     ("window_right", "Q"),
     ("chunk", "Q"),  # chunked attention's C; 0 when unset
@@ -104,7 +105,7 @@ class CallSignature:
     gather: str = "forward"
     head_chunk_index: int = 0
     ulysses: int = 1
-    ulysses_peers: int = 0
+    exchange: int = 0  # 0: all-gather; else lss_plugin.exchange.ExchangePlan.digest (sparse)
     window: tuple[int, int] | None = None  # masks: (left, right) keys around each query
     chunk: int | None = None  # C-aligned chunks of global positions
     softcap: float | None = None  # cap * tanh(s / cap) on the scaled scores

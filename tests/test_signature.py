@@ -221,7 +221,7 @@ VARIANTS = {
     "causal": {"causal": False}, "kv_backward": {"kv_backward": "keep"}, "kv_head_chunk": {"kv_head_chunk": 2},
     "softmax_scale": {"softmax_scale": 0.125000001}, "documents": {"documents": 7}, "gather": {"gather": "forward"},
     "head_chunk_index": {"head_chunk_index": 0}, "kv_grad_dtype": {"kv_grad_dtype": "fp32"},
-    "ulysses": {"ulysses": 2}, "ulysses_peers": {"ulysses_peers": 0x9E3779B9},
+    "ulysses": {"ulysses": 2}, "exchange": {"exchange": 0x9E3779B9},
     "window": {"window": (127, 1)}, "chunk": {"chunk": None}, "softcap": {"softcap": 30.0}, "sinks": {"sinks": False},
 }
 

@@ -12,7 +12,8 @@ Byte conventions (per rank, per call; the cost model in ``lss_plugin.plan`` uses
   all-to-all, the tensor of a send or receive. Same convention as ``lss_plugin.comm``.
 - ``sent_bytes``: what this rank puts on the wire with bandwidth-optimal algorithms (ring
   all-gather / reduce-scatter send (N-1)/N of the buffer, all-reduce 2(N-1)/N, all-to-all (N-1)/N,
-  send the tensor, receive nothing). The targets compare ``sent_bytes``.
+  send the tensor, receive nothing; an all-to-all with split sizes sends all but its own slice).
+  The targets compare ``sent_bytes``.
 Spellings of one collective share a row: ``all_gather`` (``all_gather_single``,
 ``all_gather_into_tensor``, ``_all_gather_base``, list form), ``reduce_scatter``, ``all_to_all``,
 ``send``/``recv`` (blocking or not). A call on a one-rank group counts as a call with 0 bytes.
@@ -148,6 +149,10 @@ def _make_wrapper(name: str, original):
         else:
             n = _group_size(bound.get("group"))
         sent = nbytes * factor(n)
+        splits = bound.get("input_split_sizes") if name == "all_to_all_single" else None
+        if splits and n > 1:  # uneven splits (the sparse K/V exchange): all but this rank's own slice leaves it
+            row_bytes = nbytes // max(payload.shape[0], 1)  # splits count rows of dim 0
+            sent = (sum(splits) - splits[dist.get_rank(bound.get("group"))]) * row_bytes
         for counts in _ACTIVE:
             counts.add(name, nbytes if n > 1 or name in _P2P else 0, sent, n)
         _state.depth = depth + 1
