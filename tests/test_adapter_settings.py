@@ -195,8 +195,8 @@ def test_a_budget_beside_a_fixed_chunk_is_refused_by_every_adapter_option():
 # one case can change every field); test_every_field_is_swept refuses a field no case changes.
 SWEEP_CASES = {
     "contiguous_regather_chunk1_input": dict(layout="contiguous", kv_backward="regather", kv_head_chunk=1,
-                                             kv_grad_dtype="input"),
-    "keep_all_heads": dict(kv_backward="keep", kv_head_chunk=None),
+                                             kv_grad_dtype="input", kv_exchange="gather"),
+    "keep_all_heads": dict(kv_backward="keep", kv_head_chunk=None, kv_exchange="sparse"),
     "budget": dict(kv_buffer_mib=64.0),
 }
 

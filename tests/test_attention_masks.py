@@ -78,7 +78,8 @@ def _one_case(mask, layout, heads, kv, docs, ulysses_size=1):
     ref_out.backward(dout)
 
     idx = local_token_indices(L, rank, world, layout, ulysses_size=ulysses_size)
-    settings = dict(layout=layout, kv_backward=kv[0], kv_head_chunk=kv[1])
+    # the all-gather, whose collectives masks leave unchanged (the sparse exchange: tests/test_exchange.py)
+    settings = dict(layout=layout, kv_backward=kv[0], kv_head_chunk=kv[1], kv_exchange="gather")
     recs = []
     for masked in (True, False):
         local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]

@@ -74,8 +74,10 @@ def _one_case(causal, layout, heads, kv_backward, head_chunk, bounds_name, dtype
     local = [t[:, idx].clone().requires_grad_() for t in (q, k, v)]
     cu = torch.tensor(bounds, dtype=torch.int32) if bounds_name else None
     with lss_plugin.record_collectives() as rec:
+        # the all-gather: packing changes what it computes, never what it sends (the sparse exchange,
+        # which sends only what the documents read: tests/test_exchange.py)
         out = lss_plugin.lss_attention(*local, causal=causal, layout=layout, kv_backward=kv_backward,
-                                       kv_head_chunk=head_chunk, cu_seqlens=cu)
+                                       kv_head_chunk=head_chunk, cu_seqlens=cu, kv_exchange="gather")
         out.backward(dout[:, idx])
     errors = {"out": _rel(out, ref_out[:, idx])}
     for name, mine, ref in zip(("dq", "dk", "dv"), local, ref_in):
