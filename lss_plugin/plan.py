@@ -10,6 +10,13 @@ Communication (per rank, per step): every collective as (type, payload bytes, gr
 with the payload convention of ``lss_plugin.bench.counters`` (assembled buffer), and bytes sent
 per rank under bandwidth-optimal algorithms. Memory (per rank): parameters, gradients, optimizer
 state, activations saved for backward, and the transient K/V buffer of LSS.
+
+Masks and documents (``Setup.window / chunk / documents``) change only LSS's bytes, and only with
+``kv_exchange="sparse"`` (or ``"auto"`` resolved to it): then its collectives follow
+``lss_plugin.exchange``'s plan, rank by rank. ``information_floor`` is what any scheme that leaves
+queries on their rank must move under those masks; ``kv_bytes_against_floor`` puts each scheme's K/V
+bytes beside it (``python -m lss_plugin.plan --floor``). The memory model does not follow the
+sparse exchange (its staging buffers are smaller; the K/V buffer is still all L positions).
 """
 from __future__ import annotations
 
