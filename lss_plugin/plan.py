@@ -10,13 +10,26 @@ Communication (per rank, per step): every collective as (type, payload bytes, gr
 with the payload convention of ``lss_plugin.bench.counters`` (assembled buffer), and bytes sent
 per rank under bandwidth-optimal algorithms. Memory (per rank): parameters, gradients, optimizer
 state, activations saved for backward, and the transient K/V buffer of LSS.
+
+Masks and documents (``Setup.window / chunk / documents``) change only LSS's bytes, and only with
+``kv_exchange="sparse"`` (or ``"auto"`` resolved to it): then its collectives follow
+``lss_plugin.exchange``'s plan, rank by rank. ``information_floor`` is what any scheme that leaves
+queries on their rank must move under those masks; ``kv_bytes_against_floor`` puts each scheme's K/V
+bytes beside it (``python -m lss_plugin.plan --floor``). The memory model does not follow the
+sparse exchange (its staging buffers are smaller; the K/V buffer is still all L positions).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
 
-from lss_plugin.options import check_kv_grad_dtype, check_ulysses_heads, ulysses_kv_heads
+import torch
+
+from lss_plugin.documents import check_cu_seqlens
+from lss_plugin.exchange import ExchangePlan, exchange_plan, resolve_kv_exchange
+from lss_plugin.masks import MaskSpec
+from lss_plugin.options import (check_kv_exchange, check_kv_grad_dtype, check_layout, check_ulysses_heads,
+                                ulysses_kv_heads)
 from lss_plugin.signature import SIGNATURE_BYTES
 from lss_plugin.verdict import ROW_BYTES as VERDICT_ROW_BYTES
 
@@ -72,6 +85,17 @@ class Setup:
     batch_size: int = 1  # sequences per rank (micro-batch)
     kernel: str = "fused"  # single / megatron_tp_sp: fused (SDPA) | unfused (Megatron's dense local)
     ulysses: int | None = None  # usp / lss_ulysses: Ulysses group size (the other axis has sp / ulysses ranks)
+    # lss / lss_ulysses: gather (the all-gather, whatever the masks) | sparse | auto (lss_plugin.exchange);
+    # "gather" here although the library's default is "auto": "auto" resolves to gather for a full causal
+    # mask, and every figure planned before the sparse exchange stays what it was
+    kv_exchange: str = "gather"
+    layout: str = "balanced"  # which tokens an SP rank holds (what the sparse exchange's plan reads)
+    # the masks and documents of every layer (lss_attention's keywords): a (left, right) window, chunked
+    # attention of ``chunk`` positions, global document boundaries (0, ..., L) (None: one document)
+    causal: bool = True
+    window: tuple[int, int] | None = None
+    chunk: int | None = None
+    documents: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -89,6 +113,15 @@ class Setup:
             raise ValueError(f"kv_head_chunk applies to lss only (not modelled for {self.method}) and "
                              f"must be >= 1, got {self.kv_head_chunk}")
         check_kv_grad_dtype(self.kv_grad_dtype)
+        check_kv_exchange(self.kv_exchange)
+        if isinstance(self.window, list):  # lss_attention takes a list too
+            object.__setattr__(self, "window", tuple(self.window))
+        if self.documents is not None:
+            object.__setattr__(self, "documents", tuple(int(x) for x in self.documents))
+        if self.kv_exchange != "gather" and self.method not in ("lss", "lss_ulysses"):
+            raise ValueError(f"kv_exchange={self.kv_exchange!r} is LSS's (lss, lss_ulysses), not {self.method}'s")
+        check_layout(self.layout)
+        self.masks  # validates window and chunk, naming them
         if self.method in SP_METHODS and self.method != "lss" and self.tp != 1:
             raise ValueError(f"{self.method} with tp={self.tp} is not modelled (tp must be 1)")
         if self.method == "single" and (self.sp, self.tp) != (1, 1):
@@ -97,6 +130,16 @@ class Setup:
     @property
     def world_size(self) -> int:
         return self.sp * self.dp * self.tp
+
+    @property
+    def masks(self) -> MaskSpec:
+        return MaskSpec(self.causal, self.window, self.chunk)
+
+    def bounds(self, seq_len: int) -> tuple[int, ...]:
+        """The document boundaries of a sequence of ``seq_len`` tokens, checked as lss_attention checks them."""
+        if self.documents is None:
+            return (0, seq_len)
+        return check_cu_seqlens(torch.tensor(self.documents), seq_len)
 
 
 @dataclass
@@ -116,6 +159,9 @@ class Collective:
     calls: int
     what: str = ""
     group: str = ""
+    # per call, when the wire is not the type's share of the payload: the sparse exchange's all-to-all
+    # with split sizes sends its whole send buffer (it holds nothing for the rank itself)
+    wire_bytes: int | None = None
 
     @property
     def total_payload(self) -> int:
@@ -125,6 +171,8 @@ class Collective:
     def total_sent(self) -> int:
         if self.group_size <= 1 and self.type not in ("send", "recv"):
             return 0
+        if self.wire_bytes is not None:
+            return self.wire_bytes * self.calls
         return int(round(self.payload_bytes * _WIRE[self.type](self.group_size))) * self.calls
 
 
@@ -194,8 +242,12 @@ def parameter_counts(spec: GPTSpec, seq_len: int, tp: int = 1) -> dict:
 
 # -- communication ---------------------------------------------------------------------------
 
-def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
-    """Every collective of one training step on one rank (forward, backward, grads, optimizer)."""
+def collectives(spec: GPTSpec, seq_len: int, s: Setup, rank: int | None = None) -> list[Collective]:
+    """Every collective of one training step on one rank (forward, backward, grads, optimizer).
+
+    ``rank``: the rank's index in its SP group, which sets its bytes under the sparse K/V exchange
+    (ranks read different keys); None: the busiest rank (``busiest_lss_rank``). Otherwise every
+    rank of a setup moves the same bytes."""
     b, h, dh, dt, layers = s.batch_size, spec.hidden_size, spec.head_dim, s.dtype_bytes, spec.num_layers
     grad_bytes = 4  # megatron DDP keeps fp32 main grads (grad_reduce_in_fp32)
     params = parameter_counts(spec, seq_len, s.tp)
@@ -205,7 +257,7 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
         s_local = seq_len // n
         block = 2 * b * s_local * spec.hkv * dh * dt  # packed K,V of one rank (tp is 1 but for lss)
         if s.method == "lss":
-            out += _lss_kv_collectives(b * seq_len * dh, spec.hkv // s.tp, n, s, layers, "sp")
+            out += _lss_kv_collectives(spec, seq_len, spec.hkv // s.tp, n, 1, s, rank, "sp")
         elif s.method == "lss_ulysses":
             u, r = s.ulysses, n // s.ulysses
             g = ulysses_kv_heads(spec.hkv, u)
@@ -213,7 +265,7 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
             out += _all_to_alls(b * s_local * dh * dt, spec.num_heads, g, u, layers, "ulysses",
                                 fused=True, signatures=u * SIGNATURE_BYTES)
             # the LSS group gathers all L tokens of this rank's g / U KV heads
-            out += _lss_kv_collectives(b * seq_len * dh, g // u, r, s, layers, "strided")
+            out += _lss_kv_collectives(spec, seq_len, g // u, r, u, s, rank, "strided")
         elif s.method == "allgather_cp":
             kv_one = b * seq_len * spec.hkv * dh * dt  # K or V of all L positions
             out.append(Collective("all_gather", kv_one, n, 4 * layers, "K and V separately, fwd + bwd", "sp"))
@@ -242,27 +294,65 @@ def collectives(spec: GPTSpec, seq_len: int, s: Setup) -> list[Collective]:
     return out
 
 
-def _lss_kv_collectives(token_elements: int, heads: int, n: int, s: Setup, layers: int,
+def _lss_kv_collectives(spec: GPTSpec, seq_len: int, heads: int, n: int, u: int, s: Setup, rank: int | None,
                         group: str) -> list[Collective]:
-    """LSS's fused collectives over ``n`` ranks for ``heads`` KV heads; ``token_elements`` =
-    b x L x d (all L positions of one head).
+    """LSS's fused collectives over ``n`` LSS ranks for ``heads`` KV heads (the hybrid: Ulysses groups of
+    ``u`` ranks, each LSS rank holding ``u`` ranks' tokens; LSS alone ``u = 1``).
 
-    Per layer: one gather of packed K,V (two with ``regather``), each carrying the n call
+    ``gather``, per layer: one gather of packed K,V (two with ``regather``), each carrying the n call
     signatures, and one reduce-scatter of packed dK,dV, whose items are float32 for half inputs
     unless kv_grad_dtype="input"; with ``kv_head_chunk`` one of each per head chunk.
+    ``sparse`` (or ``auto`` resolved to it, as the call resolves it): the same calls as all-to-alls
+    (``lss_plugin.comm.start_exchange_kv`` / ``start_return_dkv``) carrying what the plan says:
+    forward the tokens this rank's peers read (and one signature row per peer), backward the dK,dV
+    of the tokens this rank read, none at all when no token crosses ranks (the plan's floor is 0).
     """
     if n == 1:
         return []
-    dt = s.dtype_bytes
-    kv_full = 2 * token_elements * heads * dt  # packed K and V of all L positions
+    b, d, dt, layers = s.batch_size, spec.head_dim, s.dtype_bytes, spec.num_layers
     gathers = 2 if s.kv_backward == "regather" else 1
-    chunks = heads // (s.kv_head_chunk or heads)  # one collective per head chunk
-    signatures = n * SIGNATURE_BYTES  # every rank's call signature rides in each gather
+    chunk_heads = s.kv_head_chunk or heads
+    chunks = heads // chunk_heads  # one collective per head chunk
     grad_dt = 4 if dt < 4 and s.kv_grad_dtype == "fp32" else dt
-    return [Collective("all_gather", kv_full // chunks + signatures, n, gathers * layers * chunks,
-                       "packed K,V (fwd" + (" + bwd regather)" if gathers == 2 else ")"), group),
-            Collective("reduce_scatter", kv_full // chunks // dt * grad_dt, n, layers * chunks,
-                       "packed dK,dV (bwd)", group)]
+    token = 2 * b * chunk_heads * d  # elements of one token's packed K,V in one head chunk
+    fwd_what = "(fwd" + (" + bwd regather)" if gathers == 2 else ")")
+    exchange = sparse_exchange(s, seq_len, n, u)
+    if exchange is None:  # the all-gather: every rank's call signature rides in each gather
+        kv = token * seq_len * dt
+        return [Collective("all_gather", kv + n * SIGNATURE_BYTES, n, gathers * layers * chunks,
+                           "packed K,V " + fwd_what, group),
+                Collective("reduce_scatter", token * seq_len * grad_dt, n, layers * chunks, "packed dK,dV (bwd)", group)]
+    r = busiest_lss_rank(exchange, s) if rank is None else rank // u  # the hybrid's LSS rank: its Ulysses group
+    kv = exchange.sent(r) * token * dt + (n - 1) * SIGNATURE_BYTES  # one signature row to every peer
+    out = [Collective("all_to_all", kv, n, gathers * layers * chunks, "sparse K,V + signature rows " + fwd_what,
+                      group, wire_bytes=kv)]
+    if exchange.floor_tokens:
+        dkv = exchange.received(r) * token * grad_dt
+        out.append(Collective("all_to_all", dkv, n, layers * chunks, "sparse dK,dV (bwd)", group, wire_bytes=dkv))
+    return out
+
+
+def sparse_exchange(s: Setup, seq_len: int, n: int, u: int = 1) -> ExchangePlan | None:
+    """The plan of LSS's sparse K/V exchange over ``n`` LSS ranks holding ``u`` x L / (n u) tokens each,
+    or None when the call gathers (``kv_exchange="gather"``, or ``"auto"`` resolved to it)."""
+    if s.kv_exchange == "gather" or n == 1:
+        return None
+    exchange = exchange_plan(s.layout, n, seq_len // n, s.causal, s.bounds(seq_len), s.window, s.chunk)
+    return exchange if resolve_kv_exchange(s.kv_exchange, exchange) == "sparse" else None
+
+
+def busiest_lss_rank(exchange: ExchangePlan, s: Setup) -> int:
+    """The LSS rank that sends the most K/V bytes in a step under the sparse exchange (the lowest on a
+    tie): forward the tokens its peers read (twice with ``regather``), backward the dK,dV of those it
+    read (``kv_grad_dtype``'s items), per head chunk alike."""
+    grad_dt = 4 if s.dtype_bytes < 4 and s.kv_grad_dtype == "fp32" else s.dtype_bytes
+    gathers = 2 if s.kv_backward == "regather" else 1
+    backward = 1 if exchange.floor_tokens else 0
+
+    def step_bytes(r: int) -> int:
+        return gathers * exchange.sent(r) * s.dtype_bytes + backward * exchange.received(r) * grad_dt
+
+    return max(range(exchange.lss_size), key=lambda r: (step_bytes(r), -r))
 
 
 def _all_to_alls(token_bytes: int, heads: int, kv_heads: int, u: int, layers: int, group: str,
@@ -311,6 +401,89 @@ def _tp_sp_collectives(spec: GPTSpec, tokens: int, s: Setup, params: dict) -> li
         Collective("all_reduce", params["sequence_parallel"] * 4, t, 1,
                    "sequence-parallel norm/bias grads (TP)", "tp"),
     ]
+
+
+# -- the information floor (issue 29) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class InformationFloor:
+    """The K,V of other ranks that some query of each SP rank reads under a mask and documents: what any
+    scheme that leaves queries on their rank must bring to it. ``tokens[r]``: rank r's count."""
+
+    tokens: tuple[int, ...]
+    token_bytes: int  # one token's K and V over all KV heads, one layer
+
+    @property
+    def per_rank_bytes(self) -> int:
+        """The most one rank reads from the others."""
+        return max(self.tokens) * self.token_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.tokens) * self.token_bytes
+
+
+def information_floor(spec: GPTSpec, seq_len: int, s: Setup) -> InformationFloor:
+    """The floor of one layer's forward for ``s``'s SP ranks, layout, masks and documents (per rank and total)."""
+    exchange = exchange_plan(s.layout, s.sp, seq_len // s.sp, s.causal, s.bounds(seq_len), s.window, s.chunk)
+    token_bytes = 2 * s.batch_size * spec.hkv * spec.head_dim * s.dtype_bytes
+    return InformationFloor(tuple(exchange.received(r) for r in range(s.sp)), token_bytes)
+
+
+def kv_bytes_against_floor(spec: GPTSpec, seq_len: int, s: Setup) -> list[dict]:
+    """Each scheme's K,V bytes of one layer's forward against the floor: the most one rank receives, and
+    all ranks together, with ``s``'s SP size, layout, masks, documents, dtype and batch.
+
+    What arrives, counted as ``collectives`` counts it: LSS gather N - 1 ranks' K,V and their call
+    signatures; LSS sparse the floor and one signature row from each peer (per rank: the rank that
+    reads most); ring N - 1 blocks; all-gather CP K and V gathered; Ulysses the k and v all-to-alls;
+    USP those in its Ulysses group of ``s.ulysses`` (or the largest the heads allow) and its ring's
+    blocks. Ring, all-gather CP, Ulysses and USP move the same whatever the masks (as modelled). Ulysses
+    and USP move queries and outputs instead of keys (not counted here), so they can sit below the floor,
+    which assumes queries stay on their rank; Ulysses is left out when N does not divide the heads."""
+    n, L = s.sp, seq_len
+    s_local = L // n
+    floor = information_floor(spec, L, s)
+    tb = floor.token_bytes
+    exchange = exchange_plan(s.layout, n, s_local, s.causal, s.bounds(L), s.window, s.chunk)
+    a2a = _WIRE["all_to_all"]
+    u = s.ulysses or math.gcd(n, math.gcd(spec.num_heads, spec.hkv))
+    rows = [("information floor", floor.per_rank_bytes, floor.total_bytes),
+            ("lss[gather]", (n - 1) * (s_local * tb + SIGNATURE_BYTES), None),
+            ("lss[sparse]", floor.per_rank_bytes + (n - 1) * SIGNATURE_BYTES,
+             floor.total_bytes + n * (n - 1) * SIGNATURE_BYTES),
+            ("ring", (n - 1) * s_local * tb, None),
+            ("allgather_cp", int(round(L * tb * _WIRE["all_gather"](n))), None),
+            ("ulysses", int(round(s_local * tb * a2a(n))) if not (spec.num_heads % n or spec.hkv % n) else None, None)]
+    if 1 < u < n:
+        rows.append((f"usp[u{u}]", int(round(s_local * tb * a2a(u))) + (n // u - 1) * s_local * tb, None))
+    auto = resolve_kv_exchange("auto", exchange)
+    rows.insert(3, (f"lss[auto] -> {auto}", *next((p, t) for name, p, t in rows if name == f"lss[{auto}]")))
+    return [{"scheme": name, "per_rank_bytes": per_rank, "total_bytes": n * per_rank if total is None else total,
+             "x_floor": per_rank / floor.per_rank_bytes if floor.per_rank_bytes else math.inf}
+            for name, per_rank, total in rows if per_rank is not None]  # Ulysses: N must divide the heads
+
+
+def floor_table(title: str, spec: GPTSpec, seq_len: int, s: Setup) -> str:
+    """``kv_bytes_against_floor`` as the text table ``python -m lss_plugin.plan`` prints."""
+    masks = [f"{s.layout} layout", "causal" if s.causal else "full"]
+    if s.window is not None:
+        masks.append(f"window {s.window}")
+    if s.chunk is not None:
+        masks.append(f"chunks of {s.chunk}")
+    if s.documents is not None:
+        masks.append(f"{len(s.documents) - 1} documents")
+    lines = [f"PREDICTION (cost model) - K,V bytes of one layer's forward against the information floor: {title}",
+             f"  {spec.hkv} KV heads x head dim {spec.head_dim}, {s.dtype_bytes}-byte items, batch {s.batch_size}, "
+             f"L = {seq_len:,} on {s.sp} ranks; {', '.join(masks)}",
+             f"  {'scheme':26} | {'K/V bytes per rank':>18} | {'x floor':>8} | {'all ranks':>15} | {'x floor':>8}"]
+    rows = kv_bytes_against_floor(spec, seq_len, s)
+    total_floor = rows[0]["total_bytes"]
+    for r in rows:  # a floor of 0 (nothing read across ranks): no ratio
+        x_rank = f"{r['x_floor']:8.2f}" if rows[0]["per_rank_bytes"] else f"{'-':>8}"
+        x_total = f"{r['total_bytes'] / total_floor:8.2f}" if total_floor else f"{'-':>8}"
+        lines.append(f"  {r['scheme']:26} | {r['per_rank_bytes']:>18,} | {x_rank} | {r['total_bytes']:>15,} | {x_total}")
+    return "\n".join(lines)
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -436,8 +609,9 @@ def persistent_buffer_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     return max(scores, gathered)
 
 
-def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
-    """The cost model's prediction for one rank of ``setup`` training ``spec`` at ``seq_len``."""
+def plan(spec: GPTSpec, seq_len: int, setup: Setup, rank: int | None = None) -> Plan:
+    """The cost model's prediction for one rank of ``setup`` training ``spec`` at ``seq_len`` (``rank``:
+    its index in the SP group, None: the busiest, see ``collectives``)."""
     if seq_len % max(setup.sp, setup.tp) != 0:
         raise ValueError(f"sequence length {seq_len} is not divisible by sp({setup.sp}) x tp({setup.tp})")
     if setup.method == "lss" and (seq_len // setup.sp) % setup.tp:
@@ -451,6 +625,7 @@ def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
                          f"kv heads({spec.hkv})")
     if setup.method == "lss_ulysses":  # the core's own check: H % U, KV heads replicated to lcm(Hkv, U)
         check_ulysses_heads(spec.num_heads, spec.hkv, setup.ulysses, setting="ulysses")
+    setup.bounds(seq_len)  # documents that do not cover the sequence are refused by name
     counts = parameter_counts(spec, seq_len, setup.tp)
     p = counts["total"]
     master = 4 if setup.dtype_bytes < 4 else 0  # fp32 master weights for bf16/fp16 training
@@ -467,7 +642,7 @@ def plan(spec: GPTSpec, seq_len: int, setup: Setup) -> Plan:
                         + memory["persistent_buffers"])
     memory["peak_activation"] = memory["activations"] + memory["transient"]
     memory["peak"] = memory["static"] + memory["peak_activation"]
-    return Plan(spec, setup, seq_len, p, memory, collectives(spec, seq_len, setup))
+    return Plan(spec, setup, seq_len, p, memory, collectives(spec, seq_len, setup, rank))
 
 
 # -- CLI -------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import argparse
 import math
 
 import lss_plugin.plan as cost_model
-from lss_plugin.plan import PAPER_MODEL, GPTSpec, Setup, paper_tables, setups_table, tp_x_lss_view
+from lss_plugin.plan import (PAPER_MODEL, PAPER_SEQ_LEN, GPTSpec, Setup, floor_table, paper_tables, setups_table,
+                             tp_x_lss_view)
 from lss_plugin.plan_links import Links, report
 
 
@@ -20,6 +21,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper", action="store_true",
                    help="only the paper's setups (its GPU counts and length; assumptions labelled)")
+    p.add_argument("--floor", action="store_true",
+                   help="only the K,V bytes of each scheme against the information floor of a window and of "
+                        "packed documents (L = 4096 on 4 ranks, and the paper's setting)")
     p.add_argument("--layers", type=int, help="plan a custom model instead of the built-in settings")
     p.add_argument("--hidden", type=int)
     p.add_argument("--heads", type=int)
@@ -49,6 +53,9 @@ def main(argv=None) -> int:
         return _which_scheme(p, args)
     if args.paper:
         print(paper_tables())
+        return 0
+    if args.floor:
+        print(floor_tables())
         return 0
     if args.layers:
         spec = GPTSpec(args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab)
@@ -83,9 +90,29 @@ def main(argv=None) -> int:
     print(tp_x_lss_view(modern, 131_072, 8))
     print()
     print(tp_x_lss_view(PAPER_MODEL, 16_384, 8, dtype_bytes=4))
+    print()
+    print(floor_tables())
     print("\nAll figures above are PREDICTIONS of lss_plugin.plan (no optimizer sharding, no activation "
           "recomputation; fused attention kernels unless marked [unfused]).")
     return 0
+
+
+def floor_tables() -> str:
+    """Issue 29's rows: a sliding window of L/16 and packed documents of about 128 tokens (lengths drawn as
+    the benchmark draws them, ``bench.packed.packed_boundaries``), at L = 4096 on 4 ranks with head dim 64
+    (hidden 256, 4 heads, bf16) and in the paper's setting (L = 50,112 on 144 ranks, fp32)."""
+    from lss_plugin.bench.packed import packed_boundaries
+
+    out = []
+    for title, spec, seq_len, sp, dt in (
+            ("L = 4096, 4 ranks, hidden 256 / 4 heads", GPTSpec(1, 256, 4), 4096, 4, 2),
+            ("the paper's setting (assumed model, fp32)", PAPER_MODEL, PAPER_SEQ_LEN, 144, 4)):
+        documents = tuple(packed_boundaries(seq_len, 128).tolist())
+        for masks in ({"window": (seq_len // 16 - 1, 0)}, {"documents": documents}):
+            setup = Setup("lss", sp=sp, dtype_bytes=dt, kv_exchange="auto", **masks)
+            what = f"window of L/16 = {seq_len // 16} keys" if "window" in masks else "documents of ~128 tokens"
+            out.append(floor_table(f"{title}, {what}", spec, seq_len, setup))
+    return "\n\n".join(out)
 
 
 def _which_scheme(parser: argparse.ArgumentParser, args) -> int:

@@ -170,6 +170,8 @@ def sent_by_link(c: Collective, links: Links) -> tuple[int, int]:
     inside: dict[int, int] = {}
     across: dict[int, int] = {}
     node = links.node
+    if c.wire_bytes is not None:  # split sizes: which peer gets how much is the exchange plan's, not routed here
+        raise ValueError(f"{c.what}: the sparse K/V exchange is not routed over node groups (kv_exchange='gather' only)")
     for members in links.groups(c.group):
         n = len(members)
         if n != c.group_size:

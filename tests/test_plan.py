@@ -11,13 +11,16 @@ ranks), the benchmark must have refused or the case is reported as not modelled 
 The same measurement checks that every fused method ran a fused attention kernel and the dense
 rows ran Megatron's baddbmm/softmax path (the benchmark's "same kernel" claim).
 """
+from dataclasses import replace
+
 import pytest
 
 from lss_plugin.bench.launch import launch
 from lss_plugin.bench.methods import DEFAULT_METHODS, LSS_TP_SIZE, Variant, variants_for
 from lss_plugin.bench.model import ModelDims
+from lss_plugin.bench.packed import packed_boundaries
 from lss_plugin.bench.run import Case, worker
-from lss_plugin.options import resolve_kv_chunking, ulysses_kv_heads
+from lss_plugin.options import DEFAULT_KV_EXCHANGE, resolve_kv_chunking, ulysses_kv_heads
 from lss_plugin.plan import GPTSpec, Setup, plan
 from lss_plugin.signature import SIGNATURE_BYTES
 from lss_plugin.verdict import ROW_BYTES
@@ -39,7 +42,19 @@ def _cases(world):
             for att in ("mha", "gqa") for v in variants_for(DEFAULT_METHODS, world)]
 
 
-def _setup(variant: Variant, world: int, d: ModelDims, seq_len: int) -> Setup:
+def _setup(variant: Variant, world: int, d: ModelDims, seq_len: int, doc_len: int | None = None) -> Setup:
+    masks = {}
+    if variant.method in ("lss", "lss_tp", "lss_ulysses"):  # what the call runs: the variant's, or the settings' default
+        masks["kv_exchange"] = variant.kv_exchange or DEFAULT_KV_EXCHANGE
+        masks["layout"] = variant.layout
+    if d.window is not None:
+        masks["window"] = (d.window - 1, 0)  # megatron-core's window_size (W - 1, 0) as lss_attention's
+    if doc_len is not None:
+        masks["documents"] = tuple(packed_boundaries(seq_len, doc_len).tolist())
+    return replace(_method_setup(variant, world, d, seq_len), **masks)
+
+
+def _method_setup(variant: Variant, world: int, d: ModelDims, seq_len: int) -> Setup:
     if variant.method == "megatron_tp_sp":
         return Setup("megatron_tp_sp", tp=world, kernel=variant.kernel)
     if variant.method == "single":
@@ -71,13 +86,20 @@ def measured():
     return out
 
 
+def _sp_rank(variant: Variant, rank: int) -> int:
+    """The rank's index in its SP group (TP ranks are the fastest axis of the benchmark's layout)."""
+    return rank // LSS_TP_SIZE if variant.method == "lss_tp" else rank
+
+
 def _pairs(measured):
     """(measured case, prediction) for every case both sides can do; refusals checked on the way."""
     for c in measured:
         v = Variant(**c["case"]["variant"])
         d = ModelDims(**c["case"]["dims"])
+        seq_len = c["case"]["seq_len"]
         try:
-            p = plan(_spec(d), c["case"]["seq_len"], _setup(v, c["world_size"], d, c["case"]["seq_len"]))
+            p = plan(_spec(d), seq_len, _setup(v, c["world_size"], d, seq_len, c["case"]["doc_len"]),
+                     rank=_sp_rank(v, c["rank"]))
         except ValueError as e:
             # the model refuses fewer KV heads than Ulysses / TP ranks; Ulysses refuses it too
             assert d.num_kv_heads < c["world_size"], (v.name, str(e))
@@ -107,6 +129,64 @@ def test_communication_bytes_exact(measured):
         got_sent = {k: v for k, v in c["comm"]["sent_bytes"].items() if v}
         want_sent = {k: v for k, v in p.sent_by_type().items() if v}
         assert got_sent == want_sent, (_name(c), got_sent, want_sent)
+
+
+# -- the sparse K/V exchange (issue 29) against the benchmark's counters, world 4 ------------------
+
+SPARSE_WORLD = 4
+ATTENTION_TYPES = ("all_to_all", "all_gather", "reduce_scatter")
+SPARSE_WINDOW = 16  # keys (L / 8): a 15-token halo before each of a rank's chunks
+SPARSE_DOC_LEN = 16  # packed documents of 8 to 24 tokens
+SPARSE_VARIANTS = [
+    # (variant, window, doc_len): keep and regather, both layouts, head chunks, auto, the hybrid's LSS leg
+    (Variant("lss", "balanced", "keep", kv_exchange="sparse"), SPARSE_WINDOW, None),
+    (Variant("lss", "balanced", "keep", kv_exchange="sparse"), None, SPARSE_DOC_LEN),
+    (Variant("lss", "contiguous", "regather", kv_head_chunk=1, kv_exchange="sparse"), SPARSE_WINDOW, SPARSE_DOC_LEN),
+    (Variant("lss", "balanced", "auto", kv_head_chunk="auto", kv_exchange="auto"), None, SPARSE_DOC_LEN),
+    (Variant("lss_ulysses", "balanced", "auto", kv_head_chunk="auto", ulysses=2, kv_exchange="sparse"),
+     SPARSE_WINDOW, None),
+]
+
+
+@pytest.fixture(scope="module")
+def measured_sparse():
+    cases = [Case(v, replace(DIMS[att], window=window), SEQ_LEN, warmup=1, steps=0, attention=att, doc_len=doc_len)
+             for att in ("mha", "gqa") for v, window, doc_len in SPARSE_VARIANTS]
+    out = []
+    for rank_out in launch(worker, SPARSE_WORLD, cases, [], timeout_s=900, pg_timeout_s=300):
+        out += rank_out["cases"]
+    return out
+
+
+def _masked(c):
+    return (*_name(c)[:2], c["case"]["dims"]["window"], c["case"]["doc_len"])
+
+
+def test_sparse_exchange_bytes_exact(measured_sparse):
+    """Every rank's measured bytes and calls under a window and packed documents are the model's for
+    that rank EXACTLY (the sparse all-to-alls: the floor plus N - 1 signature rows forward, the dK,dV
+    of the floor backward); the busiest rank's are the model's default; and they are well below the
+    all-gather's, so the sparse exchange is what ran."""
+    pairs = list(_pairs(measured_sparse))
+    assert len(pairs) == len(measured_sparse) == 2 * len(SPARSE_VARIANTS) * SPARSE_WORLD
+    busiest: dict = {}
+    for c, p in pairs:
+        for got, want in ((c["comm"]["bytes"], p.bytes_by_type()), (c["comm"]["sent_bytes"], p.sent_by_type())):
+            got, want = {k: v for k, v in got.items() if v}, {k: v for k, v in want.items() if v}
+            assert got == want, (_name(c), got, want)
+        # calls of the attention's collectives (the others include zero-byte calls on groups of one, not modelled)
+        calls = {k: v for k, v in p.calls_by_type().items() if k in ATTENTION_TYPES and v}
+        assert {k: v for k, v in c["comm"]["calls"].items() if k in ATTENTION_TYPES and v} == calls, _name(c)
+        busiest[_masked(c)] = max(busiest.get(_masked(c), 0), c["comm"]["total_sent_bytes"])
+    for c, _ in pairs:
+        v, d = Variant(**c["case"]["variant"]), ModelDims(**c["case"]["dims"])
+        setup = _setup(v, SPARSE_WORLD, d, SEQ_LEN, c["case"]["doc_len"])
+        busiest_plan = plan(_spec(d), SEQ_LEN, setup)  # rank=None: the busiest rank
+        assert busiest_plan.sent_bytes == busiest[_masked(c)], _masked(c)
+        gather = plan(_spec(d), SEQ_LEN, replace(setup, kv_exchange="gather"))
+        kv = [x for x in busiest_plan.collectives if x.group in ("sp", "strided") and x.type == "all_to_all"]
+        assert kv and sum(x.total_sent for x in kv) < 0.6 * sum(
+            x.total_sent for x in gather.collectives if x.group in ("sp", "strided") and x.type != "all_reduce"), _name(c)
 
 
 def test_memory_and_peak_activation(measured):
@@ -457,3 +537,94 @@ def test_real_hybrid_bytes_inside_and_across_match_the_model():
             across = (r["bytes"].get("all_gather_into_tensor", 0) + r["bytes"].get("reduce_scatter_tensor", 0)) \
                 * (lss_ranks - 1) // lss_ranks
             assert (routed.inside_bytes, routed.across_bytes) == (inside, across), (rank, r["case"])
+
+
+# -- the information floor (issue 29): pure cost-model checks -------------------------------------
+
+def _brute_force_floor(seq_len, n, layout, masks, bounds):
+    """Per rank: keys of other ranks that some local query sees in the one-device reference's dense mask."""
+    from lss_plugin.masks import dense_hidden
+    from lss_plugin.sharding import local_token_indices
+
+    visible = ~dense_hidden(seq_len, bounds, masks)  # [L, L] query x key
+    out = []
+    for r in range(n):
+        queries = local_token_indices(seq_len, r, n, layout)
+        read = visible[queries].any(0)
+        read[queries] = False  # a rank's own keys never move
+        out.append(int(read.sum()))
+    return tuple(out)
+
+
+FLOOR_SHAPES = [  # (L, N, layout, causal, window, chunk, doc_len)
+    (64, 4, "balanced", True, (5, 0), None, None),
+    (48, 3, "contiguous", True, None, None, 7),
+    (64, 2, "balanced", False, (3, 2), 12, None),
+    (96, 4, "balanced", True, (9, 0), 16, 11),
+    (96, 4, "contiguous", False, None, None, None),
+]
+
+
+@pytest.mark.parametrize("shape", FLOOR_SHAPES, ids=lambda s: "L{}-N{}-{}-causal{}-w{}-c{}-d{}".format(*s))
+def test_information_floor_is_the_dense_masks_count(shape):
+    from lss_plugin.masks import MaskSpec
+    from lss_plugin.plan import information_floor
+
+    seq_len, n, layout, causal, window, chunk, doc_len = shape
+    bounds = (0, seq_len) if doc_len is None else tuple(packed_boundaries(seq_len, doc_len, seed=n).tolist())
+    spec = GPTSpec(1, 4 * 8, 4, 2)
+    s = Setup("lss", sp=n, layout=layout, causal=causal, window=window, chunk=chunk,
+              documents=None if doc_len is None else bounds, dtype_bytes=2, batch_size=3)
+    floor = information_floor(spec, seq_len, s)
+    want = _brute_force_floor(seq_len, n, layout, MaskSpec(causal, window, chunk), bounds)
+    assert floor.tokens == want, (floor.tokens, want)
+    assert floor.token_bytes == 2 * 3 * 2 * 8 * 2  # K and V x batch x KV heads x head dim x bf16
+    assert floor.per_rank_bytes == max(want) * floor.token_bytes and floor.total_bytes == sum(want) * floor.token_bytes
+    if window is not None or doc_len is not None:
+        assert 0 < floor.total_bytes < n * (seq_len - seq_len // n) * floor.token_bytes  # the masks leave keys unread
+
+
+def test_kv_bytes_against_floor_are_the_models_forward_collectives():
+    """Each scheme's row is the forward share of the collectives ``plan`` counts (one layer, keep, unchunked),
+    and LSS sparse is the floor plus one signature row from each peer."""
+    from lss_plugin.plan import kv_bytes_against_floor
+
+    spec, L, n = GPTSpec(1, 8 * 16, 8, 4), 256, 4
+    masks = dict(window=(L // 16 - 1, 0), dtype_bytes=2)
+    rows = {r["scheme"]: r for r in kv_bytes_against_floor(spec, L, Setup("lss", sp=n, **masks))}
+    floor = rows["information floor"]
+
+    def collective(method, what, **kw):
+        p = plan(spec, L, Setup(method, sp=n, dtype_bytes=2, **kw))
+        return next(c for c in p.collectives if c.what.startswith(what))
+
+    assert rows["lss[gather]"]["per_rank_bytes"] == collective("lss", "packed K,V").total_sent
+    sparse = collective("lss", "sparse K,V", kv_exchange="sparse", window=masks["window"])
+    assert rows["lss[sparse]"]["per_rank_bytes"] == floor["per_rank_bytes"] + (n - 1) * SIGNATURE_BYTES
+    assert rows["lss[sparse]"]["total_bytes"] == floor["total_bytes"] + n * (n - 1) * SIGNATURE_BYTES
+    # the model's busiest rank sends what the busiest reads (this window's plan is symmetric)
+    assert sparse.total_sent == rows["lss[sparse]"]["per_rank_bytes"]
+    assert rows["lss[auto] -> sparse"]["per_rank_bytes"] == rows["lss[sparse]"]["per_rank_bytes"]
+    ring = collective("ring", "ring K,V")
+    assert rows["ring"]["per_rank_bytes"] == ring.payload_bytes * (n - 1)  # N - 1 of its 3N - 2 hops: forward
+    assert rows["allgather_cp"]["per_rank_bytes"] == collective("allgather_cp", "K and V").total_sent // 2  # 2 of 4 gathers
+    assert rows["ulysses"]["per_rank_bytes"] == (collective("ulysses", "k ").total_sent
+                                                  + collective("ulysses", "v ").total_sent) // 2  # fwd of fwd + bwd
+    assert rows["lss[gather]"]["x_floor"] > 5  # a window of L / 16: the gather moves 6.4x what is read
+    assert rows["lss[sparse]"]["x_floor"] == pytest.approx(1 + (n - 1) * SIGNATURE_BYTES / floor["per_rank_bytes"], rel=1e-12)
+
+
+def test_floor_cli_prints_the_models_rows(capsys):
+    from lss_plugin.plan import kv_bytes_against_floor
+    from lss_plugin.plan_cli import main
+
+    assert main(["--floor"]) == 0
+    text = capsys.readouterr().out
+    documents = tuple(packed_boundaries(4096, 128).tolist())
+    rows = kv_bytes_against_floor(GPTSpec(1, 256, 4), 4096, Setup("lss", sp=4, dtype_bytes=2, kv_exchange="auto",
+                                                                 documents=documents))
+    block = text.split("documents of ~128 tokens")[1]
+    for r in rows:
+        line = next(x for x in block.splitlines() if x.strip().startswith(r["scheme"] + " "))
+        assert f"{r['per_rank_bytes']:,}" in line and f"{r['x_floor']:.2f}" in line, (r, line)
+    assert "scheme" in text and "K/V bytes per rank" in text and "x floor" in text

@@ -10,7 +10,9 @@ a launch the methods are timed round-robin (``--repetitions`` x ``--steps``), so
 round. Writes ``results.json``, ``results.md``, ``readme_table.md`` and PNG plots into ``--out``.
 Attention-level sections at the largest world size: packed documents, and sliding windows (``lss`` beside
 ``lss[window=W]``, key pairs computed and step time; ``--masks-only`` runs just those rows and writes
-``masks.json``, ``masks.md`` and ``masks.png``).
+``masks.json``, ``masks.md`` and ``masks.png``), and the sparse K/V exchange beside the all-gather (full
+causal, a window of L/16, packed documents of 128 tokens; the whole sweep, behind a slow link too, is
+``python -m lss_plugin.bench.exchange``).
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                   "quick 512)")
     p.add_argument("--mask-heads", type=int, default=None, help="heads of the window rows (default 4)")
     p.add_argument("--mask-head-dim", type=int, default=None, help="head dim of the window rows (default 64; quick 16)")
+    p.add_argument("--exchange-seq-len", type=int, default=None,
+                   help="global length of the sparse K/V exchange rows (gather, sparse, auto for full causal, a "
+                        "window of L/16 and documents of 128; 4 heads x --mask-head-dim; default 4096, quick 512; "
+                        "0 to skip them)")
     p.add_argument("--masks-only", action="store_true",
                    help="run only the window rows (at the largest of --ranks) and write masks.json/.md/.png")
     p.add_argument("--no-weak", action="store_true")
@@ -86,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     warmup=1 if q else 2, steps=2 if q else 5, repetitions=2 if q else 5,
                     tokens_per_rank=64 if q else 512, ranks="1,4" if q else "1,2,4", link_gbit="1",
                     packed_doc_lens="none,64" if q else "none,512,128,32", packed_seq_len=512 if q else 4096,
-                    mask_windows="L/8", mask_seq_len=512 if q else 2048, mask_heads=4, mask_head_dim=16 if q else 64)
+                    mask_windows="L/8", mask_seq_len=512 if q else 2048, mask_heads=4, mask_head_dim=16 if q else 64,
+                    exchange_seq_len=512 if q else 4096)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -196,6 +203,22 @@ def mask_rows(args, common: dict) -> list[dict]:
     return rows
 
 
+def exchange_rows_at(args, common: dict) -> list[dict]:
+    """The sparse K/V exchange at the largest world size: gather, sparse and auto, paired per round."""
+    if not args.exchange_seq_len:
+        return []
+    from lss_plugin.bench.exchange import exchange_rows, run, table
+
+    world, seq_len = max(args.ranks), args.exchange_seq_len
+    rows = exchange_rows(seq_len, args.mask_heads, [seq_len // 16], [128], None, None)
+    print(f"--- {world} ranks: K/V exchange gather / sparse / auto at L={seq_len}, {args.mask_heads} heads x "
+          f"{args.mask_head_dim}", flush=True)
+    got = run(rows, world, seq_len, args.mask_heads, args.mask_head_dim, warmup=args.warmup, steps=args.steps,
+              **common)
+    print("\n".join(table(got)), flush=True)
+    return got
+
+
 def _tag(rank_outputs: list, link_gbit) -> list:
     for rank_out in rank_outputs:
         for c in rank_out["cases"]:
@@ -256,6 +279,7 @@ def main(argv=None) -> int:
             budget_bytes = int(per_rank[0]["budget_reference_bytes"])
     packed = packed_rows(args, common)
     masks = mask_rows(args, common)
+    exchange = exchange_rows_at(args, common)
     link_skipped = None
     if args.link_gbit:
         link_skipped = link_unavailable()
@@ -292,7 +316,7 @@ def main(argv=None) -> int:
         meta["torch"] = torch.__version__
     except ImportError:
         pass
-    paths = write_outputs(args.out, meta, all_cases, all_budget, budget_bytes, packed, masks)
+    paths = write_outputs(args.out, meta, all_cases, all_budget, budget_bytes, packed, masks, exchange)
     print(f"done in {meta['wall_clock_s']} s; wrote " + ", ".join(paths), flush=True)
     return 0
 

@@ -23,7 +23,9 @@ class Variant:
     ``layout``: which global positions an SP rank holds; ``kv_backward``/``kv_head_chunk``: LSS's
     K/V backward mode and head chunking; ``kernel``: ``fused`` or ``unfused`` (Megatron's dense
     local attention, extra rows only); ``ulysses``: USP's Ulysses group size; ``shard_optimizer``:
-    AdamW state sharded over the DP x CP group (``lss_plugin.optim``, ZeRO-1), suffix ``+zero1``.
+    AdamW state sharded over the DP x CP group (``lss_plugin.optim``, ZeRO-1), suffix ``+zero1``;
+    ``kv_exchange``: LSS's K/V exchange, gather | sparse | auto (None: the settings' default), in the name
+    when given.
     """
 
     method: str
@@ -33,6 +35,7 @@ class Variant:
     kernel: str = "fused"
     ulysses: int | None = None
     shard_optimizer: bool = False
+    kv_exchange: str | None = None
 
     @property
     def name(self) -> str:
@@ -40,13 +43,14 @@ class Variant:
 
     @property
     def _base_name(self) -> str:
+        exchange = f",{self.kv_exchange}" if self.kv_exchange else ""
         if self.method == "lss":
             if self.kv_head_chunk == "auto" and self.kv_backward == "auto":
-                return f"lss[auto,{self.layout}]"  # the defaults of every integration
+                return f"lss[auto,{self.layout}{exchange}]"  # the defaults of every integration
             chunk = f",chunk{self.kv_head_chunk}" if self.kv_head_chunk else ""
-            return f"lss[{self.kv_backward},{self.layout}{chunk}]"
+            return f"lss[{self.kv_backward},{self.layout}{chunk}{exchange}]"
         if self.method in ("usp", "lss_ulysses"):
-            return f"{self.method}[u{self.ulysses}]"
+            return f"{self.method}[u{self.ulysses}{exchange}]"
         return self.method + ("[unfused]" if self.kernel == "unfused" else "")
 
 
@@ -141,8 +145,9 @@ def _sdpa_or_local(variant, context):
 def _lss_attention(variant, context):
     from lss_plugin.megatron.attention import configured_lss_attention
 
+    exchange = {} if variant.kv_exchange is None else {"kv_exchange": variant.kv_exchange}
     return configured_lss_attention(layout=variant.layout, kv_backward=variant.kv_backward,
-                                    kv_head_chunk=variant.kv_head_chunk)
+                                    kv_head_chunk=variant.kv_head_chunk, **exchange)
 
 
 def _sp_baseline(variant, context):

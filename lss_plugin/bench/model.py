@@ -29,6 +29,7 @@ class ModelDims:
     ffn_hidden_size: int | None = None
     vocab_size: int = 256
     max_positions: int = 4096
+    window: int | None = None  # a causal sliding window of this many keys on every layer (None: full causal)
 
     @property
     def ffn(self) -> int:
@@ -65,6 +66,8 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
     )
     if layout.cp > 1 or layout.sp_group:
         kwargs["context_parallel_size"] = layout.cp
+    if dims.window is not None:  # megatron-core's (left, right): the query and the window - 1 keys before it
+        kwargs["window_size"] = (dims.window - 1, 0)
     config = TransformerConfig(**kwargs)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="LayerNorm"))
     core = method.core_attention(variant, context)
@@ -91,8 +94,10 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
 
 
 def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int, world_size: int,
-               seed: int = 0) -> dict:
-    """The same global batch [b, L+1] for every method; this rank's part of it."""
+               seed: int = 0, doc_len: int | None = None) -> dict:
+    """The same global batch [b, L+1] for every method; this rank's part of it. ``doc_len``: the
+    sequence packs documents of about that many tokens (``bench.packed.packed_boundaries``, batch 1):
+    their global boundaries ride as ``cu_seqlens`` (megatron-core's packed_seq_params)."""
     from megatron.core import parallel_state
 
     from lss_plugin.runtime import default_device
@@ -107,8 +112,15 @@ def make_batch(variant: Variant, seq_len: int, batch_size: int, vocab_size: int,
         tokens, labels, positions = tokens[:, idx], labels[:, idx], positions[:, idx]  # [b, L/N]
     # Megatron TP+SP: every TP rank holds the whole sequence, or its CP part (the embedding scatters it).
     device = default_device()
-    return {"tokens": tokens.contiguous().to(device), "labels": labels.contiguous().to(device),
-            "position_ids": positions.contiguous().to(device)}
+    batch = {"tokens": tokens.contiguous().to(device), "labels": labels.contiguous().to(device),
+             "position_ids": positions.contiguous().to(device)}
+    if doc_len is not None:
+        from lss_plugin.bench.packed import packed_boundaries
+
+        if batch_size != 1:
+            raise ValueError(f"packed documents (doc_len={doc_len}) take batch 1, got batch {batch_size}")
+        batch["cu_seqlens"] = packed_boundaries(seq_len, doc_len).to(torch.int32).to(device)
+    return batch
 
 
 class Trainer:
@@ -124,7 +136,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        per_token = self.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        packed = None
+        if "cu_seqlens" in batch:  # global document boundaries, as LSS reads them (lss_plugin.megatron.packed)
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu = batch["cu_seqlens"]
+            packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        per_token = self.model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                               packed_seq_params=packed)
         return per_token.float().sum(), torch.tensor(float(per_token.numel()))
 
     def backward(self, loss_sum, num_tokens) -> None:

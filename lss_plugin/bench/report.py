@@ -16,6 +16,7 @@ import os
 import statistics
 from collections import defaultdict
 
+from lss_plugin.bench.exchange import table as exchange_table
 from lss_plugin.bench.masks import plot as masks_plot
 from lss_plugin.bench.masks import table as masks_table
 from lss_plugin.bench.methods import LSS_DEFAULT_VARIANT, METHODS, sp_methods
@@ -468,7 +469,7 @@ def write_mask_outputs(out_dir, meta, rows) -> list[str]:
     return [json_path, md_path] + masks_plot(out_dir, rows)
 
 
-def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=(), masks=()) -> list[str]:
+def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=(), masks=(), exchange=()) -> list[str]:
     a = meta["args"]
     rows = aggregate(cases)
     if not a.get("no_weak"):
@@ -480,7 +481,7 @@ def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=(), masks=(
     results = {"meta": meta, "rows": rows, "paired_ratios": ratios, "budget": budget,
                "budget_bytes": budget_bytes, "targets": targets,
                "warnings": warnings_for(meta, rows, ratios), "packed": list(packed), "masks": list(masks),
-               "per_rank": cases}
+               "exchange": list(exchange), "per_rank": cases}
     json_path = os.path.join(out_dir, "results.json")
     with open(json_path, "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -491,6 +492,8 @@ def write_outputs(out_dir, meta, cases, budget, budget_bytes, packed=(), masks=(
             f.write("\n".join(["## Packed documents", ""] + packed_table(packed) + [""]))
         if masks:
             f.write("\n".join(["## Sliding windows", ""] + masks_table(list(masks)) + [""]))
+        if exchange:
+            f.write("\n".join(["## Sparse K/V exchange", ""] + exchange_table(list(exchange)) + [""]))
     readme_path = os.path.join(out_dir, "readme_table.md")
     with open(readme_path, "w") as f:
         f.write(readme_snippet(meta, rows, budget, targets, ratios))

@@ -40,6 +40,7 @@ class Case:
     steps: int = 3  # timed steps per repetition
     sweep: str = "strong"  # strong | weak | budget
     attention: str = "mha"  # mha | gqa
+    doc_len: int | None = None  # packed documents of about this many tokens (None: one sequence)
 
 
 @dataclass
@@ -114,7 +115,8 @@ def measure_case(case: Case, world_size: int, contexts: Contexts):
     trainer = build(case, world_size, contexts)
     # Megatron's global buffer lives in the shared context: start from what this method allocates
     contexts.get(method_of(case.variant).layout(world_size)).drop_attention_buffer()
-    batch = make_batch(case.variant, case.seq_len, case.batch_size, case.dims.vocab_size, world_size)
+    batch = make_batch(case.variant, case.seq_len, case.batch_size, case.dims.vocab_size, world_size,
+                       doc_len=case.doc_len)
     loss = trainer.step(batch)  # also creates the optimizer state and checks LSS signatures
     for _ in range(max(0, case.warmup - 1)):
         trainer.step(batch)
