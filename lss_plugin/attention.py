@@ -149,10 +149,13 @@ def _merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial softmax results over disjoint key sets by log-sum-exp.
 
     Computed in the dtype of ``lse_a`` (float32 for half inputs, as the kernels return lse), so a
-    half-precision running ``out`` is not rounded once per merged block."""
+    half-precision running ``out`` is not rounded once per merged block. A row that sees no key in
+    either (lse -inf in both: a window's tile cut at the rank's own tokens, ``lss_plugin.blocks``)
+    stays out 0, lse -inf instead of becoming NaN."""
     lse = torch.logaddexp(lse_a, lse_b)
     acc = lse.dtype
-    out = out_a.to(acc) * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.to(acc) * torch.exp(lse_b - lse).unsqueeze(-1)
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # exp(-inf - 0) = 0 for keyless rows
+    out = out_a.to(acc) * torch.exp(lse_a - ref).unsqueeze(-1) + out_b.to(acc) * torch.exp(lse_b - ref).unsqueeze(-1)
     return out, lse
 
 

@@ -11,10 +11,12 @@ all its own (``Piece.own``) run while the K/V gather (or the sparse exchange) is
 backward while the dK/dV collective is. A piece is own when its keys lie in one run of the rank's
 tokens; a full block (not causal, no band: every pair visible) that straddles the rank's tokens and
 others' is cut at the boundary into own and remote pieces, merged by log-sum-exp like any two
-blocks; a causal or banded block that straddles stays one remote piece (cutting it could leave
-rows with no visible key in both parts). A causal chunk whose whole prefix is its own stays ONE
-call when the kernel allows it (``one_call``: rounded once, as on one device); otherwise prefix and
-diagonal are two calls, so the diagonal runs early.
+blocks; so is a window's tile (each part keeps the window's band, shifted to its first key; parts
+with no visible pair are dropped; a row may see no key in a part: the kernels return it as out 0,
+lse -inf and the merge keeps such rows finite). A causal block never straddles: a causal chunk
+whose whole prefix is its own stays ONE call when the kernel allows it (``one_call``: rounded
+once, as on one device); otherwise prefix and diagonal are two calls, so the diagonal (always the
+rank's own) runs early.
 
 No tensors, no collectives: every function here is index arithmetic over ``sharding.Chunk``s.
 """
@@ -125,9 +127,11 @@ def plan_pieces(segments: tuple[Segment, ...], chunks: list[Chunk], causal: bool
         one = one_call and _own_offset(seg.doc_start, seg.global_start + seg.length, runs) is not None
         for q0, q1, start, end, is_causal, blk_band in segment_blocks(seg, causal, band, one):
             offset = _own_offset(start, end, runs)
-            if offset is not None or is_causal or (blk_band is not None and not blk_band.unbounded):
+            if offset is not None or is_causal:  # all own; or a causal block (only ever straddles with one_call)
                 pieces.append(Piece(i, q0, q1, start, end, is_causal, blk_band, offset))
                 continue
-            for a, b, local in _cut(start, end, runs):  # every pair visible: cut freely
-                pieces.append(Piece(i, q0, q1, a, b, False, blk_band, local))
+            for a, b, local in _cut(start, end, runs):
+                part = None if blk_band is None else blk_band.shifted(0, a - start)  # the same pairs, keys from a
+                if part is None or part.rows_with_keys(q1 - q0, b - a):
+                    pieces.append(Piece(i, q0, q1, a, b, False, part, local))
     return tuple(pieces)

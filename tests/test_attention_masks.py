@@ -247,15 +247,16 @@ def test_disagreeing_or_bad_mask_arguments_raise_on_every_rank_by_name(sweep):
 
 def test_key_blocks_outside_the_window_or_chunk_are_never_computed(sweep):
     """2 ranks, contiguous. L = 24, window 7: rank 0's queries [0, 12) read keys [0, 12), rank 1's
-    [12, 24) read [6, 24) (18 keys, not 24). L = 256, window 8: query tiles of 64 read 64 + 7 keys
-    at most (rank 1: 2 x 64 x 71 = 9088 pairs computed, not the causal prefix's 128 x 256 = 32768).
-    Chunks of 5: no call reads more than 5 keys."""
+    [12, 24) read [6, 24) (18 keys, not 24): its own [12, 24) first, while the gather runs, then
+    [6, 12). L = 256, window 8: query tiles of 64 read 64 + 7 keys at most (rank 1: 2 x 64 x 71 =
+    9088 pairs computed, not the causal prefix's 128 x 256 = 32768; the first tile's 7 keys of
+    rank 0 in a call of their own, after the gather). Chunks of 5: no call reads more than 5 keys."""
     world, per_rank = sweep
     if world != 2:
         pytest.skip("counted on 2 ranks")
     blocks = [r["blocks"] for r in per_rank]
-    assert blocks[0][L] == [(12, 12)] and blocks[1][L] == [(12, 18)], blocks
-    assert blocks[0][256] == [(64, 64), (64, 71)] and blocks[1][256] == [(64, 71), (64, 71)], blocks
+    assert blocks[0][L] == [(12, 12)] and blocks[1][L] == [(12, 12), (12, 6)], blocks
+    assert blocks[0][256] == [(64, 64), (64, 71)] and blocks[1][256] == [(64, 64), (64, 71), (64, 7)], blocks
     assert sum(sq * sk for sq, sk in blocks[1][256]) == 9088
     for b in blocks:
         assert b[f"{L}_error"] < TOL and b["256_error"] < TOL
