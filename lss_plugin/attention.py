@@ -55,7 +55,7 @@ import torch
 
 from lss_plugin.blocks import Piece, plan_pieces
 from lss_plugin.comm import (
-    InFlight, Pending, start_exchange_kv, start_gather_kv, start_reduce_scatter_kv, start_return_dkv,
+    InFlight, Pending, backend_of, start_exchange_kv, start_gather_kv, start_reduce_scatter_kv, start_return_dkv,
 )
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
 from lss_plugin.exchange import ExchangePlan, exchange_plan, resolve_kv_exchange
@@ -499,7 +499,8 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     head_chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
-                                                   d, q.dtype.itemsize)
+                                                   d, q.dtype.itemsize, settings.link_gbit,
+                                                   backend_of(groups.lss_group) if groups.lss_size > 1 else None)
     exchange = None  # the all-gather
     if settings.kv_exchange != "gather" and groups.lss_size > 1:
         # a pure function of values every rank shares (lss_plugin.exchange); its digest is signed below

@@ -198,6 +198,7 @@ SWEEP_CASES = {
                                              kv_grad_dtype="input", kv_exchange="gather"),
     "keep_all_heads": dict(kv_backward="keep", kv_head_chunk=None, kv_exchange="sparse"),
     "budget": dict(kv_buffer_mib=64.0),
+    "link": dict(link_gbit=1.0),
 }
 
 
