@@ -102,10 +102,17 @@ def defer(error: BaseException) -> None:
         _DEFERRED.append(error)
 
 
+_INTEGER_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def note_in_band(rows: torch.Tensor) -> None:
     """Compare signature rows ``[N, n]`` that arrived with a gather ON THE DEVICE (no host read);
-    a disagreement is reported by the next settle, before that call's first variable-size collective."""
-    differ = (rows != rows[:1]).any()
+    a disagreement is reported by the next settle, before that call's first variable-size collective.
+
+    Compared as bits, not floats: a digest's bytes bit-cast to a float dtype can spell a NaN, which
+    never equals itself."""
+    bits = rows.view(_INTEGER_OF_SIZE[rows.element_size()])
+    differ = (bits != bits[:1]).any()
     with _LOCK:
         if _IN_BAND:
             _IN_BAND[0] = _IN_BAND[0] | differ.to(_IN_BAND[0].device)

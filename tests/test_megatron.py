@@ -55,6 +55,7 @@ def uneven_loss_mask(tokens, labels):
 
 
 KV_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor")
+SPARSE_COLLECTIVES = ("sparse_kv_exchange", "sparse_dkv_exchange")  # kv_exchange auto/sparse (lss_plugin.exchange)
 FC1 = "decoder.layers.0.mlp.linear_fc1.weight"  # SwiGLU: TP stride 2 ([gate; up] per rank)
 VARIANT = ["--swiglu", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",
            "--disable-bias-linear"]
@@ -86,7 +87,7 @@ def _run_cases(cases: dict, check_attention_module: bool = False, splits_fn=synt
             "iterations": [r["iteration"] for r in records],
             "losses": [r["loss"] for r in records],
             "grad_norms": [r["grad_norm"] for r in records],
-            "kv_collectives": {k: (rec.calls[k], rec.bytes[k]) for k in KV_COLLECTIVES},
+            "kv_collectives": {k: (rec.calls[k], rec.bytes[k]) for k in KV_COLLECTIVES + SPARSE_COLLECTIVES},
             "calls": dict(rec.calls),  # every collective the plugin counted (the hybrid's all-to-all)
             "tokens": [r["num_tokens"] for r in records],
             "probes": {k: v.numpy() for k, v in records[0]["probes"].items()} if records else {},

@@ -136,15 +136,31 @@ def _in_band_reported_by_the_next_verdict():
         return str(e)
 
 
+def _in_band_nan_patterns_agree():
+    """Identical rows whose digest bytes spell a float32 NaN (the exchange field at byte 44 holds
+    0x7FC00001) are equal rows: compared as bits, the next verdict passes."""
+    sig = CallSignature(batch=1, s_local=4, heads=4, kv_heads=2, head_dim=8, dtype=torch.float32, layout="balanced",
+                        causal=True, kv_backward="keep", kv_head_chunk=2, softmax_scale=0.5, exchange=0x7FC00001)
+    row = sig.encode(torch.float32)
+    assert torch.isnan(row).any()  # the pattern a float comparison would call different from itself
+    note_in_band(torch.stack([row, row.clone()]))
+    try:
+        _call({})
+        return None
+    except RuntimeError as e:
+        return str(e)
+
+
 def _sweep():
     lss_plugin.init_topology(dist.get_world_size(), timeout_s=60)
+    nan_rows = _in_band_nan_patterns_agree()
     same_size = _disagree(SAME_SIZE)
     regather = _regather_meets_forward()
     after_regather = _still_exact()
     sizes = _disagree(SIZES)
     in_band = _in_band_reported_by_the_next_verdict()
     return {"same_size": same_size, "regather": (regather, after_regather), "sizes": sizes,
-            "in_band": (in_band, _still_exact()), "overhead": _overhead()}
+            "in_band": (in_band, _still_exact()), "overhead": _overhead(), "nan_rows": nan_rows}
 
 
 def _assert_names(message, fields, world):
@@ -191,6 +207,12 @@ def test_in_band_rows_that_differ_raise_at_the_next_verdict_on_every_rank(sweep)
         assert message is not None and "carried signature rows that differed" in message, message
         assert f"on ranks {list(range(world))}" in message, message
         assert error_after < 1e-5
+
+
+def test_identical_rows_that_spell_a_nan_are_equal(sweep):
+    """A digest's bytes may spell a float NaN in the row's dtype; rows are compared as bits."""
+    _, per_rank = sweep
+    assert all(result["nan_rows"] is None for result in per_rank), [r["nan_rows"] for r in per_rank]
 
 
 def test_signature_overhead_under_one_percent_at_L_1024_or_more(sweep):
