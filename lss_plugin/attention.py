@@ -12,10 +12,15 @@ forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter of packed (
 all-gather again when ``kv_backward="regather"``. Every K/V all-gather also carries the signature
 in band (``lss_plugin.signature``), compared on the device and reported by the next verdict.
 
-Pipelined head chunks: with ``kv_head_chunk=c < Hkv`` the chunks' collectives overlap computation.
-Forward starts the gather of chunk i+1 before attending chunk i; backward starts the regather of
-chunk i+1 before computing chunk i, and reduce-scatters chunk i's dK/dV while chunk i+1 computes
-(waiting for it only before the next reduce-scatter). At most two chunks of gathered K, V are alive.
+Overlap: a rank's own K, V are there before any collective, so each head chunk's pieces on its own
+keys (``lss_plugin.blocks``) are attended while its K/V collective is in flight, the rest once it
+arrived; in backward the own pieces run while the chunk's dK/dV travel (``keep``) or while its K, V
+are regathered (``regather``), and their gradients are added when that collective is waited for.
+Pipelined head chunks: with ``kv_head_chunk=c < Hkv`` the chunks' collectives overlap each other's
+computation too. Forward starts the gather of chunk i+1 as soon as chunk i's arrived; backward
+starts the regather of chunk i+1 when chunk i's arrived, and reduce-scatters chunk i's dK/dV while
+chunk i+1 computes (waiting for it only before the next reduce-scatter). At most two chunks of
+gathered K, V are alive.
 Every collective is waited for before forward/backward returns. ``kv_head_chunk="auto"`` picks c
 (``lss_plugin.options.auto_head_chunk``; ``kv_buffer_mib`` / ``LSS_KV_BUFFER_MIB`` set its budget),
 and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks.
