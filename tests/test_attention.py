@@ -127,10 +127,12 @@ def _math_kernel_sweep():
 
 def test_math_kernel_matches_reference():
     """The device-agnostic kernel (used off-CPU) is exact too. It aligns a causal mask bottom-right
-    and takes GQA natively, so a query chunk's prefix and diagonal are one call over keys [0, end):
-    on 2 ranks, rank 1 (contiguous, queries [L/2, L)) makes one call over all L keys, GQA or not."""
+    and takes GQA natively, so a query chunk whose prefix is all its rank's own is one call over keys
+    [0, end): on 2 ranks (contiguous), rank 0 (queries [0, L/2)) makes one call over its L/2 keys;
+    rank 1 (queries [L/2, L)) attends its diagonal (its own keys, while the gather runs) and then
+    the prefix [0, L/2) that arrived: two calls of L/2 keys, GQA or not."""
     for rank, (rank_results, calls) in enumerate(run_ranks(_math_kernel_sweep, 2, env={"LSS_ATTENTION_KERNEL": "math"})):
         for case, (errors, _, _) in rank_results:
             assert max(errors.values()) < 1e-10, (case, errors)
-        assert calls["mha"] == ([L // 2] if rank == 0 else [L]), calls
-        assert calls["gqa"] == ([L // 2] if rank == 0 else [L]), calls
+        assert calls["mha"] == ([L // 2] if rank == 0 else [L // 2, L // 2]), calls
+        assert calls["gqa"] == ([L // 2] if rank == 0 else [L // 2, L // 2]), calls
