@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import lss_plugin
+from lss_plugin.comm import reduce_scatter_kv_name
 from lss_plugin.sharding import local_token_indices
 from lss_plugin.signature import SIGNATURE_BYTES
 from lss_plugin.verdict import ROW_BYTES
@@ -50,7 +51,10 @@ def _one_case(rank, world, causal, layout, heads, kv_backward, head_chunk, dtype
     return errors, calls, nbytes
 
 
-COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor", "verdict")
+# every test here runs on gloo, whose reduce-scatter is an all-reduce on the wire: there LSS hands dK, dV back
+# with an all-to-all of the same buffer and a local sum (lss_plugin.comm), recorded under this name
+DKV = reduce_scatter_kv_name("gloo")
+COUNTED = ("all_gather_into_tensor", DKV, "verdict")
 CASES = list(itertools.product(
     (True, False), ("contiguous", "balanced"), tuple(HEADS), ("keep", "regather"), (None, 1)
 ))
@@ -83,8 +87,8 @@ def _expected_comm(world, heads, kv_backward, head_chunk, itemsize, kv_grad_dtyp
     all_grads = 2 * b * seq * hkv * d * grad_itemsize  # packed [dk; dv]
     signatures = world * SIGNATURE_BYTES  # each rank's SIGNATURE_BYTES-byte call signature rides in every gather
     # the verdict: one ROW_BYTES-byte row per rank at the start of the forward and of the backward
-    return ({"all_gather_into_tensor": rounds * n_chunks, "reduce_scatter_tensor": n_chunks, "verdict": 2},
-            {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), "reduce_scatter_tensor": all_grads,
+    return ({"all_gather_into_tensor": rounds * n_chunks, DKV: n_chunks, "verdict": 2},
+            {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), DKV: all_grads,
              "verdict": 2 * world * ROW_BYTES})
 
 

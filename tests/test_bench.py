@@ -54,6 +54,9 @@ def test_counters_exact():
         # ring all-reduce 2(N-1)/N, all-gather / reduce-scatter / all-to-all (N-1)/N, send 1, recv 0
         assert counts["sent_bytes"] == {"all_reduce": 80, "all_gather": 40, "reduce_scatter": 40,
                                         "all_to_all": 40, "send": 40, "recv": 0}
+        # on the wire: gloo's reduce-scatter is an all-reduce of its whole input, 2(N-1)/N; the rest as sent
+        assert counts["wire_bytes"] == dict(counts["sent_bytes"], reduce_scatter=80)
+        assert counts["total_wire_bytes"] == counts["total_sent_bytes"] + 40
 
 
 def test_tracker_exact_on_known_tensors():
@@ -121,6 +124,17 @@ def test_timings_are_max_over_ranks_and_ratios_pair_rounds():
     assert pair["ratios"] == [1.125, 0.28125, 0.8]
     assert pair["median"] == 0.8 and pair["rounds"] == 3
     assert abs(pair["q25"] - 0.540625) < 1e-12 and abs(pair["q75"] - 0.9625) < 1e-12
+
+
+def test_rows_keep_the_busiest_ranks_wire_bytes():
+    from lss_plugin.bench.report import aggregate
+
+    cases = [_rank_result("lss[keep,balanced]", "lss", r, [[1.0]]) for r in range(2)]
+    assert aggregate(cases)[0]["wire_bytes"] is None  # results from before the counter: no figure, not 0
+    for r, wire in zip(cases, (30, 40)):
+        r["comm"]["total_wire_bytes"] = wire
+    row = aggregate(cases)[0]
+    assert (row["sent_bytes"], row["wire_bytes"]) == (10, 40)
 
 
 def test_targets_report_pass_and_miss():
@@ -255,7 +269,7 @@ def test_timer_sees_every_started_collective_through_comms_listener():
     from tests.distributed import run_ranks
 
     for out in run_ranks(_timed_kv_collectives, 2, timeout_s=120):
-        names = ["all_gather_into_tensor", "reduce_scatter_tensor"]
+        names = ["all_gather_into_tensor", "reduce_scatter_all_to_all"]  # gloo: dK,dV as an all-to-all
         assert out["calls"] == {name: 1 for name in names}
         assert [s[0] for s in out["spans"]] == names
         assert all(s[2] is not None and s[2] >= s[1] for s in out["spans"])  # finished after issued

@@ -25,7 +25,7 @@ from lss_plugin.options import (
     resolve_kv_chunking,
 )
 from tests.distributed import run_ranks
-from tests.test_attention import B, D, L, _expected_comm
+from tests.test_attention import DKV, B, D, L, _expected_comm
 from tests.test_attention import _one_case as _unpacked_case
 from tests.test_documents import _one_case as _packed_case
 
@@ -57,7 +57,7 @@ def _schedule_log():
     import lss_plugin.comm as comm
 
     log, real = [], {}
-    tags = {"all_gather_into_tensor": "G", "reduce_scatter_tensor": "R"}
+    tags = {"all_gather_into_tensor": "G", DKV: "R"}
 
     def logged(owner, name, tag=None):
         fn = real[(owner, name)] = getattr(owner, name)

@@ -78,6 +78,9 @@ def aggregate(cases: list[dict]) -> list[dict]:
                 loss=statistics.fmean(losses) if method in sp_methods() else losses[0],
                 **_timing(rs),
                 sent_bytes=max(r["comm"]["total_sent_bytes"] for r in rs),
+                # what the backend really sent (gloo's reduce-scatter: an all-reduce); None in older results
+                wire_bytes=None if any("total_wire_bytes" not in r["comm"] for r in rs)
+                else max(r["comm"]["total_wire_bytes"] for r in rs),
                 payload_bytes=max(r["comm"]["total_bytes"] for r in rs),
                 calls=dict(rs[0]["comm"]["calls"]),
                 bytes_by_type=dict(rs[0]["comm"]["bytes"]),
@@ -360,19 +363,19 @@ def markdown(meta, rows, budget, targets, ratios, budget_bytes) -> str:
         what = "fixed global length" if sweep == "strong" else "fixed tokens per rank"
         where = "" if link_of is None else f", {link_of:g} Gbit/s link"
         lines += ["", f"## {sweep.capitalize()} scaling ({what}{where})", "",
-                  "| method | attn | ranks | L | loss | step ms [IQR] | kernel | sent MiB/step | payload MiB | "
-                  "collectives (calls) | peak MiB | act. peak MiB | act. after fwd MiB | RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | attn | ranks | L | loss | step ms [IQR] | kernel | sent MiB/step | wire MiB/step | "
+                  "payload MiB | collectives (calls) | peak MiB | act. peak MiB | act. after fwd MiB | RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             if r["error"]:
                 lines.append(f"| {r['variant']} | {r['attention']} | {r['world_size']} | {r['seq_len']} | "
-                             f"error: {r['error'][:100]} ||||||||||")
+                             f"error: {r['error'][:100]} |||||||||||")
                 continue
             calls = ", ".join(f"{k} {v}" for k, v in sorted(r["calls"].items()) if v)
             lines.append(
                 f"| {r['variant']} | {r['attention']} | {r['world_size']} | {r['seq_len']} | {r['loss']:.4f} | "
                 f"{_ms(r)} | {r['attention_kernel']} | {_fmt(r['sent_bytes'], MiB, 3)} | "
-                f"{_fmt(r['payload_bytes'], MiB, 3)} | {calls} | {_fmt(r['peak_bytes'], MiB)} | "
+                f"{_fmt(r.get('wire_bytes'), MiB, 3)} | {_fmt(r['payload_bytes'], MiB, 3)} | {calls} | {_fmt(r['peak_bytes'], MiB)} | "
                 f"{_fmt(r['peak_activation_bytes'], MiB)} | {_fmt(r['activation_bytes_after_forward'], MiB)} | "
                 f"{_fmt(r['peak_rss_bytes'], MiB, 0)} |")
     if budget:
