@@ -209,11 +209,6 @@ def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, group) -> No
     Pending("reduce_scatter_tensor", group, work, lambda: None, (output, tensor)).wait()
 
 
-def backend_of(group) -> str:
-    """The group's backend name ("nccl", "gloo", ...): the same on every rank of the group."""
-    return str(dist.get_backend(group))
-
-
 def all_reduce_sum(tensor: torch.Tensor, group) -> None:
     """In-place sum over ``group``; nothing is sent (or counted) for a group of one."""
     if dist.get_world_size(group) > 1:

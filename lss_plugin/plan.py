@@ -590,7 +590,7 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     Every method: the largest parameter's gradient before megatron DDP adds it to ``main_grad``,
     with one [sl, h] activation gradient. Beyond that, per method (fitted against the tracker at
     1 and 4 ranks, see ``tests/test_plan.py``): LSS the gathered K,V and its unpacked copy plus
-    dK,dV and a query chunk's one-call key range (``keep`` ~3.2, ``regather`` ~4.2 x the packed K,V of all L positions and this TP
+    dK,dV and a query chunk's key range (``keep`` ~2.9, ``regather`` ~3.5 x the packed K,V of all L positions and this TP
     rank's heads; what ``kv_head_chunk`` bounds; the pipelined schedule frees each gather's staging
     buffers as soon as it is unpacked; with the contiguous layout the first ranks, whose queries see
     fewer keys, peak up to ~12% lower than the last, which the factors are fitted to), where for half inputs the backward holds the
@@ -611,9 +611,10 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     if s.method in gathered_heads and lss_group > 1:
         kv_elements = 2 * b * L * (s.kv_head_chunk or gathered_heads[s.method]) * dh  # one gather's K,V
         # one kernel call per causal query chunk (prefix + diagonal, issue 27) holds that chunk's whole
-        # key range contiguous, its dK/dV and cpu_flash's bottom-right mask at once: ~1x more than the
-        # two calls and a merge before it (refitted on the tracker then: keep 2.2 -> 3.2, regather 2.75 -> 4.2)
-        factor = 3.2 if s.kv_backward == "keep" else 4.2
+        # key range contiguous, its dK/dV and cpu_flash's bottom-right mask at once (refitted on the
+        # tracker then: keep 2.2 -> 3.2, regather 2.75 -> 4.2); since the overlap (issue 31) a chunk whose
+        # prefix is another rank's is two calls again, own diagonal first (refitted: keep 2.9, regather 3.5)
+        factor = 2.9 if s.kv_backward == "keep" else 3.5
         acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
         grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
         backward = kv_elements * (acc_dt + grad_dt) + (factor - 2) * kv_elements * dt

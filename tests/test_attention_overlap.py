@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import lss_plugin
 import lss_plugin.attention as attention
-from lss_plugin.comm import listen_to_collectives
+from lss_plugin.comm import backend_of, listen_to_collectives, reduce_scatter_kv_name
 from lss_plugin.sharding import local_token_indices
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
@@ -87,8 +87,8 @@ def _case(exchange, kv_backward, head_chunk, window):
     return {
         "error": error,
         "forward": _between(forward, KV_NAMES, "waiting", {"block_forward"}),
-        "backward_dkv": _between(backward, {"reduce_scatter_tensor", "sparse_dkv_exchange", "all_to_all_single"},
-                                 "waiting", {"block_backward"}),
+        "backward_dkv": _between(backward, {reduce_scatter_kv_name(backend_of(dist.group.WORLD, torch.device("cpu"))),
+                                            "sparse_dkv_exchange"}, "waiting", {"block_backward"}),
         "backward_regather": _between(backward, KV_NAMES, "waiting", {"block_backward"}),
     }
 
