@@ -23,7 +23,7 @@ chunk i+1 computes (waiting for it only before the next reduce-scatter). At most
 gathered K, V are alive.
 Every collective is waited for before forward/backward returns. ``kv_head_chunk="auto"`` picks c
 (``lss_plugin.options.auto_head_chunk``; ``kv_buffer_mib`` / ``LSS_KV_BUFFER_MIB`` set its budget),
-and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks.
+and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks for memory.
 
 Hybrid LSS x Ulysses (a ``group`` with ulysses_size U > 1, ``lss_plugin.topology.SequenceGroups``):
 ``_hybrid_attention`` wraps the same autograd.Function in ONE fused all-to-all of q, k, v inside the
@@ -415,7 +415,7 @@ def lss_attention(
     attends outside its document (causal inside it with ``causal``). See ``lss_plugin.documents``.
     ``kv_head_chunk``: None (all KV heads in one gather), c (c KV heads per gather, pipelined) or
     "auto" (``lss_plugin.options.auto_head_chunk``, within ``kv_buffer_mib`` MiB when given, else
-    ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked.
+    ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked for memory.
 
     Per-layer masks (``lss_plugin.masks``), all in *global* positions, inside each document, and
     composing with ``causal`` (None: a plain call, bit for bit):

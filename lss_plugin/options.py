@@ -23,7 +23,7 @@ LAYOUTS = ("contiguous", "balanced")
 DEFAULT_LAYOUT = "balanced"
 KV_BACKWARD_MODES = ("keep", "regather")  # what a call runs (and its signature carries)
 AUTO = "auto"
-KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked
+KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked for memory
 # The defaults of every integration: "auto" chunks K, V by heads (pipelined) once the whole-sequence
 # K, V are large enough for chunking to pay (``auto_head_chunk``) and runs unchunked "keep" below
 # that. Measured (docs/bench/overlap.md, 2 ranks, L = 8192): 0.93x the unchunked step on a fast
@@ -258,7 +258,7 @@ class AttentionSettings:
         DEFAULT_KV_BACKWARD, check=_check_kv_backward, flag="--lss-kv-backward", key="kv_backward",
         keyword="kv_backward", flag_choices=KV_BACKWARD_SETTINGS,
         doc="keep: the gathered K,V are kept for backward; regather: gathered again in backward (less memory, "
-            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks.")
+            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks for memory (not when only link_gbit chunked them).")
     kv_head_chunk: int | str | None = _setting(
         DEFAULT_KV_HEAD_CHUNK, check=_check_head_chunk, flag="--lss-kv-head-chunk", key="kv_head_chunk",
         keyword="kv_head_chunk", flag_type=head_chunk_flag,
@@ -403,10 +403,12 @@ def resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch: int, s
 
     "auto" chunks follow ``auto_head_chunk`` from the shapes (the same on every rank) and the budget:
     ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule (with ``link_gbit``, its
-    time floor). ``kv_backward="auto"``
-    regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
-    the whole-sequence K, V again, which is what chunking is for not to do. Adapters call this to
-    print what "auto" will run."""
+    time floor). ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks for
+    memory: keeping every chunk for backward would hold the whole-sequence K, V again, which is what
+    chunking is for not to do. Chunks that only the link asked for (the size rule alone would gather
+    everything at once: the whole K, V is small) are kept: regathering them would put 50% more K, V
+    bytes on the slow link the chunks are meant to hide. Adapters call this to print what "auto"
+    will run."""
     if kv_buffer_mib is None:
         check_kv_buffer_env(kv_head_chunk)  # the variable may have been set since the settings were checked
     if kv_head_chunk == AUTO:
@@ -417,10 +419,12 @@ def resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch: int, s
         head_bytes = 2 * batch * seq_len * head_dim * itemsize  # gathered K and V of one KV head
         chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB,
                                 None if budget is not None else link_gbit, backend)
+        for_memory = budget is not None or auto_head_chunk(kv_heads, head_bytes) < kv_heads
     else:
         chunk = kv_head_chunk or kv_heads
+        for_memory = True  # a chunk the user fixed: chunking is what they asked for
     if kv_backward == AUTO:
-        kv_backward = "regather" if chunk < kv_heads else "keep"
+        kv_backward = "regather" if chunk < kv_heads and for_memory else "keep"
     return chunk, kv_backward
 
 

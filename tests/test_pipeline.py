@@ -202,3 +202,20 @@ def test_budget_settings_that_cannot_be_honoured_are_refused():
             lss_plugin.LSSAttention(kv_head_chunk=chunk, kv_buffer_mib=64)
     with pytest.raises(ValueError, match="kv_head_chunk must be"):
         lss_plugin.AttentionSettings(kv_head_chunk="fast")
+
+
+def test_link_rate_turns_the_size_floor_into_a_time_floor_and_link_chunks_are_kept():
+    """``link_gbit`` (issue 31): a gather must keep the link busy for 10x a collective's fixed cost
+    (gloo 5 ms, NCCL 0.5 ms). L = 2048, 4 KV heads x 64, fp32, batch 1: the whole K, V is 4 MiB, so
+    the size rule gathers everything at once; behind 1 Gbit/s on gloo one head (1 MiB, 8.4 ms on
+    the wire) is enough, and those chunks are kept, not regathered (the size rule alone would not
+    chunk: memory is not why). At L = 65536, 8 x 128, bf16 the size rule already chunks for memory:
+    a 400 Gbit/s NCCL link keeps one head (32 MiB, 0.67 ms) and its regather."""
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4) == (4, "keep")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4, 1.0, "gloo") == (1, "keep")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4, 2.0, "gloo") == (2, "keep")  # 1.25 MB floor
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4, 10.0, "gloo") == (4, "keep")  # 6.25 MB
+    assert resolve_kv_chunking("auto", "auto", None, 1, 65536, 8, 128, 2) == (1, "regather")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 65536, 8, 128, 2, 400.0, "nccl") == (1, "regather")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 65536, 8, 128, 2, 400.0, "gloo") == (8, "keep")
+    assert resolve_kv_chunking(1, "auto", None, 1, 2048, 4, 64, 4) == (1, "regather")  # a fixed chunk: as asked
