@@ -503,9 +503,9 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     seq_len = s * groups.sp_size
     bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    backend = backend_of(groups.lss_group, q.device) if groups.lss_size > 1 else None
     head_chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
-                                                   d, q.dtype.itemsize, settings.link_gbit,
-                                                   backend_of(groups.lss_group, q.device) if groups.lss_size > 1 else None)
+                                                   d, q.dtype.itemsize, settings.link_gbit, backend)
     exchange = None  # the all-gather
     if settings.kv_exchange != "gather" and groups.lss_size > 1:
         # a pure function of values every rank shares (lss_plugin.exchange); its digest is signed below

@@ -92,7 +92,8 @@ def own_runs(chunks: list[Chunk]) -> list[Chunk]:
     runs: list[Chunk] = []
     for c in sorted(chunks, key=lambda c: c.global_start):
         last = runs[-1] if runs else None
-        if last and last.global_start + last.length == c.global_start and last.local_start + last.length == c.local_start:
+        follows = last and last.global_start + last.length == c.global_start
+        if follows and last.local_start + last.length == c.local_start:
             runs[-1] = Chunk(last.local_start, last.global_start, last.length + c.length)
         else:
             runs.append(c)

@@ -258,7 +258,8 @@ class AttentionSettings:
         DEFAULT_KV_BACKWARD, check=_check_kv_backward, flag="--lss-kv-backward", key="kv_backward",
         keyword="kv_backward", flag_choices=KV_BACKWARD_SETTINGS,
         doc="keep: the gathered K,V are kept for backward; regather: gathered again in backward (less memory, "
-            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks for memory (not when only link_gbit chunked them).")
+            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks "
+            "for memory (not when only link_gbit chunked them).")
     kv_head_chunk: int | str | None = _setting(
         DEFAULT_KV_HEAD_CHUNK, check=_check_head_chunk, flag="--lss-kv-head-chunk", key="kv_head_chunk",
         keyword="kv_head_chunk", flag_type=head_chunk_flag,
