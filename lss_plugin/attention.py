@@ -12,13 +12,18 @@ forward = 1 all-gather of packed (k, v); backward = 1 reduce-scatter of packed (
 all-gather again when ``kv_backward="regather"``. Every K/V all-gather also carries the signature
 in band (``lss_plugin.signature``), compared on the device and reported by the next verdict.
 
-Pipelined head chunks: with ``kv_head_chunk=c < Hkv`` the chunks' collectives overlap computation.
-Forward starts the gather of chunk i+1 before attending chunk i; backward starts the regather of
-chunk i+1 before computing chunk i, and reduce-scatters chunk i's dK/dV while chunk i+1 computes
-(waiting for it only before the next reduce-scatter). At most two chunks of gathered K, V are alive.
+Overlap: a rank's own K, V are there before any collective, so each head chunk's pieces on its own
+keys (``lss_plugin.blocks``) are attended while its K/V collective is in flight, the rest once it
+arrived; in backward the own pieces run while the chunk's dK/dV travel (``keep``) or while its K, V
+are regathered (``regather``), and their gradients are added when that collective is waited for.
+Pipelined head chunks: with ``kv_head_chunk=c < Hkv`` the chunks' collectives overlap each other's
+computation too. Forward starts the gather of chunk i+1 as soon as chunk i's arrived; backward
+starts the regather of chunk i+1 when chunk i's arrived, and reduce-scatters chunk i's dK/dV while
+chunk i+1 computes (waiting for it only before the next reduce-scatter). At most two chunks of
+gathered K, V are alive.
 Every collective is waited for before forward/backward returns. ``kv_head_chunk="auto"`` picks c
 (``lss_plugin.options.auto_head_chunk``; ``kv_buffer_mib`` / ``LSS_KV_BUFFER_MIB`` set its budget),
-and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks.
+and ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks for memory.
 
 Hybrid LSS x Ulysses (a ``group`` with ulysses_size U > 1, ``lss_plugin.topology.SequenceGroups``):
 ``_hybrid_attention`` wraps the same autograd.Function in ONE fused all-to-all of q, k, v inside the
@@ -53,18 +58,19 @@ from dataclasses import dataclass
 
 import torch
 
+from lss_plugin.blocks import Piece, plan_pieces
 from lss_plugin.comm import (
-    InFlight, Pending, start_exchange_kv, start_gather_kv, start_reduce_scatter_kv, start_return_dkv,
+    InFlight, Pending, backend_of, start_exchange_kv, start_gather_kv, start_reduce_scatter_kv, start_return_dkv,
 )
 from lss_plugin.documents import Segment, check_cu_seqlens, digest, query_segments
 from lss_plugin.exchange import ExchangePlan, exchange_plan, resolve_kv_exchange
 from lss_plugin.kernels import block_backward, block_forward, causal_prefix_in_one_call, select_kernel
 from lss_plugin.kernels.base import compute_dtype
-from lss_plugin.masks import Band, MaskSpec, apply_sinks, check_softcap, key_blocks, refine_bounds, sinks_grad
+from lss_plugin.masks import Band, MaskSpec, apply_sinks, check_softcap, refine_bounds, sinks_grad
 from lss_plugin.options import (
     AttentionSettings, check_kv_head_chunk, check_ulysses_heads, resolve_kv_chunking, settings_from_keywords,
 )
-from lss_plugin.sharding import rank_chunks
+from lss_plugin.sharding import Chunk, rank_chunks
 from lss_plugin.signature import CallSignature, check_mode
 from lss_plugin.topology import resolve_sequence_groups
 from lss_plugin.ulysses import replicate_kv_heads, to_heads, to_sequence
@@ -88,6 +94,7 @@ class _Plan:
     band: Band | None = None  # the layer's band (causal and window) when a window is set, else None
     softcap: float | None = None
     exchange: ExchangePlan | None = None  # the sparse exchange's plan; None: the all-gather
+    own_chunks: tuple[Chunk, ...] = ()  # the tokens this rank holds (its keys need no collective)
 
     def start_kv(self, k, v, header) -> Pending:
         """Issue this head chunk's K, V collective (k, v [b, s_local, c, d]); wait() -> ([2, b, c, L, d], rows)."""
@@ -147,52 +154,25 @@ def _merge(out_a, lse_a, out_b, lse_b):
     """Combine two partial softmax results over disjoint key sets by log-sum-exp.
 
     Computed in the dtype of ``lse_a`` (float32 for half inputs, as the kernels return lse), so a
-    half-precision running ``out`` is not rounded once per merged block."""
+    half-precision running ``out`` is not rounded once per merged block. A row that sees no key in
+    either (lse -inf in both: a window's tile cut at the rank's own tokens, ``lss_plugin.blocks``)
+    stays out 0, lse -inf instead of becoming NaN."""
     lse = torch.logaddexp(lse_a, lse_b)
     acc = lse.dtype
-    out = out_a.to(acc) * torch.exp(lse_a - lse).unsqueeze(-1) + out_b.to(acc) * torch.exp(lse_b - lse).unsqueeze(-1)
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # exp(-inf - 0) = 0 for keyless rows
+    out = out_a.to(acc) * torch.exp(lse_a - ref).unsqueeze(-1) + out_b.to(acc) * torch.exp(lse_b - ref).unsqueeze(-1)
     return out, lse
 
 
-def _visible_blocks(seg: Segment, causal: bool, one_call: bool = False):
-    """Key ranges a query segment attends to: (start, end, is_causal), all inside its document.
-
-    Keys of other documents (and, causally, later keys) are never computed. ``one_call``: the kernel
-    aligns a causal mask bottom-right, so the prefix and the diagonal block are one causal range
-    [doc_start, end) (one call, no merge: the segment's out is rounded once, as on one device)."""
-    end = seg.global_start + seg.length
-    if not causal:
-        return [(seg.doc_start, seg.doc_end, False)]
-    if one_call:
-        return [(seg.doc_start, end, True)]
-    blocks = []
-    if seg.global_start > seg.doc_start:
-        blocks.append((seg.doc_start, seg.global_start, False))  # earlier positions of the document: all visible
-    blocks.append((seg.global_start, end, True))
-    return blocks
-
-
-def _one_call(qh, kv, plan: _Plan) -> bool:
+def _one_call(qh, kv_heads: int, plan: _Plan) -> bool:
     """Prefix and diagonal in one kernel call: the kernel aligns a causal mask bottom-right and takes
     GQA natively (else the prefix's KV heads would be repeated; kernels.gqa repeats only diagonals)."""
-    return plan.causal and causal_prefix_in_one_call(qh, kv.shape[2], softcap=plan.softcap)
+    return plan.causal and causal_prefix_in_one_call(qh, kv_heads, softcap=plan.softcap)
 
 
-def _blocks(seg: Segment, plan: _Plan, one_call: bool):
-    """(q0, q1, start, end, causal, band): queries [q0, q1) of the segment (local to it) against keys
-    [start, end) (global positions), in the order their results are merged; consecutive blocks of
-    the same query range are merged, a new range starts a new piece of the segment's out.
-
-    With a window: ``masks.key_blocks`` of the layer's band (query tiles, each ONE block whose band
-    is the window's, or ``Band()`` when every pair is visible: passed anyway, so every block of the
-    layer goes to the same kernel). Without: exactly a plain call's blocks (``_visible_blocks``)."""
-    if plan.band is None:
-        for start, end, causal in _visible_blocks(seg, plan.causal, one_call):
-            yield 0, seg.length, start, end, causal, None
-        return
-    g0 = seg.global_start
-    for blk in key_blocks(g0, g0 + seg.length, seg.doc_start, seg.doc_end, plan.band):
-        yield blk.q_start - g0, blk.q_end - g0, blk.k_start, blk.k_end, False, blk.band
+def _pieces(qh, kv_heads: int, plan: _Plan):
+    """This head chunk's kernel calls (``lss_plugin.blocks``), those on the rank's own keys marked."""
+    return plan_pieces(plan.query_segments, plan.own_chunks, plan.causal, plan.band, _one_call(qh, kv_heads, plan))
 
 
 def _mask_keywords(band, plan: _Plan) -> dict:
@@ -200,57 +180,67 @@ def _mask_keywords(band, plan: _Plan) -> dict:
     return {name: value for name, value in (("band", band), ("softcap", plan.softcap)) if value is not None}
 
 
-def _attend_forward(qh, kv, plan: _Plan, sinks=None):
-    """qh [b, hq, s_local, d], kv [2, b, hkv, L, d] (, sinks [hq]) -> out [b, hq, s_local, d], lse [b, hq, s_local].
+def _own_kv(k, v, kv_heads: slice):
+    """This rank's own K, V of a head chunk, as the gathered ones are laid out: [2, b, c, s_local, d]."""
+    return torch.stack((k[:, :, kv_heads], v[:, :, kv_heads])).transpose(2, 3)
 
-    Blocks come back from the kernel in the input dtype or float32 (``Kernel.fp32_out``); merges
-    are float32 and each out is rounded to the input dtype once, here: after the sinks' rescaling
-    (``masks.apply_sinks``, which also makes lse the one with the sink) when there are sinks."""
-    one_call = _one_call(qh, kv, plan)
-    outs, lses = [], []
-    for seg in plan.query_segments:
-        qs = qh[:, :, seg.local_start:seg.local_start + seg.length]  # [b, hq, n, d]
-        piece = out = lse = None
-        for q0, q1, start, end, causal, band in _blocks(seg, plan, one_call):
-            o, l = block_forward(qs[:, :, q0:q1], kv[0, :, :, start:end], kv[1, :, :, start:end], plan.scale, causal,
-                                 **_mask_keywords(band, plan))  # k/v [b, hkv, m, d]
-            if piece == (q0, q1):
-                out, lse = _merge(out, lse, o, l)
-                continue
-            if piece is not None:
-                outs.append(out if sinks is not None else out.to(qh.dtype))  # the one rounding of a merged out
-                lses.append(lse)
-            piece, out, lse = (q0, q1), o, l
-        outs.append(out if sinks is not None else out.to(qh.dtype))
-        lses.append(lse)
-    out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+def _rows(piece: Piece, plan: _Plan) -> slice:
+    seg = plan.query_segments[piece.segment]
+    return slice(seg.local_start + piece.q0, seg.local_start + piece.q1)
+
+
+def _attend_forward(qh, own_kv, arrive, plan: _Plan, sinks=None):
+    """qh [b, hq, s_local, d], own_kv [2, b, hkv, s_local, d] (, sinks [hq]) -> out [b, hq, s_local, d],
+    lse [b, hq, s_local] and the arrived kv [2, b, hkv, L, d].
+
+    The pieces on the rank's own keys run first, while the K/V collective is in flight; ``arrive()``
+    then waits for it, and the other pieces run on what arrived. Pieces of the same query rows merge
+    by log-sum-exp in lse's dtype (float32 for half inputs); each out is rounded to the input dtype
+    once, here: after the sinks' rescaling (``masks.apply_sinks``) when there are sinks."""
+    partial = {}  # (segment, q0, q1) -> (out, lse), merged as pieces arrive
+
+    def attend(piece: Piece, keys):
+        keys = keys[:, :, :, piece.keys()]  # [2, b, hkv, m, d]
+        o, l = block_forward(qh[:, :, _rows(piece, plan)], keys[0], keys[1], plan.scale, piece.causal,
+                             **_mask_keywords(piece.band, plan))
+        at = (piece.segment, piece.q0, piece.q1)
+        partial[at] = _merge(*partial[at], o, l) if at in partial else (o, l)
+
+    pieces = _pieces(qh, own_kv.shape[2], plan)
+    for piece in pieces:
+        if piece.own:
+            attend(piece, own_kv)
+    kv = arrive()
+    for piece in pieces:
+        if not piece.own:
+            attend(piece, kv)
+    lse = None
+    for (segment, q0, q1), (o, l) in partial.items():
+        if lse is None:  # lse's dtype: float32 for half inputs (the kernels'), the merges' accumulator
+            lse = l.new_empty(qh.shape[:3])
+            out = qh.new_empty(qh.shape, dtype=l.dtype)
+        seg = plan.query_segments[segment]
+        rows = slice(seg.local_start + q0, seg.local_start + q1)
+        out[:, :, rows], lse[:, :, rows] = o, l
     if sinks is not None:
         out, lse = apply_sinks(out, lse, sinks)  # in lse's dtype (float32 for half inputs)
-        out = out.to(qh.dtype)
-    return out, lse
+    return out.to(qh.dtype), lse, kv
 
 
-def _attend_backward(dout_h, qh, kv, out_h, lse, plan: _Plan):
-    """Gradients of one head chunk: dq [b, hq, s_local, d] and dkv [2, b, hkv, L, d] (all L keys).
-
-    Both accumulate in ``compute_dtype`` (float32 for half inputs): a key's gradient sums the
-    contributions of every query chunk (and, inside the kernel or ``kernels.gqa``, GQA group)
-    before it is rounded or sent. Kernels with ``fp32_out`` hand them over unrounded."""
-    acc = compute_dtype(qh.dtype)
-    dq = torch.zeros_like(qh, dtype=acc)
-    dkv = torch.zeros_like(kv, dtype=acc)  # keys no local query sees (other documents) stay zero
-    one_call = _one_call(qh, kv, plan)
-    for seg in plan.query_segments:
-        for q0, q1, start, end, causal, band in _blocks(seg, plan, one_call):
-            rows = slice(seg.local_start + q0, seg.local_start + q1)
-            qc, doc, oc, lc = qh[:, :, rows], dout_h[:, :, rows], out_h[:, :, rows], lse[:, :, rows]
-            dq_b, dk_b, dv_b = block_backward(doc, qc, kv[0, :, :, start:end], kv[1, :, :, start:end], oc, lc,
-                                              plan.scale, causal,
-                                              **_mask_keywords(band, plan))  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
-            dq[:, :, rows] += dq_b
-            dkv[0, :, :, start:end] += dk_b
-            dkv[1, :, :, start:end] += dv_b
-    return dq, dkv
+def _attend_backward(dout_h, qh, out_h, lse, pieces, keys, plan: _Plan, dq, dkeys):
+    """Add the gradients of ``pieces`` (all own, or all not) to dq [b, hq, s_local, d] and dkeys (own:
+    [2, b, hkv, s_local, d], else [2, b, hkv, L, d]), both in ``compute_dtype``: a key's gradient sums
+    every query chunk's (and, inside the kernel or ``kernels.gqa``, every GQA group's) before it is
+    rounded or sent. ``keys``: own_kv or the gathered kv, laid out like dkeys."""
+    for piece in pieces:
+        rows, at = _rows(piece, plan), piece.keys()
+        dq_b, dk_b, dv_b = block_backward(dout_h[:, :, rows], qh[:, :, rows], keys[0, :, :, at], keys[1, :, :, at],
+                                          out_h[:, :, rows], lse[:, :, rows], plan.scale, piece.causal,
+                                          **_mask_keywords(piece.band, plan))  # dq [b, hq, n, d], dk/dv [b, hkv, m, d]
+        dq[:, :, rows] += dq_b
+        dkeys[0, :, :, at] += dk_b
+        dkeys[1, :, :, at] += dv_b
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +288,10 @@ class _Prefetched:
 
 def _lss_forward(q, k, v, plan: _Plan, sinks=None):
     """q [b, s, H, d], k/v [b, s, Hkv, d] (, sinks [H]) -> out [b, s, H, d], lse [b, H, s], kept KV
-    per head chunk. With sinks, out and lse are those with the sink (what backward runs on)."""
+    per head chunk. With sinks, out and lse are those with the sink (what backward runs on).
+
+    Per head chunk: its own pieces run while its K/V collective is in flight; then it is waited for,
+    the next chunk's starts, and the other pieces run while that one travels."""
     b, s, h, d = q.shape
     qh = q.transpose(1, 2)  # [b, H, s, d] (a view; kernels make what they need contiguous)
     out = torch.empty_like(q)  # [b, s, H, d]
@@ -306,8 +299,10 @@ def _lss_forward(q, k, v, plan: _Plan, sinks=None):
     lse = None
     kept = []
     with InFlight() as flight:
-        for kv_heads, q_heads, kv in _Prefetched(k, v, plan, "forward", flight):  # kv [2, b, c, L, d]
-            o, l = _attend_forward(qh[:, q_heads], kv, plan, None if sinks is None else sinks[q_heads])
+        arriving = _Prefetched(k, v, plan, "forward", flight)
+        for kv_heads, q_heads in plan.head_slices(k.shape[2]):
+            o, l, kv = _attend_forward(qh[:, q_heads], _own_kv(k, v, kv_heads), lambda: next(arriving)[2], plan,
+                                       None if sinks is None else sinks[q_heads])  # kv [2, b, c, L, d]
             out_h[:, q_heads] = o
             if lse is None:
                 lse = l.new_empty((b, h, s))
@@ -320,35 +315,50 @@ def _lss_forward(q, k, v, plan: _Plan, sinks=None):
 
 def _lss_backward(dout, q, k, v, out, lse, kept, plan: _Plan, sinks=None):
     """dq, dk, dv (and d sinks [H], None without sinks). ``out``, ``lse``: the forward's, sinks
-    included; every block's backward runs on them unchanged, the sinks' gradient is per head chunk."""
+    included; every block's backward runs on them unchanged, the sinks' gradient is per head chunk.
+
+    Per head chunk: with ``regather`` the own pieces run while the chunk's K, V are gathered again;
+    the other pieces run on the gathered K, V and their dK, dV start back to their owners; with
+    ``keep`` the own pieces run while those travel. A chunk's dK, dV collective is waited for when
+    the next chunk's starts (or at the end), and its own pieces' gradients are added then."""
     qh, dout_h, out_h = q.transpose(1, 2), dout.transpose(1, 2), out.transpose(1, 2)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dq_h = dq.transpose(1, 2)
     dsinks = None if sinks is None else torch.empty_like(sinks)
+    acc = compute_dtype(q.dtype)
 
-    def store(kv_heads, scatter):  # waits for a chunk's reduce-scatter: [2, b, s, c, d]
-        local = scatter.wait()
+    def store(kv_heads, scatter, own_grads):  # waits for a chunk's dK/dV collective: [2, b, s, c, d]
+        local = scatter.wait().to(acc) + own_grads.transpose(2, 3)
         dk[:, :, kv_heads] = local[0]
         dv[:, :, kv_heads] = local[1]
 
     with InFlight() as flight:
-        if plan.kv_backward == "keep":
-            chunks = ((*heads, kv) for heads, kv in zip(plan.head_slices(k.shape[2]), kept))
-        else:  # regather: trade one more collective per chunk for not keeping L-sized K, V alive
-            chunks = _Prefetched(k, v, plan, "regather", flight)
-        previous = None  # (kv_heads, reduce-scatter) of the chunk before, in flight while this one computes
-        for kv_heads, q_heads, kv in chunks:
-            dq_c, dkv = _attend_backward(dout_h[:, q_heads], qh[:, q_heads], kv, out_h[:, q_heads],
-                                         lse[:, q_heads], plan)
-            dq_h[:, q_heads] = dq_c
-            if sinks is not None:
-                dsinks[q_heads] = sinks_grad(dout_h[:, q_heads], out_h[:, q_heads], lse[:, q_heads], sinks[q_heads])
-            send_dtype = dkv.dtype if plan.kv_grad_dtype == "fp32" else kv.dtype
+        regather = plan.kv_backward == "regather"
+        arriving = _Prefetched(k, v, plan, "regather", flight) if regather else iter(kept)
+        previous = None  # (kv_heads, dK/dV collective, own gradients) of the chunk before, in flight
+        for kv_heads, q_heads in plan.head_slices(k.shape[2]):
+            rows = dout_h[:, q_heads], qh[:, q_heads], out_h[:, q_heads], lse[:, q_heads]
+            own_kv = _own_kv(k, v, kv_heads)  # [2, b, c, s, d]
+            pieces = _pieces(rows[1], own_kv.shape[2], plan)
+            own = [p for p in pieces if p.own]
+            dq_c = torch.zeros_like(rows[1], dtype=acc)
+            own_grads = torch.zeros_like(own_kv, dtype=acc)
+            if regather:  # while this chunk's K, V are gathered again
+                _attend_backward(*rows, own, own_kv, plan, dq_c, own_grads)
+            kv = next(arriving)[2] if regather else next(arriving)  # [2, b, c, L, d]
+            dkv = torch.zeros_like(kv, dtype=acc)  # keys no local query sees (other documents) stay zero
+            _attend_backward(*rows, [p for p in pieces if not p.own], kv, plan, dq_c, dkv)
+            send_dtype = acc if plan.kv_grad_dtype == "fp32" else kv.dtype
             del kv
             if previous is not None:
                 store(*previous)  # its staging buffer is released before the next one is made
-            previous = kv_heads, flight.start(plan.start_dkv(dkv, send_dtype))
+            previous = kv_heads, flight.start(plan.start_dkv(dkv, send_dtype)), own_grads
             del dkv
+            if not regather:  # while this chunk's dK, dV travel
+                _attend_backward(*rows, own, own_kv, plan, dq_c, own_grads)
+            dq_h[:, q_heads] = dq_c
+            if sinks is not None:
+                dsinks[q_heads] = sinks_grad(dout_h[:, q_heads], out_h[:, q_heads], lse[:, q_heads], sinks[q_heads])
         store(*previous)
     return dq, dk, dv, dsinks
 
@@ -405,7 +415,7 @@ def lss_attention(
     attends outside its document (causal inside it with ``causal``). See ``lss_plugin.documents``.
     ``kv_head_chunk``: None (all KV heads in one gather), c (c KV heads per gather, pipelined) or
     "auto" (``lss_plugin.options.auto_head_chunk``, within ``kv_buffer_mib`` MiB when given, else
-    ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked.
+    ``LSS_KV_BUFFER_MIB``); ``kv_backward="auto"`` regathers exactly when K, V are chunked for memory.
 
     Per-layer masks (``lss_plugin.masks``), all in *global* positions, inside each document, and
     composing with ``causal`` (None: a plain call, bit for bit):
@@ -493,8 +503,9 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
     seq_len = s * groups.sp_size
     bounds = (0, seq_len) if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    backend = backend_of(groups.lss_group, q.device) if groups.lss_size > 1 else None
     head_chunk, kv_backward = resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, b, seq_len, kv_heads // u,
-                                                   d, q.dtype.itemsize)
+                                                   d, q.dtype.itemsize, settings.link_gbit, backend)
     exchange = None  # the all-gather
     if settings.kv_exchange != "gather" and groups.lss_size > 1:
         # a pure function of values every rank shares (lss_plugin.exchange); its digest is signed below
@@ -509,6 +520,7 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
         exchange=0 if exchange is None else exchange.digest,
     )
     signature.to_bytes()  # a value too wide for its field fails here, before any collective
+    own_chunks = rank_chunks(u * s, groups.lss_rank, groups.lss_size, layout)
     plan = _Plan(
         group=groups.lss_group,
         lss_size=groups.lss_size,
@@ -521,8 +533,8 @@ def _plan_call(q, k, v, groups, causal, softmax_scale, cu_seqlens, settings, set
         head_chunk=head_chunk,
         groups_per_kv=h // kv_heads,
         # chunked attention is packed documents with more boundaries (masks.refine_bounds)
-        query_segments=query_segments(rank_chunks(u * s, groups.lss_rank, groups.lss_size, layout),
-                                      refine_bounds(bounds, spec.chunk)),
+        query_segments=query_segments(own_chunks, refine_bounds(bounds, spec.chunk)),
+        own_chunks=tuple(own_chunks),
         signature=signature,
         band=band,
         softcap=masks.softcap,

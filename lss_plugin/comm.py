@@ -6,6 +6,11 @@ positions are packed and handed back to their owners with ONE ``reduce_scatter_t
 ``start_reduce_scatter_kv``). KV heads travel un-repeated (GQA/MQA); the caller expands them
 locally, after communication.
 
+On a backend whose reduce-scatter is not at the wire's floor (``REDUCE_SCATTER_AS_ALL_REDUCE``: gloo)
+the backward's collective is instead ONE ``all_to_all_single`` of the same owner-major buffer (rank j's
+slice to rank j) and a local sum of the N received slices in rank order, recorded as
+``REDUCE_SCATTER_A2A``: (N-1)/N of the buffer on the wire instead of an all-reduce's 2 (N-1)/N.
+
 Payload bytes recorded per call = bytes of the assembled buffer (N x the packed local k, v):
 ``2 * b * L * hkv * d * itemsize`` for both collectives, plus, for the all-gather, N x the
 80-byte call signature each rank appends (``lss_plugin.signature``). The reduce-scatter's itemsize
@@ -261,13 +266,38 @@ def _in_global_order(gathered: torch.Tensor, layout: str) -> torch.Tensor:
     return kv
 
 
+# Backends whose reduce-scatter sends more than (N-1)/N of its buffer: torch's ProcessGroupGloo (2.13) runs
+# reduce_scatter_tensor / _reduce_scatter_base as a clone and an all-reduce of the WHOLE buffer, then keeps
+# its own chunk (``reduce_scatter_tensor_coalesced``): 2 (N-1)/N on the wire (measured: 1.502 x the buffer
+# per rank at N = 4, docs/benchmark.md). NCCL's ring reduce-scatter is at the floor and stays.
+REDUCE_SCATTER_AS_ALL_REDUCE = ("gloo",)
+REDUCE_SCATTER = "reduce_scatter_tensor"  # record_collectives names of LSS's dK/dV collective, by route
+REDUCE_SCATTER_A2A = "reduce_scatter_all_to_all"
+
+
+def backend_of(group, device: torch.device) -> str:
+    """The backend that runs ``group``'s collectives on ``device`` ("gloo", "nccl", ...)."""
+    name = str(dist.get_backend(group)).lower()
+    if ":" in name:  # a per-device configuration, "cpu:gloo,cuda:nccl"
+        name = dict(pair.split(":", 1) for pair in name.split(",")).get(device.type, name)
+    return name
+
+
+def reduce_scatter_kv_name(backend: str) -> str:
+    """What ``start_reduce_scatter_kv`` records (and names its Pending) on ``backend``."""
+    return REDUCE_SCATTER_A2A if backend in REDUCE_SCATTER_AS_ALL_REDUCE else REDUCE_SCATTER
+
+
 def start_reduce_scatter_kv(dkv: torch.Tensor, group, layout: str,
-                            send_dtype: torch.dtype | None = None) -> Pending:
+                            send_dtype: torch.dtype | None = None, *, route: str | None = None) -> Pending:
     """Issue ONE reduce-scatter (sum) of packed (dK, dV) [2, b, hkv, L, d]; ``wait()`` -> this
     rank's [2, b, s_local, hkv, d].
 
     Sent, summed and returned in ``send_dtype`` (default ``dkv``'s); the cast happens in the
-    staging copy the reorder makes anyway, so ``dkv`` may be freed as soon as this returns."""
+    staging copy the reorder makes anyway, so ``dkv`` may be freed as soon as this returns.
+    On a backend of ``REDUCE_SCATTER_AS_ALL_REDUCE`` the collective is an all-to-all of the staged
+    buffer and ``wait()`` sums the N slices in rank order. ``route`` (tests and benchmarks comparing
+    the two only): ``REDUCE_SCATTER`` or ``REDUCE_SCATTER_A2A`` forces one; None: the backend decides."""
     sp_size = dist.get_world_size(group)
     two, b, hkv, seq_len, d = dkv.shape
     s_local = seq_len // sp_size
@@ -276,10 +306,25 @@ def start_reduce_scatter_kv(dkv: torch.Tensor, group, layout: str,
         src = dkv[:, :, :, global_start:global_start + length]  # [2, b, hkv, n, d]
         staged[rank, :, :, local_start:local_start + length] = src.transpose(2, 3)
     if sp_size == 1:
-        return Pending("reduce_scatter_tensor", group, None, lambda: staged[0])
-    out = staged.new_empty((2, b, s_local, hkv, d))
-    work = start_reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
-    return Pending("reduce_scatter_tensor", group, work, lambda: out, (staged, out))
+        return Pending(REDUCE_SCATTER, group, None, lambda: staged[0])
+    route = route or reduce_scatter_kv_name(backend_of(group, dkv.device))
+    if route == REDUCE_SCATTER:
+        out = staged.new_empty((2, b, s_local, hkv, d))
+        work = start_reduce_scatter_flat(out, staged.view((sp_size * 2, b, s_local, hkv, d)), group)
+        return Pending(REDUCE_SCATTER, group, work, lambda: out, (staged, out))
+    if route != REDUCE_SCATTER_A2A:
+        raise ValueError(f"route must be {REDUCE_SCATTER!r}, {REDUCE_SCATTER_A2A!r} or None, got {route!r}")
+    received = torch.empty_like(staged)  # [N, 2, b, s_local, hkv, d]: slice j = rank j's part of this rank's dK, dV
+    with counted_collective(REDUCE_SCATTER_A2A, group, staged):
+        work = dist.all_to_all_single(received, staged, group=group, async_op=True)
+
+    def finish():
+        out = received[0].clone()
+        for part in received[1:]:  # rank order, one add at a time: the same sum on every run
+            out += part
+        return out
+
+    return Pending(REDUCE_SCATTER_A2A, group, work, finish, (staged, received))
 
 
 

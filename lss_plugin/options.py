@@ -23,7 +23,7 @@ LAYOUTS = ("contiguous", "balanced")
 DEFAULT_LAYOUT = "balanced"
 KV_BACKWARD_MODES = ("keep", "regather")  # what a call runs (and its signature carries)
 AUTO = "auto"
-KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked
+KV_BACKWARD_SETTINGS = KV_BACKWARD_MODES + (AUTO,)  # "auto": regather exactly when K, V are chunked for memory
 # The defaults of every integration: "auto" chunks K, V by heads (pipelined) once the whole-sequence
 # K, V are large enough for chunking to pay (``auto_head_chunk``) and runs unchunked "keep" below
 # that. Measured (docs/bench/overlap.md, 2 ranks, L = 8192): 0.93x the unchunked step on a fast
@@ -88,10 +88,20 @@ def check_kv_head_chunk(kv_head_chunk, kv_heads: int | None = None, setting: str
 # but never gathers less than AUTO_MIN_GATHER_BYTES at a time: smaller collectives and kernel
 # calls cost more per byte than the memory they save is worth (so short sequences run unchunked).
 # An explicit budget (``kv_buffer_mib=`` or LSS_KV_BUFFER_MIB) replaces both.
+# A known link (``link_gbit``) replaces the size floor by a time floor: a gather is worth its fixed
+# cost (launch and latency: some 50 us on NCCL, some 0.5 ms through gloo's threads and staging)
+# once it keeps the wire busy ten times that long (AUTO_MIN_GATHER_SECONDS by backend), so behind a
+# slow link "auto" chunks finer (the next chunk's transfer hides behind this chunk's compute), and
+# on a fast one it gathers more at once where hiding buys little.
 MiB = 2**20
 KV_BUFFER_ENV = "LSS_KV_BUFFER_MIB"
 AUTO_KV_FRACTION = 0.25
 AUTO_MIN_GATHER_BYTES = 4 * MiB
+AUTO_MIN_GATHER_SECONDS = {"nccl": 0.5e-3, "gloo": 5e-3}  # another backend: gloo's
+
+
+def min_gather_seconds(backend: str | None) -> float:
+    return AUTO_MIN_GATHER_SECONDS.get(backend or "gloo", AUTO_MIN_GATHER_SECONDS["gloo"])
 
 
 def check_kv_buffer_mib(value, setting: str = "kv_buffer_mib") -> None:
@@ -222,6 +232,12 @@ def _check_exchange(value, name: str, dialect: Dialect) -> None:
     check_kv_exchange(value, name, dialect.listing)
 
 
+def _check_link(value, name: str, dialect: Dialect) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a positive number of Gbit/s (or None), got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttentionSettings:
     """What every ``lss_attention`` call of a model runs with, fixed when the model is configured.
@@ -242,7 +258,8 @@ class AttentionSettings:
         DEFAULT_KV_BACKWARD, check=_check_kv_backward, flag="--lss-kv-backward", key="kv_backward",
         keyword="kv_backward", flag_choices=KV_BACKWARD_SETTINGS,
         doc="keep: the gathered K,V are kept for backward; regather: gathered again in backward (less memory, "
-            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks.")
+            "one more collective per layer); auto (default): regather exactly when K,V are gathered in head chunks "
+            "for memory (not when only link_gbit chunked them).")
     kv_head_chunk: int | str | None = _setting(
         DEFAULT_KV_HEAD_CHUNK, check=_check_head_chunk, flag="--lss-kv-head-chunk", key="kv_head_chunk",
         keyword="kv_head_chunk", flag_type=head_chunk_flag,
@@ -262,6 +279,14 @@ class AttentionSettings:
         doc="dK/dV reduce-scatter of half-precision inputs: fp32 (default) sends the float32 sums (exact sum of "
             "the ranks' partials, 2x the bytes), input rounds them to the input dtype first (half the bytes); "
             "float32/float64 inputs send their own dtype either way.")
+    link_gbit: float | None = _setting(
+        None, check=_check_link, flag="--lss-link-gbit", key="link_gbit", keyword="link_gbit", flag_type=float,
+        flag_metavar="GBIT",
+        doc="The slowest link the SP group's K,V cross, in Gbit/s (configured: the interconnect's rate, or what "
+            "lss_plugin.bench measures); kv_head_chunk auto then chunks so that each gather keeps that link busy "
+            "for ten times a collective's fixed cost (0.5 ms on NCCL, 5 ms on gloo; finer behind slow links) "
+            "instead of moving at least 4 MiB. "
+            "None (default): the size rule. Only with kv_head_chunk auto and no budget, refused otherwise.")
     kv_exchange: str = _setting(
         DEFAULT_KV_EXCHANGE, check=_check_exchange, flag="--lss-kv-exchange", key="kv_exchange",
         keyword="kv_exchange", flag_choices=KV_EXCHANGE_SETTINGS,
@@ -312,6 +337,12 @@ def _check_settings(values: dict, dialect: Dialect) -> None:
         table[name].metadata["check"](value, dialect.name(table[name]), dialect)
     buffer, chunk = dialect.name(table["kv_buffer_mib"]), dialect.name(table["kv_head_chunk"])
     check_kv_buffer_budget(values["kv_buffer_mib"], values["kv_head_chunk"], buffer, chunk, spell=dialect.spell)
+    link = dialect.name(table["link_gbit"])
+    if values["link_gbit"] is not None and (values["kv_head_chunk"] != AUTO or values["kv_buffer_mib"] is not None):
+        fixed = (f"{chunk}={dialect.spell(values['kv_head_chunk'])}" if values["kv_head_chunk"] != AUTO
+                 else f"{buffer}={values['kv_buffer_mib']!r}")
+        raise ValueError(f"{link} ({values['link_gbit']!r}) sets how {chunk}={dialect.spell(AUTO)} chunks without a "
+                         f"budget; with {fixed} it would be ignored")
     if values["kv_buffer_mib"] is None:
         check_kv_buffer_env(values["kv_head_chunk"], chunk, spell=dialect.spell)
 
@@ -334,7 +365,8 @@ def settings_from_keywords(settings: AttentionSettings | None, keywords: Mapping
     return AttentionSettings.from_names(keywords)
 
 
-def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None = None) -> int:
+def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None = None,
+                    link_gbit: float | None = None, backend: str | None = None) -> int:
     """KV heads per gather for ``kv_head_chunk="auto"``: a divisor of ``kv_heads``, so every gather
     has the same size. Pure, from values every rank shares (the chunk is a signature size field).
 
@@ -342,8 +374,9 @@ def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None =
     (``2 * batch * L * head_dim * itemsize``). Two chunks are alive at once (one when unchunked).
     Without ``budget_bytes``: the largest chunk whose two buffers stay within ``AUTO_KV_FRACTION``
     of the whole K, V (``kv_heads * head_bytes``), raised to the smallest one moving at least
-    ``AUTO_MIN_GATHER_BYTES``. With it: the largest chunk whose buffers fit it; ValueError when
-    not even one head at a time fits.
+    ``AUTO_MIN_GATHER_BYTES``, or, with ``link_gbit``, to the smallest one keeping that link busy
+    for ``AUTO_MIN_GATHER_SECONDS[backend]``. With a budget: the largest chunk whose buffers fit it;
+    ValueError when not even one head at a time fits.
     """
     divisors = [c for c in range(1, kv_heads + 1) if kv_heads % c == 0]
 
@@ -360,28 +393,39 @@ def auto_head_chunk(kv_heads: int, head_bytes: int, budget_bytes: float | None =
                 f"sequence{twice}, at this batch, sequence length, head dim and dtype")
         return max(fitting)
     lean = max([c for c in divisors if held(c) <= AUTO_KV_FRACTION * kv_heads * head_bytes] or [1])
-    return min(c for c in divisors if c >= lean and c * head_bytes >= min(AUTO_MIN_GATHER_BYTES, kv_heads * head_bytes))
+    floor = AUTO_MIN_GATHER_BYTES if link_gbit is None else min_gather_seconds(backend) * link_gbit * 1e9 / 8
+    return min(c for c in divisors if c >= lean and c * head_bytes >= min(floor, kv_heads * head_bytes))
 
 
 def resolve_kv_chunking(kv_head_chunk, kv_backward, kv_buffer_mib, batch: int, seq_len: int, kv_heads: int,
-                        head_dim: int, itemsize: int) -> tuple[int, str]:
+                        head_dim: int, itemsize: int, link_gbit: float | None = None,
+                        backend: str | None = None) -> tuple[int, str]:
     """(KV heads per gather, "keep" | "regather") as an ``lss_attention`` call runs its settings.
 
     "auto" chunks follow ``auto_head_chunk`` from the shapes (the same on every rank) and the budget:
-    ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule. ``kv_backward="auto"``
-    regathers exactly when K, V are gathered in chunks: keeping every chunk for backward would hold
-    the whole-sequence K, V again, which is what chunking is for not to do. Adapters call this to
-    print what "auto" will run."""
+    ``kv_buffer_mib``, else ``LSS_KV_BUFFER_MIB``, else the default rule (with ``link_gbit``, its
+    time floor). ``kv_backward="auto"`` regathers exactly when K, V are gathered in chunks for
+    memory: keeping every chunk for backward would hold the whole-sequence K, V again, which is what
+    chunking is for not to do. Chunks that only the link asked for (the size rule alone would gather
+    everything at once: the whole K, V is small) are kept: regathering them would put 50% more K, V
+    bytes on the slow link the chunks are meant to hide. Adapters call this to print what "auto"
+    will run."""
     if kv_buffer_mib is None:
         check_kv_buffer_env(kv_head_chunk)  # the variable may have been set since the settings were checked
     if kv_head_chunk == AUTO:
         budget = kv_buffer_mib if kv_buffer_mib is not None else kv_buffer_mib_from_env()
+        if budget is not None and link_gbit is not None:  # an explicit kv_buffer_mib was refused with it already
+            raise ValueError(f"link_gbit ({link_gbit!r}) sets how kv_head_chunk='auto' chunks without a budget; "
+                             f"with {KV_BUFFER_ENV}={budget:g} it would be ignored: unset one of them")
         head_bytes = 2 * batch * seq_len * head_dim * itemsize  # gathered K and V of one KV head
-        chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB)
+        chunk = auto_head_chunk(kv_heads, head_bytes, None if budget is None else budget * MiB,
+                                None if budget is not None else link_gbit, backend)
+        for_memory = budget is not None or auto_head_chunk(kv_heads, head_bytes) < kv_heads
     else:
         chunk = kv_head_chunk or kv_heads
+        for_memory = True  # a chunk the user fixed: chunking is what they asked for
     if kv_backward == AUTO:
-        kv_backward = "regather" if chunk < kv_heads else "keep"
+        kv_backward = "regather" if chunk < kv_heads and for_memory else "keep"
     return chunk, kv_backward
 
 

@@ -8,7 +8,10 @@ counters at small sizes: communication bytes exactly, memory within 10%.
 
 Communication (per rank, per step): every collective as (type, payload bytes, group size, calls),
 with the payload convention of ``lss_plugin.bench.counters`` (assembled buffer), and bytes sent
-per rank under bandwidth-optimal algorithms. Memory (per rank): parameters, gradients, optimizer
+per rank under bandwidth-optimal algorithms, and ``wire`` bytes: what the backend really sends
+(``Setup.backend``; gloo's reduce-scatter sends what an all-reduce sends). LSS's dK,dV collective is a
+reduce-scatter on NCCL and, on gloo, an all-to-all of the same buffer (``lss_plugin.comm``), so its wire
+bytes are (N-1)/N of the buffer on both. Memory (per rank): parameters, gradients, optimizer
 state, activations saved for backward, and the transient K/V buffer of LSS.
 
 Masks and documents (``Setup.window / chunk / documents``) change only LSS's bytes, and only with
@@ -25,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lss_plugin.comm import REDUCE_SCATTER_AS_ALL_REDUCE
 from lss_plugin.documents import check_cu_seqlens
 from lss_plugin.exchange import ExchangePlan, exchange_plan, resolve_kv_exchange
 from lss_plugin.masks import MaskSpec
@@ -39,6 +43,7 @@ ULYSSES_METHODS = ("usp", "lss_ulysses")  # the SP methods split into Ulysses gr
 _WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
          "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
          "send": lambda n: 1.0, "recv": lambda n: 0.0}
+BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,15 @@ class Setup:
     window: tuple[int, int] | None = None
     chunk: int | None = None
     documents: tuple[int, ...] | None = None
+    # what runs the collectives: on gloo LSS's dK,dV go as an all-to-all (lss_plugin.comm), and every other
+    # reduce-scatter sends (in ``Plan.wire_bytes``) what an all-reduce sends
+    backend: str = "nccl"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.kernel not in ("fused", "unfused") or (self.kernel == "unfused" and self.method in SP_METHODS):
             raise ValueError(f"kernel must be 'fused', or 'unfused' for single/megatron_tp_sp; got "
                              f"{self.kernel!r} for {self.method}")
@@ -175,6 +185,13 @@ class Collective:
             return self.wire_bytes * self.calls
         return int(round(self.payload_bytes * _WIRE[self.type](self.group_size))) * self.calls
 
+    def total_wire(self, backend: str) -> int:
+        """What ``backend`` really sends for all calls (the counters' ``wire_bytes``): ``total_sent``, but
+        a reduce-scatter on a backend that runs it as an all-reduce sends what the all-reduce sends."""
+        if self.type == "reduce_scatter" and backend in REDUCE_SCATTER_AS_ALL_REDUCE and self.group_size > 1:
+            return int(round(self.payload_bytes * _WIRE["all_reduce"](self.group_size))) * self.calls
+        return self.total_sent
+
 
 @dataclass
 class Plan:
@@ -192,6 +209,16 @@ class Plan:
     @property
     def sent_bytes(self) -> int:
         return sum(c.total_sent for c in self.collectives)
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(c.total_wire(self.setup.backend) for c in self.collectives)
+
+    def wire_by_type(self) -> dict:
+        out: dict = {}
+        for c in self.collectives:
+            out[c.type] = out.get(c.type, 0) + c.total_wire(self.setup.backend)
+        return out
 
     def bytes_by_type(self) -> dict:
         out: dict = {}
@@ -214,7 +241,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {"spec": asdict(self.spec), "setup": asdict(self.setup), "seq_len": self.seq_len,
                 "params_per_rank": self.params_per_rank, "memory": self.memory,
-                "payload_bytes": self.payload_bytes, "sent_bytes": self.sent_bytes,
+                "payload_bytes": self.payload_bytes, "sent_bytes": self.sent_bytes, "wire_bytes": self.wire_bytes,
                 "collectives": [asdict(c) for c in self.collectives]}
 
 
@@ -300,8 +327,9 @@ def _lss_kv_collectives(spec: GPTSpec, seq_len: int, heads: int, n: int, u: int,
     ``u`` ranks, each LSS rank holding ``u`` ranks' tokens; LSS alone ``u = 1``).
 
     ``gather``, per layer: one gather of packed K,V (two with ``regather``), each carrying the n call
-    signatures, and one reduce-scatter of packed dK,dV, whose items are float32 for half inputs
-    unless kv_grad_dtype="input"; with ``kv_head_chunk`` one of each per head chunk.
+    signatures, and one reduce-scatter of packed dK,dV (on gloo an all-to-all of the same buffer), whose
+    items are float32 for half inputs unless kv_grad_dtype="input"; with ``kv_head_chunk`` one of each per
+    head chunk.
     ``sparse`` (or ``auto`` resolved to it, as the call resolves it): the same calls as all-to-alls
     (``lss_plugin.comm.start_exchange_kv`` / ``start_return_dkv``) carrying what the plan says:
     forward the tokens this rank's peers read (and one signature row per peer), backward the dK,dV
@@ -321,7 +349,8 @@ def _lss_kv_collectives(spec: GPTSpec, seq_len: int, heads: int, n: int, u: int,
         kv = token * seq_len * dt
         return [Collective("all_gather", kv + n * SIGNATURE_BYTES, n, gathers * layers * chunks,
                            "packed K,V " + fwd_what, group),
-                Collective("reduce_scatter", token * seq_len * grad_dt, n, layers * chunks, "packed dK,dV (bwd)", group)]
+                Collective("all_to_all" if s.backend in REDUCE_SCATTER_AS_ALL_REDUCE else "reduce_scatter",
+                           token * seq_len * grad_dt, n, layers * chunks, "packed dK,dV (bwd)", group)]
     r = busiest_lss_rank(exchange, s) if rank is None else rank // u  # the hybrid's LSS rank: its Ulysses group
     kv = exchange.sent(r) * token * dt + (n - 1) * SIGNATURE_BYTES  # one signature row to every peer
     out = [Collective("all_to_all", kv, n, gathers * layers * chunks, "sparse K,V + signature rows " + fwd_what,
@@ -561,7 +590,7 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     Every method: the largest parameter's gradient before megatron DDP adds it to ``main_grad``,
     with one [sl, h] activation gradient. Beyond that, per method (fitted against the tracker at
     1 and 4 ranks, see ``tests/test_plan.py``): LSS the gathered K,V and its unpacked copy plus
-    dK,dV and a query chunk's one-call key range (``keep`` ~3.2, ``regather`` ~4.2 x the packed K,V of all L positions and this TP
+    dK,dV and a query chunk's key range (``keep`` ~2.9, ``regather`` ~3.5 x the packed K,V of all L positions and this TP
     rank's heads; what ``kv_head_chunk`` bounds; the pipelined schedule frees each gather's staging
     buffers as soon as it is unpacked; with the contiguous layout the first ranks, whose queries see
     fewer keys, peak up to ~12% lower than the last, which the factors are fitted to), where for half inputs the backward holds the
@@ -582,9 +611,10 @@ def transient_bytes(spec: GPTSpec, seq_len: int, s: Setup) -> int:
     if s.method in gathered_heads and lss_group > 1:
         kv_elements = 2 * b * L * (s.kv_head_chunk or gathered_heads[s.method]) * dh  # one gather's K,V
         # one kernel call per causal query chunk (prefix + diagonal, issue 27) holds that chunk's whole
-        # key range contiguous, its dK/dV and cpu_flash's bottom-right mask at once: ~1x more than the
-        # two calls and a merge before it (refitted on the tracker then: keep 2.2 -> 3.2, regather 2.75 -> 4.2)
-        factor = 3.2 if s.kv_backward == "keep" else 4.2
+        # key range contiguous, its dK/dV and cpu_flash's bottom-right mask at once (refitted on the
+        # tracker then: keep 2.2 -> 3.2, regather 2.75 -> 4.2); since the overlap (issue 31) a chunk whose
+        # prefix is another rank's is two calls again, own diagonal first (refitted: keep 2.9, regather 3.5)
+        factor = 2.9 if s.kv_backward == "keep" else 3.5
         acc_dt = 4 if dt < 4 else dt  # backward: dK,dV accumulate in fp32 for half inputs
         grad_dt = acc_dt if s.kv_grad_dtype == "fp32" else dt  # and are staged for the reduce-scatter
         backward = kv_elements * (acc_dt + grad_dt) + (factor - 2) * kv_elements * dt

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     links.add_argument("--inter-gbit", type=float, default=10.0, help="per-rank Gbit/s across node groups")
     links.add_argument("--kv-grad-dtype", default="fp32", help="LSS's dK,dV reduce-scatter items: fp32 | input")
     links.add_argument("--backend", default="nccl",
-                       help="nccl | gloo (gloo's reduce-scatter sends as much as an all-reduce)")
+                       help="nccl | gloo (gloo's reduce-scatter sends as much as an all-reduce; LSS sends dK,dV with an "
+                            "all-to-all there)")
     links.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if args.ranks is not None:

@@ -12,7 +12,8 @@ Where it goes (per rank; the receiving rank decides the class):
 - all-gather / reduce-scatter: a ring over the group's ranks in rank order, as a single NCCL ring
   and gloo's ``AllgatherRing`` run them: each call, every rank sends (n-1)/n of the assembled
   buffer to its successor (the counters' bandwidth-optimal convention). ``backend="gloo"``: gloo's
-  reduce-scatter (torch 2.13) sends what an all-reduce sends, 2 (n-1)/n: measured on a private
+  reduce-scatter (torch 2.13) sends what an all-reduce sends, 2 (n-1)/n (the baselines' reduce-scatters;
+  LSS's dK,dV go as an all-to-all there, ``lss_plugin.comm``, routed as one): measured on a private
   loopback, 4 ranks, 16 MiB fp32 buffer, bytes per rank / buffer = 0.751 all-gather, 1.502
   reduce-scatter, 1.502 all-reduce, 0.751 all-to-all (docs/benchmark.md, "Which scheme?");
 - all-to-all: pairwise, each rank sends payload / n to every other member;
@@ -48,14 +49,13 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from lss_plugin.options import check_ulysses_size
-from lss_plugin.plan import Collective, GPTSpec, Setup, setup_label, plan
+from lss_plugin.plan import BACKENDS, Collective, GPTSpec, Setup, setup_label, plan
 
 # plan.Collective.group of attention collectives; LSS's verdict ("verdict": 96 bytes per rank per call,
 # latency rather than bandwidth) is left out of the link model
 ATTENTION_GROUPS = ("sp", "ulysses", "strided")
 TIE = 1e-3  # times within 0.1% are a tie, won by the scheme listed first (simpler, fewer calls)
 INSIDE, ACROSS = "inside", "across"
-BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,8 @@ class LinkPlan:
             kinds.setdefault((t.type, t.group), []).append(t)
         best = None
         for (kind, _), terms in kinds.items():
-            whats = ("q, k, v, out and their gradients" if kind == "all_to_all"
+            ulysses = kind == "all_to_all" and not any(t.what.startswith("packed") for t in terms)  # not LSS's dK,dV
+            whats = ("q, k, v, out and their gradients" if ulysses
                      else ", ".join(dict.fromkeys(t.what.split(" (")[0] for t in terms)))
             for link in (ACROSS, INSIDE):  # equal times: name the link across
                 nbytes = sum(t.inside_bytes if link == INSIDE else t.across_bytes for t in terms)
@@ -178,8 +179,7 @@ def sent_by_link(c: Collective, links: Links) -> tuple[int, int]:
             raise ValueError(f"{c.what}: group {c.group!r} has {n} ranks, the collective {c.group_size}")
         for i, src in enumerate(members):
             if c.type in ("all_gather", "reduce_scatter"):  # ring: all of it to the successor
-                gloo_all_reduce = c.type == "reduce_scatter" and links.backend == "gloo"
-                sends = [(members[(i + 1) % n], c.total_sent * (2 if gloo_all_reduce else 1))]
+                sends = [(members[(i + 1) % n], c.total_wire(links.backend))]  # gloo reduce-scatter: all-reduce's
             elif c.type == "all_to_all":  # pairwise: one n-th of the input to every peer
                 sends = [(dst, c.payload_bytes // n * c.calls) for dst in members if dst != src]
             elif c.type == "send":  # ring attention: one block per hop to the successor
@@ -197,8 +197,9 @@ def sent_by_link(c: Collective, links: Links) -> tuple[int, int]:
 def link_plan(spec: GPTSpec, seq_len: int, setup: Setup, links: Links) -> LinkPlan:
     """The attention collectives of ``setup`` routed over ``links``; refused with the reason when
     ``lss_plugin.plan.plan`` refuses the setting (heads not divisible, say)."""
-    if setup.sp != links.ranks:
-        raise ValueError(f"setup sp({setup.sp}) must be the ranks N={links.ranks} of the links")
+    if setup.sp != links.ranks or setup.backend != links.backend:
+        raise ValueError(f"setup sp({setup.sp}) and backend {setup.backend!r} must be the links' ranks "
+                         f"N={links.ranks} and backend {links.backend!r}")
     label = setup_label(setup).rsplit(" sp", 1)[0]
     try:
         collectives = plan(spec, seq_len, setup).collectives
@@ -223,7 +224,7 @@ def candidate_setups(links: Links, dtype_bytes: int = 2, batch_size: int = 1,
     lss_ulysses[regather] (no LSS group left to regather over).
     """
     n, u = links.ranks, links.node
-    common = dict(sp=n, dtype_bytes=dtype_bytes, batch_size=batch_size)
+    common = dict(sp=n, dtype_bytes=dtype_bytes, batch_size=batch_size, backend=links.backend)
     lss = dict(common, kv_grad_dtype=kv_grad_dtype)
     out = [Setup("lss", **lss), Setup("lss", kv_backward="regather", **lss), Setup("ulysses", **common)]
     if u > 1:

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.test_attention import DKV  # gloo: the dK,dV all-to-all
 
 L = 8
 
@@ -171,7 +172,7 @@ def test_reference_gpt_budget_runs_one_head_chunks_exactly(gpt_cases):
             assert logits_error < 1e-10 and grad_error < 1e-10, (logits_error, grad_error)
         assert budget[2] == chunked[2], (budget[2], chunked[2])
         # one layer, 4 one-head chunks: gathered in forward and again in backward, reduce-scattered once
-        assert (budget[2]["all_gather_into_tensor"], budget[2]["reduce_scatter_tensor"]) == (8, 4), budget[2]
+        assert (budget[2]["all_gather_into_tensor"], budget[2][DKV]) == (8, 4), budget[2]
 
 
 def test_a_budget_beside_a_fixed_chunk_is_refused_by_every_adapter_option():
@@ -198,6 +199,7 @@ SWEEP_CASES = {
                                              kv_grad_dtype="input", kv_exchange="gather"),
     "keep_all_heads": dict(kv_backward="keep", kv_head_chunk=None, kv_exchange="sparse"),
     "budget": dict(kv_buffer_mib=64.0),
+    "link": dict(link_gbit=1.0),
 }
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import lss_plugin
+from lss_plugin.comm import reduce_scatter_kv_name
 from lss_plugin.sharding import local_token_indices
 from lss_plugin.signature import SIGNATURE_BYTES
 from lss_plugin.verdict import ROW_BYTES
@@ -50,7 +51,10 @@ def _one_case(rank, world, causal, layout, heads, kv_backward, head_chunk, dtype
     return errors, calls, nbytes
 
 
-COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor", "verdict")
+# every test here runs on gloo, whose reduce-scatter is an all-reduce on the wire: there LSS hands dK, dV back
+# with an all-to-all of the same buffer and a local sum (lss_plugin.comm), recorded under this name
+DKV = reduce_scatter_kv_name("gloo")
+COUNTED = ("all_gather_into_tensor", DKV, "verdict")
 CASES = list(itertools.product(
     (True, False), ("contiguous", "balanced"), tuple(HEADS), ("keep", "regather"), (None, 1)
 ))
@@ -83,8 +87,8 @@ def _expected_comm(world, heads, kv_backward, head_chunk, itemsize, kv_grad_dtyp
     all_grads = 2 * b * seq * hkv * d * grad_itemsize  # packed [dk; dv]
     signatures = world * SIGNATURE_BYTES  # each rank's SIGNATURE_BYTES-byte call signature rides in every gather
     # the verdict: one ROW_BYTES-byte row per rank at the start of the forward and of the backward
-    return ({"all_gather_into_tensor": rounds * n_chunks, "reduce_scatter_tensor": n_chunks, "verdict": 2},
-            {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), "reduce_scatter_tensor": all_grads,
+    return ({"all_gather_into_tensor": rounds * n_chunks, DKV: n_chunks, "verdict": 2},
+            {"all_gather_into_tensor": rounds * (all_heads + n_chunks * signatures), DKV: all_grads,
              "verdict": 2 * world * ROW_BYTES})
 
 
@@ -127,10 +131,12 @@ def _math_kernel_sweep():
 
 def test_math_kernel_matches_reference():
     """The device-agnostic kernel (used off-CPU) is exact too. It aligns a causal mask bottom-right
-    and takes GQA natively, so a query chunk's prefix and diagonal are one call over keys [0, end):
-    on 2 ranks, rank 1 (contiguous, queries [L/2, L)) makes one call over all L keys, GQA or not."""
+    and takes GQA natively, so a query chunk whose prefix is all its rank's own is one call over keys
+    [0, end): on 2 ranks (contiguous), rank 0 (queries [0, L/2)) makes one call over its L/2 keys;
+    rank 1 (queries [L/2, L)) attends its diagonal (its own keys, while the gather runs) and then
+    the prefix [0, L/2) that arrived: two calls of L/2 keys, GQA or not."""
     for rank, (rank_results, calls) in enumerate(run_ranks(_math_kernel_sweep, 2, env={"LSS_ATTENTION_KERNEL": "math"})):
         for case, (errors, _, _) in rank_results:
             assert max(errors.values()) < 1e-10, (case, errors)
-        assert calls["mha"] == ([L // 2] if rank == 0 else [L]), calls
-        assert calls["gqa"] == ([L // 2] if rank == 0 else [L]), calls
+        assert calls["mha"] == ([L // 2] if rank == 0 else [L // 2, L // 2]), calls
+        assert calls["gqa"] == ([L // 2] if rank == 0 else [L // 2, L // 2]), calls

@@ -25,13 +25,14 @@ from lss_plugin.masks import MaskSpec, dense_hidden
 from lss_plugin.sharding import local_token_indices
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
+from tests.test_attention import DKV
 
 B, L, D = 2, 24, 8  # L divisible by 2N for N = 1..4 (and by the hybrid's layouts at N = 4, U = 2)
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 KV = [("keep", None), ("regather", 1), ("keep", 1), ("auto", "auto")]
 DOCS = (0, 5, 13, 24)
 TOL = 1e-10
-COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor", "verdict", "all_to_all_single")
+COUNTED = ("all_gather_into_tensor", DKV, "verdict", "all_to_all_single")
 
 
 def _masks(s_local):
@@ -247,15 +248,16 @@ def test_disagreeing_or_bad_mask_arguments_raise_on_every_rank_by_name(sweep):
 
 def test_key_blocks_outside_the_window_or_chunk_are_never_computed(sweep):
     """2 ranks, contiguous. L = 24, window 7: rank 0's queries [0, 12) read keys [0, 12), rank 1's
-    [12, 24) read [6, 24) (18 keys, not 24). L = 256, window 8: query tiles of 64 read 64 + 7 keys
-    at most (rank 1: 2 x 64 x 71 = 9088 pairs computed, not the causal prefix's 128 x 256 = 32768).
-    Chunks of 5: no call reads more than 5 keys."""
+    [12, 24) read [6, 24) (18 keys, not 24): its own [12, 24) first, while the gather runs, then
+    [6, 12). L = 256, window 8: query tiles of 64 read 64 + 7 keys at most (rank 1: 2 x 64 x 71 =
+    9088 pairs computed, not the causal prefix's 128 x 256 = 32768; the first tile's 7 keys of
+    rank 0 in a call of their own, after the gather). Chunks of 5: no call reads more than 5 keys."""
     world, per_rank = sweep
     if world != 2:
         pytest.skip("counted on 2 ranks")
     blocks = [r["blocks"] for r in per_rank]
-    assert blocks[0][L] == [(12, 12)] and blocks[1][L] == [(12, 18)], blocks
-    assert blocks[0][256] == [(64, 64), (64, 71)] and blocks[1][256] == [(64, 71), (64, 71)], blocks
+    assert blocks[0][L] == [(12, 12)] and blocks[1][L] == [(12, 12), (12, 6)], blocks
+    assert blocks[0][256] == [(64, 64), (64, 71)] and blocks[1][256] == [(64, 64), (64, 71), (64, 7)], blocks
     assert sum(sq * sk for sq, sk in blocks[1][256]) == 9088
     for b in blocks:
         assert b[f"{L}_error"] < TOL and b["256_error"] < TOL

@@ -54,6 +54,9 @@ def test_counters_exact():
         # ring all-reduce 2(N-1)/N, all-gather / reduce-scatter / all-to-all (N-1)/N, send 1, recv 0
         assert counts["sent_bytes"] == {"all_reduce": 80, "all_gather": 40, "reduce_scatter": 40,
                                         "all_to_all": 40, "send": 40, "recv": 0}
+        # on the wire: gloo's reduce-scatter is an all-reduce of its whole input, 2(N-1)/N; the rest as sent
+        assert counts["wire_bytes"] == dict(counts["sent_bytes"], reduce_scatter=80)
+        assert counts["total_wire_bytes"] == counts["total_sent_bytes"] + 40
 
 
 def test_tracker_exact_on_known_tensors():
@@ -123,6 +126,17 @@ def test_timings_are_max_over_ranks_and_ratios_pair_rounds():
     assert abs(pair["q25"] - 0.540625) < 1e-12 and abs(pair["q75"] - 0.9625) < 1e-12
 
 
+def test_rows_keep_the_busiest_ranks_wire_bytes():
+    from lss_plugin.bench.report import aggregate
+
+    cases = [_rank_result("lss[keep,balanced]", "lss", r, [[1.0]]) for r in range(2)]
+    assert aggregate(cases)[0]["wire_bytes"] is None  # results from before the counter: no figure, not 0
+    for r, wire in zip(cases, (30, 40)):
+        r["comm"]["total_wire_bytes"] = wire
+    row = aggregate(cases)[0]
+    assert (row["sent_bytes"], row["wire_bytes"]) == (10, 40)
+
+
 def test_targets_report_pass_and_miss():
     from lss_plugin.bench.report import check_targets
 
@@ -141,7 +155,10 @@ def test_targets_report_pass_and_miss():
             row("lss[regather,contiguous]", 1, 0, None, act=400), row("lss[regather,contiguous]", 4, 0, None, act=130),
             row("lss[auto,balanced]", 1, 0, None, act=400), row("lss[auto,balanced]", 4, 0, [1.0] * 3, act=105),
             row("lss[auto,balanced]", 4, 0, [1.0] * 3, attention="gqa"),
-            row("lss_ulysses[u2]", 4, 20, [0.9] * 3), row("lss_ulysses[u2]", 4, 20, [0.8] * 3, attention="gqa")]
+            row("lss_ulysses[u2]", 4, 20, [0.9] * 3), row("lss_ulysses[u2]", 4, 20, [0.8] * 3, attention="gqa"),
+            row("lss[auto,balanced]", 4, 0, [1.2] * 3, link=1.0), row("usp[u2]", 4, 10, [1.0] * 3, link=1.0, method="usp"),
+            row("ulysses", 4, 10, [1.0] * 3, link=1.0), row("lss[auto,balanced]", 4, 0, [0.8] * 3, attention="gqa", link=1.0),
+            row("usp[u2]", 4, 10, [1.0] * 3, attention="gqa", link=1.0, method="usp")]
     budget = [{"variant": v, "world_size": w, "longest_seq_len": n, "max_len_searched": 10_000}
               for v, w, n in (("lss[regather,contiguous]", 1, 100), ("lss[regather,contiguous]", 4, 300),
                               ("lss[auto,balanced]", 1, 100), ("lss[auto,balanced]", 4, 300),
@@ -169,6 +186,11 @@ def test_targets_report_pass_and_miss():
         "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/ulysses/usp[u2] (MHA, 4 ranks, 1 Gbit/s link)": ("n/a", None),
         "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/usp[u2] (GQA, 4 ranks, no link limit)": ("PASS", 0.889),
         "(issue 17) lss_ulysses[u2] step / best of lss[auto,balanced]/usp[u2] (GQA, 4 ranks, 1 Gbit/s link)": ("n/a", None),
+        # the default beside USP and Ulysses: 1.2 / 1.0 behind the link, 1.0 / 1.0 without, GQA 0.8 / 1.0
+        "(issue 31) lss[auto,balanced] step <= 1.05 x usp[u2] (MHA, 4 ranks, 1 Gbit/s link)": ("MISS", 1.2),
+        "(issue 31) lss[auto,balanced] step <= 1.25 x ulysses (MHA, 4 ranks, 1 Gbit/s link)": ("PASS", 1.2),
+        "(issue 31) lss[auto,balanced] step <= 1.05 x usp[u2] (MHA, 4 ranks, no link limit)": ("PASS", 1.0),
+        "(issue 31) lss[auto,balanced] step <= 0.9 x usp[u2] (GQA, 4 ranks, 1 Gbit/s link)": ("PASS", 0.8),
     }, got
 
 
@@ -255,7 +277,7 @@ def test_timer_sees_every_started_collective_through_comms_listener():
     from tests.distributed import run_ranks
 
     for out in run_ranks(_timed_kv_collectives, 2, timeout_s=120):
-        names = ["all_gather_into_tensor", "reduce_scatter_tensor"]
+        names = ["all_gather_into_tensor", "reduce_scatter_all_to_all"]  # gloo: dK,dV as an all-to-all
         assert out["calls"] == {name: 1 for name in names}
         assert [s[0] for s in out["spans"]] == names
         assert all(s[2] is not None and s[2] >= s[1] for s in out["spans"])  # finished after issued
@@ -287,3 +309,89 @@ def test_window_rows_count_pairs_and_pair_rounds_with_full_causal():
     assert rows["lss[window=8]"]["step_s"] == 1.0 and rows["lss[window=8]"]["time_vs_full"] == 0.5
     assert rows["lss"]["time_vs_full"] is None and rows["lss"]["sent_bytes"] == 100
     assert len(table(list(rows.values()))) == 4 + 2
+
+
+TINY = ["--hidden-size", "32", "--num-heads", "4", "--gqa-kv-heads", "2", "--seq-len", "128", "--no-weak",
+        "--no-budget", "--packed-doc-lens", "skip"]
+
+
+def test_link_cases_tell_lss_auto_chunking_the_configured_rate():
+    # Behind a G Gbit/s link every case carries G; LSS's default (auto chunks) and the hybrid's LSS leg
+    # run with link_gbit=G, a fixed chunk runs as named; without a limit link_gbit stays None.
+    from lss_plugin.bench.__main__ import link_cases, parse_args, strong_and_weak_cases
+    from lss_plugin.bench.methods import LSS_DEFAULT_VARIANT, method_of
+    from lss_plugin.bench.model import ModelDims
+
+    args = parse_args(TINY + ["--methods", "lss,lss_ulysses,usp"])
+    dims_for = {"mha": ModelDims(1, 32, 4, 4, max_positions=128), "gqa": ModelDims(1, 32, 4, 2, max_positions=128)}
+    cases = link_cases(args, 4, dims_for, 0.5)
+    assert {c.link_gbit for c in cases} == {0.5}
+    settings = {}
+    for c in cases:
+        m = method_of(c.variant)
+        if m.runs_lss:
+            settings[c.variant.name] = m.core_attention(c.variant, None, c.link_gbit).lss_settings
+    assert settings[LSS_DEFAULT_VARIANT.name].link_gbit == 0.5
+    assert settings["lss_ulysses[u2]"].link_gbit == 0.5
+    assert settings["lss[keep,balanced]"].link_gbit is None  # unchunked keep: link_gbit would be refused
+    assert sorted(settings) == sorted(["lss[keep,balanced]", "lss[keep,contiguous]", "lss[regather,balanced]",
+                                       LSS_DEFAULT_VARIANT.name, "lss_ulysses[u2]"])
+    assert not method_of(next(c.variant for c in cases if c.variant.method == "usp")).runs_lss
+    assert {c.link_gbit for c in strong_and_weak_cases(args, 4, dims_for)} == {None}
+
+
+def _link_case_runs():
+    """2 ranks: a link-tagged LSS default case and all-gather CP, 2 rounds; the model's LSS settings."""
+    from lss_plugin.bench import counters
+    from lss_plugin.bench.context import Contexts
+    from lss_plugin.bench.methods import LSS_DEFAULT_VARIANT, Variant
+    from lss_plugin.bench.model import ModelDims
+    from lss_plugin.bench.run import Case, build, run_cases
+
+    counters.install()
+    dims = ModelDims(num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=4, max_positions=64)
+    cases = [Case(LSS_DEFAULT_VARIANT, dims, 64, steps=1, link_gbit=0.5),
+             Case(Variant("allgather_cp", "balanced"), dims, 64, steps=1, link_gbit=0.5)]
+    contexts = Contexts()
+    model = build(cases[0], 2, contexts).model.module
+    link = [m.lss_settings.link_gbit for m in model.modules() if hasattr(m, "lss_settings")]
+    contexts.destroy()
+    return {"cases": run_cases(cases, repetitions=2)["cases"], "link": link}
+
+
+def test_lss_rows_report_the_hidden_fraction_of_their_collectives():
+    import json
+
+    from lss_plugin.bench.methods import LSS_DEFAULT_VARIANT
+    from lss_plugin.bench.report import aggregate, markdown
+    from tests.distributed import run_ranks
+
+    outs = run_ranks(_link_case_runs, 2, timeout_s=240)
+    cases = [c for out in outs for c in out["cases"]]
+    for out in outs:
+        assert out["link"] == [0.5]  # the one layer's core attention was built with the launch's rate
+    assert all(c["error"] is None for c in cases), [c["error"] for c in cases]
+    assert all(c["case"]["link_gbit"] == 0.5 for c in cases)
+    for c in cases:  # one untimed step per round under the collective timer, LSS only
+        if c["case"]["variant"]["method"] == "lss":
+            assert len(c["comm_timing"]) == 2
+            assert all(t["busy_s"] > 0 and 0 <= t["hidden_fraction"] <= 1 for t in c["comm_timing"])
+        else:
+            assert c["comm_timing"] == []
+    for c in cases:
+        c["link_gbit"] = c["case"]["link_gbit"]  # as __main__._tag does
+    rows = {r["variant"]: json.loads(json.dumps(r)) for r in aggregate(cases)}
+    lss = rows[LSS_DEFAULT_VARIANT.name]
+    per_round = [sum(t["hidden_fraction"] for t in rnd) / 2
+                 for rnd in zip(*(c["comm_timing"] for c in cases if c["case"]["variant"]["method"] == "lss"))]
+    assert lss["hidden_fraction_rounds"] == pytest.approx(per_round, abs=1e-12)  # per round: the mean over ranks
+    assert lss["hidden_fraction"] == pytest.approx(sum(per_round) / 2, abs=1e-12)  # median of two rounds: their mean
+    assert lss["comm_busy_s"] > 0 and "hidden_fraction" not in rows["allgather_cp"]
+    meta = {"command": "test", "machine": {"platform": "test", "cpus": 2}, "wall_clock_s": 0, "launches": [],
+            "memory_tracker": "test", "args": {"ranks": [2], "link_gbit": [0.5], "repetitions": 2, "steps": 1}}
+    md = markdown(meta, list(rows.values()), [], [], [], 0).splitlines()
+    header = next(line for line in md if line.startswith("| method | attn | ranks | L | loss | step ms"))
+    column = header.split(" | ").index("hidden comm %")
+    lss_line = next(line for line in md if line.startswith(f"| {LSS_DEFAULT_VARIANT.name} |"))
+    assert lss_line.split(" | ")[column] == f"{lss['hidden_fraction']:.0%}"
+    assert next(line for line in md if line.startswith("| allgather_cp |")).split(" | ")[column] == "-"

@@ -60,12 +60,12 @@ def test_block_parsed_with_defaults():
     assert lss == LSSConfig(enabled=True, size=4, grad_averaging="auto", timeout_s=None, ulysses_size=1,
                             attention=AttentionSettings(layout="balanced", kv_backward="auto", kv_head_chunk="auto",
                                                         kv_buffer_mib=None, kv_grad_dtype="fp32",
-                                                        kv_exchange="auto"))
+                                                        kv_exchange="auto", link_gbit=None))
     assert LSSConfig.from_ds_config(_ds()).enabled is False
     assert LSSConfig.from_ds_config(_ds({"enabled": False, "size": 2})).enabled is False
     full = {"enabled": True, "size": 2, "layout": "contiguous", "kv_backward": "regather",
             "grad_averaging": "fused", "kv_head_chunk": 1, "timeout_s": 30, "ulysses_size": 2, "kv_buffer_mib": None,
-            "kv_grad_dtype": "input", "kv_exchange": "sparse"}
+            "kv_grad_dtype": "input", "kv_exchange": "sparse", "link_gbit": None}
     assert LSSConfig.from_ds_config(_ds(full)).to_dict() == full
     auto = dict(full, kv_backward="auto", kv_head_chunk="auto")  # pipelined head chunks sized by lss_attention
     assert LSSConfig.from_ds_config(_ds(auto)).attention.kv_head_chunk == "auto"

@@ -26,12 +26,13 @@ from lss_plugin.signature import SIGNATURE_BYTES
 from lss_plugin.verdict import ROW_BYTES
 from tests.distributed import run_ranks
 from tests.reference import reference_attention
+from tests.test_attention import DKV
 
 B, L, D = 2, 48, 8  # L divisible by 2N for N = 1..4 and by the hybrid's layouts at N = 4, U = 2
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 KV = [("keep", None), ("regather", 1), ("keep", 1), ("regather", None)]
 TOL = 1e-10
-COUNTED = ("all_gather_into_tensor", "reduce_scatter_tensor", "verdict", SPARSE_KV, SPARSE_DKV)
+COUNTED = ("all_gather_into_tensor", DKV, "verdict", SPARSE_KV, SPARSE_DKV)
 
 
 def _random_bounds(rng: random.Random, seq_len: int) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from lss_plugin.sharding import local_token_indices
 from lss_plugin.signature import SIGNATURE_BYTES
 from lss_plugin.verdict import ROW_BYTES
 from tests.distributed import run_ranks
-from tests.test_attention import _expected_comm
+from tests.test_attention import DKV, _expected_comm
 from tests.test_documents import B, BOUNDS, D, L
 from tests.test_documents import _one_case as one_documents_case
 
@@ -35,7 +35,7 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1), "h6_kv2": (6, 2), "h6_kv3"
 KV = [("keep", None), ("regather", 1), ("auto", "auto")]
 DOCS = BOUNDS["random_a"]  # packed cases
 TOL = 1e-10
-A2A, GATHER, SCATTER, VERDICT = "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "verdict"
+A2A, GATHER, SCATTER, VERDICT = "all_to_all_single", "all_gather_into_tensor", DKV, "verdict"
 
 
 def _heads_for(u):

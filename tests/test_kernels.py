@@ -331,8 +331,9 @@ def _attention_through_flash_attn_stand_in():
 
 
 def test_lss_attention_through_the_flash_attn_adapter_one_call_per_chunk():
-    """Exact (float64, 1e-10) on 2 ranks, and a causal query chunk's prefix and diagonal are one call
-    with GQA and MQA too: rank 1 (contiguous, queries [L/2, L)) makes one call over all L keys."""
+    """Exact (float64, 1e-10) on 2 ranks, and a causal query chunk whose prefix is its rank's own is one
+    call with GQA and MQA too: rank 0 (contiguous, queries [0, L/2)) one call over its L/2 keys; rank 1
+    (queries [L/2, L)) its diagonal while the gather runs, then the prefix that arrived (two calls)."""
     from tests.test_attention import L
 
     env = {kernels.ENV_VAR: "flash_attn", "LSS_BACKEND": "gloo"}
@@ -340,7 +341,7 @@ def test_lss_attention_through_the_flash_attn_adapter_one_call_per_chunk():
         for case, (errors, _, _) in results:
             assert max(errors.values()) < 1e-10, (case, errors)
         for heads in ("mha", "gqa", "mqa"):
-            assert calls[heads] == ([L // 2] if rank == 0 else [L]), (heads, calls)
+            assert calls[heads] == ([L // 2] if rank == 0 else [L // 2, L // 2]), (heads, calls)
 
 
 def test_flash_attn_adapter_refuses_an_unknown_signature():

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from lss_plugin.comm import reduce_scatter_kv_name
 from lss_plugin.megatron.args import add_lss_args, validate_lss_args
 from lss_plugin.options import KV_BUFFER_ENV
 from lss_plugin.signature import SIGNATURE_BYTES
@@ -54,7 +55,8 @@ def uneven_loss_mask(tokens, labels):
     return labels % 3 != 0
 
 
-KV_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor")
+# the dK,dV collective as run on gloo (all these tests): an all-to-all and a local sum (lss_plugin.comm)
+KV_COLLECTIVES = ("all_gather_into_tensor", reduce_scatter_kv_name("gloo"))
 SPARSE_COLLECTIVES = ("sparse_kv_exchange", "sparse_dkv_exchange")  # kv_exchange auto/sparse (lss_plugin.exchange)
 FC1 = "decoder.layers.0.mlp.linear_fc1.weight"  # SwiGLU: TP stride 2 ([gate; up] per rank)
 VARIANT = ["--swiglu", "--normalization", "RMSNorm", "--untie-embeddings-and-output-weights",

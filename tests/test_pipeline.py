@@ -4,7 +4,8 @@ Exactness: float64 outputs and gradients within 1e-10 of the one-process referen
 the largest reference magnitude), with and without packed documents, on 1-4 ranks; the number and
 bytes of collectives are those of the unpipelined schedule (ceil(Hkv/c) gathers forward,
 ceil(Hkv/c) reduce-scatters backward, + ceil(Hkv/c) regathers). The issue order is checked from a
-log of calls (gather i+1 is started before chunk i is attended; a chunk's reduce-scatter is waited
+log of calls (chunk i's own keys are attended while its gather is in flight, gather i+1 starts when
+gather i arrived, before chunk i's other keys are attended; a chunk's reduce-scatter is waited
 for only after the next chunk computed), never from timings. The auto rule is a pure function.
 """
 import os
@@ -24,7 +25,7 @@ from lss_plugin.options import (
     resolve_kv_chunking,
 )
 from tests.distributed import run_ranks
-from tests.test_attention import B, D, L, _expected_comm
+from tests.test_attention import DKV, B, D, L, _expected_comm
 from tests.test_attention import _one_case as _unpacked_case
 from tests.test_documents import _one_case as _packed_case
 
@@ -56,7 +57,7 @@ def _schedule_log():
     import lss_plugin.comm as comm
 
     log, real = [], {}
-    tags = {"all_gather_into_tensor": "G", "reduce_scatter_tensor": "R"}
+    tags = {"all_gather_into_tensor": "G", DKV: "R"}
 
     def logged(owner, name, tag=None):
         fn = real[(owner, name)] = getattr(owner, name)
@@ -110,12 +111,14 @@ def test_pipelined_chunks_exact_with_unchanged_collectives(world):
             assert calls == exp_calls, (case, calls)
             assert nbytes == exp_bytes, (case, nbytes)
         if log is not None:  # 4 chunks of one KV head
-            # forward: gather i+1 starts before chunk i is attended and is waited for after it
-            forward = ["G0", "wG", "G1", "A0", "wG", "G2", "A1", "wG", "G3", "A2", "wG", "A3"]
-            # backward: the same for the regathers; chunk i's reduce-scatter starts after chunk i and
-            # is waited for only after chunk i+1 computed, before R(i+1) starts; all are waited for
-            backward = ["G4", "wG", "G5", "B0", "R0", "wG", "G6", "B1", "wR", "R1", "wG", "G7", "B2", "wR", "R2",
-                        "wG", "B3", "wR", "R3", "wR"]
+            # forward: chunk i is attended (A) from before its gather is waited for (its own pieces run
+            # while it is in flight, issue 31); gather i+1 starts as soon as gather i arrived
+            forward = ["G0", "A0", "wG", "G1", "A1", "wG", "G2", "A2", "wG", "G3", "A3", "wG"]
+            # backward: chunk i's own pieces (B, even) run while its regather is in flight; regather i+1
+            # starts when it arrived, then the other pieces (B, odd); chunk i's reduce-scatter starts
+            # after them and is waited for only after chunk i+1 computed, before R(i+1); all are waited for
+            backward = ["G4", "B0", "wG", "G5", "B1", "R0", "B2", "wG", "G6", "B3", "wR", "R1", "B4", "wG", "G7", "B5",
+                        "wR", "R2", "B6", "wG", "B7", "wR", "R3", "wR"]
             assert log == forward + backward, log
 
 
@@ -199,3 +202,20 @@ def test_budget_settings_that_cannot_be_honoured_are_refused():
             lss_plugin.LSSAttention(kv_head_chunk=chunk, kv_buffer_mib=64)
     with pytest.raises(ValueError, match="kv_head_chunk must be"):
         lss_plugin.AttentionSettings(kv_head_chunk="fast")
+
+
+def test_link_rate_turns_the_size_floor_into_a_time_floor_and_link_chunks_are_kept():
+    """``link_gbit`` (issue 31): a gather must keep the link busy for 10x a collective's fixed cost
+    (gloo 5 ms, NCCL 0.5 ms). L = 2048, 4 KV heads x 64, fp32, batch 1: the whole K, V is 4 MiB, so
+    the size rule gathers everything at once; behind 1 Gbit/s on gloo one head (1 MiB, 8.4 ms on
+    the wire) is enough, and those chunks are kept, not regathered (the size rule alone would not
+    chunk: memory is not why). At L = 65536, 8 x 128, bf16 the size rule already chunks for memory:
+    a 400 Gbit/s NCCL link keeps one head (32 MiB, 0.67 ms) and its regather."""
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4) == (4, "keep")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4, 1.0, "gloo") == (1, "keep")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4, 2.0, "gloo") == (2, "keep")  # 1.25 MB floor
+    assert resolve_kv_chunking("auto", "auto", None, 1, 2048, 4, 64, 4, 10.0, "gloo") == (4, "keep")  # 6.25 MB
+    assert resolve_kv_chunking("auto", "auto", None, 1, 65536, 8, 128, 2) == (1, "regather")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 65536, 8, 128, 2, 400.0, "nccl") == (1, "regather")
+    assert resolve_kv_chunking("auto", "auto", None, 1, 65536, 8, 128, 2, 400.0, "gloo") == (8, "keep")
+    assert resolve_kv_chunking(1, "auto", None, 1, 2048, 4, 64, 4) == (1, "regather")  # a fixed chunk: as asked

@@ -134,8 +134,10 @@ def strong_and_weak_cases(args, world: int, dims_for: dict) -> list[Case]:
     return cases
 
 
-def link_cases(args, world: int, dims_for: dict) -> list[Case]:
-    common = dict(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
+def link_cases(args, world: int, dims_for: dict, link_gbit: float) -> list[Case]:
+    """The cases behind a ``link_gbit`` Gbit/s link: the configured rate rides in each Case, so LSS's
+    auto chunking runs with ``link_gbit`` set to it (``methods.lss_keywords``)."""
+    common = dict(batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, link_gbit=link_gbit)
     variants = [v for v in variants_for(args.methods, world, args.quick)
                 if v.kernel == "fused" and (v.method != "lss" or v.name in LINK_LSS)]
     return [Case(v, dims, args.seq_len, sweep="strong", attention=attention, **common)
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
             print(f"--- skipping the link-limited runs: {link_skipped}", flush=True)
     for gbit in ([] if link_skipped else args.link_gbit):
         world = args.link_ranks
-        cases = link_cases(args, world, dims_for)
+        cases = link_cases(args, world, dims_for, gbit)
         print(f"--- {world} ranks behind a {gbit:g} Gbit/s link: {len(cases)} cases", flush=True)
         t0 = time.time()
         try:

@@ -14,6 +14,9 @@ Byte conventions (per rank, per call; the cost model in ``lss_plugin.plan`` uses
   all-gather / reduce-scatter send (N-1)/N of the buffer, all-reduce 2(N-1)/N, all-to-all (N-1)/N,
   send the tensor, receive nothing; an all-to-all with split sizes sends all but its own slice).
   The targets compare ``sent_bytes``.
+- ``wire_bytes``: what this rank really puts on the wire with the group's backend: ``sent_bytes``, but a one-tensor
+  reduce-scatter on a backend that runs it as an all-reduce (``lss_plugin.comm.REDUCE_SCATTER_AS_ALL_REDUCE``:
+  gloo) sends 2(N-1)/N of its input (the cost model's ``Plan.wire_by_type``).
 Spellings of one collective share a row: ``all_gather`` (``all_gather_single``,
 ``all_gather_into_tensor``, ``_all_gather_base``, list form), ``reduce_scatter``, ``all_to_all``,
 ``send``/``recv`` (blocking or not). A call on a one-rank group counts as a call with 0 bytes.
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from lss_plugin.comm import REDUCE_SCATTER_AS_ALL_REDUCE, backend_of
 
 # name -> (which argument holds the payload tensor, wire factor as a function of group size N)
 _COLLECTIVES = {
@@ -66,23 +71,27 @@ CANONICAL = {
     "irecv": "recv",
 }
 _P2P = {"send", "isend", "recv", "irecv"}
+_ALL_REDUCE_WIRE = _COLLECTIVES["all_reduce"][1]
 
 
 @dataclass
 class CommCounts:
-    """Per collective type (canonical name): calls, payload bytes, wire bytes sent by this rank."""
+    """Per collective type (canonical name): calls, payload bytes, bytes sent by this rank (bandwidth-optimal
+    convention) and on the wire (what its backend does)."""
 
     calls: Counter = field(default_factory=Counter)
     bytes: Counter = field(default_factory=Counter)
     sent_bytes: Counter = field(default_factory=Counter)
+    wire_bytes: Counter = field(default_factory=Counter)
     log: list = field(default_factory=list)  # (name, payload bytes, group size) per call, in order
 
-    def add(self, name: str, nbytes: int, sent: float, group_size: int = 0) -> None:
+    def add(self, name: str, nbytes: int, sent: float, group_size: int = 0, wire: float | None = None) -> None:
         name = CANONICAL.get(name, name)
         self.log.append((name, int(nbytes), int(group_size)))
         self.calls[name] += 1
         self.bytes[name] += int(nbytes)
         self.sent_bytes[name] += int(round(sent))
+        self.wire_bytes[name] += int(round(sent if wire is None else wire))
 
     @property
     def total_bytes(self) -> int:
@@ -92,13 +101,19 @@ class CommCounts:
     def total_sent_bytes(self) -> int:
         return sum(self.sent_bytes.values())
 
+    @property
+    def total_wire_bytes(self) -> int:
+        return sum(self.wire_bytes.values())
+
     def to_dict(self) -> dict:
         return {
             "calls": dict(self.calls),
             "bytes": dict(self.bytes),
             "sent_bytes": dict(self.sent_bytes),
+            "wire_bytes": dict(self.wire_bytes),
             "total_bytes": self.total_bytes,
             "total_sent_bytes": self.total_sent_bytes,
+            "total_wire_bytes": self.total_wire_bytes,
             "log": [list(entry) for entry in self.log],
         }
 
@@ -153,8 +168,12 @@ def _make_wrapper(name: str, original):
         if splits and n > 1:  # uneven splits (the sparse K/V exchange): all but this rank's own slice leaves it
             row_bytes = nbytes // max(payload.shape[0], 1)  # splits count rows of dim 0
             sent = (sum(splits) - splits[dist.get_rank(bound.get("group"))]) * row_bytes
+        wire = sent
+        if CANONICAL.get(name, name) == "reduce_scatter" and n > 1 and isinstance(payload, torch.Tensor) \
+                and backend_of(bound.get("group"), payload.device) in REDUCE_SCATTER_AS_ALL_REDUCE:
+            wire = nbytes * _ALL_REDUCE_WIRE(n)  # gloo: a clone and an all-reduce of the whole input
         for counts in _ACTIVE:
-            counts.add(name, nbytes if n > 1 or name in _P2P else 0, sent, n)
+            counts.add(name, nbytes if n > 1 or name in _P2P else 0, sent, n, wire)
         _state.depth = depth + 1
         try:
             return original(*args, **kwargs)

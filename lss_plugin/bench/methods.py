@@ -84,8 +84,9 @@ class Method:
 
     layout:          world_size -> ``Layout`` (TP and CP sizes)
     variants:        (world_size, quick) -> the variants to run on that many ranks
-    core_attention:  (variant, context) -> the core-attention class for the layer spec, or None
-                     for megatron-core's local (dense) DotProductAttention
+    core_attention:  (variant, context, link_gbit) -> the core-attention class for the layer spec, or
+                     None for megatron-core's local (dense) DotProductAttention; ``link_gbit``: the
+                     rate of the launch's limited link (None: no limit), which LSS's auto chunking is told
     token_indices:   (variant, seq_len, cp_rank, cp_size) -> global positions of the rank's tokens,
                      or None: every rank holds the whole sequence (TP / one device)
     kernel:          what attends, for the tables
@@ -101,6 +102,12 @@ class Method:
     @property
     def splits_sequence(self) -> bool:
         return self.token_indices is not None
+
+    @property
+    def runs_lss(self) -> bool:
+        """Attends with ``lss_attention``: its collectives go through ``lss_plugin.comm`` (timed for the
+        hidden fraction)."""
+        return self.core_attention is _lss_attention
 
 
 METHODS: dict[str, Method] = {}
@@ -134,7 +141,7 @@ def variants_for(methods, world_size: int, quick: bool = False) -> list[Variant]
 
 # -- the core attentions ---------------------------------------------------------------------
 
-def _sdpa_or_local(variant, context):
+def _sdpa_or_local(variant, context, link_gbit=None):
     if variant.kernel == "unfused":
         return None  # megatron-core's local DotProductAttention (dense scores)
     from lss_plugin.baselines.megatron import SDPADotProductAttention
@@ -142,15 +149,24 @@ def _sdpa_or_local(variant, context):
     return SDPADotProductAttention
 
 
-def _lss_attention(variant, context):
+def _lss_attention(variant, context, link_gbit=None):
     from lss_plugin.megatron.attention import configured_lss_attention
 
-    exchange = {} if variant.kv_exchange is None else {"kv_exchange": variant.kv_exchange}
-    return configured_lss_attention(layout=variant.layout, kv_backward=variant.kv_backward,
-                                    kv_head_chunk=variant.kv_head_chunk, **exchange)
+    return configured_lss_attention(**lss_keywords(variant, link_gbit))
 
 
-def _sp_baseline(variant, context):
+def lss_keywords(variant: Variant, link_gbit: float | None = None) -> dict:
+    """The LSS settings keywords ``variant`` runs with. Behind a rate-limited link, auto chunking is told
+    the configured rate (``link_gbit``); a fixed chunk runs as named (LSS refuses link_gbit beside it)."""
+    out = dict(layout=variant.layout, kv_backward=variant.kv_backward, kv_head_chunk=variant.kv_head_chunk)
+    if variant.kv_exchange is not None:
+        out["kv_exchange"] = variant.kv_exchange
+    if link_gbit is not None and variant.kv_head_chunk == "auto":
+        out["link_gbit"] = link_gbit
+    return out
+
+
+def _sp_baseline(variant, context, link_gbit=None):
     from lss_plugin.baselines.megatron import sp_core_attention
 
     groups = context.usp_groups(variant.ulysses) if variant.method == "usp" else None

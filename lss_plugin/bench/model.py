@@ -40,10 +40,11 @@ class ModelDims:
         return self.hidden_size // self.num_heads
 
 
-def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
+def build_model(variant: Variant, dims: ModelDims, world_size: int, context, link_gbit: float | None = None):
     """The DDP-wrapped GPTModel and its AdamW for ``variant`` on ``world_size`` ranks.
 
-    ``context``: the active ``bench.context.ParallelContext`` of the method's parallel layout.
+    ``context``: the active ``bench.context.ParallelContext`` of the method's parallel layout;
+    ``link_gbit``: the configured rate of the link the launch runs behind (None: no limit).
     """
     import torch.nn.functional as F
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -70,7 +71,7 @@ def build_model(variant: Variant, dims: ModelDims, world_size: int, context):
         kwargs["window_size"] = (dims.window - 1, 0)
     config = TransformerConfig(**kwargs)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="LayerNorm"))
-    core = method.core_attention(variant, context)
+    core = method.core_attention(variant, context, link_gbit)
     if core is not None:  # None: megatron-core's local DotProductAttention
         spec.submodules.self_attention.submodules.core_attention = core
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=dims.vocab_size,

@@ -30,7 +30,8 @@ import time
 
 MiB = 2**20
 VARIANTS = {"default": ("keep", None), "auto": ("auto", "auto"), "chunk1": ("regather", 1)}
-SHORT = {"all_gather_into_tensor": "gather", "reduce_scatter_tensor": "reduce-scatter"}
+SHORT = {"all_gather_into_tensor": "gather", "reduce_scatter_tensor": "reduce-scatter",
+         "reduce_scatter_all_to_all": "reduce-scatter (all-to-all)"}
 # issue 16's targets: auto / default
 TARGETS = (("step time, slow link", "step_s", "slow", 0.85), ("step time, fast link", "step_s", "fast", 1.05),
            ("attention memory between forward and backward", "attn_between", "fast", 0.4),

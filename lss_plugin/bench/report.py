@@ -53,6 +53,21 @@ def _timing(rs) -> dict:
             "step_time_iqr_s": [q1, q3], "spread": (q3 - q1) / med if med else None}
 
 
+def _hidden(rs) -> dict:
+    """LSS collectives' overlap of one case (``run.collective_timing``, one untimed step per round): per
+    round the mean over ranks of 1 - blocked / busy, and the most-busy / most-blocked rank's seconds;
+    medians over rounds. Empty for methods without LSS collectives."""
+    rounds = list(zip(*(r.get("comm_timing") or [] for r in rs)))  # [round][rank]
+    if not rounds:
+        return {}
+    hidden = [[x["hidden_fraction"] for x in rnd if x["hidden_fraction"] is not None] for rnd in rounds]
+    per_round = [statistics.fmean(h) if h else None for h in hidden]
+    known = [h for h in per_round if h is not None]
+    return {"hidden_fraction": statistics.median(known) if known else None, "hidden_fraction_rounds": per_round,
+            "comm_busy_s": statistics.median(max(x["busy_s"] for x in rnd) for rnd in rounds),
+            "comm_blocked_s": statistics.median(max(x["blocked_s"] for x in rnd) for rnd in rounds)}
+
+
 def aggregate(cases: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for c in cases:
@@ -76,8 +91,11 @@ def aggregate(cases: list[dict]) -> list[dict]:
             row.update(
                 attention_kernel=_kernel(method, variant.get("kernel") == "unfused", rs[0]["attention_ops"]),
                 loss=statistics.fmean(losses) if method in sp_methods() else losses[0],
-                **_timing(rs),
+                **_timing(rs), **_hidden(rs),
                 sent_bytes=max(r["comm"]["total_sent_bytes"] for r in rs),
+                # what the backend really sent (gloo's reduce-scatter: an all-reduce); None in older results
+                wire_bytes=None if any("total_wire_bytes" not in r["comm"] for r in rs)
+                else max(r["comm"]["total_wire_bytes"] for r in rs),
                 payload_bytes=max(r["comm"]["total_bytes"] for r in rs),
                 calls=dict(rs[0]["comm"]["calls"]),
                 bytes_by_type=dict(rs[0]["comm"]["bytes"]),
@@ -217,6 +235,14 @@ def check_targets(rows, budget, hidden_size, num_heads, gqa_kv_heads, world=4, l
                     f"({attention.upper()}, {world} ranks, {where})")
             row = _find(rows, hybrid[0], world=world, link=link, attention=attention) if hybrid else None
             out.append(_time_target(rows, name, 1.0, row, rivals, link, world, attention=attention))
+    # 7. (issue 31) the default, its exchange overlapped with its local blocks, beside USP and Ulysses
+    for attention, link, base, threshold in (("mha", link_gbit, usp[:1], 1.05), ("mha", link_gbit, ["ulysses"], 1.25),
+                                              ("mha", None, usp[:1], 1.05), ("gqa", link_gbit, usp[:1], 0.9)):
+        where = "no link limit" if link is None else f"{link:g} Gbit/s link"
+        row = _find(rows, LSS_DEFAULT, world=world, link=link, attention=attention)
+        out.append(_time_target(rows, f"(issue 31) {LSS_DEFAULT} step <= {threshold:g} x {'/'.join(base) or 'usp'} "
+                                      f"({attention.upper()}, {world} ranks, {where})",
+                                threshold, row, base, link, world, attention=attention))
     # 5. longest sequence within the budget, growth from 1 to N ranks
     fits = {(b["variant"], b["world_size"]): b for b in budget if not b.get("error")}
 
@@ -254,6 +280,10 @@ def check_targets(rows, budget, hidden_size, num_heads, gqa_kv_heads, world=4, l
 
 def _fmt(x, scale=1.0, digits=2):
     return "-" if x is None else f"{x / scale:.{digits}f}"
+
+
+def _percent(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def _ms(r) -> str:
@@ -360,19 +390,21 @@ def markdown(meta, rows, budget, targets, ratios, budget_bytes) -> str:
         what = "fixed global length" if sweep == "strong" else "fixed tokens per rank"
         where = "" if link_of is None else f", {link_of:g} Gbit/s link"
         lines += ["", f"## {sweep.capitalize()} scaling ({what}{where})", "",
-                  "| method | attn | ranks | L | loss | step ms [IQR] | kernel | sent MiB/step | payload MiB | "
-                  "collectives (calls) | peak MiB | act. peak MiB | act. after fwd MiB | RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | attn | ranks | L | loss | step ms [IQR] | hidden comm % | kernel | sent MiB/step | "
+                  "wire MiB/step | payload MiB | collectives (calls) | peak MiB | act. peak MiB | act. after fwd MiB | "
+                  "RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             if r["error"]:
                 lines.append(f"| {r['variant']} | {r['attention']} | {r['world_size']} | {r['seq_len']} | "
-                             f"error: {r['error'][:100]} ||||||||||")
+                             f"error: {r['error'][:100]} ||||||||||||")
                 continue
             calls = ", ".join(f"{k} {v}" for k, v in sorted(r["calls"].items()) if v)
             lines.append(
                 f"| {r['variant']} | {r['attention']} | {r['world_size']} | {r['seq_len']} | {r['loss']:.4f} | "
-                f"{_ms(r)} | {r['attention_kernel']} | {_fmt(r['sent_bytes'], MiB, 3)} | "
-                f"{_fmt(r['payload_bytes'], MiB, 3)} | {calls} | {_fmt(r['peak_bytes'], MiB)} | "
+                f"{_ms(r)} | {_percent(r.get('hidden_fraction'))} | {r['attention_kernel']} | "
+                f"{_fmt(r['sent_bytes'], MiB, 3)} | {_fmt(r.get('wire_bytes'), MiB, 3)} | {_fmt(r['payload_bytes'], MiB, 3)} | "
+                f"{calls} | {_fmt(r['peak_bytes'], MiB)} | "
                 f"{_fmt(r['peak_activation_bytes'], MiB)} | {_fmt(r['activation_bytes_after_forward'], MiB)} | "
                 f"{_fmt(r['peak_rss_bytes'], MiB, 0)} |")
     if budget:

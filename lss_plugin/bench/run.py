@@ -6,7 +6,10 @@ activation bytes), the process RSS high-water mark. Then the timing: ``repetitio
 each round every case runs ``steps`` timed steps, cases in a rotated order, so that load that
 comes and goes on a shared machine hits every method alike and ratios can be paired per round.
 Each timed step sits between two barriers. Measurement steps are separate from timed steps, so
-neither tracker slows the timings.
+neither tracker slows the timings. Cases attending with ``lss_attention`` run one more, untimed step
+per round inside ``timing.time_collectives`` (``comm_timing``: the busy and blocked seconds of LSS's
+collectives and the hidden fraction 1 - blocked / busy, per round), so the listener's callbacks stay
+out of the timed steps.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from lss_plugin.bench.context import Contexts
 from lss_plugin.bench.memory import LiveTensorTracker, peak_rss_bytes, release_free_heap, reset_peak_rss
 from lss_plugin.bench.methods import method_of
 from lss_plugin.bench.model import ModelDims, Trainer, Variant, build_model, make_batch
-from lss_plugin.bench.timing import sync_ranks
+from lss_plugin.bench.timing import sync_ranks, time_collectives
 
 BUDGET_REFERENCE = "lss[regather,contiguous]"
 
@@ -41,6 +44,7 @@ class Case:
     sweep: str = "strong"  # strong | weak | budget
     attention: str = "mha"  # mha | gqa
     doc_len: int | None = None  # packed documents of about this many tokens (None: one sequence)
+    link_gbit: float | None = None  # the configured rate of the link the launch runs behind (None: no limit)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class CaseResult:
     rank: int
     loss: float
     step_times_s: list = field(default_factory=list)  # one list of step times per repetition
+    comm_timing: list = field(default_factory=list)  # LSS methods: per repetition, busy/blocked s, hidden fraction
     comm: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     attention_ops: list = field(default_factory=list)
@@ -102,9 +107,20 @@ def timed_steps(trainer: Trainer, batch: dict, steps: int) -> list[float]:
     return times
 
 
+def collective_timing(trainer: Trainer, batch: dict) -> dict:
+    """One untimed step inside ``time_collectives``: how long LSS's collectives were in flight (busy),
+    how long this rank waited for them (blocked) and the share hidden behind computation."""
+    sync_ranks()
+    with time_collectives() as timer:
+        trainer.step(batch)
+    sync_ranks()
+    return {"busy_s": timer.busy_s(), "blocked_s": sum(timer.blocked_s.values()),
+            "hidden_fraction": timer.hidden_fraction()}
+
+
 def build(case: Case, world_size: int, contexts: Contexts, dims: ModelDims | None = None) -> Trainer:
     context = contexts.get(method_of(case.variant).layout(world_size))
-    model, optimizer = build_model(case.variant, dims or case.dims, world_size, context)
+    model, optimizer = build_model(case.variant, dims or case.dims, world_size, context, case.link_gbit)
     return Trainer(model, optimizer)
 
 
@@ -237,6 +253,8 @@ def run_cases(cases, budget_jobs=(), world_size: int | None = None, repetitions:
             case = cases[i]
             contexts.get(method_of(case.variant).layout(world_size))
             results[i].step_times_s.append(timed_steps(trainer, batch, case.steps))
+            if method_of(case.variant).runs_lss:
+                results[i].comm_timing.append(collective_timing(trainer, batch))
         load.append(os.getloadavg()[0])
         say(f"[N={world_size}] timing round {rep + 1}/{repetitions}: {len(live)} cases, "
             f"{time.perf_counter() - t0:.1f}s, load average {load[-1]:.2f}")

@@ -42,6 +42,7 @@ def _rank(iters: int, seq_len: int, heads: int, head_dim: int) -> dict:
     import torch.distributed as dist
 
     import lss_plugin
+    from lss_plugin.comm import REDUCE_SCATTER, REDUCE_SCATTER_A2A
     from lss_plugin.runtime import default_device
     from lss_plugin.signature import SIGNATURE_BYTES
     from lss_plugin.verdict import NAME, LocalVerdict, settle
@@ -64,7 +65,7 @@ def _rank(iters: int, seq_len: int, heads: int, head_dim: int) -> dict:
     dist.barrier()
     step_s = _median_s(step, max(3, iters // 20))
     return {"verdict_calls": rec.calls[NAME], "verdict_bytes": rec.bytes[NAME],
-            "kv_bytes": rec.bytes["all_gather_into_tensor"] + rec.bytes["reduce_scatter_tensor"],
+            "kv_bytes": rec.bytes["all_gather_into_tensor"] + rec.bytes[REDUCE_SCATTER] + rec.bytes[REDUCE_SCATTER_A2A],
             "settle_s": settle_s, "step_s": step_s, "backend": dist.get_backend()}
 
 

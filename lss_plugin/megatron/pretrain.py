@@ -504,7 +504,8 @@ def _kv_mode(args) -> str:
     itemsize = 4  # this script trains in float32
     settings = attention_settings_from_args(args)  # what the layer spec hands every attention call
     chunk, mode = resolve_kv_chunking(settings.kv_head_chunk, settings.kv_backward, settings.kv_buffer_mib,
-                                      args.micro_batch_size, args.seq_length, kv_heads, head_dim, itemsize)
+                                      args.micro_batch_size, args.seq_length, kv_heads, head_dim, itemsize,
+                                      settings.link_gbit, dist.get_backend() if dist.is_initialized() else None)
     return mode if chunk == kv_heads else f"{mode} kv_head_chunk={chunk}/{kv_heads}"
 
 
