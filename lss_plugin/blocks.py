@@ -22,6 +22,7 @@ No tensors, no collectives: every function here is index arithmetic over ``shard
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from lss_plugin.documents import Segment
@@ -116,13 +117,19 @@ def _cut(start: int, end: int, runs: list[Chunk]):
         yield a, b, _own_offset(a, b, runs)
 
 
-def plan_pieces(segments: tuple[Segment, ...], chunks: list[Chunk], causal: bool, band: Band | None,
-                one_call: bool) -> tuple[Piece, ...]:
+def plan_pieces(segments, chunks, causal: bool, band: Band | None, one_call: bool) -> tuple[Piece, ...]:
     """Every kernel call of a rank's queries (``chunks``: the tokens it holds), own pieces marked.
 
     ``one_call``: the kernel takes a causal chunk's prefix and diagonal in one call; used for a segment
-    only when its whole prefix is the rank's own (else the diagonal would wait for the gather)."""
-    runs = own_runs(chunks)
+    only when its whole prefix is the rank's own (else the diagonal would wait for the gather).
+    Cached: every head chunk of every layer, forward and backward, asks for the same pieces."""
+    return _plan_pieces(tuple(segments), tuple(chunks), bool(causal), band, bool(one_call))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_pieces(segments: tuple[Segment, ...], chunks: tuple[Chunk, ...], causal: bool, band: Band | None,
+                 one_call: bool) -> tuple[Piece, ...]:
+    runs = own_runs(list(chunks))
     pieces = []
     for i, seg in enumerate(segments):
         one = one_call and _own_offset(seg.doc_start, seg.global_start + seg.length, runs) is not None
